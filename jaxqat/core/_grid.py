@@ -1,0 +1,150 @@
+"""Shared numerics: rounding onto a grid, scale layouts, reductions.
+
+Private helpers used by the fake-quant primitives, real quantization and
+calibration, so that every path rounds the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxqat.core import _formats as formats_lib
+from jaxqat.core import _spec as spec_lib
+
+# Scales below this are clamped in the forward pass so that x / s stays finite.
+SCALE_EPS = 1e-12
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for 16-bit floats, the dtype itself for float32/float64."""
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def check_float_input(x, name: str = "x") -> jax.Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a floating point array, got dtype {x.dtype}")
+  return x
+
+
+def check_spec(spec) -> spec_lib.QuantSpec:
+  if not isinstance(spec, spec_lib.QuantSpec):
+    raise TypeError(f"spec: expected a jaxqat QuantSpec, got {type(spec).__name__}")
+  return spec
+
+
+def round_half_even(v: jax.Array) -> jax.Array:
+  return jnp.round(v)  # jnp.round rounds half to even
+
+
+def float_round(v: jax.Array, fmt: formats_lib.FloatFormat) -> jax.Array:
+  """Rounds ``v`` (already inside ``[-max, max]``) onto ``fmt``'s grid.
+
+  The spacing near ``|v|`` is ``2^(max(floor(log2|v|), emin) - mbits)``;
+  rounding is to nearest, ties to even. Computed with ``frexp`` so that powers
+  of two are exact, and in the dtype of ``v`` (float32 or float64).
+  """
+  _, e = jnp.frexp(v)  # v = m * 2^e, 0.5 <= |m| < 1  => floor(log2|v|) = e - 1
+  e = jnp.maximum(e - 1, fmt.emin)
+  step = jnp.ldexp(jnp.ones_like(v), e - fmt.mbits)
+  return jnp.round(v / step) * step
+
+
+def grid_round(v: jax.Array, fmt, noise=None) -> jax.Array:
+  """Rounds onto an integer grid (half to even, or stochastic) or a float grid."""
+  if isinstance(fmt, formats_lib.IntFormat):
+    if noise is not None:
+      return jnp.floor(v + noise.astype(v.dtype))
+    return round_half_even(v)
+  return float_round(v, fmt)
+
+
+def blocked_shape(shape, granularity):
+  """Input shape with the block axis split into (num_blocks, block_size)."""
+  axis = granularity.axis % len(shape)
+  return shape[:axis] + (shape[axis] // granularity.size, granularity.size) + shape[axis + 1:]
+
+
+def to_layout(x: jax.Array, spec: spec_lib.QuantSpec) -> jax.Array:
+  """Reshapes x so that a scale in "broadcast layout" broadcasts against it."""
+  if isinstance(spec.granularity, spec_lib.PerBlock):
+    spec.scale_shape(x.shape)  # validates axis and divisibility
+    return x.reshape(blocked_shape(x.shape, spec.granularity))
+  return x
+
+
+def scale_to_layout(scale: jax.Array, x_shape, spec: spec_lib.QuantSpec) -> jax.Array:
+  """Reshapes a scale in the public layout (see spec) to the broadcast layout."""
+  g = spec.granularity
+  if isinstance(g, spec_lib.PerBlock):
+    axis = g.axis % len(x_shape)
+    return jnp.expand_dims(scale, axis + 1)
+  return scale
+
+
+def scale_from_layout(scale: jax.Array, x_shape, spec: spec_lib.QuantSpec) -> jax.Array:
+  g = spec.granularity
+  if isinstance(g, spec_lib.PerBlock):
+    axis = g.axis % len(x_shape)
+    return jnp.squeeze(scale, axis + 1)
+  return scale
+
+
+def check_scale(scale, x_shape, spec: spec_lib.QuantSpec, name: str = "scale") -> jax.Array:
+  """Validates and reshapes a scale (or zero point) to the public scale shape."""
+  scale = jnp.asarray(scale)
+  want = spec.scale_shape(x_shape)
+  if scale.shape == want:
+    return scale
+  if want == () and scale.size == 1:
+    return scale.reshape(())
+  if isinstance(spec.granularity, spec_lib.PerChannel) and scale.size == math.prod(want):
+    # Accept the channel sizes without the broadcast ones, e.g. (C,) for (1, C).
+    squeezed = tuple(d for d, full in zip(want, x_shape) if d != 1 or full == 1)
+    if scale.shape in (squeezed, tuple(d for d in want if d != 1)):
+      return scale.reshape(want)
+  raise ValueError(f"{name}: shape {scale.shape} does not fit {spec.granularity} for an input of "
+                   f"shape {tuple(x_shape)}; expected {want}")
+
+
+def sum_to_shape(g: jax.Array, shape) -> jax.Array:
+  """Sums ``g`` over the axes that were broadcast to reach its shape."""
+  shape = tuple(shape)
+  if g.shape == shape:
+    return g
+  lead = g.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
+  return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
+
+
+def reduce_axes(x_shape, spec: spec_lib.QuantSpec) -> tuple[int, ...]:
+  """Axes of the (layout-reshaped) input reduced to reach one value per scale."""
+  g = spec.granularity
+  nd = len(x_shape)
+  if isinstance(g, spec_lib.PerTensor):
+    return tuple(range(nd))
+  if isinstance(g, spec_lib.PerChannel):
+    keep = spec_lib.normalize_axes(g.axes, nd, "granularity.axis")
+    return tuple(i for i in range(nd) if i not in keep)
+  # Blocked layout: the within-block axis sits right after the block axis.
+  axis = g.axis % (nd - 1)
+  return (axis + 1,)
+
+
+def qrange(fmt) -> tuple[float, float]:
+  return fmt.qmin, fmt.qmax
+
+
+def exp2_int(e: jax.Array, dtype) -> jax.Array:
+  """2**e for integer-valued e, exactly."""
+  return jnp.ldexp(jnp.ones(e.shape, dtype), e.astype(jnp.int32))
+
+
+def as_np_dtype(fmt) -> np.dtype:
+  return np.dtype(fmt.dtype)
