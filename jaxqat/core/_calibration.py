@@ -1,56 +1,693 @@
-"""Calibration observers (optax-style functional state).
+r"""Calibration observers, in the optax style: ``init``, ``update``, ``compute``.
 
-PLACEHOLDER being replaced by the full implementation (absmax, minmax, ema,
-percentile, mse, entropy). The API below is the contract.
+An :class:`Observer` is a triple of pure functions. ``init(x)`` builds a
+state (a ``dict[str, jax.Array]`` of float32 arrays whose shapes are fixed
+from then on, so a front end can keep it in framework variables),
+``update(state, x)`` folds one batch into it (pure and jit-able), and
+``compute(state)`` turns it into a step size ``s`` and an integer-valued zero
+point ``z`` (``x ~= s * (q - z)``) of shape ``spec.scale_shape(x.shape)``.
+:func:`calibrate` runs an observer over an iterable of batches.
+
+Statistics are gathered per *scale*: one group per tensor, per channel (the
+index along ``PerChannel`` axes) or per block. Methods
+(``spec.calibration.method``):
+
+* ``absmax`` / ``minmax``: the running minimum :math:`m` and maximum
+  :math:`M`. Symmetric: :math:`a = \max(|m|, |M|)`, :math:`s = a / q_{max}`,
+  :math:`z = 0`. Affine (Jacob et al. 2018, "Quantization and Training of
+  Neural Networks for Efficient Integer-Arithmetic-Only Inference", sec.
+  2.1): the range is first extended to contain 0, :math:`m' = \min(m, 0)`,
+  :math:`M' = \max(M, 0)`, so that real 0 is exactly representable; then
+  :math:`s = (M' - m') / (q_{max} - q_{min})` and
+  :math:`z = \mathrm{clip}(\lfloor q_{min} - m'/s \rceil, q_{min}, q_{max})`.
+  For an affine spec ``absmax`` is the same as ``minmax``.
+* ``ema``: exponential moving averages of the per-batch minimum and maximum,
+  :math:`m_t = d\,m_{t-1} + (1-d)\,\min(x_t)` with :math:`d` =
+  ``ema_decay``; the first batch initializes the averages (no bias toward
+  0). Then as ``minmax``.
+* ``percentile``, ``mse``, ``entropy`` keep a streaming histogram per group
+  (``num_bins`` bins): of :math:`|x|` over :math:`[0, R]` for symmetric
+  specs, of :math:`x` over :math:`[L, R] \ni 0` for affine specs. When a
+  batch falls outside the range, the range grows so that the old bins merge
+  *exactly* into new ones: the lower edge moves down by a whole number of
+  old bins and the bin width is multiplied by an integer, and each old bin's
+  count moves to the new bin holding its center (a scatter-add, inside jit).
+  The exact running min/max are kept next to the histogram.
+
+  - ``percentile``: the ``percentile`` :math:`p` of :math:`|x|` (symmetric)
+    or the :math:`(100-p, p)` percentiles of :math:`x` (affine), read from the
+    cumulative histogram with linear interpolation inside the bin (so within
+    one bin width of the exact value) and clamped to the observed range.
+  - ``mse``: searches ``num_candidates`` clipping ranges, symmetric
+    :math:`c_k = a\,k/K` for :math:`k = 1..K`, affine :math:`[m', M']\,k/K`,
+    and keeps the one minimizing the expected squared error
+    :math:`\sum_j n_j\,(\hat{x}(c_j) - c_j)^2` over bin centers :math:`c_j`
+    and counts :math:`n_j`, where :math:`\hat{x}` is
+    :func:`~jaxqat.core.fake_quant` with the candidate's scale and zero point
+    (round half to even; clipping error outside, rounding error inside).
+    See Sung et al. 2015 ("Resiliency of Deep Neural Networks under
+    Quantization") and Banner et al. 2019 ("Post training 4-bit quantization
+    of convolutional networks for rapid-deployment") for MSE-optimal clipping.
+  - ``entropy``: the KL-divergence method of Migacz 2017 ("8-bit Inference
+    with TensorRT"). With :math:`N_q = q_{max} + 1` levels on the
+    :math:`|x|` histogram, for each candidate count of kept bins
+    :math:`i \in [N_q, B]`: the reference :math:`P` is the first :math:`i`
+    bins with the outlier mass (bins :math:`\ge i`) added to bin
+    :math:`i-1`; :math:`Q` merges the first :math:`i` bins (without the
+    outliers) into :math:`N_q` levels (bin :math:`j` goes to level
+    :math:`\lfloor j N_q / i \rfloor`) and spreads each level's mass
+    uniformly over the bins where :math:`P > 0`; the threshold is the upper
+    edge of bin :math:`i - 1` for the :math:`i` minimizing
+    :math:`KL(P \| Q)` (clamped to the observed :math:`\max |x|`). At most
+    ``num_candidates`` values of :math:`i`, evenly spaced from :math:`N_q` to
+    :math:`B` (both included), are tried. Affine generalization: the
+    histogram of :math:`x` on :math:`[L, R] \ni 0` with
+    :math:`N_q = q_{max} - q_{min} + 1` levels; the window of :math:`i` kept
+    bins shrinks :math:`[L, R]` toward 0 by the factor :math:`i / B` on both
+    sides (so the negative/positive split of the range is kept), with the
+    mass left of the window added to its first bin and the mass right of it
+    to its last bin. If :math:`N_q > B` (e.g. int16), the full observed range
+    is returned.
+
+Formats: integer formats as above; float formats (fp8, fp6, fp4) are
+symmetric with :math:`s = a / \mathrm{max}` (``mse`` rounds onto the float
+grid; ``entropy`` models a uniform grid and is refused); ``nvfp4`` gets its
+fp32 *tensor* scale :math:`a / (6 \cdot 448)` (shape ``()``, zero point 0;
+methods ``absmax``, ``minmax``, ``ema``, ``percentile``); MX formats derive
+their scales from the data and have nothing to calibrate (a ``ValueError``).
+
+Degenerate input (defined, never a zero, NaN or Inf scale):
+
+* NaN and +-Inf entries are ignored by every statistic; a batch (or a group)
+  without a finite entry leaves the state unchanged, and so does an empty
+  batch (``x.size == 0``).
+* ``compute`` on a state that saw no finite data, or on an all-zero range,
+  returns ``s = 1`` and ``z = clip(0, qmin, qmax)`` (0 for signed formats,
+  ``qmin`` for unsigned ones).
+* A constant tensor :math:`c \ne 0`: the range is :math:`[\min(c,0),
+  \max(c,0)]`, so :math:`s = |c| / q_{max}` (symmetric) or
+  :math:`|c| / (q_{max} - q_{min})` (affine).
+* Positive scales below ``1e-12`` are raised to ``1e-12``, the clamp that
+  :func:`~jaxqat.core.fake_quant` applies anyway.
+* :func:`calibrate` with no batches raises ``ValueError``.
+
+Memory: histogram methods keep ``num_bins`` float32 counts per scale; per
+block that is ``num_bins`` per block, so prefer ``absmax``/``minmax`` (or few
+bins) for fine-grained block scales. Statistics are float32 (bin counts are
+exact up to :math:`2^{24}` per bin).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxqat.core import _fake_quant
+from jaxqat.core import _formats as formats_lib
 from jaxqat.core import _grid
 from jaxqat.core import _spec as spec_lib
+from jaxqat.core._typing import Array, ArrayLike
 
 __all__ = ["Observer", "observer", "calibrate"]
 
+State = dict[str, Array]
+
+_F32 = jnp.float32
+_HIST_METHODS = ("percentile", "mse", "entropy")
+# lax.map over groups processes this many (candidates x bins) elements at once.
+_MAP_BUDGET = 1 << 22
+# entropy: probability floor added to Q inside the window so that KL(P||Q) stays finite.
+_KL_EPS = 1e-8
+
 
 class Observer(NamedTuple):
-  init: Callable
-  update: Callable
-  compute: Callable
+  """The three pure functions of a calibration observer (optax style).
+
+  Attributes:
+    init: ``init(x) -> state``. ``x`` is an example input (an array, or
+      anything with ``shape`` and ``dtype`` such as
+      :class:`jax.ShapeDtypeStruct`); only its shape and dtype are used.
+    update: ``update(state, x) -> state``, pure and jit-able.
+    compute: ``compute(state) -> (scale, zero_point)``, both float32 of shape
+      ``spec.scale_shape(x.shape)`` (``()`` for the nvfp4 tensor scale).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, observer
+    >>> obs = observer(QuantSpec(format="int8"))
+    >>> sorted(obs.init(jnp.zeros(3)))
+    ['count', 'max', 'min']
+  """
+
+  init: Callable[[Any], State]
+  update: Callable[[State, ArrayLike], State]
+  compute: Callable[[State], tuple[Array, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """What the observer needs from a spec, resolved once."""
+
+  spec: spec_lib.QuantSpec
+  method: str
+  granularity: spec_lib.Granularity  # the granularity of the *statistics*
+  tensor_scale: bool  # nvfp4: one fp32 tensor scale, shape ()
+  symmetric: bool
+  qmin: float
+  qmax: float  # symmetric: a / qmax is the scale
+  num_levels: int  # entropy: quantized levels N_q
+  fq_spec: Optional[spec_lib.QuantSpec]  # mse: per-tensor spec for fake_quant
+
+
+def _config(spec: spec_lib.QuantSpec) -> _Config:
+  spec = _grid.check_spec(spec)
+  cal = spec.calibration
+  method = cal.method
+  fmt = spec.format
+  if isinstance(fmt, formats_lib.BlockFormat):
+    if not fmt.tensor_scale:
+      raise ValueError(f"spec: {fmt.name} is an MX format: it derives its block scales from the "
+                       "data (e8m0) and needs no calibration; quantize with block_fake_quant")
+    if method not in ("absmax", "minmax", "ema", "percentile"):
+      raise ValueError(f"spec.calibration.method: {fmt.name} calibrates only its tensor scale; "
+                       f"allowed methods: absmax, minmax, ema, percentile; got {method!r}")
+    qmax = fmt.element.max * formats_lib.FP8_E4M3.max
+    return _Config(spec, method, spec_lib.PerTensor(), True, True, -qmax, qmax, 0, None)
+  if isinstance(fmt, formats_lib.FloatFormat) and method == "entropy":
+    raise ValueError(f"spec.calibration.method: 'entropy' (TensorRT KL) models a uniform integer "
+                     f"grid; for float format {fmt.name} use absmax, minmax, ema, percentile or mse")
+  qmin, qmax = float(spec.qmin), float(spec.qmax)
+  if isinstance(fmt, formats_lib.IntFormat):
+    levels = int(qmax) + 1 if spec.symmetric else int(qmax - qmin) + 1
+  else:
+    levels = 0
+  fq_spec = None
+  if method == "mse":
+    fq_spec = spec.replace(granularity=spec_lib.PerTensor(), learning="fixed",
+                           rounding="nearest_even")
+  return _Config(spec, method, spec.granularity, False, spec.symmetric, qmin, qmax, levels, fq_spec)
+
+
+# --------------------------------------------------------------------------
+# Shapes: x <-> (groups, elements) and the scale shape.
+# --------------------------------------------------------------------------
+
+
+def _input_info(x, name: str = "x"):
+  """Shape and dtype of x without materializing it; checks it is floating."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    shape, dtype = tuple(int(d) for d in x.shape), jnp.dtype(x.dtype)
+  else:
+    try:
+      arr = np.asarray(x)
+    except Exception as e:  # pragma: no cover - exotic inputs
+      raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from e
+    shape, dtype = arr.shape, arr.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a floating point array, got dtype {dtype}")
+  return shape, dtype
+
+
+def _scale_shape(shape, cfg: _Config) -> tuple[int, ...]:
+  try:
+    sshape = cfg.spec.scale_shape(shape)  # for nvfp4 this validates the block layout
+  except ValueError as e:
+    raise ValueError(f"x: shape {tuple(shape)} does not fit {cfg.spec.granularity}: {e}") from None
+  return () if cfg.tensor_scale else sshape
+
+
+def _channel_sizes(scale_shape, g: spec_lib.PerChannel) -> tuple[int, ...]:
+  axes = sorted(spec_lib.normalize_axes(g.axes, len(scale_shape), "x"))
+  return tuple(scale_shape[a] for a in axes)
+
+
+def _check_compatible(state_shape, x_shape, cfg: _Config) -> None:
+  """Raises unless statistics of x (shape x_shape) fold into the state."""
+  sx = _scale_shape(x_shape, cfg)
+  if sx == tuple(state_shape):
+    return
+  g = cfg.granularity
+  if isinstance(g, spec_lib.PerChannel) and len(state_shape) >= len(g.axes):
+    if _channel_sizes(sx, g) == _channel_sizes(state_shape, g):
+      return
+  raise ValueError(f"x: shape {tuple(x_shape)} gives statistics of shape {sx} for {g}, but the "
+                   f"observer state was initialized for statistics of shape {tuple(state_shape)} "
+                   "(a different channel or block count)")
+
+
+def _to_groups(x: Array, g: spec_lib.Granularity) -> Array:
+  """Reshapes x to (groups, elements), groups in C order of the scale shape."""
+  shape = x.shape
+  if isinstance(g, spec_lib.PerTensor):
+    return x.reshape(1, x.size)
+  if isinstance(g, spec_lib.PerChannel):
+    axes = sorted(spec_lib.normalize_axes(g.axes, x.ndim, "x"))
+    rest = [i for i in range(x.ndim) if i not in axes]
+    c = math.prod(shape[a] for a in axes)
+    n = math.prod(shape[r] for r in rest)
+    return jnp.transpose(x, axes + rest).reshape(c, n)
+  axis = g.axis % x.ndim
+  xb = x.reshape(shape[:axis] + (shape[axis] // g.size, g.size) + shape[axis + 1:])
+  xb = jnp.moveaxis(xb, axis + 1, -1)
+  return xb.reshape(x.size // g.size, g.size)
+
+
+# --------------------------------------------------------------------------
+# Range -> (scale, zero point).
+# --------------------------------------------------------------------------
+
+
+def _fallback_zero_point(cfg: _Config) -> float:
+  return float(min(max(0.0, cfg.qmin), cfg.qmax)) if not cfg.symmetric else 0.0
+
+
+def _div_exact(a: Array, c: float) -> Array:
+  """``a / c`` correctly rounded.
+
+  XLA rewrites a division by a broadcast constant into a multiplication by
+  its (rounded) reciprocal, which can be one ulp off ``a / c``; dividing by a
+  full array hidden behind an optimization barrier keeps the true quotient.
+  """
+  return a / jax.lax.optimization_barrier(jnp.full(a.shape, c, a.dtype))
+
+
+def _scale_zp(lo: Array, hi: Array, cfg: _Config) -> tuple[Array, Array]:
+  """Scale and zero point for the range [lo, hi] (elementwise), with fallbacks."""
+  lo = lo.astype(_F32)
+  hi = hi.astype(_F32)
+  if cfg.symmetric:
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    s = _div_exact(amax, cfg.qmax)
+    good = jnp.isfinite(s) & (s > 0)
+    s = jnp.where(good, jnp.maximum(s, _grid.SCALE_EPS), 1.0).astype(_F32)
+    return s, jnp.zeros_like(s)
+  lo0 = jnp.minimum(lo, 0.0)
+  hi0 = jnp.maximum(hi, 0.0)
+  n = cfg.qmax - cfg.qmin
+  width = hi0 - lo0
+  # (hi0 - lo0) / n, without overflowing for ranges near the float32 limit.
+  s = jnp.where(jnp.isfinite(width), _div_exact(width, n), hi0 / n - lo0 / n)
+  good = jnp.isfinite(s) & (s > 0)
+  s = jnp.where(good, jnp.maximum(s, _grid.SCALE_EPS), 1.0).astype(_F32)
+  z = jnp.clip(jnp.round(cfg.qmin - lo0 / s), cfg.qmin, cfg.qmax)
+  z = jnp.where(good, z, _fallback_zero_point(cfg)).astype(_F32)
+  return s, z
+
+
+# --------------------------------------------------------------------------
+# Statistics.
+# --------------------------------------------------------------------------
+
+
+def _batch_stats(xg: Array):
+  """Count, min and max of the finite entries of each group (row)."""
+  fin = jnp.isfinite(xg)
+  cnt = jnp.sum(fin, axis=1).astype(_F32)
+  mn = jnp.min(jnp.where(fin, xg, jnp.inf), axis=1, initial=jnp.inf)
+  mx = jnp.max(jnp.where(fin, xg, -jnp.inf), axis=1, initial=-jnp.inf)
+  return fin, cnt, mn, mx
+
+
+def _merge_range(state, cnt, mn, mx, ema_decay=None):
+  seen = state["count"] > 0
+  has = cnt > 0
+  if ema_decay is None:
+    new_min = jnp.where(seen, jnp.minimum(state["min"], mn), mn)
+    new_max = jnp.where(seen, jnp.maximum(state["max"], mx), mx)
+  else:
+    d = ema_decay
+    new_min = jnp.where(seen, d * state["min"] + (1.0 - d) * mn, mn)
+    new_max = jnp.where(seen, d * state["max"] + (1.0 - d) * mx, mx)
+  return {
+      "count": state["count"] + cnt,
+      "min": jnp.where(has, new_min, state["min"]),
+      "max": jnp.where(has, new_max, state["max"]),
+  }
+
+
+def _update_hist(state, xg, fin, cnt, symmetric: bool, num_bins: int):
+  """Folds the values of xg into the per-group histograms, growing their range."""
+  b = num_bins
+  g = xg.shape[0]
+  v = jnp.abs(xg) if symmetric else xg
+  vmin = jnp.minimum(jnp.min(jnp.where(fin, v, jnp.inf), axis=1, initial=jnp.inf), 0.0)
+  vmax = jnp.maximum(jnp.max(jnp.where(fin, v, -jnp.inf), axis=1, initial=-jnp.inf), 0.0)
+  lo, hi, hist = state["lo"], state["hi"], state["hist"]
+  seen = state["count"] > 0
+  has = cnt > 0
+  w = hi / b - lo / b
+  need_lo = jnp.where(seen, jnp.minimum(lo, vmin), vmin)
+  need_hi = jnp.where(seen, jnp.maximum(hi, vmax), vmax)
+  grow = seen & has & ((need_lo < lo) | (need_hi > hi))
+  # Exact merge: move the lower edge down by m old bins and widen bins f times.
+  w_safe = jnp.where(w > 0, w, 1.0)
+  m = jnp.ceil((lo - need_lo) / w_safe)
+  lo_m = lo - m * w_safe
+  f = jnp.maximum(1.0, jnp.ceil((need_hi - lo_m) / (b * w_safe)))
+  hi_m = lo_m + (b * f) * w_safe
+  merge_ok = (w > 0) & jnp.isfinite(lo_m) & jnp.isfinite(hi_m) & jnp.isfinite(f)
+  grown_lo = jnp.where(merge_ok, lo_m, need_lo)
+  grown_hi = jnp.where(merge_ok, hi_m, need_hi)
+  new_lo = jnp.where(grow, grown_lo, jnp.where(seen | ~has, lo, vmin))
+  new_hi = jnp.where(grow, grown_hi, jnp.where(seen | ~has, hi, vmax))
+  new_w = new_hi / b - new_lo / b
+  pos = new_w > 0
+  inv = jnp.where(pos, new_w, 1.0)[:, None]
+
+  def bin_of(vals):
+    t = jnp.where(pos[:, None], (vals - new_lo[:, None]) / inv, 0.0)
+    return jnp.clip(jnp.floor(t), 0, b - 1).astype(jnp.int32)
+
+  ids = jnp.arange(b, dtype=jnp.int32)
+  centers = lo[:, None] + (ids.astype(_F32)[None, :] + 0.5) * w[:, None]
+  old_idx = jnp.where(grow[:, None], bin_of(centers), ids[None, :])
+  offsets = (jnp.arange(g, dtype=jnp.int32) * b)[:, None]
+  flat = jnp.zeros((g * b,), _F32)
+  flat = flat.at[(old_idx + offsets).reshape(-1)].add(hist.reshape(-1))
+  new_idx = bin_of(jnp.where(fin, v, 0.0))
+  flat = flat.at[(new_idx + offsets).reshape(-1)].add(fin.astype(_F32).reshape(-1))
+  return {"hist": flat.reshape(g, b), "lo": new_lo, "hi": new_hi}
+
+
+# --------------------------------------------------------------------------
+# Histogram read-outs.
+# --------------------------------------------------------------------------
+
+
+def _hist_quantile(hist, lo, hi, q: float) -> Array:
+  """Per-group value at percentile q (0..100), interpolated inside the bin."""
+  b = hist.shape[-1]
+  w = hi / b - lo / b
+  cum = jnp.cumsum(hist, axis=-1)
+  target = (q / 100.0) * cum[:, -1]
+  k = jnp.minimum(jnp.sum(cum < target[:, None], axis=-1), b - 1)
+  hk = jnp.take_along_axis(hist, k[:, None], axis=-1)[:, 0]
+  before = jnp.take_along_axis(cum, k[:, None], axis=-1)[:, 0] - hk
+  frac = jnp.clip(jnp.where(hk > 0, (target - before) / jnp.where(hk > 0, hk, 1.0), 0.0), 0.0, 1.0)
+  return lo + (k.astype(_F32) + frac) * w
+
+
+def _map_groups(fn, xs, per_group_elems: int):
+  g = xs[0].shape[0]
+  if g == 0:
+    return jax.vmap(fn)(*xs)
+  batch = max(1, min(g, _MAP_BUDGET // max(1, per_group_elems)))
+  return jax.lax.map(lambda a: fn(*a), xs, batch_size=batch)
+
+
+def _mse_candidates(mn: Array, mx: Array, cfg: _Config) -> tuple[Array, Array]:
+  """(groups, K) scales and zero points of the clipping ranges tried by mse."""
+  k = cfg.spec.calibration.num_candidates
+  fracs = jnp.asarray(np.arange(1, k + 1, dtype=np.float32) / np.float32(k))
+  if cfg.symmetric:
+    amax = jnp.maximum(jnp.abs(mn), jnp.abs(mx))[:, None]
+    lows, highs = -fracs * amax, fracs * amax
+  else:
+    lows = fracs * jnp.minimum(mn, 0.0)[:, None]
+    highs = fracs * jnp.maximum(mx, 0.0)[:, None]
+  return _scale_zp(lows, highs, cfg)
+
+
+def _mse_one(hist, lo, hi, scales, zps, cfg: _Config):
+  """The candidate (scale, zero point) with the least squared error on one histogram."""
+  b = hist.shape[-1]
+  w = hi / b - lo / b
+  centers = lo + (jnp.arange(b, dtype=_F32) + 0.5) * w
+
+  def err(s, z):
+    zp = z if cfg.fq_spec.is_int else None
+    y = _fake_quant.fake_quant(centers, s, zp, cfg.fq_spec)
+    return jnp.sum(hist * jnp.square(y - centers))
+
+  errs = jax.vmap(err)(scales, zps)
+  errs = jnp.where(jnp.isnan(errs), jnp.inf, errs)
+  best = jnp.argmin(errs)
+  return scales[best], zps[best]
+
+
+def _entropy_candidates(num_bins: int, num_levels: int, num_candidates: int) -> np.ndarray:
+  n = min(num_candidates, num_bins - num_levels + 1)
+  return np.unique(np.round(np.linspace(num_levels, num_bins, n)).astype(np.int32))
+
+
+def _kl_for_window(hist, i, j0, nq: int):
+  """KL(P || Q) for the window of i bins starting at bin j0 (Migacz 2017)."""
+  b = hist.shape[-1]
+  j = jnp.arange(b, dtype=jnp.int32)
+  inw = (j >= j0) & (j < j0 + i)
+  kept = jnp.where(inw, hist, 0.0)
+  left = jnp.sum(jnp.where(j < j0, hist, 0.0))
+  right = jnp.sum(jnp.where(j >= j0 + i, hist, 0.0))
+  p = kept + jnp.where(j == j0, left, 0.0) + jnp.where(j == j0 + i - 1, right, 0.0)
+  level = jnp.clip(((j - j0) * nq) // i, 0, nq - 1)
+  level = jnp.where(inw, level, nq)
+  nz = inw & (p > 0)
+  sums = jax.ops.segment_sum(kept, level, num_segments=nq + 1)
+  counts = jax.ops.segment_sum(nz.astype(_F32), level, num_segments=nq + 1)
+  q = jnp.where(nz, sums[level] / jnp.maximum(counts[level], 1.0), 0.0)
+  p = p / jnp.sum(p)
+  q = q / jnp.sum(q)
+  # Smoothing: Q is zero where only outlier mass lands in P (an empty level).
+  q = jnp.where(inw, q + _KL_EPS, 0.0)
+  q = q / jnp.sum(q)
+  safe_p = jnp.where(p > 0, p, 1.0)
+  safe_q = jnp.where(q > 0, q, 1.0)
+  terms = jnp.where(p > 0, p * (jnp.log(safe_p) - jnp.log(safe_q)), 0.0)
+  terms = jnp.where((p > 0) & (q <= 0), jnp.inf, terms)
+  kl = jnp.sum(terms)
+  return jnp.where(jnp.isnan(kl), jnp.inf, kl)
+
+
+def _entropy_windows(b: int, cands: Array, z0: Array, symmetric: bool):
+  """Candidate windows (kept bins i, first bin j0, valid) for the KL search.
+
+  Symmetric: j0 = 0. Affine: three anchors per i: shrink toward 0 by i / b on
+  both sides, keep the whole negative side (j0 = 0), keep the whole positive
+  side (j0 = b - i); a window must contain 0 (bin position z0).
+  """
+  i_f = cands.astype(_F32)
+  prop = jnp.clip(jnp.round(z0 * (1.0 - i_f / b)).astype(jnp.int32), 0, b - cands)
+  if symmetric:
+    return cands, prop, jnp.ones(cands.shape, bool)
+  left = jnp.zeros_like(cands)
+  right = b - cands
+  i_all = jnp.concatenate([cands, cands, cands])
+  j0 = jnp.concatenate([prop, left, right])
+  valid = jnp.concatenate([jnp.ones(cands.shape, bool), i_f >= z0, i_f >= b - z0])
+  return i_all, j0, valid
+
+
+def _entropy_one(hist, lo, hi, mn, mx, cfg: _Config):
+  """The KL-optimal range (lo, hi) for one group's histogram."""
+  b = hist.shape[-1]
+  nq = cfg.num_levels
+  cands = jnp.asarray(_entropy_candidates(b, nq, cfg.spec.calibration.num_candidates))
+  w = hi / b - lo / b
+  z0 = jnp.where(w > 0, -lo / jnp.where(w > 0, w, 1.0), 0.0)  # position of 0, in bins
+  i_all, j0_all, valid = _entropy_windows(b, cands, z0, cfg.symmetric)
+  kls = jax.vmap(lambda i, j0: _kl_for_window(hist, i, j0, nq))(i_all, j0_all)
+  kls = jnp.where(valid, kls, jnp.inf)
+  best = jnp.argmin(kls)
+  i, j0 = i_all[best], j0_all[best]
+  t_lo = lo + j0.astype(_F32) * w
+  t_hi = lo + (j0 + i).astype(_F32) * w
+  if cfg.symmetric:
+    amax = jnp.maximum(jnp.abs(mn), jnp.abs(mx))
+    return -jnp.minimum(t_hi, amax), jnp.minimum(t_hi, amax)
+  return jnp.maximum(t_lo, mn), jnp.minimum(t_hi, mx)
+
+
+# --------------------------------------------------------------------------
+# The observer.
+# --------------------------------------------------------------------------
+
+
+def _check_state(state, keys) -> None:
+  if not isinstance(state, dict) or set(state) != set(keys):
+    got = sorted(state) if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"state: expected a dict with keys {sorted(keys)} (from this observer's init), "
+                     f"got {got}")
 
 
 def observer(spec: spec_lib.QuantSpec) -> Observer:
-  spec = _grid.check_spec(spec)
+  r"""Builds the calibration observer that ``spec.calibration`` asks for.
 
-  def init(x):
-    shape = spec.scale_shape(jnp.shape(x))
-    return {"min": jnp.full(shape, jnp.inf, jnp.float32), "max": jnp.full(shape, -jnp.inf, jnp.float32),
-            "count": jnp.zeros((), jnp.int32)}
+  See the module docstring for the formulas of each method (absmax, minmax,
+  ema, percentile, mse, entropy), the histogram growth rule and the
+  documented results on degenerate input.
 
-  def update(state, x):
-    x = _grid.to_layout(jnp.asarray(x, jnp.float32), spec)
-    axes = _grid.reduce_axes(x.shape, spec)
-    mn = _grid.scale_from_layout(jnp.min(x, axis=axes, keepdims=True), jnp.shape(x), spec).reshape(state["min"].shape)
-    mx = _grid.scale_from_layout(jnp.max(x, axis=axes, keepdims=True), jnp.shape(x), spec).reshape(state["max"].shape)
-    return {"min": jnp.minimum(state["min"], mn), "max": jnp.maximum(state["max"], mx),
-            "count": state["count"] + 1}
+  State (all float32): ``count`` (finite values seen), ``min`` and ``max``
+  (running, or EMA for ``ema``), each of the statistics shape
+  ``spec.scale_shape(x.shape)`` (``()`` for nvfp4); histogram methods add
+  ``hist`` of that shape plus ``(num_bins,)`` and the histogram range ``lo``,
+  ``hi``. Shapes never change after ``init``.
 
-  def compute(state):
-    amax = jnp.maximum(jnp.abs(state["min"]), jnp.abs(state["max"]))
-    amax = jnp.where(jnp.isfinite(amax) & (amax > 0), amax, 1.0)
-    return amax / spec.qmax, jnp.zeros_like(amax)
+  ``update`` accepts batches whose non-channel dimensions differ from the
+  ``init`` example (per tensor: any shape; per channel: any shape with the
+  same channel sizes; per block: the same block layout).
+
+  Args:
+    spec: the :class:`~jaxqat.core.QuantSpec`.
+
+  Returns:
+    An :class:`Observer` ``(init, update, compute)``.
+
+  Raises:
+    TypeError: if ``spec`` is not a QuantSpec; later, from ``init`` /
+      ``update``, if ``x`` is not floating point.
+    ValueError: for MX formats (nothing to calibrate), ``entropy`` with a
+      float format, ``mse``/``entropy`` with nvfp4; later, from ``init`` /
+      ``update``, if ``x`` does not fit the granularity or the state
+      (different channel or block count).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, observer
+    >>> obs = observer(QuantSpec(format="int8", symmetric=False, calibration="minmax"))
+    >>> state = obs.init(jnp.zeros(4))
+    >>> update = jax.jit(obs.update)
+    >>> state = update(state, jnp.array([0.5, 1.0, 2.0, 1.5]))
+    >>> state = update(state, jnp.array([-0.55, 0.0, 0.2, 0.3]))
+    >>> scale, zero_point = obs.compute(state)  # range [-0.55, 2.0]
+    >>> float(scale), float(zero_point)  # 2.55 / 255; round(-128 + 0.55 / 0.01)
+    (0.01, -73.0)
+  """
+  cfg = _config(spec)
+  cal = cfg.spec.calibration
+  hist_method = cfg.method in _HIST_METHODS
+  keys = ("count", "min", "max") + (("hist", "lo", "hi") if hist_method else ())
+  nbins = cal.num_bins
+
+  def init(x) -> State:
+    shape, _ = _input_info(x)
+    s = _scale_shape(shape, cfg)
+    state = {k: jnp.zeros(s, _F32) for k in ("count", "min", "max")}
+    if hist_method:
+      state.update(hist=jnp.zeros(s + (nbins,), _F32), lo=jnp.zeros(s, _F32),
+                   hi=jnp.zeros(s, _F32))
+    return state
+
+  def update(state: State, x: ArrayLike) -> State:
+    _check_state(state, keys)
+    _input_info(x)
+    x = jnp.asarray(x)
+    sshape = state["count"].shape
+    _check_compatible(sshape, x.shape, cfg)
+    xg = _to_groups(x.astype(_F32), cfg.granularity)
+    flat = {k: v.reshape((-1,) + v.shape[len(sshape):]) for k, v in state.items()}
+    fin, cnt, mn, mx = _batch_stats(xg)
+    decay = cal.ema_decay if cfg.method == "ema" else None
+    new = _merge_range(flat, cnt, mn, mx, decay)
+    if hist_method:
+      new.update(_update_hist(flat, xg, fin, cnt, cfg.symmetric, nbins))
+    return {k: new[k].reshape(state[k].shape).astype(_F32) for k in keys}
+
+  def compute(state: State) -> tuple[Array, Array]:
+    _check_state(state, keys)
+    sshape = state["count"].shape
+    flat = {k: v.reshape((-1,) + v.shape[len(sshape):]).astype(_F32) for k, v in state.items()}
+    mn, mx = flat["min"], flat["max"]
+    if cfg.method in ("absmax", "minmax", "ema"):
+      scale, zp = _scale_zp(mn, mx, cfg)
+    elif cfg.method == "percentile":
+      p = cal.percentile
+      if cfg.symmetric:
+        amax = jnp.maximum(jnp.abs(mn), jnp.abs(mx))
+        a = jnp.clip(_hist_quantile(flat["hist"], flat["lo"], flat["hi"], p), 0.0, amax)
+        scale, zp = _scale_zp(-a, a, cfg)
+      else:
+        lo = jnp.clip(_hist_quantile(flat["hist"], flat["lo"], flat["hi"], 100.0 - p), mn, mx)
+        hi = jnp.clip(_hist_quantile(flat["hist"], flat["lo"], flat["hi"], p), mn, mx)
+        scale, zp = _scale_zp(lo, hi, cfg)
+    else:
+      xs = (flat["hist"], flat["lo"], flat["hi"], mn, mx)
+      if cfg.method == "mse":
+        per = cal.num_candidates * nbins
+        scales, zps = _mse_candidates(mn, mx, cfg)
+        xs = (flat["hist"], flat["lo"], flat["hi"], scales, zps)
+        scale, zp = _map_groups(functools.partial(_mse_one, cfg=cfg), xs, per)
+      elif cfg.num_levels > nbins:
+        scale, zp = _scale_zp(mn, mx, cfg)  # too few bins to merge into N_q levels
+      else:
+        per = len(_entropy_candidates(nbins, cfg.num_levels, cal.num_candidates)) * nbins
+        per *= 1 if cfg.symmetric else 3
+        lo, hi = _map_groups(functools.partial(_entropy_one, cfg=cfg), xs, per)
+        scale, zp = _scale_zp(lo, hi, cfg)
+    seen = flat["count"] > 0
+    scale = jnp.where(seen, scale, 1.0).astype(_F32)
+    zp = jnp.where(seen, zp, _fallback_zero_point(cfg)).astype(_F32)
+    return scale.reshape(sshape), zp.reshape(sshape)
 
   return Observer(init, update, compute)
 
 
-def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[jax.Array]):
+@functools.lru_cache(maxsize=128)
+def _jitted(spec: spec_lib.QuantSpec):
   obs = observer(spec)
+  return obs.init, jax.jit(obs.update), jax.jit(obs.compute)
+
+
+def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[Array, Array]:
+  """Runs the observer of ``spec`` over ``batches`` and returns its range.
+
+  The state is initialized from the first batch; ``update`` and ``compute``
+  are jitted (and cached per spec). See :func:`observer` for the methods and
+  the shapes each batch may take.
+
+  Args:
+    spec: the :class:`~jaxqat.core.QuantSpec`.
+    batches: an iterable (list, generator...) of floating point arrays. A
+      single array is refused (wrap it in a list), since iterating over it
+      would feed its rows one by one.
+
+  Returns:
+    ``(scale, zero_point)``: float32 arrays of shape
+    ``spec.scale_shape(batch.shape)`` (``()`` for the nvfp4 tensor scale);
+    ``zero_point`` holds integers (zeros when symmetric).
+
+  Raises:
+    TypeError: if ``batches`` is a single array or not iterable, or a batch is
+      not floating point.
+    ValueError: if ``batches`` is empty, a batch does not fit the first one's
+      channel/block layout, or as :func:`observer`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import PerChannel, QuantSpec, calibrate
+    >>> spec = QuantSpec(format="int4", granularity=PerChannel(-1))
+    >>> batches = [jnp.array([[1.4, -0.7], [0.0, 0.35]]), jnp.array([[-2.1, 0.1]])]
+    >>> scale, zero_point = calibrate(spec, batches)  # amax 2.1 and 0.7, qmax 7
+    >>> scale
+    Array([[0.3, 0.1]], dtype=float32)
+    >>> calibrate(spec, [])
+    Traceback (most recent call last):
+    ...
+    ValueError: batches: empty; calibrate needs at least one array
+  """
+  init, update, compute = _jitted(_grid.check_spec(spec))
+  if hasattr(batches, "shape") and hasattr(batches, "dtype"):
+    raise TypeError(f"batches: expected an iterable of arrays (e.g. a list), got a single array of "
+                    f"shape {tuple(batches.shape)}; pass [x] to calibrate on one batch")
+  try:
+    it = iter(batches)
+  except TypeError:
+    raise TypeError(f"batches: expected an iterable of arrays, got {type(batches).__name__}") from None
   state = None
-  for b in batches:
-    state = obs.init(b) if state is None else state
-    state = obs.update(state, b)
-  return obs.compute(state)
+  for i, b in enumerate(it):
+    _input_info(b, f"batches[{i}]")
+    b = jnp.asarray(b)
+    if state is None:
+      state = init(b)
+    try:
+      state = update(state, b)
+    except ValueError as e:
+      raise ValueError(f"batches[{i}]: {e}") from None
+  if state is None:
+    raise ValueError("batches: empty; calibrate needs at least one array")
+  return compute(state)

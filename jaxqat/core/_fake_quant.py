@@ -86,6 +86,8 @@ def _fake_quant_bwd(fmt, res, g):
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+# Jitted entry points: eager calls compile one program instead of one per op.
+_fake_quant_jit = jax.jit(_fake_quant, static_argnums=(4,))
 
 
 def _noise(key, x, spec):
@@ -170,7 +172,7 @@ def fake_quant(
   s = _grid.scale_to_layout(scale, x.shape, spec)
   zl = _grid.scale_to_layout(zp, x.shape, spec) if zp.ndim else zp
   noise = _noise(key, xl, spec)
-  y = _fake_quant(xl, s, zl, noise, spec.format)
+  y = _fake_quant_jit(xl, s, zl, noise, spec.format)
   return y.reshape(x.shape)
 
 
@@ -250,6 +252,7 @@ def _lsq_bwd(fmt, grad_scale, res, g):
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+_lsq_jit = jax.jit(_lsq, static_argnums=(4, 5))
 
 
 def lsq_fake_quant(
@@ -338,7 +341,7 @@ def lsq_fake_quant(
   s = _grid.scale_to_layout(step, x.shape, spec)
   o = None if off is None else _grid.scale_to_layout(off, x.shape, spec)
   noise = _noise(key, xl, spec)
-  y = _lsq(xl, s, o, noise, spec.format, float(grad_scale))
+  y = _lsq_jit(xl, s, o, noise, spec.format, float(grad_scale))
   return y.reshape(x.shape)
 
 
@@ -405,6 +408,7 @@ def _block_fq_bwd(fmt, axis, res, g):
 
 
 _block_fq.defvjp(_block_fq_fwd, _block_fq_bwd)
+_block_fq_jit = jax.jit(_block_fq, static_argnums=(2, 3))
 
 
 def block_fake_quant(
@@ -428,8 +432,10 @@ def block_fake_quant(
     scale :math:`b = \mathrm{e4m3}(a / (6 t))`; elements are e2m1 values of
     :math:`x / (b t)`.
 
-  A block of zeros gets scale 1. Backward: straight-through, masked where an
-  element was clamped; scales are treated as constants.
+  A block of zeros gives zeros. Backward: straight-through, masked where an
+  element was clamped; scales are treated as constants. Under ``jax.vmap`` a
+  tensor scale derived from ``x`` is computed per mapped slice; pass a
+  calibrated ``tensor_scale`` to share one.
 
   Args:
     x: a floating point array; the block axis must be divisible by the
@@ -468,7 +474,7 @@ def block_fake_quant(
     ts = ts.reshape(())
   xl = _grid.to_layout(x, spec)
   axis = spec.granularity.axis % x.ndim + 1
-  return _block_fq(xl, ts, spec.format, axis).reshape(x.shape)
+  return _block_fq_jit(xl, ts, spec.format, axis).reshape(x.shape)
 
 
 def block_scales(

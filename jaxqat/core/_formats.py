@@ -157,6 +157,17 @@ class FloatFormat:
   def qmax(self) -> float:
     return self.max
 
+  @property
+  def storage_dtype(self) -> np.dtype:
+    """The array dtype that holds codes in a QTensor.
+
+    XLA has no fp6 arrays, so fp6 codes are held in float8_e4m3fn, which
+    represents every e3m2 and e2m3 value exactly.
+    """
+    if self.bits == 6:
+      return np.dtype(ml_dtypes.float8_e4m3fn)
+    return self.dtype
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockFormat:

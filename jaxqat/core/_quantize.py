@@ -32,7 +32,8 @@ class QTensor:
   Attributes:
     values: the codes. Integer formats: ``int8``/``uint8``/``int16``/``uint16``
       (one code per element, unpacked). Float and block formats: the matching
-      low-precision JAX dtype (``float8_e4m3fn``, ``float4_e2m1fn``...).
+      low-precision JAX dtype (``float8_e4m3fn``, ``float4_e2m1fn``...; fp6
+      codes are held exactly in ``float8_e4m3fn``, as XLA has no fp6 arrays).
     scale: float32 step sizes in the spec's scale shape; for block formats the
       per-block scales (``float8_e8m0fnu`` for MX, ``float8_e4m3fn`` for
       NVFP4).
@@ -118,7 +119,7 @@ def quantize(
     eff = fq._block_effective(bl, ts)  # pylint: disable=protected-access
     cdt = _grid.compute_dtype(x.dtype)
     v = jnp.clip(xl.astype(cdt) / eff, -fmt.element.max, fmt.element.max)
-    codes = _grid.float_round(v, fmt.element).astype(jnp.dtype(fmt.element.dtype))
+    codes = _grid.float_round(v, fmt.element).astype(fmt.element.storage_dtype)
     sdt = jnp.float8_e8m0fnu if fmt.scale_format == "e8m0" else jnp.float8_e4m3fn
     return QTensor(values=codes.reshape(x.shape), scale=block.astype(sdt), zero_point=None,
                    tensor_scale=ts, spec=spec, dtype=x.dtype)
@@ -145,7 +146,7 @@ def quantize(
       raise ValueError(f"zero_point: float format {fmt.name} is symmetric; pass None")
     zp = None
     q = _grid.float_round(jnp.clip(v, -fmt.max, fmt.max), fmt)
-    codes = q.astype(jnp.dtype(fmt.dtype))
+    codes = q.astype(fmt.storage_dtype)
   return QTensor(values=codes.reshape(x.shape), scale=scale, zero_point=zp, spec=spec,
                  dtype=x.dtype)
 
