@@ -133,7 +133,8 @@ class Observer(NamedTuple):
     init: ``init(x) -> state``. ``x`` is an example input (an array, or
       anything with ``shape`` and ``dtype`` such as
       :class:`jax.ShapeDtypeStruct`); only its shape and dtype are used.
-    update: ``update(state, x) -> state``, pure and jit-able.
+    update: ``update(state, x) -> state``, pure; already wrapped in
+      :func:`jax.jit`.
     compute: ``compute(state) -> (scale, zero_point)``, both float32 of shape
       ``spec.scale_shape(x.shape)`` (``()`` for the nvfp4 tensor scale).
 
@@ -380,8 +381,13 @@ def _update_hist(state, xg, fin, cnt, symmetric: bool, num_bins: int):
 # --------------------------------------------------------------------------
 
 
-def _hist_quantile(hist, lo, hi, q: float) -> Array:
-  """Per-group value at percentile q (0..100), interpolated inside the bin."""
+def _hist_quantile(hist, lo, hi, vmin, vmax, q: float) -> Array:
+  """Per-group value at percentile q (0..100) of values in [vmin, vmax].
+
+  The bin holding the q-th fraction of the mass is intersected with the
+  observed range [vmin, vmax] and its mass spread uniformly over it (so a
+  constant tensor gives its value exactly).
+  """
   b = hist.shape[-1]
   w = hi / b - lo / b
   cum = jnp.cumsum(hist, axis=-1)
@@ -390,7 +396,10 @@ def _hist_quantile(hist, lo, hi, q: float) -> Array:
   hk = jnp.take_along_axis(hist, k[:, None], axis=-1)[:, 0]
   before = jnp.take_along_axis(cum, k[:, None], axis=-1)[:, 0] - hk
   frac = jnp.clip(jnp.where(hk > 0, (target - before) / jnp.where(hk > 0, hk, 1.0), 0.0), 0.0, 1.0)
-  return lo + (k.astype(_F32) + frac) * w
+  kf = k.astype(_F32)
+  edge_lo = jnp.clip(lo + kf * w, vmin, vmax)
+  edge_hi = jnp.clip(lo + (kf + 1.0) * w, vmin, vmax)
+  return edge_lo + frac * (edge_hi - edge_lo)
 
 
 def _map_groups(fn, xs, per_group_elems: int):
@@ -451,8 +460,9 @@ def _kl_for_window(hist, i, j0, nq: int):
   sums = jax.ops.segment_sum(kept, level, num_segments=nq + 1)
   counts = jax.ops.segment_sum(nz.astype(_F32), level, num_segments=nq + 1)
   q = jnp.where(nz, sums[level] / jnp.maximum(counts[level], 1.0), 0.0)
-  p = p / jnp.sum(p)
-  q = q / jnp.sum(q)
+  p_total, q_total = jnp.sum(p), jnp.sum(q)
+  p = p / jnp.where(p_total > 0, p_total, 1.0)
+  q = q / jnp.where(q_total > 0, q_total, 1.0)
   # Smoothing: Q is zero where only outlier mass lands in P (an empty level).
   q = jnp.where(inw, q + _KL_EPS, 0.0)
   q = q / jnp.sum(q)
@@ -461,7 +471,8 @@ def _kl_for_window(hist, i, j0, nq: int):
   terms = jnp.where(p > 0, p * (jnp.log(safe_p) - jnp.log(safe_q)), 0.0)
   terms = jnp.where((p > 0) & (q <= 0), jnp.inf, terms)
   kl = jnp.sum(terms)
-  return jnp.where(jnp.isnan(kl), jnp.inf, kl)
+  # A window without any (non-outlier) mass has no Q at all.
+  return jnp.where((q_total > 0) & ~jnp.isnan(kl), kl, jnp.inf)
 
 
 def _entropy_windows(b: int, cands: Array, z0: Array, symmetric: bool):
@@ -528,6 +539,9 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
   ``hist`` of that shape plus ``(num_bins,)`` and the histogram range ``lo``,
   ``hi``. Shapes never change after ``init``.
 
+  ``update`` and ``compute`` come wrapped in :func:`jax.jit` (compiled once
+  per input shape; observers are cached per spec, so equal specs share the
+  compiled code) and can be called inside a jitted step as well.
   ``update`` accepts batches whose non-channel dimensions differ from the
   ``init`` example (per tensor: any shape; per channel: any shape with the
   same channel sizes; per block: the same block layout).
@@ -551,13 +565,18 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
     >>> from jaxqat.core import QuantSpec, observer
     >>> obs = observer(QuantSpec(format="int8", symmetric=False, calibration="minmax"))
     >>> state = obs.init(jnp.zeros(4))
-    >>> update = jax.jit(obs.update)
-    >>> state = update(state, jnp.array([0.5, 1.0, 2.0, 1.5]))
-    >>> state = update(state, jnp.array([-0.55, 0.0, 0.2, 0.3]))
+    >>> state = obs.update(state, jnp.array([0.5, 1.0, 2.0, 1.5]))
+    >>> state = obs.update(state, jnp.array([-0.55, 0.0, 0.2, 0.3]))
     >>> scale, zero_point = obs.compute(state)  # range [-0.55, 2.0]
     >>> float(scale), float(zero_point)  # 2.55 / 255; round(-128 + 0.55 / 0.01)
     (0.01, -73.0)
   """
+  return _build(_grid.check_spec(spec))
+
+
+@functools.lru_cache(maxsize=256)
+def _build(spec: spec_lib.QuantSpec) -> Observer:
+  """The observer of ``spec``; cached so that equal specs share compiled code."""
   cfg = _config(spec)
   cal = cfg.spec.calibration
   hist_method = cfg.method in _HIST_METHODS
@@ -597,13 +616,14 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
       scale, zp = _scale_zp(mn, mx, cfg)
     elif cfg.method == "percentile":
       p = cal.percentile
+      h, hlo, hhi = flat["hist"], flat["lo"], flat["hi"]
       if cfg.symmetric:
         amax = jnp.maximum(jnp.abs(mn), jnp.abs(mx))
-        a = jnp.clip(_hist_quantile(flat["hist"], flat["lo"], flat["hi"], p), 0.0, amax)
+        a = _hist_quantile(h, hlo, hhi, jnp.zeros_like(amax), amax, p)
         scale, zp = _scale_zp(-a, a, cfg)
       else:
-        lo = jnp.clip(_hist_quantile(flat["hist"], flat["lo"], flat["hi"], 100.0 - p), mn, mx)
-        hi = jnp.clip(_hist_quantile(flat["hist"], flat["lo"], flat["hi"], p), mn, mx)
+        lo = _hist_quantile(h, hlo, hhi, mn, mx, 100.0 - p)
+        hi = _hist_quantile(h, hlo, hhi, mn, mx, p)
         scale, zp = _scale_zp(lo, hi, cfg)
     else:
       xs = (flat["hist"], flat["lo"], flat["hi"], mn, mx)
@@ -624,13 +644,7 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
     zp = jnp.where(seen, zp, _fallback_zero_point(cfg)).astype(_F32)
     return scale.reshape(sshape), zp.reshape(sshape)
 
-  return Observer(init, update, compute)
-
-
-@functools.lru_cache(maxsize=128)
-def _jitted(spec: spec_lib.QuantSpec):
-  obs = observer(spec)
-  return obs.init, jax.jit(obs.update), jax.jit(obs.compute)
+  return Observer(init, jax.jit(update), jax.jit(compute))
 
 
 def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[Array, Array]:
@@ -661,16 +675,16 @@ def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[A
     >>> import jax.numpy as jnp
     >>> from jaxqat.core import PerChannel, QuantSpec, calibrate
     >>> spec = QuantSpec(format="int4", granularity=PerChannel(-1))
-    >>> batches = [jnp.array([[1.4, -0.7], [0.0, 0.35]]), jnp.array([[-2.1, 0.1]])]
-    >>> scale, zero_point = calibrate(spec, batches)  # amax 2.1 and 0.7, qmax 7
+    >>> batches = [jnp.array([[1.4, -0.7], [0.0, 1.75]]), jnp.array([[-3.5, 0.1]])]
+    >>> scale, zero_point = calibrate(spec, batches)  # amax 3.5 and 1.75, qmax 7
     >>> scale
-    Array([[0.3, 0.1]], dtype=float32)
+    Array([[0.5 , 0.25]], dtype=float32)
     >>> calibrate(spec, [])
     Traceback (most recent call last):
     ...
     ValueError: batches: empty; calibrate needs at least one array
   """
-  init, update, compute = _jitted(_grid.check_spec(spec))
+  init, update, compute = observer(spec)
   if hasattr(batches, "shape") and hasattr(batches, "dtype"):
     raise TypeError(f"batches: expected an iterable of arrays (e.g. a list), got a single array of "
                     f"shape {tuple(batches.shape)}; pass [x] to calibrate on one batch")

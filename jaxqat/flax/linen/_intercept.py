@@ -1,0 +1,477 @@
+"""Interception of Linen module methods and of the JAX ops they call.
+
+How an unmodified Linen model gets quantized:
+
+1. :func:`flax.linen.intercept_methods` runs :meth:`Context.interceptor`
+   around every method call of every module inside the quantized model. It
+   keeps a thread-local stack of *frames*: the module being run, its path
+   and the rule that matched it.
+2. While a quantized model runs, a few public JAX functions are replaced by
+   wrappers (:data:`OPS`): ``jax.lax.dot_general``,
+   ``jax.lax.conv_general_dilated``, ``jax.numpy.einsum``, ``jax.numpy.dot``,
+   ``jax.numpy.matmul`` and ``jax.numpy.take``. The wrappers do nothing
+   unless the current thread is inside a module matched by a rule.
+3. Inside a matched module, an operand of one of those ops that *is* one of
+   the module's own parameters (identity check against the leaves of
+   ``module.variables["params"]``, or an array derived from one by
+   ``jax.numpy.asarray``, which is how Flax's ``promote_dtype`` casts) is a
+   weight: it is fake-quantized with the rule's ``weight`` spec, the other
+   floating operand with the rule's ``act`` spec, in that order (input, then
+   weight, then the float op). This covers Flax's ``Dense``,
+   ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed`` (``__call__`` and
+   ``attend``) and the attention built on them, and modules from other
+   libraries that call those functions on their own parameters. For Flax's
+   own layers the kernel is also recognised by position when a cast hid it
+   (a masked ``Conv``).
+
+Functions imported by name before the model runs
+(``from jax.lax import dot_general``) and the ``@`` operator are not
+intercepted: such a module gets a warning at ``init`` naming it, and stays
+float.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import inspect
+import threading
+import warnings
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import opt_einsum
+
+from jaxqat import core
+from jaxqat.flax.linen import _quantizer
+
+
+class UnquantizedLayerWarning(UserWarning):
+  """A rule matched a layer whose weights jaxqat could not quantize."""
+
+
+# Layers that hold parameters but no matmul/conv: never warned about.
+_ELEMENTWISE_MODULES = ("flax.linen.normalization", "flax.linen.activation",
+                        "flax.linen.stochastic")
+# Flax layers whose kernel is the right-hand operand of their one op.
+_KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+
+# Weight specs whose per-channel axes are resolved per layer (see per_output_channel).
+_OUTPUT_CHANNEL_SPECS: dict[int, core.QuantSpec] = {}
+
+
+def mark_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
+  _OUTPUT_CHANNEL_SPECS[id(spec)] = spec  # keeps spec alive, so the id stays unique
+  return spec
+
+
+def is_output_channel(spec: core.QuantSpec) -> bool:
+  return _OUTPUT_CHANNEL_SPECS.get(id(spec)) is spec
+
+
+# --------------------------------------------------------------------------
+# Thread-local state.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerRecord:
+  kind: str  # the module's class name
+  rule: core.Rule
+  has_params: bool = False
+  elementwise: bool = False
+  quantized: set = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
+class Frame:
+  module: nn.Module
+  path: str
+  rule: Optional[core.Rule]  # None: not quantized
+  context: "Context"
+  aliases: list = dataclasses.field(default_factory=list)  # (array, param name)
+
+  def own_params(self) -> list[tuple[str, Any]]:
+    """The module's direct parameter arrays (not its children's), unboxed."""
+    params = self.module.variables.get("params", {})
+    out = []
+    for k, v in params.items():
+      if isinstance(v, collections.abc.Mapping):
+        continue
+      out.append((k, nn.meta.unbox(v)))
+    return out
+
+  def param_name(self, x) -> Optional[str]:
+    for name, p in self.own_params():
+      if x is p:
+        return name
+    for a, name in self.aliases:
+      if x is a:
+        return name
+    return None
+
+
+class _State(threading.local):
+
+  def __init__(self):
+    self.contexts: list[Context] = []
+    self.frames: list[Frame] = []
+    self.in_op = 0
+
+
+_STATE = _State()
+
+
+def current_context() -> Optional["Context"]:
+  """The innermost quantized model running in this thread, or None."""
+  return _STATE.contexts[-1] if _STATE.contexts else None
+
+
+@contextlib.contextmanager
+def _guard():
+  """Turns interception off while jaxqat's own code (or the real op) runs."""
+  _STATE.in_op += 1
+  try:
+    yield
+  finally:
+    _STATE.in_op -= 1
+
+
+class Context:
+  """One run (init or apply) of a quantized model: mode, rules, layer records.
+
+  Args:
+    ruleset: the rules (a fresh RuleSet, so that hits are counted per run).
+    mode: one of ``calibrate``, ``freeze``, ``train``, ``eval``.
+    root: the Linen path of the wrapped model (layer paths are relative to it).
+  """
+
+  def __init__(self, ruleset: core.RuleSet, mode: str, root: tuple[str, ...]):
+    self.ruleset = ruleset
+    self.mode = mode
+    self.root = tuple(root)
+    self.layers: dict[str, LayerRecord] = {}
+    self._rules: dict[str, Optional[core.Rule]] = {}
+
+  def path_of(self, module: nn.Module) -> str:
+    path = tuple(module.scope.path)
+    if path[:len(self.root)] == self.root:
+      path = path[len(self.root):]
+    return "/".join(str(p) for p in path)
+
+  def match(self, path: str) -> Optional[core.Rule]:
+    if path not in self._rules:
+      self._rules[path] = self.ruleset.match(path)
+    return self._rules[path]
+
+  def interceptor(self, next_fun, args, kwargs, context):
+    """A :func:`flax.linen.intercept_methods` interceptor."""
+    module = context.module
+    path = self.path_of(module)
+    rule = self.match(path)
+    active = rule is not None and not rule.skip and (rule.weight is not None or rule.act is not None)
+    frame = Frame(module, path, rule if active else None, self)
+    _STATE.frames.append(frame)
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      _STATE.frames.pop()
+    if active and context.method_name != "setup" and module.is_initializing():
+      rec = self.layers.setdefault(path, LayerRecord(type(module).__name__, rule))
+      with _guard():
+        rec.has_params = rec.has_params or bool(frame.own_params())
+      rec.elementwise = type(module).__module__ in _ELEMENTWISE_MODULES
+    return out
+
+  def record(self, path: str, name: str, rule: core.Rule, module: nn.Module):
+    rec = self.layers.setdefault(path, LayerRecord(type(module).__name__, rule))
+    rec.quantized.add(name)
+
+  def warn_unquantized(self, where: str):
+    """Warns about matched layers with parameters but no quantized weight."""
+    for path, rec in self.layers.items():
+      if rec.has_params and not rec.quantized and not rec.elementwise:
+        warnings.warn(
+            f"jaxqat: layer {_quantizer.describe(path)} ({rec.kind}) of the {where} matches rule "
+            f"{rec.rule.pattern!r} but none of its parameters reached an intercepted op "
+            f"({', '.join(OPS)}); it stays float", UnquantizedLayerWarning, stacklevel=4)
+
+
+@contextlib.contextmanager
+def active(context: Context):
+  """Runs a quantized model: pushes ``context`` and installs the op wrappers."""
+  _STATE.contexts.append(context)
+  try:
+    with _patched(), nn.intercept_methods(context.interceptor):
+      yield
+  finally:
+    _STATE.contexts.pop()
+
+
+# --------------------------------------------------------------------------
+# Quantizing an op whose operand is a parameter.
+# --------------------------------------------------------------------------
+
+
+def _act_name(weight_name: str) -> str:
+  return "input" if weight_name in ("kernel", "embedding") else f"{weight_name}_input"
+
+
+def _resolve(spec: core.QuantSpec, out_axes: tuple[int, ...]) -> core.QuantSpec:
+  if not is_output_channel(spec):
+    return spec
+  if not out_axes:
+    return spec.replace(granularity=core.PerTensor())
+  return spec.replace(granularity=core.PerChannel(out_axes if len(out_axes) > 1 else out_axes[0]))
+
+
+def _quantize_operands(frame: Frame, ops: list, weights: dict[int, tuple[str, tuple, bool]],
+                       act_index: Optional[int]) -> list:
+  """Fake-quantizes the activation operand, then the weight operands.
+
+  Args:
+    frame: the matched module's frame.
+    ops: the op's two array operands.
+    weights: operand index -> (param name, output axes in the parameter's
+      layout, transposed: the operand is the parameter's transpose).
+    act_index: index of the activation operand, or None.
+
+  Returns:
+    The new operands.
+  """
+  rule, module, ctx = frame.rule, frame.module, frame.context
+  mode = ctx.mode
+  kind = type(module).__name__
+  ops = list(ops)
+  if act_index is not None and rule.act is not None and len(weights) == 1:
+    (wname, _, _), = weights.values()
+    name = _act_name(wname)
+    where = f"layer {_quantizer.describe(frame.path)} ({kind}) input activation '{name}'"
+    ops[act_index] = _quantizer.quantize_activation(module, name, ops[act_index], rule.act, mode,
+                                                    where)
+  if rule.weight is not None:
+    for i, (wname, out_axes, transposed) in weights.items():
+      spec = _resolve(rule.weight, out_axes)
+      where = f"layer {_quantizer.describe(frame.path)} ({kind}) weight '{wname}'"
+      w = ops[i].T if transposed else ops[i]
+      w = _quantizer.quantize_weight(module, wname, w, spec, mode, where)
+      ops[i] = w.T if transposed else w
+  for wname, _, _ in weights.values():
+    ctx.record(frame.path, wname, rule, module)
+  return ops
+
+
+def _kernel_by_position(frame: Frame, x, name: str = "kernel") -> bool:
+  """For Flax's own layers: is ``x`` shaped like the layer's kernel?"""
+  if not isinstance(frame.module, _KERNEL_LAYERS):
+    return False
+  p = dict(frame.own_params()).get(name)
+  return p is not None and tuple(jnp.shape(x)) == tuple(p.shape)
+
+
+def _others(ndim: int, contracted) -> tuple[int, ...]:
+  contracted = {a % ndim for a in contracted}
+  return tuple(i for i in range(ndim) if i not in contracted)
+
+
+def _binary(frame: Frame, a, b, contract_a, contract_b):
+  """Finds the weights among (a, b): index -> (name, out_axes, transposed)."""
+  weights = {}
+  for i, (x, contract) in enumerate(((a, contract_a), (b, contract_b))):
+    name = frame.param_name(x)
+    if name is not None:
+      weights[i] = (name, _others(jnp.ndim(x), contract), False)
+  if not weights and _kernel_by_position(frame, b):
+    weights[1] = ("kernel", _others(jnp.ndim(b), contract_b), False)
+  return weights
+
+
+def _act_index(weights, ops) -> Optional[int]:
+  if len(weights) != 1:
+    return None
+  (i,) = weights
+  j = 1 - i
+  return j if jnp.issubdtype(jnp.result_type(ops[j]), jnp.floating) else None
+
+
+def _dot_general(frame, orig, bound):
+  a, b = bound.arguments["lhs"], bound.arguments["rhs"]
+  (ca, cb), _ = bound.arguments["dimension_numbers"]
+  weights = _binary(frame, a, b, ca, cb)
+  if not weights:
+    return None
+  a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
+  bound.arguments["lhs"], bound.arguments["rhs"] = a, b
+  return bound
+
+
+def _conv(frame, orig, bound):
+  lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
+  name = frame.param_name(rhs)
+  if name is None and _kernel_by_position(frame, rhs):
+    name = "kernel"
+  if name is None:
+    return None
+  dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
+                                      bound.arguments.get("dimension_numbers"))
+  weights = {1: (name, (dn.rhs_spec[0],), False)}
+  lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, _act_index(weights, [lhs, rhs]))
+  bound.arguments["lhs"], bound.arguments["rhs"] = lhs, rhs
+  return bound
+
+
+def _dot(frame, orig, bound):
+  names = list(bound.arguments)
+  a, b = bound.arguments[names[0]], bound.arguments[names[1]]
+  nb = jnp.ndim(b)
+  weights = _binary(frame, a, b, (-1,), (nb - 2 if nb >= 2 else 0,))
+  if not weights and isinstance(frame.module, nn.Embed) and nb == 2:
+    emb = dict(frame.own_params()).get("embedding")
+    if emb is not None and tuple(jnp.shape(b)) == tuple(emb.shape)[::-1]:
+      weights[1] = ("embedding", (0,), True)  # Embed.attend: query @ embedding.T
+  if not weights:
+    return None
+  a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
+  bound.arguments[names[0]], bound.arguments[names[1]] = a, b
+  return bound
+
+
+def _take(frame, orig, bound):
+  a = bound.arguments["a"]
+  name = frame.param_name(a)
+  axis = bound.arguments.get("axis")
+  if name is None or axis is None:
+    return None
+  weights = {0: (name, (axis % jnp.ndim(a),), False)}
+  (a, _) = _quantize_operands(frame, [a, bound.arguments["indices"]], weights, None)
+  bound.arguments["a"] = a
+  return bound
+
+
+def _einsum(frame, orig, args, kwargs):
+  if len(args) != 3 or not isinstance(args[0], str):
+    return None
+  subscripts, a, b = args
+  weights = {}
+  try:
+    inputs, result, _ = opt_einsum.parser.parse_einsum_input((subscripts, a, b))
+    terms = inputs.split(",")
+  except Exception:  # pylint: disable=broad-except  (leave odd equations to jnp.einsum)
+    return None
+  for i, (x, term) in enumerate(((a, terms[0]), (b, terms[1]))):
+    name = frame.param_name(x)
+    if name is None and i == 1 and not weights and _kernel_by_position(frame, x):
+      name = "kernel"
+    if name is not None:
+      weights[i] = (name, tuple(k for k, c in enumerate(term) if c in result), False)
+  if not weights:
+    return None
+  a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
+  return (subscripts, a, b), kwargs
+
+
+# --------------------------------------------------------------------------
+# Installing the wrappers.
+# --------------------------------------------------------------------------
+
+OPS = ("jax.lax.dot_general", "jax.lax.conv_general_dilated", "jax.numpy.einsum",
+       "jax.numpy.dot", "jax.numpy.matmul", "jax.numpy.take")
+
+_HANDLERS = {
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "dot": _dot,
+    "matmul": _dot,
+    "take": _take,
+}
+
+
+def _frame() -> Optional[Frame]:
+  if _STATE.in_op or not _STATE.frames:
+    return None
+  frame = _STATE.frames[-1]
+  return frame if frame.rule is not None else None
+
+
+def _wrap_op(name: str, orig: Callable) -> Callable:
+  if name == "einsum":
+
+    @functools.wraps(orig)
+    def einsum(*args, **kwargs):
+      frame = _frame()
+      if frame is not None:
+        with _guard():
+          new = _einsum(frame, orig, args, kwargs)
+          if new is not None:
+            return orig(*new[0], **new[1])
+      return orig(*args, **kwargs)
+
+    return einsum
+
+  handler = _HANDLERS[name]
+  sig = inspect.signature(orig)
+
+  @functools.wraps(orig)
+  def wrapper(*args, **kwargs):
+    frame = _frame()
+    if frame is not None:
+      with _guard():
+        try:
+          bound = sig.bind(*args, **kwargs)
+        except TypeError:
+          bound = None
+        if bound is not None:
+          bound = handler(frame, orig, bound)
+          if bound is not None:
+            return orig(*bound.args, **bound.kwargs)
+    return orig(*args, **kwargs)
+
+  return wrapper
+
+
+def _wrap_asarray(orig: Callable) -> Callable:
+
+  @functools.wraps(orig)
+  def asarray(a, *args, **kwargs):
+    out = orig(a, *args, **kwargs)
+    frame = _frame()
+    if frame is not None and out is not a:
+      with _guard():
+        name = frame.param_name(a)
+      if name is not None:
+        frame.aliases.append((out, name))
+    return out
+
+  return asarray
+
+
+_TARGETS = ((jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
+            (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"))
+_LOCK = threading.Lock()
+_DEPTH = 0
+_SAVED: list = []
+
+
+@contextlib.contextmanager
+def _patched():
+  """Installs the op wrappers (reference counted; other threads pass through)."""
+  global _DEPTH
+  with _LOCK:
+    if _DEPTH == 0:
+      _SAVED[:] = [(mod, name, getattr(mod, name)) for mod, name in _TARGETS]
+      for mod, name, orig in _SAVED:
+        setattr(mod, name, _wrap_asarray(orig) if name == "asarray" else _wrap_op(name, orig))
+    _DEPTH += 1
+  try:
+    yield
+  finally:
+    with _LOCK:
+      _DEPTH -= 1
+      if _DEPTH == 0:
+        for mod, name, orig in _SAVED:
+          setattr(mod, name, orig)
+        _SAVED.clear()

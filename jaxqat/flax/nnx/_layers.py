@@ -1,0 +1,363 @@
+"""Quantized versions of Flax NNX's layers, and an explicit activation quantizer.
+
+Each quantized layer *is* its float layer: ``QuantLinear`` subclasses
+``nnx.Linear`` and so on, keeps the parameters (``kernel``, ``bias``,
+``embedding``: same names, shapes, dtypes, same arrays) and adds two
+:class:`~jaxqat.flax.nnx.Quantizer` children:
+
+* ``kernel_quant`` (``embedding_quant`` for ``Embed``): the weight quantizer;
+* ``input_quant``: the input-activation quantizer.
+
+Either may be ``None`` (no quantization of that operand). The layer computes
+exactly what Flax's float layer computes, with the two operands of the
+matmul/convolution replaced by their fake-quantized values: Flax calls the
+layer's ``promote_dtype`` hook right before the ``dot_general`` /
+``einsum`` / ``conv_general_dilated`` / ``take``, and the quantized layers
+install a hook that promotes as the original one did and then fake-quantizes
+the input and the kernel. So padding modes, masks, grouped convolutions,
+``batch_axis``, ``dot_general`` overrides and sharding arguments all behave as
+in Flax.
+
+Layers are normally made by :func:`jaxqat.flax.nnx.quantize` from a float
+model, but they can also be built directly::
+
+    QuantLinear(3, 4, weight_spec=QuantSpec(...), act_spec=None, rngs=rngs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Optional, Sequence
+
+import jax
+from flax import nnx
+
+from jaxqat import core
+from jaxqat.flax.nnx._quantizer import ACT
+from jaxqat.flax.nnx._quantizer import Quantizer
+from jaxqat.flax.nnx._quantizer import WEIGHT
+
+__all__ = [
+    "QuantLinear",
+    "QuantLinearGeneral",
+    "QuantEinsum",
+    "QuantConv",
+    "QuantEmbed",
+    "ActQuant",
+    "QUANT_LAYERS",
+]
+
+_STATE = threading.local()
+
+
+def _stack():
+  if not hasattr(_STATE, "layers"):
+    _STATE.layers = []
+  return _STATE.layers
+
+
+@contextlib.contextmanager
+def _active(layer):
+  stack = _stack()
+  stack.append(layer)
+  try:
+    yield
+  finally:
+    stack.pop()
+
+
+def _quant_promote(args, /, **kwargs):
+  """``promote_dtype`` hook installed on quantized layers (see module docstring)."""
+  layer = _stack()[-1] if _stack() else None
+  if layer is None or not isinstance(layer, _QuantMixin):
+    raise RuntimeError("jaxqat: a quantized layer's promote_dtype hook was called outside of "
+                       "the layer's __call__")
+  out = layer.jaxqat_float_promote(args, **kwargs)
+  return layer.jaxqat_quantize_operands(tuple(out))
+
+
+class _QuantMixin(nnx.Module):
+  """Shared conversion logic; mixed in before the Flax layer class."""
+
+  float_type: type = nnx.Module  # the Flax layer class this one quantizes
+  weight_attr = "kernel"  # the parameter that is the weight
+  quant_attr = "kernel_quant"  # the attribute holding the weight quantizer
+
+  # -- construction --------------------------------------------------------
+
+  def __init__(self, *args, weight_spec: Optional[core.QuantSpec] = None,
+               act_spec: Optional[core.QuantSpec] = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.jaxqat_attach(weight_spec, act_spec, path="", stack_ndim=0)
+
+  @classmethod
+  def from_float(cls, layer, weight_spec, act_spec, *, path: str = "", stack_ndim: int = 0):
+    """Converts ``layer`` (an instance of ``cls.float_type``) in place.
+
+    The object keeps its identity, its attributes and its parameters; its
+    class becomes ``cls`` and it gains the quantizer children.
+
+    Args:
+      layer: the float layer.
+      weight_spec: the weight QuantSpec, or None.
+      act_spec: the input-activation QuantSpec, or None.
+      path: the layer path (for error messages).
+      stack_ndim: number of leading stacked (``nnx.vmap``) axes on the weight.
+
+    Returns:
+      ``layer``, now an instance of ``cls``.
+
+    Raises:
+      TypeError: if ``layer`` is not a ``cls.float_type``.
+      ValueError: if a spec does not fit the layer (naming ``path``).
+    """
+    if type(layer) is not cls.float_type:
+      raise TypeError(f"{cls.__name__}.from_float: expected a {cls.float_type.__name__} at "
+                      f"'{path}', got {type(layer).__name__}")
+    # Build the quantizers first so that a bad spec leaves the layer untouched.
+    quants = cls._make_quantizers(layer, weight_spec, act_spec, path, stack_ndim)
+    layer.__class__ = cls
+    layer._jaxqat_install(*quants)
+    return layer
+
+  def jaxqat_attach(self, weight_spec, act_spec, *, path: str, stack_ndim: int):
+    self._jaxqat_install(*self._make_quantizers(self, weight_spec, act_spec, path, stack_ndim))
+
+  @classmethod
+  def _make_quantizers(cls, layer, weight_spec, act_spec, path, stack_ndim):
+    weight = getattr(layer, cls.weight_attr)[...]
+    if stack_ndim > weight.ndim:
+      raise ValueError(f"layer '{path}': stack_ndim {stack_ndim} exceeds the weight's rank")
+    stack = tuple(weight.shape[:stack_ndim])
+    wq = aq = None
+    if weight_spec is not None:
+      wq = Quantizer(weight_spec, role=WEIGHT, shape=weight.shape[stack_ndim:],
+                     stack_shape=stack, path=path)
+    if act_spec is not None:
+      aq = Quantizer(act_spec, role=ACT, shape=(1, cls._in_channels(layer, path)),
+                     stack_shape=stack, path=path)
+    return wq, aq, stack
+
+  @classmethod
+  def _in_channels(cls, layer, path) -> int:
+    raise NotImplementedError
+
+  def _jaxqat_install(self, wq, aq, stack):
+    # Keep Flax's own promotion, then quantize the promoted operands.
+    if getattr(self, "promote_dtype", None) is not _quant_promote:
+      self.jaxqat_float_promote = self.promote_dtype
+    self.promote_dtype = _quant_promote
+    self.jaxqat_stack = stack
+    setattr(self, self.quant_attr, wq)
+    self.input_quant = aq
+
+  # -- call ----------------------------------------------------------------
+
+  def jaxqat_quantize_operands(self, args):
+    inputs, kernel = args[0], args[1]
+    wq = getattr(self, self.quant_attr)
+    if self.input_quant is not None:
+      inputs = self.input_quant(inputs)
+    if wq is not None:
+      kernel = wq(kernel)
+    return (inputs, kernel) + tuple(args[2:])
+
+  def __call__(self, *args, **kwargs):
+    with _active(self):
+      return super().__call__(*args, **kwargs)
+
+  def jaxqat_quantizers(self):
+    """``[(quantizer, weight_or_None)]`` for :func:`freeze`."""
+    out = []
+    wq = getattr(self, self.quant_attr)
+    if wq is not None:
+      out.append((wq, getattr(self, self.weight_attr)[...]))
+    if self.input_quant is not None:
+      out.append((self.input_quant, None))
+    return out
+
+
+class QuantLinear(_QuantMixin, nnx.Linear):
+  """``nnx.Linear`` with fake-quantized kernel and input.
+
+  Args:
+    *args: the arguments of ``nnx.Linear``.
+    weight_spec: QuantSpec of the kernel (shape ``(in, out)``), or None.
+    act_spec: QuantSpec of the input, or None.
+    **kwargs: the keyword arguments of ``nnx.Linear``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec, PerChannel
+    >>> layer = QuantLinear(3, 2, weight_spec=QuantSpec(granularity=PerChannel(-1)),
+    ...                     rngs=nnx.Rngs(0))
+    >>> sorted(k for k in nnx.state(layer).keys())
+    ['bias', 'kernel', 'kernel_quant']
+    >>> layer.kernel_quant.freeze(layer.kernel[...])
+    >>> layer(jnp.ones((1, 3))).shape
+    (1, 2)
+  """
+
+  float_type = nnx.Linear
+
+  @classmethod
+  def _in_channels(cls, layer, path):
+    return layer.in_features
+
+
+class QuantLinearGeneral(_QuantMixin, nnx.LinearGeneral):
+  """``nnx.LinearGeneral`` with fake-quantized kernel and input.
+
+  The kernel has shape ``(*batch, *in_features, *out_features)``; a
+  per-channel activation spec needs a single input axis ``-1``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec
+    >>> layer = QuantLinearGeneral(4, (2, 3), act_spec=QuantSpec(), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((5, 4))).shape  # calibrating: float output
+    (5, 2, 3)
+  """
+
+  float_type = nnx.LinearGeneral
+
+  @classmethod
+  def _in_channels(cls, layer, path):
+    if tuple(layer.axis) in ((-1,),) and len(layer.in_features) == 1:
+      return layer.in_features[0]
+    return 1  # only per-tensor activation specs fit (checked by the Quantizer)
+
+
+class QuantEinsum(_QuantMixin, nnx.Einsum):
+  """``nnx.Einsum`` with fake-quantized kernel (the rhs) and input (the lhs).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec
+    >>> layer = QuantEinsum('nta,hab->nthb', (8, 2, 4), (8, 4),
+    ...                     weight_spec=QuantSpec(), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((16, 11, 2))).shape
+    (16, 11, 8, 4)
+  """
+
+  float_type = nnx.Einsum
+
+  @classmethod
+  def _in_channels(cls, layer, path):
+    return 1  # the lhs layout is free-form: per-tensor activation specs only
+
+
+class QuantConv(_QuantMixin, nnx.Conv):
+  """``nnx.Conv`` (1D/2D/3D, grouped, depthwise) with fake-quantized kernel and input.
+
+  The kernel has shape ``(*kernel_size, in_features // groups, out_features)``;
+  the default per-channel axis ``-1`` is the output channel. A mask is applied
+  after the kernel is quantized (masked entries stay exactly zero).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec
+    >>> conv = QuantConv(4, 4, (3,), feature_group_count=4, weight_spec=QuantSpec(),
+    ...                  rngs=nnx.Rngs(0))
+    >>> conv.kernel.shape, conv(jnp.ones((2, 5, 4))).shape
+    ((3, 1, 4), (2, 5, 4))
+  """
+
+  float_type = nnx.Conv
+
+  @classmethod
+  def _in_channels(cls, layer, path):
+    return layer.in_features
+
+
+class QuantEmbed(_QuantMixin, nnx.Embed):
+  """``nnx.Embed`` with a fake-quantized embedding table.
+
+  The weight quantizer is ``embedding_quant`` (table shape
+  ``(num_embeddings, features)``; ``PerChannel(0)`` gives one scale per
+  token, ``PerChannel(-1)`` one per feature). Lookups take integer inputs, so
+  ``input_quant`` (if any) applies only to the query of :meth:`attend`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec, PerChannel
+    >>> emb = QuantEmbed(5, 3, weight_spec=QuantSpec(format="int4",
+    ...                  granularity=PerChannel(0)), rngs=nnx.Rngs(0))
+    >>> emb.embedding_quant.freeze(emb.embedding[...])
+    >>> emb(jnp.array([0, 4])).shape
+    (2, 3)
+  """
+
+  float_type = nnx.Embed
+  weight_attr = "embedding"
+  quant_attr = "embedding_quant"
+
+  @classmethod
+  def _in_channels(cls, layer, path):
+    return layer.features
+
+  def jaxqat_quantize_operands(self, args):
+    if len(args) == 1:  # __call__: (embedding,)
+      wq = self.embedding_quant
+      return (wq(args[0]) if wq is not None else args[0],)
+    return super().jaxqat_quantize_operands(args)  # attend: (query, embedding)
+
+  def attend(self, *args, **kwargs):
+    with _active(self):
+      return super().attend(*args, **kwargs)
+
+
+QUANT_LAYERS: dict[type, type] = {
+    nnx.Linear: QuantLinear,
+    nnx.LinearGeneral: QuantLinearGeneral,
+    nnx.Einsum: QuantEinsum,
+    nnx.Conv: QuantConv,
+    nnx.Embed: QuantEmbed,
+}
+
+
+class ActQuant(nnx.Module):
+  """An explicit activation-quantization point (residual adds, attention scores...).
+
+  Put it anywhere in a model by hand: ``y = self.res_quant(x + h)``. It is
+  calibrated, frozen and trained like the input quantizers of the quantized
+  layers (its ``quantizer`` is a :class:`~jaxqat.flax.nnx.Quantizer`). For
+  a functional form with an explicit scale use
+  :func:`jaxqat.core.quant_dequant`.
+
+  Args:
+    spec: the QuantSpec (default: int8 affine per tensor, min/max
+      calibration, the default activation spec of :func:`quantize`).
+    features: the size of the last axis, needed only for a per-channel spec.
+    stack_shape: leading axes when the module is created under ``nnx.vmap``
+      by hand (usually left empty).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec
+    >>> q = ActQuant(QuantSpec(format="int8"))
+    >>> _ = q(jnp.array([-2.0, 1.0]))
+    >>> q.quantizer.freeze()
+    >>> q(jnp.array([1.0]))  # step 2/127
+    Array([1.007874], dtype=float32)
+  """
+
+  def __init__(self, spec: Optional[core.QuantSpec] = None, *, features: int = 1,
+               stack_shape: Sequence[int] = ()):
+    if spec is None:
+      from jaxqat.flax.nnx._convert import default_act_spec  # pylint: disable=g-import-not-at-top
+      spec = default_act_spec()
+    self.quantizer = Quantizer(spec, role=ACT, shape=(1, features), stack_shape=stack_shape)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Returns ``x`` fake-quantized (or observed, while calibrating)."""
+    return self.quantizer(x)
+
+  def jaxqat_quantizers(self):
+    return [(self.quantizer, None)]

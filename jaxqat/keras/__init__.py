@@ -1,0 +1,68 @@
+"""jaxqat.keras: quantization-aware training for Keras 3, on any backend.
+
+The only part of jaxqat that imports Keras. Layers compute with
+``keras.ops`` (on the JAX backend they call the :mod:`jaxqat.core`
+primitives directly), so models train with ``model.fit`` on the JAX, torch
+and TensorFlow backends and save to ``.keras`` files.
+
+Quick start::
+
+    import keras, jaxqat.keras as jqk
+    qmodel = jqk.quantize_model(model)           # int8 weights (per channel) + inputs
+    jqk.calibrate(qmodel, x_calib, steps=8)      # activation ranges
+    qmodel.compile(...); qmodel.fit(...)         # QAT
+    qmodel.save("q.keras"); keras.saving.load_model("q.keras")
+
+Raises:
+  ImportError: on import, when Keras cannot import its configured backend
+    (set ``KERAS_BACKEND=jax`` or ``torch``, or install the backend).
+"""
+
+from jaxqat.keras._backend import keras as _keras  # noqa: F401  (fails early, clearly)
+from jaxqat.keras._calibrate import FreezeQuantizers as FreezeQuantizers
+from jaxqat.keras._calibrate import calibrate as calibrate
+from jaxqat.keras._calibrate import quantizers as quantizers
+from jaxqat.keras._convert import UnquantizedLayerWarning as UnquantizedLayerWarning
+from jaxqat.keras._convert import default_rules as default_rules
+from jaxqat.keras._convert import quant_layers as quant_layers
+from jaxqat.keras._convert import quantize_model as quantize_model
+from jaxqat.keras._fold import QuantConvBatchNorm as QuantConvBatchNorm
+from jaxqat.keras._layers import QuantConv1D as QuantConv1D
+from jaxqat.keras._layers import QuantConv2D as QuantConv2D
+from jaxqat.keras._layers import QuantConv3D as QuantConv3D
+from jaxqat.keras._layers import QuantDense as QuantDense
+from jaxqat.keras._layers import QuantDepthwiseConv1D as QuantDepthwiseConv1D
+from jaxqat.keras._layers import QuantDepthwiseConv2D as QuantDepthwiseConv2D
+from jaxqat.keras._layers import QuantEinsumDense as QuantEinsumDense
+from jaxqat.keras._layers import QuantEmbedding as QuantEmbedding
+from jaxqat.keras._layers import QuantLayer as QuantLayer
+from jaxqat.keras._layers import QuantSeparableConv1D as QuantSeparableConv1D
+from jaxqat.keras._layers import QuantSeparableConv2D as QuantSeparableConv2D
+from jaxqat.keras._layers import quantized_class as quantized_class
+from jaxqat.keras._ops import quant_dequant as quant_dequant
+from jaxqat.keras._quantizer import Quantizer as Quantizer
+
+__all__ = [
+    "FreezeQuantizers",
+    "QuantConv1D",
+    "QuantConv2D",
+    "QuantConv3D",
+    "QuantConvBatchNorm",
+    "QuantDense",
+    "QuantDepthwiseConv1D",
+    "QuantDepthwiseConv2D",
+    "QuantEinsumDense",
+    "QuantEmbedding",
+    "QuantLayer",
+    "QuantSeparableConv1D",
+    "QuantSeparableConv2D",
+    "Quantizer",
+    "UnquantizedLayerWarning",
+    "calibrate",
+    "default_rules",
+    "quant_dequant",
+    "quant_layers",
+    "quantize_model",
+    "quantized_class",
+    "quantizers",
+]

@@ -1,0 +1,250 @@
+r"""Convolution + BatchNormalization folded for quantization-aware training.
+
+A deployed integer model runs a convolution followed by batch normalization
+as *one* convolution with folded weights and bias (Jacob et al. 2018,
+sec. 3.2)::
+
+    w_fold = w * gamma / sqrt(moving_var + eps)
+    b_fold = beta + gamma * (b - moving_mean) / sqrt(moving_var + eps)
+
+so the weights that get quantized are ``w_fold``, not ``w``.
+:class:`QuantConvBatchNorm` trains exactly that, following the *folding with
+correction* variant (Jacob et al. 2018, appendix, fig. C.8; also
+Krishnamoorthi 2018, sec. 3.2): during training
+
+1. the float convolution ``y = conv(x, w)`` gives the batch statistics
+   ``mu_B``, ``sigma_B^2`` (and updates the moving statistics as Keras'
+   BatchNormalization does);
+2. the weights are folded with the *moving* standard deviation
+   ``sigma = sqrt(moving_var + eps)`` and fake-quantized:
+   ``w_q = Q(w * gamma / sigma)`` -- the weights a deployed model would use;
+3. the output is corrected to batch normalization with batch statistics:
+   ``conv(x, w_q) * sigma / sigma_B + beta - gamma * mu_B / sigma_B``.
+
+In inference (``training=False``), when the BatchNormalization layer is not
+trainable, or after ``freeze_bn=True`` (see
+:class:`jaxqat.keras.FreezeQuantizers`), the correction is dropped and the
+layer computes ``conv(x, w_q) + b_fold`` with the moving statistics: the
+deployed computation. The convolution's bias cancels under batch statistics
+and enters ``b_fold``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from jaxqat.keras._backend import keras
+from jaxqat.keras._backend import ops
+from jaxqat.keras._quantizer import Quantizer
+from jaxqat.keras._quantizer import spec_from_config
+from jaxqat.keras._quantizer import spec_to_config
+from jaxqat.core import _spec as spec_lib
+
+__all__ = ["QuantConvBatchNorm", "can_fold"]
+
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+
+def can_fold(conv, bn) -> Optional[str]:
+  """Why ``conv`` followed by ``bn`` cannot be folded (``None`` if it can).
+
+  Examples:
+    >>> import keras
+    >>> can_fold(keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization()) is None
+    True
+    >>> can_fold(keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.BatchNormalization())
+    'the convolution has an activation (relu)'
+  """
+  if type(conv) not in _FOLDABLE:
+    return f"{type(conv).__name__} is not a plain Conv/DepthwiseConv layer"
+  if type(bn) is not keras.layers.BatchNormalization:
+    return f"{type(bn).__name__} is not a BatchNormalization layer"
+  if conv.activation not in (None, keras.activations.linear):
+    return f"the convolution has an activation ({conv.activation.__name__})"
+  if getattr(conv, "data_format", "channels_last") != "channels_last":
+    return "the convolution is channels_first"
+  if bn.axis not in (-1, conv.rank + 1):
+    return f"BatchNormalization normalizes axis {bn.axis}, not the channel axis"
+  if getattr(conv, "lora_enabled", False):
+    return "the convolution has LoRA enabled"
+  return None
+
+
+def _as_layer(obj, what):
+  if isinstance(obj, dict):
+    return keras.saving.deserialize_keras_object(obj)
+  if isinstance(obj, keras.layers.Layer):
+    return obj.__class__.from_config(obj.get_config())
+  raise TypeError(f"QuantConvBatchNorm: {what} must be a Keras layer or its config, got "
+                  f"{type(obj).__name__}")
+
+
+@keras.saving.register_keras_serializable(package="jaxqat")
+class QuantConvBatchNorm(keras.layers.Layer):
+  """A convolution and its BatchNormalization, folded and quantized (see module doc).
+
+  The float variables keep their names and live in the sublayers ``conv``
+  (``kernel``, ``bias``) and ``bn`` (``gamma``, ``beta``, ``moving_mean``,
+  ``moving_variance``).
+
+  Args:
+    conv: a float Conv1D/2D/3D or DepthwiseConv1D/2D layer (linear
+      activation, channels_last), or its serialized config. A fresh copy is
+      made from its config (copy the weights with ``set_weights``).
+    batchnorm: the BatchNormalization layer (or config) that follows it.
+    weight_spec: QuantSpec for the folded kernel (``PerChannel(-1)``: per
+      output channel), or None.
+    act_spec: QuantSpec for the input activation, or None.
+    observe: forwarded to the quantizers.
+    freeze_bn: use the moving statistics in training too (no correction).
+    **kwargs: Keras layer arguments; the name defaults to the conv's name.
+
+  Raises:
+    ValueError: if the pair cannot be folded (see :func:`can_fold`).
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> from jaxqat.core import QuantSpec
+    >>> layer = QuantConvBatchNorm(keras.layers.Conv2D(4, 3, name="c"),
+    ...                            keras.layers.BatchNormalization(), weight_spec=QuantSpec())
+    >>> layer(np.ones((2, 6, 6, 3), "float32")).shape
+    (2, 4, 4, 4)
+    >>> sorted(v.name for v in layer.bn.weights)
+    ['beta', 'gamma', 'moving_mean', 'moving_variance']
+  """
+
+  def __init__(self, conv, batchnorm, weight_spec=None, act_spec=None,
+               observe: Optional[bool] = None, freeze_bn: bool = False, **kwargs):
+    conv = _as_layer(conv, "conv")
+    bn = _as_layer(batchnorm, "batchnorm")
+    kwargs.setdefault("name", conv.name)
+    super().__init__(**kwargs)
+    reason = can_fold(conv, bn)
+    if reason is not None:
+      raise ValueError(f"QuantConvBatchNorm {self.name}: cannot fold: {reason}")
+    self.conv = conv
+    self.bn = bn
+    self.weight_spec = spec_from_config(weight_spec)
+    self.act_spec = spec_from_config(act_spec)
+    self.observe = observe
+    self.freeze_bn = bool(freeze_bn)
+    self.depthwise = isinstance(conv, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
+    self.input_quantizer = None
+    self.kernel_quantizer = None
+
+  def build(self, input_shape):
+    if not self.conv.built:  # a deserialized config may come built
+      self.conv.build(input_shape)
+    out_shape = self.conv.compute_output_shape(input_shape)
+    if not self.bn.built:
+      self.bn.build(out_shape)
+    if self.act_spec is not None:
+      self.input_quantizer = Quantizer(self.act_spec, role="act", observe=self.observe,
+                                       name="input_quantizer", dtype=self.dtype_policy)
+      self.input_quantizer.build(input_shape)
+    if self.weight_spec is not None:
+      kshape = tuple(self.conv.kernel.shape)
+      spec = self.weight_spec
+      g = spec.granularity
+      if isinstance(g, spec_lib.PerChannel) and g.axes == (-1,) and self.depthwise:
+        spec = spec.replace(granularity=spec_lib.PerChannel((len(kshape) - 2, len(kshape) - 1)))
+      self.kernel_quantizer = Quantizer(spec, role="weight", observe=self.observe,
+                                        name="kernel_quantizer", dtype=self.dtype_policy)
+      self.kernel_quantizer.build(kshape)
+
+  # -- folding ---------------------------------------------------------------
+
+  def _conv(self, x, kernel):
+    c = self.conv
+    if self.depthwise:
+      return ops.depthwise_conv(x, kernel, strides=c.strides, padding=c.padding,
+                                dilation_rate=c.dilation_rate, data_format=c.data_format)
+    return c.convolution_op(x, kernel)
+
+  def _channel_shape(self, kshape):
+    if self.depthwise:
+      return (1,) * (len(kshape) - 2) + tuple(kshape[-2:])
+    return (1,) * (len(kshape) - 1) + (kshape[-1],)
+
+  def _bn_params(self):
+    bn = self.bn
+    gamma = bn.gamma if bn.scale else ops.ones_like(bn.moving_mean)
+    beta = bn.beta if bn.center else ops.zeros_like(bn.moving_mean)
+    return (ops.convert_to_tensor(gamma), ops.convert_to_tensor(beta),
+            ops.convert_to_tensor(bn.moving_mean), ops.convert_to_tensor(bn.moving_variance))
+
+  def folded_kernel(self):
+    """The kernel folded with the moving statistics (float, before fake quant)."""
+    gamma, _, _, mvar = self._bn_params()
+    kernel = ops.convert_to_tensor(self.conv.kernel)
+    factor = ops.divide(gamma, ops.sqrt(ops.add(mvar, self.bn.epsilon)))
+    return ops.multiply(kernel, ops.reshape(ops.cast(factor, kernel.dtype),
+                                            self._channel_shape(kernel.shape)))
+
+  def folded_bias(self):
+    """The bias folded with the moving statistics."""
+    gamma, beta, mmean, mvar = self._bn_params()
+    b = ops.convert_to_tensor(self.conv.bias) if self.conv.use_bias else ops.zeros_like(mmean)
+    inv = ops.divide(gamma, ops.sqrt(ops.add(mvar, self.bn.epsilon)))
+    return ops.add(beta, ops.multiply(ops.subtract(b, mmean), inv))
+
+  def init_weight_ranges(self):
+    """Sets the kernel quantizer's range from the folded float kernel."""
+    if self.kernel_quantizer is not None:
+      self.kernel_quantizer.calibrate_from([self.folded_kernel()])
+
+  def call(self, inputs, training=None):
+    x = inputs
+    if self.input_quantizer is not None:
+      x = self.input_quantizer(x, training=training)
+    bn = self.bn
+    use_batch = bool(training) and bn.trainable and not self.freeze_bn
+    gamma, beta, mmean, mvar = self._bn_params()
+    eps = bn.epsilon
+    if use_batch:
+      kernel = ops.convert_to_tensor(self.conv.kernel)
+      y_float = self._conv(x, kernel)
+      axes = tuple(range(len(y_float.shape) - 1))
+      mean_b, var_b = ops.moments(ops.cast(y_float, "float32"), axes=axes)
+      b = ops.convert_to_tensor(self.conv.bias) if self.conv.use_bias else ops.zeros_like(mmean)
+      m = bn.momentum
+      bn.moving_mean.assign(ops.stop_gradient(
+          ops.add(ops.multiply(mmean, m), ops.multiply(ops.add(mean_b, b), 1.0 - m))))
+      bn.moving_variance.assign(ops.stop_gradient(
+          ops.add(ops.multiply(mvar, m), ops.multiply(var_b, 1.0 - m))))
+    w_fold = self.folded_kernel()
+    if self.kernel_quantizer is not None:
+      w_fold = self.kernel_quantizer(w_fold, training=training)
+    y = self._conv(x, w_fold)
+    if use_batch:
+      sigma = ops.sqrt(ops.add(mvar, eps))
+      sigma_b = ops.sqrt(ops.add(var_b, eps))
+      corr = ops.cast(ops.divide(sigma, sigma_b), y.dtype)
+      shift = ops.cast(ops.subtract(beta, ops.divide(ops.multiply(gamma, mean_b), sigma_b)), y.dtype)
+      return ops.add(ops.multiply(y, corr), shift)
+    return ops.add(y, ops.cast(self.folded_bias(), y.dtype))
+
+  def compute_output_shape(self, input_shape):
+    return self.conv.compute_output_shape(input_shape)
+
+  def freeze_quantizers(self):
+    """Stops range observation in the quantizers (the folded kernel's range is kept)."""
+    self.observe = False
+    if self.input_quantizer is not None:
+      self.input_quantizer.freeze()
+    if self.kernel_quantizer is not None:
+      self.kernel_quantizer.freeze(self.folded_kernel())
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "conv": keras.saving.serialize_keras_object(self.conv),
+        "batchnorm": keras.saving.serialize_keras_object(self.bn),
+        "weight_spec": spec_to_config(self.weight_spec),
+        "act_spec": spec_to_config(self.act_spec),
+        "observe": self.observe,
+        "freeze_bn": self.freeze_bn,
+    })
+    return config
+

@@ -1,0 +1,375 @@
+"""Quantized Keras layers: the float layer plus quantizer sublayers.
+
+Each quantized layer subclasses its float Keras layer, so it keeps the float
+variables under their own names and shapes (``kernel``, ``bias``,
+``embeddings``...) and the float layer's ``call``. During a call it
+
+1. fake-quantizes its input with ``input_quantizer`` (when it has an
+   activation spec), then
+2. runs the float layer's own ``call`` with each quantized weight attribute
+   temporarily bound to the fake-quantized weight (``kernel_quantizer`` etc.).
+
+The float ``call`` is therefore reused untouched (padding, strides, groups,
+LoRA, subclasses of Dense/Embedding with their own ``call``), and saving
+writes the float variables exactly as the float layer would, plus the
+quantizer sublayers' variables.
+
+Gradients follow the textbook straight-through estimator of the core: the
+input gradient of ``x @ Q(W)`` is ``g @ Q(W)^T`` (the quantized weight).
+
+Per-channel weight specs: ``PerChannel(-1)`` (the default "per output
+channel") is mapped to each layer's output-channel axes: the last kernel axis
+for Dense/Conv/pointwise kernels, ``(2, 3)`` (input channel x multiplier) for
+depthwise kernels, the kernel axes that appear in the output for EinsumDense,
+and axis 0 (one scale per token) for Embedding. Other axes are used as given.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+from jaxqat.core import _spec as spec_lib
+from jaxqat.keras._backend import keras
+from jaxqat.keras._backend import ops
+from jaxqat.keras._quantizer import Quantizer
+from jaxqat.keras._quantizer import spec_from_config
+from jaxqat.keras._quantizer import spec_to_config
+
+__all__ = [
+    "QuantLayer",
+    "QuantDense",
+    "QuantEinsumDense",
+    "QuantConv1D",
+    "QuantConv2D",
+    "QuantConv3D",
+    "QuantDepthwiseConv1D",
+    "QuantDepthwiseConv2D",
+    "QuantSeparableConv1D",
+    "QuantSeparableConv2D",
+    "QuantEmbedding",
+    "quantized_class",
+    "FLOAT_TO_QUANT",
+]
+
+
+def _einsum_output_axes(equation: str, kernel_rank: int) -> tuple[int, ...]:
+  lhs, out = equation.replace(" ", "").split("->")
+  _, kernel = lhs.split(",")
+  return tuple(i for i, c in enumerate(kernel[-kernel_rank:]) if c in out)
+
+
+class QuantLayer:
+  """Mixin that adds weight and input quantization to a Keras layer.
+
+  Subclasses list ``quant_weights``: ``(attribute, quantizer_name)`` pairs,
+  the attribute holding the float variable that the float ``call`` reads.
+
+  Args:
+    weight_spec: the QuantSpec for the weights (``None``: float weights).
+    act_spec: the QuantSpec for the input activation (``None``: float input).
+    observe: forwarded to the :class:`Quantizer` sublayers (``None``:
+      their default).
+    *args, **kwargs: the float layer's arguments.
+  """
+
+  quant_weights: tuple[tuple[str, str], ...] = ()
+  quantize_input: bool = True
+
+  def __init__(self, *args, weight_spec=None, act_spec=None, observe: Optional[bool] = None,
+               **kwargs):
+    super().__init__(*args, **kwargs)
+    self.weight_spec = spec_from_config(weight_spec)
+    self.act_spec = spec_from_config(act_spec) if self.quantize_input else None
+    self.observe = observe
+    self.input_quantizer = None
+    sig = inspect.signature(super().call)
+    self._super_takes_training = "training" in sig.parameters
+
+  # -- per-layer channel axes ------------------------------------------------
+
+  def channel_axes(self, attr: str, shape) -> tuple[int, ...]:
+    """Output-channel axes of the weight held in ``attr`` (default: last axis)."""
+    return (len(shape) - 1,)
+
+  def weight_spec_for(self, attr: str, shape) -> spec_lib.QuantSpec:
+    """The weight spec with ``PerChannel(-1)`` mapped to the output-channel axes."""
+    spec = self.weight_spec
+    g = spec.granularity
+    if isinstance(g, spec_lib.PerChannel) and g.axes == (-1,):
+      axes = self.channel_axes(attr, shape)
+      if not axes:
+        return spec.replace(granularity=spec_lib.PerTensor())
+      return spec.replace(granularity=spec_lib.PerChannel(axes[0] if len(axes) == 1 else axes))
+    return spec
+
+  def build(self, input_shape):
+    super().build(input_shape)
+    if self.act_spec is not None:
+      self.input_quantizer = Quantizer(self.act_spec, role="act", observe=self.observe,
+                                       name="input_quantizer", dtype=self.dtype_policy)
+      self.input_quantizer.build(input_shape)
+    self.weight_quantizers = {}
+    if self.weight_spec is not None:
+      for attr, qname in self.quant_weights:
+        var = getattr(self, attr)
+        q = Quantizer(self.weight_spec_for(attr, var.shape), role="weight",
+                      observe=self.observe, name=qname, dtype=self.dtype_policy)
+        q.build(var.shape)
+        setattr(self, qname, q)
+        self.weight_quantizers[attr] = q
+
+  def float_weight(self, attr: str):
+    """The float variable held in ``attr``."""
+    return getattr(self, attr)
+
+  def init_weight_ranges(self):
+    """Sets every weight quantizer's range from the current float weights.
+
+    Uses the core observer of each weight spec's calibration method (run
+    eagerly; the result is exact on every backend).
+    """
+    for attr, q in getattr(self, "weight_quantizers", {}).items():
+      q.calibrate_from([getattr(self, attr)])
+
+  def quantized_weight(self, attr: str, training=None):
+    """The fake-quantized weight of ``attr`` (the float one if unquantized)."""
+    var = getattr(self, attr)
+    q = getattr(self, "weight_quantizers", {}).get(attr)
+    if q is None:
+      return var
+    return q(ops.convert_to_tensor(var), training=training)
+
+  def call(self, inputs, *args, training=None, **kwargs):
+    if self.input_quantizer is not None:
+      inputs = self.input_quantizer(inputs, training=training)
+    if self._super_takes_training:
+      kwargs["training"] = training
+    quantizers = getattr(self, "weight_quantizers", {})
+    if not quantizers:
+      return super().call(inputs, *args, **kwargs)
+    saved = {}
+    try:
+      for attr, q in quantizers.items():
+        var = getattr(self, attr)
+        saved[attr] = var
+        object.__setattr__(self, attr, q(ops.convert_to_tensor(var), training=training))
+      return super().call(inputs, *args, **kwargs)
+    finally:
+      for attr, var in saved.items():
+        object.__setattr__(self, attr, var)
+
+  def freeze_quantizers(self):
+    """Stops range observation in every quantizer of this layer (saved in the config)."""
+    self.observe = False
+    if self.input_quantizer is not None:
+      self.input_quantizer.freeze()
+    for attr, q in getattr(self, "weight_quantizers", {}).items():
+      q.freeze(getattr(self, attr))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "weight_spec": spec_to_config(self.weight_spec),
+        "act_spec": spec_to_config(self.act_spec),
+        "observe": self.observe,
+    })
+    return config
+
+
+_DOC = """Quantized :class:`keras.layers.{base}`: {what}.
+
+  Takes the float layer's arguments plus ``weight_spec``, ``act_spec`` and
+  ``observe`` (see :class:`QuantLayer`).
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxqat.core import QuantSpec
+    >>> layer = {name}({example}, weight_spec=QuantSpec(format="int4"))
+    >>> y = layer(np.ones({shape}, "float32"))
+    >>> layer.kernel_quantizer.scale.shape == layer.kernel_quantizer.spec.scale_shape(layer.{attr}.shape)
+    True
+"""
+
+
+def _register(cls):
+  return keras.saving.register_keras_serializable(package="jaxqat")(cls)
+
+
+@_register
+class QuantDense(QuantLayer, keras.layers.Dense):
+  quant_weights = (("_kernel", "kernel_quantizer"),)
+
+
+@_register
+class QuantEinsumDense(QuantLayer, keras.layers.EinsumDense):
+  quant_weights = (("_kernel", "kernel_quantizer"),)
+
+  def channel_axes(self, attr, shape):
+    return _einsum_output_axes(self.equation, len(shape))
+
+
+@_register
+class QuantConv1D(QuantLayer, keras.layers.Conv1D):
+  quant_weights = (("_kernel", "kernel_quantizer"),)
+
+
+@_register
+class QuantConv2D(QuantLayer, keras.layers.Conv2D):
+  quant_weights = (("_kernel", "kernel_quantizer"),)
+
+
+@_register
+class QuantConv3D(QuantLayer, keras.layers.Conv3D):
+  quant_weights = (("_kernel", "kernel_quantizer"),)
+
+
+class _DepthwiseAxes:
+  def channel_axes(self, attr, shape):
+    nd = len(shape)
+    if attr in ("kernel", "depthwise_kernel"):
+      return (nd - 2, nd - 1)
+    return (nd - 1,)
+
+
+@_register
+class QuantDepthwiseConv1D(_DepthwiseAxes, QuantLayer, keras.layers.DepthwiseConv1D):
+  quant_weights = (("kernel", "kernel_quantizer"),)
+
+
+@_register
+class QuantDepthwiseConv2D(_DepthwiseAxes, QuantLayer, keras.layers.DepthwiseConv2D):
+  quant_weights = (("kernel", "kernel_quantizer"),)
+
+
+@_register
+class QuantSeparableConv1D(_DepthwiseAxes, QuantLayer, keras.layers.SeparableConv1D):
+  quant_weights = (("depthwise_kernel", "depthwise_kernel_quantizer"),
+                   ("pointwise_kernel", "pointwise_kernel_quantizer"))
+
+
+@_register
+class QuantSeparableConv2D(_DepthwiseAxes, QuantLayer, keras.layers.SeparableConv2D):
+  quant_weights = (("depthwise_kernel", "depthwise_kernel_quantizer"),
+                   ("pointwise_kernel", "pointwise_kernel_quantizer"))
+
+
+class _EmbeddingAxes:
+  quantize_input = False  # the input holds token ids
+
+  def channel_axes(self, attr, shape):
+    return (0,)
+
+
+@_register
+class QuantEmbedding(_EmbeddingAxes, QuantLayer, keras.layers.Embedding):
+  quant_weights = (("_embeddings", "embeddings_quantizer"),)
+
+
+_EXAMPLES = {
+    QuantDense: ("Dense", "a weight (kernel) and input quantized dense layer", "3", "(2, 4)", "kernel"),
+    QuantEinsumDense: ("EinsumDense", "quantized einsum projection", '"ab,bc->ac", output_shape=3',
+                       "(2, 4)", "kernel"),
+    QuantConv1D: ("Conv1D", "quantized 1-D convolution", "2, 3", "(1, 8, 4)", "kernel"),
+    QuantConv2D: ("Conv2D", "quantized 2-D convolution", "2, 3", "(1, 8, 8, 4)", "kernel"),
+    QuantConv3D: ("Conv3D", "quantized 3-D convolution", "2, 3", "(1, 4, 4, 4, 2)", "kernel"),
+    QuantDepthwiseConv1D: ("DepthwiseConv1D", "quantized depthwise 1-D convolution "
+                           "(one scale per output channel)", "3", "(1, 8, 4)", "kernel"),
+    QuantDepthwiseConv2D: ("DepthwiseConv2D", "quantized depthwise 2-D convolution "
+                           "(one scale per output channel)", "3", "(1, 8, 8, 4)", "kernel"),
+    QuantSeparableConv1D: ("SeparableConv1D", "quantized separable 1-D convolution (both "
+                           "kernels quantized)", "2, 3", "(1, 8, 4)", None),
+    QuantSeparableConv2D: ("SeparableConv2D", "quantized separable 2-D convolution (both "
+                           "kernels quantized)", "2, 3", "(1, 8, 8, 4)", None),
+    QuantEmbedding: ("Embedding", "quantized embedding table (one scale per token; the "
+                     "integer input is not quantized)", "10, 4", "(2, 3)", "embeddings"),
+}
+
+for _cls, (_base, _what, _ex, _shape, _attr) in _EXAMPLES.items():
+  if _attr is None:
+    _cls.__doc__ = f"Quantized :class:`keras.layers.{_base}`: {_what}.\n\n" + (
+        "  Takes the float layer's arguments plus ``weight_spec``, ``act_spec`` and\n"
+        "  ``observe`` (see :class:`QuantLayer`).\n\n  Examples:\n"
+        "    >>> import numpy as np\n    >>> from jaxqat.core import QuantSpec\n"
+        f"    >>> layer = {_cls.__name__}({_ex}, weight_spec=QuantSpec(format='int4'))\n"
+        f"    >>> layer(np.ones({_shape}, 'float32')).shape[-1]\n    2\n")
+  elif _cls is QuantEmbedding:
+    _cls.__doc__ = f"Quantized :class:`keras.layers.{_base}`: {_what}.\n\n" + (
+        "  Takes the float layer's arguments plus ``weight_spec`` and ``observe``\n"
+        "  (see :class:`QuantLayer`).\n\n  Examples:\n"
+        "    >>> import numpy as np\n    >>> from jaxqat.core import QuantSpec, PerChannel\n"
+        f"    >>> layer = QuantEmbedding({_ex}, weight_spec=QuantSpec(granularity=PerChannel(-1)))\n"
+        f"    >>> layer(np.zeros({_shape}, 'int32')).shape\n    (2, 3, 4)\n"
+        "    >>> layer.embeddings_quantizer.scale.shape  # one scale per token\n    (10, 1)\n")
+  else:
+    _cls.__doc__ = _DOC.format(base=_base, what=_what, name=_cls.__name__, example=_ex,
+                               shape=_shape, attr=_attr)
+
+
+# Float Keras class -> quantized class, most specific first.
+FLOAT_TO_QUANT = {
+    keras.layers.Dense: QuantDense,
+    keras.layers.EinsumDense: QuantEinsumDense,
+    keras.layers.Conv1D: QuantConv1D,
+    keras.layers.Conv2D: QuantConv2D,
+    keras.layers.Conv3D: QuantConv3D,
+    keras.layers.DepthwiseConv1D: QuantDepthwiseConv1D,
+    keras.layers.DepthwiseConv2D: QuantDepthwiseConv2D,
+    keras.layers.SeparableConv1D: QuantSeparableConv1D,
+    keras.layers.SeparableConv2D: QuantSeparableConv2D,
+    keras.layers.Embedding: QuantEmbedding,
+}
+
+_DYNAMIC: dict = {}
+
+
+def quantized_class(cls: type) -> Optional[type]:
+  """The quantized class for a float Keras layer class (``None`` if unsupported).
+
+  Exact Keras classes map to the classes above. A *subclass* of a supported
+  layer (say a ``ReversibleEmbedding(keras.layers.Embedding)`` from another
+  library) gets a generated class ``Quant<Name>`` that puts the quantization
+  mixin in front of it, so its own ``call`` runs with quantized weights. The
+  generated class is registered as serializable under
+  ``jaxqat>Quant<registered name of cls>``; to load a saved model that uses
+  one, call ``quantized_class(cls)`` in the loading process first.
+
+  Args:
+    cls: a Keras layer class.
+
+  Returns:
+    The quantized class, or ``None`` when ``cls`` has no quantized version.
+
+  Examples:
+    >>> import keras
+    >>> quantized_class(keras.layers.Dense).__name__
+    'QuantDense'
+    >>> class MyDense(keras.layers.Dense):
+    ...   pass
+    >>> quantized_class(MyDense).__name__
+    'QuantMyDense'
+    >>> quantized_class(keras.layers.LSTM) is None
+    True
+  """
+  if not isinstance(cls, type):
+    raise TypeError(f"cls: expected a Keras layer class, got {cls!r}")
+  if issubclass(cls, QuantLayer):
+    return cls
+  if cls in FLOAT_TO_QUANT:
+    return FLOAT_TO_QUANT[cls]
+  if cls in _DYNAMIC:
+    return _DYNAMIC[cls]
+  for base, qcls in FLOAT_TO_QUANT.items():
+    if issubclass(cls, base):
+      mixins = tuple(m for m in qcls.__mro__[1:] if m in (_DepthwiseAxes, _EmbeddingAxes))
+      attrs = {"quant_weights": qcls.quant_weights, "__module__": cls.__module__,
+               "__doc__": f"Quantized {cls.__name__} (generated by jaxqat.keras.quantized_class)."}
+      if base is keras.layers.EinsumDense:
+        attrs["channel_axes"] = QuantEinsumDense.channel_axes
+      new = type(f"Quant{cls.__name__}", mixins + (QuantLayer, cls), attrs)
+      registered = keras.saving.get_registered_name(cls)
+      new = keras.saving.register_keras_serializable(
+          package="jaxqat", name=f"Quant<{registered}>")(new)
+      _DYNAMIC[cls] = new
+      return new
+  return None

@@ -1,0 +1,255 @@
+r"""The fake-quant arithmetic written once in ``keras.ops`` (any backend).
+
+These functions run on every Keras backend (JAX, torch, TensorFlow). They
+implement the same arithmetic and the same straight-through gradients as the
+JAX core (:func:`jaxqat.core.fake_quant` and :func:`jaxqat.core.lsq_fake_quant`),
+through :func:`keras.ops.custom_gradient`; the tests hold them equal to the
+core to 1e-6. On the JAX backend the quantized layers call the core directly
+(:func:`quant_dequant` dispatches), so these are the torch/TensorFlow path.
+
+Integer grid (Jacob et al. 2018), step size ``s``, integer zero point ``z``::
+
+    q = clip(round_half_even(x / s) + z, qmin, qmax),   out = s * (q - z)
+
+``keras.ops.round`` rounds half to even on JAX (``jnp.round``), torch
+(``torch.round``) and TensorFlow (``tf.round``). Only integer formats are
+implemented here: float (fp8/fp6/fp4) and block formats (nvfp4, mxfp*) and
+stochastic rounding run on the JAX backend only, through the core.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from jaxqat.core import _spec as spec_lib
+from jaxqat.keras._backend import is_jax
+from jaxqat.keras._backend import ops
+
+__all__ = ["ops_fake_quant", "ops_lsq_fake_quant", "quant_dequant", "SCALE_EPS"]
+
+SCALE_EPS = 1e-12  # smallest step size used in the forward pass (as the core)
+
+
+def _f32(x):
+  return x if str(x.dtype) in ("float32", "float64") else ops.cast(x, "float32")
+
+
+def _sum_to_shape(g, shape):
+  """Sums ``g`` over the axes that were broadcast to reach it from ``shape``."""
+  shape = tuple(shape)
+  if tuple(g.shape) == shape:
+    return g
+  lead = len(g.shape) - len(shape)
+  axes = list(range(lead)) + [lead + i for i, d in enumerate(shape)
+                              if d == 1 and g.shape[lead + i] != 1]
+  out = ops.sum(g, axis=tuple(axes), keepdims=True) if axes else g
+  return ops.reshape(out, shape)
+
+
+def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
+  r"""Fixed-range integer fake quant with the clipped straight-through estimator.
+
+  Forward :math:`q = \mathrm{clip}(\lfloor x/s \rceil + z, q_{min}, q_{max})`,
+  output :math:`s (q - z)`. Backward:
+
+  .. math::
+     \partial L / \partial x = \partial L / \partial y \cdot
+       \mathbb{1}[q_{min} - z \le x/s \le q_{max} - z]
+
+  and zero gradients to ``scale`` and ``zero_point``.
+
+  Args:
+    x: a floating point tensor.
+    scale: step size, broadcastable against ``x`` (keepdims layout).
+    zero_point: integer-valued float zero point, broadcastable, same shape as
+      ``scale``.
+    qmin: the grid's lowest code.
+    qmax: the grid's highest code.
+
+  Returns:
+    A tensor of ``x``'s shape and dtype.
+
+  Examples:
+    >>> import numpy as np
+    >>> y = ops_fake_quant(np.array([-1.3, 0.26, 0.5, 2.0], "float32"),
+    ...                    np.float32(0.5), np.float32(0.0), -8, 7)
+    >>> np.asarray(y).tolist()
+    [-1.5, 0.5, 0.5, 2.0]
+  """
+  x = ops.convert_to_tensor(x)
+  dtype = x.dtype
+
+  @ops.custom_gradient
+  def _fq(x, s, z):
+    xc = _f32(x)
+    sc = ops.maximum(_f32(s), SCALE_EPS)
+    zc = _f32(z)
+    v = ops.divide(xc, sc)
+    q = ops.clip(ops.add(ops.round(v), zc), qmin, qmax)
+    y = ops.cast(ops.multiply(ops.subtract(q, zc), sc), dtype)
+    inside = ops.logical_and(ops.greater_equal(v, ops.subtract(qmin, zc)),
+                             ops.less_equal(v, ops.subtract(qmax, zc)))
+
+    def grad(*args, upstream=None):
+      if upstream is None:
+        (upstream,) = args
+      gx = ops.where(inside, upstream, ops.zeros_like(upstream))
+      return gx, ops.zeros_like(s), ops.zeros_like(z)
+
+    return y, grad
+
+  return _fq(x, ops.convert_to_tensor(scale), ops.convert_to_tensor(zero_point))
+
+
+def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
+                       grad_scale: Optional[float] = None):
+  r"""LSQ (Esser et al. 2020) / LSQ+ (Bhalgat et al. 2020) fake quant in keras.ops.
+
+  Forward as :func:`jaxqat.core.lsq_fake_quant`: :math:`s=\max(s, 10^{-12})`,
+  :math:`z = \lfloor -\beta/s \rceil` (0 without offset), :math:`v = x/s`,
+  output :math:`s(\mathrm{clip}(\lfloor v \rceil + z, q_{min}, q_{max}) - z)`.
+  Backward with :math:`u = v + z`:
+
+  .. math::
+     \frac{\partial \hat{x}}{\partial x} = \mathbb{1}[q_{min} < u < q_{max}],
+     \quad \frac{\partial \hat{x}}{\partial s} = \begin{cases}
+       \lfloor v \rceil - v & q_{min} < u < q_{max} \\
+       q_{min} & u \le q_{min} \\ q_{max} & u \ge q_{max} \end{cases},
+     \quad \frac{\partial \hat{x}}{\partial \beta} = \mathbb{1}[\text{clipped}]
+
+  step-size and offset gradients summed over the elements each covers and
+  multiplied by ``grad_scale`` (default :math:`1/\sqrt{N q_{max}}`).
+
+  Args:
+    x: a floating point tensor.
+    step_size: the learned step size (keepdims layout or scalar).
+    offset: the LSQ+ offset β (same shape as ``step_size``) or ``None``.
+    qmin: the grid's lowest code.
+    qmax: the grid's highest code.
+    grad_scale: overrides the gradient scale.
+
+  Returns:
+    A tensor of ``x``'s shape and dtype.
+
+  Examples:
+    >>> import numpy as np
+    >>> y = ops_lsq_fake_quant(np.array([0.3, 2.0], "float32"), np.float32(0.25), None, -8, 7)
+    >>> np.asarray(y).tolist()
+    [0.25, 1.75]
+  """
+  x = ops.convert_to_tensor(x)
+  step_size = ops.convert_to_tensor(step_size)
+  dtype = x.dtype
+  if grad_scale is None:
+    n_x = math.prod(int(d) for d in x.shape)
+    n_s = math.prod(int(d) for d in step_size.shape)
+    grad_scale = 1.0 / math.sqrt(max(1, n_x // max(1, n_s)) * float(qmax))
+  has_offset = offset is not None
+  beta = ops.convert_to_tensor(offset) if has_offset else ops.zeros_like(step_size)
+
+  @ops.custom_gradient
+  def _lsq(x, s, b):
+    xc = _f32(x)
+    sc = ops.maximum(_f32(s), SCALE_EPS)
+    v = ops.divide(xc, sc)
+    z = ops.round(ops.divide(ops.negative(_f32(b)), sc)) if has_offset else ops.zeros_like(sc)
+    rv = ops.round(v)
+    u = ops.add(v, z)
+    below = ops.less_equal(u, qmin)
+    above = ops.greater_equal(u, qmax)
+    q = ops.clip(ops.add(rv, z), qmin, qmax)
+    y = ops.cast(ops.multiply(ops.subtract(q, z), sc), dtype)
+
+    def grad(*args, upstream=None):
+      if upstream is None:
+        (upstream,) = args
+      outside = ops.logical_or(below, above)
+      g32 = _f32(upstream)
+      gx = ops.where(outside, ops.zeros_like(upstream), upstream)
+      ds = ops.where(below, float(qmin), ops.where(above, float(qmax), ops.subtract(rv, v)))
+      gs = ops.multiply(_sum_to_shape(ops.multiply(g32, ds), tuple(s.shape)), grad_scale)
+      gs = ops.cast(gs, s.dtype)
+      if has_offset:
+        gb = _sum_to_shape(ops.where(outside, g32, ops.zeros_like(g32)), tuple(b.shape))
+        gb = ops.cast(ops.multiply(gb, grad_scale), b.dtype)
+      else:
+        gb = ops.zeros_like(b)
+      return gx, gs, gb
+
+    return y, grad
+
+  return _lsq(x, step_size, beta)
+
+
+def _to_block_layout(x, scale, spec):
+  """Splits the block axis of ``x`` and expands ``scale`` to broadcast against it."""
+  g = spec.granularity
+  shape = tuple(int(d) for d in x.shape)
+  axis = g.axis % len(shape)
+  blocked = shape[:axis] + (shape[axis] // g.size, g.size) + shape[axis + 1:]
+  return ops.reshape(x, blocked), (lambda t: ops.expand_dims(t, axis + 1)), shape
+
+
+def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
+                  where: str = "tensor", force_ops: bool = False):
+  """Fake-quantizes ``x`` as ``spec.learning`` says, on the current backend.
+
+  On the JAX backend this calls :func:`jaxqat.core.quant_dequant` (all formats);
+  elsewhere (or with ``force_ops=True``) the keras.ops implementation above,
+  which covers integer formats with per-tensor, per-channel and per-block
+  scales, round half to even, learning ``fixed``/``lsq``/``lsq_plus``.
+
+  Args:
+    x: a floating point tensor.
+    spec: the QuantSpec.
+    scale: the step size (shape ``spec.scale_shape(x.shape)``).
+    zero_point: integer zero point (fixed) or LSQ+ offset β, or ``None``.
+    where: the layer/tensor name used in error messages.
+    force_ops: use the keras.ops path even on the JAX backend (for tests).
+
+  Returns:
+    The fake-quantized tensor.
+
+  Raises:
+    NotImplementedError: for float/block formats or stochastic rounding off
+      the JAX backend.
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxqat.core import QuantSpec
+    >>> y = quant_dequant(np.array([0.26], "float32"), QuantSpec(learning="lsq"),
+    ...                   np.float32(0.1), force_ops=True)
+    >>> np.round(np.asarray(y), 6).tolist()
+    [0.3]
+  """
+  if is_jax() and not force_ops:
+    from jaxqat.core import quant_dequant as core_quant_dequant
+    import jax.numpy as jnp
+    unwrap = lambda t: None if t is None else (t.value if hasattr(t, "value") else jnp.asarray(t))
+    return core_quant_dequant(unwrap(x), spec, unwrap(scale), unwrap(zero_point))
+  if not spec.is_int:
+    raise NotImplementedError(
+        f"{where}: format {spec.format.name} is implemented on the JAX backend only; on this "
+        "backend use an integer format (int2..int16, uint*)")
+  if spec.rounding != "nearest_even":
+    raise NotImplementedError(
+        f"{where}: rounding={spec.rounding!r} is implemented on the JAX backend only")
+  x = ops.convert_to_tensor(x)
+  s = ops.convert_to_tensor(scale)
+  z = None if zero_point is None else ops.convert_to_tensor(zero_point)
+  blocked = isinstance(spec.granularity, spec_lib.PerBlock)
+  if blocked:
+    x, expand, shape = _to_block_layout(x, s, spec)
+    s = expand(s)
+    z = None if z is None else expand(z)
+  if spec.learning == "fixed":
+    y = ops_fake_quant(x, s, ops.zeros_like(s) if z is None else z, spec.qmin, spec.qmax)
+  else:
+    if spec.learning == "lsq" and z is not None:
+      raise ValueError(f"{where}: learning='lsq' is symmetric; use 'lsq_plus' to learn an offset")
+    gs = None
+    if blocked:  # N = elements per step size, as in the core
+      gs = 1.0 / math.sqrt(spec.granularity.size * float(spec.qmax))
+    y = ops_lsq_fake_quant(x, s, z, spec.qmin, spec.qmax, gs)
+  return ops.reshape(y, shape) if blocked else y

@@ -1,0 +1,483 @@
+"""Tests for jaxqat.flax.linen.quantize: unmodified Linen models made quantization aware."""
+
+import functools
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxqat import core
+from jaxqat.core import PerBlock, PerChannel, QuantSpec, Rule
+from jaxqat.flax import linen as ql
+
+W8 = QuantSpec(format="int8", granularity=PerChannel(-1))
+A8 = QuantSpec(format="int8")  # symmetric, per tensor, absmax
+RULES = [Rule(pattern=".*", weight=W8, act=A8)]
+KEY = jax.random.key(0)
+
+
+def _x(shape, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _ptq(qmodel, x, variables=None):
+  v = jax.jit(qmodel.init)(KEY, x) if variables is None else variables
+  v = ql.calibrate(qmodel, v, [x])
+  return ql.freeze(qmodel, v, x)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fq_jit(t, spec, calib):
+  scale, zp = core.calibrate(spec, [calib])
+  return core.fake_quant(t, scale, None if spec.symmetric else zp, spec)
+
+
+def _fq(t, spec, calib=None):
+  """Fake quant of t by hand, range calibrated on ``calib`` (default: t)."""
+  return _fq_jit(t, spec, t if calib is None else calib)
+
+
+def _shapes(tree):
+  return jax.tree.map(jnp.shape, tree)
+
+
+class _Net(nn.Module):
+  """A float model with every supported Flax layer."""
+
+  @nn.compact
+  def __call__(self, ids, img):
+    h = nn.Embed(16, 8)(ids)                                     # (B, T, 8)
+    h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(h)
+    h = nn.DenseGeneral((2, 4), axis=-1)(h)                      # (B, T, 2, 4)
+    h = nn.Einsum((2, 4, 6), "btij,ijk->btk")(h)                 # (B, T, 6)
+    c = nn.Conv(4, (3, 3))(img)                                  # (B, 5, 5, 4)
+    return nn.Dense(3)(h.mean(1)) + c.mean((1, 2, 3))[:, None]
+
+
+def _net_inputs():
+  return jnp.array([[1, 2, 3], [4, 5, 6]]), _x((2, 5, 5, 3))
+
+
+# ---------------------------------------------------------------------------
+# The float params tree.
+# ---------------------------------------------------------------------------
+
+
+def test_params_tree_is_the_float_models():
+  model = _Net()
+  ids, img = _net_inputs()
+  fvars = jax.jit(model.init)(KEY, ids, img)
+  qmodel = ql.quantize(model, RULES)
+  qvars = jax.jit(qmodel.init)(KEY, ids, img)
+  assert jax.tree.structure(qvars["params"]) == jax.tree.structure(fvars["params"])
+  assert _shapes(qvars["params"]) == _shapes(fvars["params"])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), qvars["params"],
+                                   fvars["params"]))
+  assert set(qvars) == {"params", "quant_stats"}  # fixed specs: nothing trainable added
+  # The float params load unchanged and the quantized model runs on them.
+  v = ql.calibrate(qmodel, {**qvars, "params": fvars["params"]}, [(ids, img)])
+  v = ql.freeze(qmodel, v, ids, img)
+  yq, yf = jax.jit(qmodel.apply)(v, ids, img), jax.jit(model.apply)(fvars, ids, img)
+  assert yq.shape == yf.shape == (2, 3)
+  assert 0 < float(jnp.abs(yq - yf).max()) < 0.05
+
+
+def test_quantizers_of_every_layer():
+  ids, img = _net_inputs()
+  v = jax.jit(ql.quantize(_Net(), RULES).init)(KEY, ids, img)
+  paths = ql.layer_paths(v)
+  mha = "MultiHeadDotProductAttention_0"
+  expected = ["Conv_0/input", "Conv_0/kernel", "DenseGeneral_0/input", "DenseGeneral_0/kernel",
+              "Dense_0/input", "Dense_0/kernel", "Einsum_0/input", "Einsum_0/kernel",
+              "Embed_0/embedding"]
+  expected += [f"{mha}/{p}/{q}" for p in ("key", "out", "query", "value")
+               for q in ("input", "kernel")]
+  assert paths == sorted(expected)
+
+
+# ---------------------------------------------------------------------------
+# Each Flax layer equals the core primitives applied by hand.
+# ---------------------------------------------------------------------------
+
+
+def _ref_dense(p, x):
+  return _fq(x, A8) @ _fq(p["kernel"], W8) + p["bias"]
+
+
+def _ref_conv(p, x):
+  y = jax.lax.conv_general_dilated(_fq(x, A8), _fq(p["kernel"], W8), (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + p["bias"]
+
+
+def _ref_einsum(p, x):
+  return jnp.einsum("bi,ijk->bjk", _fq(x, A8), _fq(p["kernel"], W8)) + p["bias"]
+
+
+def _ref_dense_general(p, x):
+  return jnp.einsum("bi,ijk->bjk", _fq(x, A8), _fq(p["kernel"], W8)) + p["bias"]
+
+
+def _ref_embed(p, ids):
+  return _fq(p["embedding"], QuantSpec(granularity=PerChannel(0)))[ids]
+
+
+LAYERS = {
+    "dense": (lambda: nn.Dense(5), lambda: _x((4, 8)), RULES, _ref_dense),
+    "conv": (lambda: nn.Conv(4, (3, 3)), lambda: _x((2, 6, 6, 3)), RULES, _ref_conv),
+    "einsum": (lambda: nn.Einsum((8, 3, 2), "bi,ijk->bjk"), lambda: _x((4, 8)), RULES,
+               _ref_einsum),
+    "dense_general": (lambda: nn.DenseGeneral((3, 2)), lambda: _x((4, 8)), RULES,
+                      _ref_dense_general),
+    "embed": (lambda: nn.Embed(10, 6), lambda: jnp.array([[0, 3, 9], [3, 3, 1]]),
+              [Rule(pattern=".*", weight=QuantSpec(granularity=PerChannel(0)), act=A8)],
+              _ref_embed),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_equals_core_by_hand(name):
+  make, make_x, rules, ref = LAYERS[name]
+  x = make_x()
+  qmodel = ql.quantize(make(), rules)
+  v = _ptq(qmodel, x)
+  y = jax.jit(qmodel.apply)(v, x)
+  np.testing.assert_allclose(y, ref(v["params"], x), atol=1e-6, rtol=0)
+
+
+def test_embed_attend_quantizes_query_and_table():
+  class Tied(nn.Module):
+
+    @nn.compact
+    def __call__(self, ids):
+      emb = nn.Embed(10, 6)
+      return emb.attend(jnp.tanh(emb(ids)))
+
+  spec = QuantSpec(granularity=PerChannel(0))
+  qmodel = ql.quantize(Tied(), [Rule(pattern=".*", weight=spec, act=A8)])
+  ids = jnp.array([[0, 3, 9]])
+  v = _ptq(qmodel, ids)
+  table = _fq(v["params"]["Embed_0"]["embedding"], spec)
+  h = jnp.tanh(table[ids])
+  np.testing.assert_allclose(qmodel.apply(v, ids), _fq(h, A8) @ table.T, atol=1e-6, rtol=0)
+
+
+def test_default_rules_scale_per_output_channel():
+  class M(nn.Module):
+
+    @nn.compact
+    def __call__(self, ids):
+      h = nn.Embed(10, 8)(ids)
+      h = nn.DenseGeneral((2, 3))(h)
+      return nn.Einsum((2, 3, 4), "bthd,hdo->bto")(h)
+
+  v = jax.eval_shape(ql.quantize(M()).init, KEY, jnp.array([[1, 2]]))
+  st = v["quant_stats"]
+  assert st["Embed_0"]["embedding"]["scale"].shape == (10, 1)  # one scale per row
+  assert st["DenseGeneral_0"]["kernel"]["scale"].shape == (1, 2, 3)
+  assert st["Einsum_0"]["kernel"]["scale"].shape == (1, 1, 4)
+  assert st["DenseGeneral_0"]["input"]["zero_point"].shape == ()  # affine per-tensor input
+
+
+# ---------------------------------------------------------------------------
+# Attention, foreign modules, scan.
+# ---------------------------------------------------------------------------
+
+
+def test_attention_projections_all_quantized():
+  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  x = _x((2, 3, 8))
+  qmodel = ql.quantize(mha, RULES)
+  v = _ptq(qmodel, x)
+  assert ql.layer_paths(v) == [f"{p}/{q}" for p in ("key", "out", "query", "value")
+                               for q in ("input", "kernel")]
+  jaxpr = str(jax.make_jaxpr(lambda v: qmodel.apply(v, x))(v))
+  assert jaxpr.count("round") >= 8  # one rounding per fake quant (4 inputs, 4 kernels)
+  yq, yf = jax.jit(qmodel.apply)(v, x), jax.jit(mha.apply)({"params": v["params"]}, x)
+  assert 0 < float(jnp.abs(yq - yf).max()) < 0.05
+
+
+class _Foreign(nn.Module):
+  """A layer from "another library": its own params, jnp.einsum / lax ops."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(0.5), (8, 6))
+    b = self.param("b", nn.initializers.normal(0.5), (6,))
+    u = self.param("u", nn.initializers.normal(0.5), (6, 4))
+    h = jnp.einsum("bi,io->bo", x, w) + b
+    return jax.lax.dot_general(jnp.tanh(h), u, (((1,), (0,)), ((), ())))
+
+
+def test_foreign_module_params_are_weights():
+  x = _x((4, 8))
+  qmodel = ql.quantize(_Foreign(), RULES)
+  v = _ptq(qmodel, x)
+  assert ql.layer_paths(v) == ["u", "u_input", "w", "w_input"]  # not the bias b
+  p = v["params"]
+  h = jnp.tanh(_fq(x, A8) @ _fq(p["w"], W8) + p["b"])
+  h_float = jnp.tanh(x @ p["w"] + p["b"])  # calibration runs the model in float
+  ref = _fq(h, A8, calib=h_float) @ _fq(p["u"], W8)
+  np.testing.assert_allclose(jax.jit(qmodel.apply)(v, x), ref, atol=1e-6, rtol=0)
+
+
+def test_foreign_conv_module():
+  class FConv(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      k = self.param("filt", nn.initializers.normal(0.5), (4, 3, 3, 3))  # OIHW
+      return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID")  # NCHW
+
+  x = _x((2, 3, 6, 6))
+  qmodel = ql.quantize(FConv(), [Rule(pattern=".*", weight=QuantSpec(granularity=PerChannel(0)),
+                                     act=A8)])
+  v = _ptq(qmodel, x)
+  # Default-free rule: the channel axis given is the output-feature axis O.
+  ref = jax.lax.conv_general_dilated(
+      _fq(x, A8), _fq(v["params"]["filt"], QuantSpec(granularity=PerChannel(0))), (1, 1),
+      "VALID")
+  np.testing.assert_allclose(qmodel.apply(v, x), ref, atol=1e-6, rtol=0)
+  # With the default rules the output axis is found from the dimension numbers.
+  vd = jax.eval_shape(ql.quantize(FConv()).init, KEY, x)
+  assert vd["quant_stats"]["filt"]["scale"].shape == (4, 1, 1, 1)
+
+
+def test_matmul_operator_is_not_intercepted_and_warns():
+  class AtOp(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return x @ self.param("w", nn.initializers.normal(), (8, 2))
+
+  with pytest.warns(ql.UnquantizedLayerWarning, match=r"'<root>' \(AtOp\).*stays float"):
+    v = ql.quantize(AtOp(), RULES).init(KEY, _x((1, 8)))
+  assert "quant_stats" not in v
+
+
+def test_scan_over_layers():
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, c, _):
+      return jnp.tanh(nn.Dense(8)(c)), None
+
+  class Stack(nn.Module):
+    axes: tuple
+
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(Block, variable_axes=dict(self.axes), split_rngs={"params": True}, length=3)
+      return scan(name="layers")(x, None)[0]
+
+  x = _x((4, 8))
+  qmodel = ql.quantize(Stack(((True, 0),)), RULES)
+  v = _ptq(qmodel, x)
+  st = v["quant_stats"]["layers"]["Dense_0"]
+  assert st["input"]["scale"].shape == (3,) and st["kernel"]["scale"].shape == (3, 1, 8)
+  p = v["params"]["layers"]["Dense_0"]
+  h, h_float = x, x  # calibration runs the model in float
+  for i in range(3):
+    h = jnp.tanh(_fq(h, A8, calib=h_float) @ _fq(p["kernel"][i], W8) + p["bias"][i])
+    h_float = jnp.tanh(h_float @ p["kernel"][i] + p["bias"][i])
+  np.testing.assert_allclose(qmodel.apply(v, x), h, atol=1e-6, rtol=0)
+  # Without the quantizer collections in variable_axes: a clear error.
+  with pytest.raises(ValueError, match=r"layers/Dense_0.*variable_axes"):
+    ql.quantize(Stack((("params", 0),)), RULES).init(KEY, x)
+
+
+# ---------------------------------------------------------------------------
+# Collections, optax, jit and grad.
+# ---------------------------------------------------------------------------
+
+LSQ_RULES = [Rule(pattern=".*", weight=W8.replace(format="int4", learning="lsq"),
+                  act=QuantSpec(format="uint8", symmetric=False, learning="lsq_plus",
+                                calibration="minmax"))]
+
+
+def test_collections_separate_and_optax_per_collection():
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+  x = _x((16, 4))
+  qmodel = ql.quantize(model, LSQ_RULES)
+  v = _ptq(qmodel, x)
+  assert set(v) == {"params", "quant_params", "quant_stats"}
+  assert _shapes(v["quant_params"]) == {
+      "layers_0": {"input": {"step_size": (), "offset": ()}, "kernel": {"step_size": (1, 8)}},
+      "layers_2": {"input": {"step_size": (), "offset": ()}, "kernel": {"step_size": (1, 2)}}}
+  assert _shapes(v["params"]) == _shapes(jax.eval_shape(model.init, KEY, x)["params"])
+  trainable = {"params": v["params"], "quant_params": v["quant_params"]}
+
+  def loss(t):
+    return jnp.mean(qmodel.apply({**v, **t}, x) ** 2)
+
+  tx = ql.qat_optimizer(optax.sgd(0.1), optax.set_to_zero())  # quantizer ranges frozen
+  g = jax.jit(jax.grad(loss))(trainable)
+  upd, _ = tx.update(g, tx.init(trainable), trainable)
+  new = optax.apply_updates(trainable, upd)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), new["quant_params"],
+                                   trainable["quant_params"]))
+  assert not bool((new["params"]["layers_0"]["kernel"] ==
+                   trainable["params"]["layers_0"]["kernel"]).all())
+  # LSQ: the step sizes and the LSQ+ offset get finite, non-zero gradients.
+  gq = g["quant_params"]["layers_0"]
+  for leaf in (gq["kernel"]["step_size"], gq["input"]["step_size"], gq["input"]["offset"]):
+    assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.abs(leaf).sum()) > 0
+
+
+def test_grad_is_textbook_ste_under_jit():
+  x = _x((4, 8))
+  qmodel = ql.quantize(nn.Dense(5), RULES)
+  v = _ptq(qmodel, x)
+  gx, gp = jax.jit(jax.grad(lambda x, p: qmodel.apply({**v, "params": p}, x).sum(),
+                            argnums=(0, 1)))(x, v["params"])
+  k = v["params"]["kernel"]
+  wq, xq = _fq(k, W8), _fq(x, A8)
+  ones = jnp.ones((4, 5))
+  # STE: the gradient uses the quantized other operand, masked where clipped
+  # (calibrated on the tensor itself, only an extreme value can round outside).
+  sx, _ = core.calibrate(A8, [x])
+  sk, _ = core.calibrate(W8, [k])
+  x_in = (x / sx >= -128) & (x / sx <= 127)
+  k_in = (k / sk >= -128) & (k / sk <= 127)
+  np.testing.assert_allclose(gx, jnp.where(x_in, ones @ wq.T, 0.0), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(gp["kernel"], jnp.where(k_in, xq.T @ ones, 0.0), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(gp["bias"], jnp.full((5,), 4.0), atol=0, rtol=0)
+
+
+def test_bfloat16_layer_is_quantized():
+  x = _x((4, 8))
+  qmodel = ql.quantize(nn.Dense(5, dtype=jnp.bfloat16), RULES)
+  v = _ptq(qmodel, x)
+  y = qmodel.apply(v, x)
+  assert y.dtype == jnp.bfloat16 and ql.layer_paths(v) == ["input", "kernel"]
+  p = v["params"]
+  ref = (_fq(x.astype(jnp.bfloat16), A8) @ _fq(p["kernel"].astype(jnp.bfloat16), W8)
+         + p["bias"].astype(jnp.bfloat16))
+  np.testing.assert_allclose(y.astype(jnp.float32), ref.astype(jnp.float32), atol=0.05)
+  g = jax.grad(lambda p: qmodel.apply({**v, "params": p}, x).astype(jnp.float32).sum())(p)
+  assert g["kernel"].dtype == jnp.float32 and float(jnp.abs(g["kernel"]).sum()) > 0
+
+
+# ---------------------------------------------------------------------------
+# Modes.
+# ---------------------------------------------------------------------------
+
+
+def test_calibrate_runs_float_and_freeze_sets_ranges():
+  model = nn.Dense(5)
+  x1, x2 = _x((4, 8), 1), 3.0 * _x((4, 8), 2)
+  qmodel = ql.quantize(model, RULES)
+  v = qmodel.init(KEY, x1)
+  cal = qmodel.with_mode("calibrate")
+  y, upd = cal.apply(v, x1, mutable=["quant_stats"])
+  np.testing.assert_array_equal(y, model.apply({"params": v["params"]}, x1))
+  v = ql.calibrate(qmodel, v, [x1, x2])
+  assert int(v["quant_stats"]["input"]["count"]) == 2
+  v = ql.freeze(qmodel, v, x1)
+  want = jnp.maximum(jnp.abs(x1).max(), jnp.abs(x2).max()) / 127
+  np.testing.assert_allclose(v["quant_stats"]["input"]["scale"], want, rtol=1e-6)
+  # eval equals train for round-to-nearest specs
+  np.testing.assert_array_equal(qmodel.with_mode("eval").apply(v, x1), qmodel.apply(v, x1))
+
+
+def test_lsq_plus_freeze_sets_offset_from_zero_point():
+  spec = QuantSpec(format="uint8", symmetric=False, learning="lsq_plus", calibration="minmax")
+  qmodel = ql.quantize(nn.Dense(3), [Rule(pattern=".*", act=spec)])
+  x = jax.nn.relu(_x((8, 4))) + 0.5
+  v = _ptq(qmodel, x)
+  s, z = core.calibrate(spec, [x])
+  qp = v["quant_params"]["input"]
+  np.testing.assert_allclose(qp["step_size"], s, rtol=1e-6)
+  np.testing.assert_allclose(qp["offset"], -z * s, rtol=1e-6)
+  ref = core.lsq_fake_quant(x, s, -z * s, spec) @ v["params"]["kernel"] + v["params"]["bias"]
+  np.testing.assert_allclose(qmodel.apply(v, x), ref, atol=1e-6, rtol=0)
+
+
+def test_mode_errors_are_clear():
+  x = _x((2, 4))
+  qmodel = ql.quantize(nn.Sequential([nn.Dense(3), nn.Dense(2)]), RULES)
+  v = qmodel.init(KEY, x)
+  with pytest.raises(ValueError, match=r"mode: must be one of"):
+    qmodel.with_mode("training")
+  with pytest.raises(ValueError, match=r"mutable=\['quant_stats'\]"):
+    qmodel.with_mode("calibrate").apply(v, x)
+  with pytest.raises(ValueError, match=r"layer 'layers_0'.*'quant_stats/input'.*init"):
+    qmodel.apply({"params": v["params"]}, x)
+  with pytest.raises(TypeError, match="model: expected a flax.linen Module"):
+    ql.quantize(lambda x: x)
+
+
+def test_skip_rule_leaves_layer_float():
+  model = nn.Sequential([nn.Dense(3), nn.Dense(2)])
+  x = _x((4, 4))
+  rules = [Rule(pattern="layers_1", skip=True)] + RULES
+  qmodel = ql.quantize(model, rules)
+  v = _ptq(qmodel, x)
+  assert ql.layer_paths(v) == ["layers_0/input", "layers_0/kernel"]
+  p = v["params"]
+  h = _fq(x, A8) @ _fq(p["layers_0"]["kernel"], W8) + p["layers_0"]["bias"]
+  np.testing.assert_allclose(qmodel.apply(v, x), h @ p["layers_1"]["kernel"] +
+                             p["layers_1"]["bias"], atol=1e-6, rtol=0)
+
+
+def test_act_quant_layer():
+  class Res(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return ql.ActQuant(QuantSpec(format="int4"), name="res")(x + 1.0)
+
+  x = _x((4, 3))
+  model = Res()
+  np.testing.assert_array_equal(model.apply({}, x), x + 1.0)  # float model: identity
+  qmodel = ql.quantize(model)
+  v = _ptq(qmodel, x)
+  assert ql.layer_paths(v) == ["res/input"]
+  np.testing.assert_allclose(qmodel.apply(v, x), _fq(x + 1.0, QuantSpec(format="int4")),
+                             atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# Warnings and errors naming the layer.
+# ---------------------------------------------------------------------------
+
+
+def test_unused_rule_warns():
+  rules = [Rule(pattern="decoder/.*", weight=W8)] + RULES
+  with pytest.warns(core.UnusedRuleWarning, match=r"'decoder/\.\*' matched no layer"):
+    ql.quantize(nn.Dense(2), rules).init(KEY, _x((1, 3)))
+
+
+def test_no_warning_for_norm_layers():
+  model = nn.Sequential([nn.Dense(4), nn.LayerNorm()])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    v = ql.quantize(model).init(KEY, _x((2, 3)))
+  assert ql.layer_paths(v) == ["layers_0/input", "layers_0/kernel"]
+
+
+def test_unsupported_flax_layer_warns():
+  with pytest.warns(ql.UnquantizedLayerWarning, match=r"'layers_1' \(ConvTranspose\)"):
+    ql.quantize(nn.Sequential([nn.Conv(2, (3,)), nn.ConvTranspose(2, (3,))])).init(
+        KEY, _x((1, 5, 2)))
+
+
+@pytest.mark.parametrize("spec, msg", [
+    (QuantSpec(granularity=PerChannel(2)), r"axis 2 is out of range"),
+    (QuantSpec(granularity=PerBlock(3, axis=0)), r"block size 3 does not divide"),
+])
+def test_bad_weight_spec_names_the_layer(spec, msg):
+  model = nn.Sequential([nn.Dense(4), nn.Dense(2)])
+  rules = [Rule(pattern="layers_1", weight=spec), Rule(pattern=".*", weight=W8)]
+  with pytest.raises(ValueError, match=r"layer 'layers_1' \(Dense\) weight 'kernel'.*" + msg):
+    ql.quantize(model, rules).init(KEY, _x((2, 8)))
+
+
+def test_bad_act_spec_names_the_layer():
+  rules = [Rule(pattern=".*", act=QuantSpec(granularity=PerChannel(3)))]
+  with pytest.raises(ValueError, match=r"layer '<root>' \(Dense\) input activation"):
+    ql.quantize(nn.Dense(2), rules).init(KEY, _x((2, 8)))

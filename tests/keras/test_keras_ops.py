@@ -1,0 +1,97 @@
+"""keras.ops fake quant == jaxqat.core (values and gradients), on the current Keras backend."""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxqat.core import PerBlock, PerChannel, QuantSpec
+from jaxqat.core import quant_dequant as core_qd
+from jaxqat.keras import _ops
+from kutil import BACKEND, assert_close, to_np, value_and_grads
+
+SPECS = {
+    "int8_tensor_fixed": QuantSpec(format="int8"),
+    "int4_channel_fixed_affine": QuantSpec(format="int4", granularity=PerChannel(-1),
+                                           symmetric=False),
+    "uint8_tensor_fixed_affine": QuantSpec(format="uint8", symmetric=False),
+    "int4_tensor_lsq": QuantSpec(format="int4", learning="lsq"),
+    "int3_channel_lsq": QuantSpec(format="int3", granularity=PerChannel(0), learning="lsq"),
+    "int4_channel_lsq_plus": QuantSpec(format="int4", granularity=PerChannel(-1),
+                                       symmetric=False, learning="lsq_plus"),
+    "int4_block_lsq": QuantSpec(format="int4", granularity=PerBlock(4, axis=-1), learning="lsq"),
+    "int8_narrow_block_fixed": QuantSpec(format="int8_narrow", granularity=PerBlock(4, 0)),
+}
+
+
+def _inputs(spec, shape=(8, 12), seed=0):
+  rng = np.random.RandomState(seed)
+  x = (rng.randn(*shape) * 2).astype(np.float32)
+  x[0, :4] = [0.5, 1.5, -2.5, 0.25]  # exact ties (scale 0.5 below) hit round-half-even
+  sshape = spec.scale_shape(shape)
+  s = rng.uniform(0.2, 0.6, sshape).astype(np.float32)
+  if sshape == ():
+    s = np.float32(0.5)
+  z = None
+  if not spec.symmetric:
+    if spec.learning == "lsq_plus":
+      z = rng.uniform(-0.5, 0.5, sshape).astype(np.float32)  # offset beta
+    else:
+      lo, hi = (spec.qmin, spec.qmax)
+      z = np.round(rng.uniform(lo, hi, sshape)).astype(np.float32) if sshape else np.float32(3)
+  return x, s, z
+
+
+def test_keras_round_is_half_to_even():
+  y = to_np(keras.ops.round(np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5], np.float32)))
+  np.testing.assert_array_equal(y, [0, 2, 2, 0, -2, -2])
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_ops_fake_quant_matches_core(name):
+  spec = SPECS[name]
+  x, s, z = _inputs(spec)
+  r = np.random.RandomState(1).randn(*x.shape).astype(np.float32)
+  args = [x, s] + ([] if z is None else [z])
+
+  def keras_loss(*a):
+    y = _ops.quant_dequant(a[0], spec, a[1], a[2] if len(a) > 2 else None, force_ops=True)
+    return keras.ops.sum(y * keras.ops.convert_to_tensor(r))
+
+  def core_loss(*a):
+    return jnp.sum(core_qd(a[0], spec, a[1], a[2] if len(a) > 2 else None) * r)
+
+  y_keras = to_np(_ops.quant_dequant(x, spec, s, z, force_ops=True))
+  y_core = np.asarray(core_qd(jnp.asarray(x), spec, s, z))
+  assert_close(y_keras, y_core, what=f"{name} forward")
+  _, g_keras = value_and_grads(keras_loss, args)
+  g_core = jax.grad(core_loss, argnums=tuple(range(len(args))))(*[jnp.asarray(a) for a in args])
+  for i, (a, b) in enumerate(zip(g_keras, g_core)):
+    assert_close(a, np.asarray(b), what=f"{name} grad {i}")
+  if spec.learning != "fixed":  # the learned parameters do get a gradient
+    assert np.abs(g_keras[1]).sum() > 0
+
+
+def test_ops_fake_quant_bfloat16_keeps_dtype():
+  spec = QuantSpec(format="int4", learning="lsq")
+  x = keras.ops.cast(np.array([0.3, 2.0, -0.7], np.float32), "bfloat16")
+  y = _ops.quant_dequant(x, spec, np.float32(0.25), force_ops=True)
+  assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+  np.testing.assert_allclose(to_np(keras.ops.cast(y, "float32")), [0.25, 1.75, -0.75])
+
+
+def test_ops_float_format_off_jax_is_a_clear_error():
+  spec = QuantSpec(format="fp8_e4m3")
+  if BACKEND == "jax":
+    y = _ops.quant_dequant(np.array([1.0, 3.3], np.float32), spec, np.float32(1.0))
+    np.testing.assert_allclose(to_np(y), [1.0, 3.25])
+  else:
+    with pytest.raises(NotImplementedError, match="fp8_e4m3 is implemented on the JAX backend"):
+      _ops.quant_dequant(np.array([1.0], np.float32), spec, np.float32(1.0), where="layer 'd'")
+
+
+def test_lsq_with_zero_point_is_rejected():
+  with pytest.raises(ValueError, match="lsq_plus"):
+    _ops.quant_dequant(np.ones(3, np.float32), QuantSpec(learning="lsq"), np.float32(1.0),
+                       np.float32(0.0), force_ops=True)
