@@ -56,9 +56,12 @@ index along ``PerChannel`` axes) or per block. Methods
     :math:`i-1`; :math:`Q` merges the first :math:`i` bins (without the
     outliers) into :math:`N_q` levels (bin :math:`j` goes to level
     :math:`\lfloor j N_q / i \rfloor`) and spreads each level's mass
-    uniformly over the bins where :math:`P > 0`; the threshold is the upper
-    edge of bin :math:`i - 1` for the :math:`i` minimizing
-    :math:`KL(P \| Q)` (clamped to the observed :math:`\max |x|`). At most
+    uniformly over the bins where :math:`P > 0`; :math:`Q` is then floored
+    at :math:`10^{-8}` inside the window and renormalized, so that the KL
+    stays finite where only outlier mass lands in a bin (a window holding no
+    mass at all is rejected). The threshold is the upper edge of bin
+    :math:`i - 1` for the :math:`i` minimizing :math:`KL(P \| Q)` (clamped to
+    the observed :math:`\max |x|`). At most
     ``num_candidates`` values of :math:`i`, evenly spaced from :math:`N_q` to
     :math:`B` (both included), are tried. Affine generalization: the
     histogram of :math:`x` on :math:`[L, R] \ni 0` with
@@ -66,8 +69,11 @@ index along ``PerChannel`` axes) or per block. Methods
     bins shrinks :math:`[L, R]` toward 0 by the factor :math:`i / B` on both
     sides (so the negative/positive split of the range is kept), with the
     mass left of the window added to its first bin and the mass right of it
-    to its last bin. If :math:`N_q > B` (e.g. int16), the full observed range
-    is returned.
+    to its last bin. Three more windows per :math:`i` keep the whole
+    negative side (first bin 0), the whole positive side (last bin
+    :math:`B-1`), or are centered on the median bin (for one-sided or
+    lopsided outliers); every window must contain 0. If :math:`N_q > B` (e.g.
+    int16), the full observed range is returned.
 
 Formats: integer formats as above; float formats (fp8, fp6, fp4) are
 symmetric with :math:`s = a / \mathrm{max}` (``mse`` rounds onto the float
@@ -75,6 +81,12 @@ grid; ``entropy`` models a uniform grid and is refused); ``nvfp4`` gets its
 fp32 *tensor* scale :math:`a / (6 \cdot 448)` (shape ``()``, zero point 0;
 methods ``absmax``, ``minmax``, ``ema``, ``percentile``); MX formats derive
 their scales from the data and have nothing to calibrate (a ``ValueError``).
+
+Symmetric statistics are magnitudes (:math:`|x|`), also for unsigned
+symmetric formats. ``mse`` measures the error with round-half-to-even even
+when the spec rounds stochastically. Scales are divided exactly
+(:math:`a / q_{max}` correctly rounded in float32, not multiplied by a
+rounded reciprocal as XLA would otherwise do).
 
 Degenerate input (defined, never a zero, NaN or Inf scale):
 
@@ -94,7 +106,8 @@ Degenerate input (defined, never a zero, NaN or Inf scale):
 Memory: histogram methods keep ``num_bins`` float32 counts per scale; per
 block that is ``num_bins`` per block, so prefer ``absmax``/``minmax`` (or few
 bins) for fine-grained block scales. Statistics are float32 (bin counts are
-exact up to :math:`2^{24}` per bin).
+exact up to :math:`2^{24}` per bin; ``count`` only needs to tell "some data"
+from "none").
 """
 
 from __future__ import annotations
@@ -102,6 +115,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
@@ -152,13 +166,44 @@ class Observer(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class _Stats:
+  """What ``init``/``update`` depend on; specs that agree here share compiled code."""
+
+  kind: str  # "range" (absmax, minmax), "ema" or "hist" (percentile, mse, entropy)
+  shape_spec: spec_lib.QuantSpec  # only its granularity matters: validates x, scale shape
+  tensor_scale: bool  # nvfp4: statistics per tensor, shape ()
+  hist_abs: bool = False  # hist: a histogram of |x| (symmetric) or of x (affine)
+  num_bins: int = 0  # hist
+  ema_decay: float = 0.0  # ema
+
+  @property
+  def granularity(self) -> spec_lib.Granularity:
+    """The granularity of the statistics."""
+    return spec_lib.PerTensor() if self.tensor_scale else self.shape_spec.granularity
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return ("count", "min", "max") + (("hist", "lo", "hi") if self.kind == "hist" else ())
+
+
+def _stats_key(spec: spec_lib.QuantSpec, tensor_scale: bool) -> _Stats:
+  cal = spec.calibration
+  shape_spec = spec_lib.QuantSpec(granularity=spec.granularity)
+  if cal.method in ("absmax", "minmax"):
+    return _Stats("range", shape_spec, tensor_scale)
+  if cal.method == "ema":
+    return _Stats("ema", shape_spec, tensor_scale, ema_decay=float(cal.ema_decay))
+  return _Stats("hist", shape_spec, tensor_scale, hist_abs=spec.symmetric,
+                num_bins=cal.num_bins)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Config:
   """What the observer needs from a spec, resolved once."""
 
   spec: spec_lib.QuantSpec
   method: str
-  granularity: spec_lib.Granularity  # the granularity of the *statistics*
-  tensor_scale: bool  # nvfp4: one fp32 tensor scale, shape ()
+  stats: _Stats
   symmetric: bool
   qmin: float
   qmax: float  # symmetric: a / qmax is the scale
@@ -179,10 +224,11 @@ def _config(spec: spec_lib.QuantSpec) -> _Config:
       raise ValueError(f"spec.calibration.method: {fmt.name} calibrates only its tensor scale; "
                        f"allowed methods: absmax, minmax, ema, percentile; got {method!r}")
     qmax = fmt.element.max * formats_lib.FP8_E4M3.max
-    return _Config(spec, method, spec_lib.PerTensor(), True, True, -qmax, qmax, 0, None)
+    return _Config(spec, method, _stats_key(spec, True), True, -qmax, qmax, 0, None)
   if isinstance(fmt, formats_lib.FloatFormat) and method == "entropy":
-    raise ValueError(f"spec.calibration.method: 'entropy' (TensorRT KL) models a uniform integer "
-                     f"grid; for float format {fmt.name} use absmax, minmax, ema, percentile or mse")
+    raise ValueError("spec.calibration.method: 'entropy' (TensorRT KL) models a uniform integer "
+                     f"grid; for float format {fmt.name} use absmax, minmax, ema, percentile "
+                     "or mse")
   qmin, qmax = float(spec.qmin), float(spec.qmax)
   if isinstance(fmt, formats_lib.IntFormat):
     levels = int(qmax) + 1 if spec.symmetric else int(qmax - qmin) + 1
@@ -192,7 +238,8 @@ def _config(spec: spec_lib.QuantSpec) -> _Config:
   if method == "mse":
     fq_spec = spec.replace(granularity=spec_lib.PerTensor(), learning="fixed",
                            rounding="nearest_even")
-  return _Config(spec, method, spec.granularity, False, spec.symmetric, qmin, qmax, levels, fq_spec)
+  return _Config(spec, method, _stats_key(spec, False), spec.symmetric, qmin, qmax, levels,
+                 fq_spec)
 
 
 # --------------------------------------------------------------------------
@@ -203,7 +250,11 @@ def _config(spec: spec_lib.QuantSpec) -> _Config:
 def _input_info(x, name: str = "x"):
   """Shape and dtype of x without materializing it; checks it is floating."""
   if hasattr(x, "shape") and hasattr(x, "dtype"):
-    shape, dtype = tuple(int(d) for d in x.shape), jnp.dtype(x.dtype)
+    try:
+      shape, dtype = tuple(int(d) for d in x.shape), jnp.dtype(x.dtype)
+    except TypeError:
+      raise TypeError(f"{name}: expected a JAX or numpy array, got {type(x).__name__} with "
+                      f"dtype {x.dtype}") from None
   else:
     try:
       arr = np.asarray(x)
@@ -215,12 +266,13 @@ def _input_info(x, name: str = "x"):
   return shape, dtype
 
 
-def _scale_shape(shape, cfg: _Config) -> tuple[int, ...]:
+def _scale_shape(shape, stats: _Stats) -> tuple[int, ...]:
+  g = stats.shape_spec.granularity
   try:
-    sshape = cfg.spec.scale_shape(shape)  # for nvfp4 this validates the block layout
+    sshape = stats.shape_spec.scale_shape(shape)  # for nvfp4 this validates the block layout
   except ValueError as e:
-    raise ValueError(f"x: shape {tuple(shape)} does not fit {cfg.spec.granularity}: {e}") from None
-  return () if cfg.tensor_scale else sshape
+    raise ValueError(f"x: shape {tuple(shape)} does not fit {g}: {e}") from None
+  return () if stats.tensor_scale else sshape
 
 
 def _channel_sizes(scale_shape, g: spec_lib.PerChannel) -> tuple[int, ...]:
@@ -228,12 +280,12 @@ def _channel_sizes(scale_shape, g: spec_lib.PerChannel) -> tuple[int, ...]:
   return tuple(scale_shape[a] for a in axes)
 
 
-def _check_compatible(state_shape, x_shape, cfg: _Config) -> None:
+def _check_compatible(state_shape, x_shape, stats: _Stats) -> None:
   """Raises unless statistics of x (shape x_shape) fold into the state."""
-  sx = _scale_shape(x_shape, cfg)
+  sx = _scale_shape(x_shape, stats)
   if sx == tuple(state_shape):
     return
-  g = cfg.granularity
+  g = stats.granularity
   if isinstance(g, spec_lib.PerChannel) and len(state_shape) >= len(g.axes):
     if _channel_sizes(sx, g) == _channel_sizes(state_shape, g):
       return
@@ -404,9 +456,9 @@ def _hist_quantile(hist, lo, hi, vmin, vmax, q: float) -> Array:
 
 def _map_groups(fn, xs, per_group_elems: int):
   g = xs[0].shape[0]
-  if g == 0:
+  batch = max(1, _MAP_BUDGET // max(1, per_group_elems))
+  if g <= batch:
     return jax.vmap(fn)(*xs)
-  batch = max(1, min(g, _MAP_BUDGET // max(1, per_group_elems)))
   return jax.lax.map(lambda a: fn(*a), xs, batch_size=batch)
 
 
@@ -475,22 +527,26 @@ def _kl_for_window(hist, i, j0, nq: int):
   return jnp.where((q_total > 0) & ~jnp.isnan(kl), kl, jnp.inf)
 
 
-def _entropy_windows(b: int, cands: Array, z0: Array, symmetric: bool):
+def _entropy_windows(hist: Array, cands: Array, z0: Array, symmetric: bool):
   """Candidate windows (kept bins i, first bin j0, valid) for the KL search.
 
-  Symmetric: j0 = 0. Affine: three anchors per i: shrink toward 0 by i / b on
+  Symmetric: j0 = 0. Affine: four anchors per i: shrink toward 0 by i / b on
   both sides, keep the whole negative side (j0 = 0), keep the whole positive
-  side (j0 = b - i); a window must contain 0 (bin position z0).
+  side (j0 = b - i), or center the window on the median bin; a window is
+  valid if it contains 0 (bin position z0).
   """
+  b = hist.shape[-1]
   i_f = cands.astype(_F32)
   prop = jnp.clip(jnp.round(z0 * (1.0 - i_f / b)).astype(jnp.int32), 0, b - cands)
   if symmetric:
     return cands, prop, jnp.ones(cands.shape, bool)
-  left = jnp.zeros_like(cands)
-  right = b - cands
-  i_all = jnp.concatenate([cands, cands, cands])
-  j0 = jnp.concatenate([prop, left, right])
-  valid = jnp.concatenate([jnp.ones(cands.shape, bool), i_f >= z0, i_f >= b - z0])
+  cum = jnp.cumsum(hist)
+  median = jnp.sum(cum < 0.5 * cum[-1]).astype(_F32)  # first bin reaching half the mass
+  center = jnp.clip(jnp.round(median + 0.5 - 0.5 * i_f).astype(jnp.int32), 0, b - cands)
+  i_all = jnp.concatenate([cands] * 4)
+  j0 = jnp.concatenate([prop, jnp.zeros_like(cands), b - cands, center])
+  j0_f = j0.astype(_F32)
+  valid = (j0_f <= z0) & (z0 <= j0_f + i_all.astype(_F32))
   return i_all, j0, valid
 
 
@@ -501,7 +557,7 @@ def _entropy_one(hist, lo, hi, mn, mx, cfg: _Config):
   cands = jnp.asarray(_entropy_candidates(b, nq, cfg.spec.calibration.num_candidates))
   w = hi / b - lo / b
   z0 = jnp.where(w > 0, -lo / jnp.where(w > 0, w, 1.0), 0.0)  # position of 0, in bins
-  i_all, j0_all, valid = _entropy_windows(b, cands, z0, cfg.symmetric)
+  i_all, j0_all, valid = _entropy_windows(hist, cands, z0, cfg.symmetric)
   kls = jax.vmap(lambda i, j0: _kl_for_window(hist, i, j0, nq))(i_all, j0_all)
   kls = jnp.where(valid, kls, jnp.inf)
   best = jnp.argmin(kls)
@@ -520,10 +576,10 @@ def _entropy_one(hist, lo, hi, mn, mx, cfg: _Config):
 
 
 def _check_state(state, keys) -> None:
-  if not isinstance(state, dict) or set(state) != set(keys):
-    got = sorted(state) if isinstance(state, dict) else type(state).__name__
-    raise ValueError(f"state: expected a dict with keys {sorted(keys)} (from this observer's init), "
-                     f"got {got}")
+  if not isinstance(state, Mapping) or set(state) != set(keys):
+    got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+    raise ValueError(f"state: expected a dict with keys {sorted(keys)} (from this observer's "
+                     f"init), got {got}")
 
 
 def observer(spec: spec_lib.QuantSpec) -> Observer:
@@ -540,8 +596,9 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
   ``hi``. Shapes never change after ``init``.
 
   ``update`` and ``compute`` come wrapped in :func:`jax.jit` (compiled once
-  per input shape; observers are cached per spec, so equal specs share the
-  compiled code) and can be called inside a jitted step as well.
+  per input shape; observers are cached per spec, and ``update`` is shared by
+  all specs that gather the same statistics, e.g. absmax and minmax, or int4
+  and int8) and can be called inside a jitted step as well.
   ``update`` accepts batches whose non-channel dimensions differ from the
   ``init`` example (per tensor: any shape; per channel: any shape with the
   same channel sizes; per block: the same block layout).
@@ -575,20 +632,17 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
 
 
 @functools.lru_cache(maxsize=256)
-def _build(spec: spec_lib.QuantSpec) -> Observer:
-  """The observer of ``spec``; cached so that equal specs share compiled code."""
-  cfg = _config(spec)
-  cal = cfg.spec.calibration
-  hist_method = cfg.method in _HIST_METHODS
-  keys = ("count", "min", "max") + (("hist", "lo", "hi") if hist_method else ())
-  nbins = cal.num_bins
+def _stats_fns(stats: _Stats):
+  """``init`` and jitted ``update`` for a statistics key (shared across specs)."""
+  keys = stats.keys
+  hist = stats.kind == "hist"
 
   def init(x) -> State:
     shape, _ = _input_info(x)
-    s = _scale_shape(shape, cfg)
+    s = _scale_shape(shape, stats)
     state = {k: jnp.zeros(s, _F32) for k in ("count", "min", "max")}
-    if hist_method:
-      state.update(hist=jnp.zeros(s + (nbins,), _F32), lo=jnp.zeros(s, _F32),
+    if hist:
+      state.update(hist=jnp.zeros(s + (stats.num_bins,), _F32), lo=jnp.zeros(s, _F32),
                    hi=jnp.zeros(s, _F32))
     return state
 
@@ -597,15 +651,27 @@ def _build(spec: spec_lib.QuantSpec) -> Observer:
     _input_info(x)
     x = jnp.asarray(x)
     sshape = state["count"].shape
-    _check_compatible(sshape, x.shape, cfg)
-    xg = _to_groups(x.astype(_F32), cfg.granularity)
+    _check_compatible(sshape, x.shape, stats)
+    xg = _to_groups(x.astype(_F32), stats.granularity)
     flat = {k: v.reshape((-1,) + v.shape[len(sshape):]) for k, v in state.items()}
     fin, cnt, mn, mx = _batch_stats(xg)
-    decay = cal.ema_decay if cfg.method == "ema" else None
+    decay = stats.ema_decay if stats.kind == "ema" else None
     new = _merge_range(flat, cnt, mn, mx, decay)
-    if hist_method:
-      new.update(_update_hist(flat, xg, fin, cnt, cfg.symmetric, nbins))
+    if hist:
+      new.update(_update_hist(flat, xg, fin, cnt, stats.hist_abs, stats.num_bins))
     return {k: new[k].reshape(state[k].shape).astype(_F32) for k in keys}
+
+  return init, jax.jit(update)
+
+
+@functools.lru_cache(maxsize=256)
+def _build(spec: spec_lib.QuantSpec) -> Observer:
+  """The observer of ``spec``; cached so that equal specs share compiled code."""
+  cfg = _config(spec)
+  cal = cfg.spec.calibration
+  keys = cfg.stats.keys
+  nbins = cal.num_bins
+  init, update = _stats_fns(cfg.stats)
 
   def compute(state: State) -> tuple[Array, Array]:
     _check_state(state, keys)
@@ -636,7 +702,7 @@ def _build(spec: spec_lib.QuantSpec) -> Observer:
         scale, zp = _scale_zp(mn, mx, cfg)  # too few bins to merge into N_q levels
       else:
         per = len(_entropy_candidates(nbins, cfg.num_levels, cal.num_candidates)) * nbins
-        per *= 1 if cfg.symmetric else 3
+        per *= 1 if cfg.symmetric else 4
         lo, hi = _map_groups(functools.partial(_entropy_one, cfg=cfg), xs, per)
         scale, zp = _scale_zp(lo, hi, cfg)
     seen = flat["count"] > 0
@@ -644,7 +710,7 @@ def _build(spec: spec_lib.QuantSpec) -> Observer:
     zp = jnp.where(seen, zp, _fallback_zero_point(cfg)).astype(_F32)
     return scale.reshape(sshape), zp.reshape(sshape)
 
-  return Observer(init, jax.jit(update), jax.jit(compute))
+  return Observer(init, update, jax.jit(compute))
 
 
 def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[Array, Array]:
@@ -691,7 +757,8 @@ def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[A
   try:
     it = iter(batches)
   except TypeError:
-    raise TypeError(f"batches: expected an iterable of arrays, got {type(batches).__name__}") from None
+    raise TypeError(f"batches: expected an iterable of arrays, got "
+                    f"{type(batches).__name__}") from None
   state = None
   for i, b in enumerate(it):
     _input_info(b, f"batches[{i}]")

@@ -57,6 +57,7 @@ _SKIP_ATTRS = frozenset({
     "_metrics", "_seed_generators", "_trainable_variables", "_non_trainable_variables",
     "_compile_metrics", "_compile_loss", "_loss_tracker", "optimizer", "_input_layers",
     "_output_layers", "_self_setattr_tracking", "_build_shapes_dict",
+    "_modules", "_parameters", "_buffers", "_torch_params",  # torch.nn.Module internals
 })
 
 
@@ -124,8 +125,8 @@ class _Context:
     rule = self.rules.match(path)
     if rule is not None and rule.skip:
       return
-    if isinstance(layer, keras.layers.BatchNormalization):
-      return  # normalization stays float on purpose
+    if type(layer).__name__.endswith("Normalization"):
+      return  # normalization layers (no matmul) stay float on purpose
     self.left_float.append(f"{path} ({type(layer).__name__})")
 
   def quant_layer(self, layer, path):
@@ -244,7 +245,9 @@ def _convert_functional(model, ctx, prefix):
 def _sublayers(layer):
   """(container, key, sublayer) for the direct sublayer attributes / list items."""
   found = []
-  for name, value in list(vars(layer).items()):
+  attrs = dict(vars(layer))
+  attrs.update(vars(layer).get("_modules", {}) or {})  # torch backend: sublayers live in _modules
+  for name, value in list(attrs.items()):
     if name in _SKIP_ATTRS:
       continue
     if isinstance(value, keras.layers.Layer) and value is not layer:
@@ -271,7 +274,8 @@ def _replace(parent, container, key, old, new):
     elif isinstance(container, tuple):
       raise TypeError(f"layer {parent.name!r}: sublayers in a tuple cannot be replaced")
     else:
-      container[key] = new
+      container[key] = new  # TrackedList item assignment does not track: do it here
+      tracker.track(new)
   finally:
     if locked:
       tracker.lock()
@@ -431,6 +435,12 @@ def quantize_model(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rul
   for layer in quant_layers(new):
     if isinstance(layer, _fold.QuantConvBatchNorm):
       layer.init_weight_ranges()
+  if ctx.in_place and new is not model:
+    warnings.warn(
+        "jaxqat.keras.quantize_model: sublayers quantized in place inside other layers ("
+        + ", ".join(ctx.in_place) + "): their parents' configs do not record this, so a .keras "
+        "file of this model does not load back (save the weights with model.save_weights and "
+        "rebuild with quantize_model instead)", UserWarning, stacklevel=2)
   ruleset.warn_unused(f"Keras model {model.name!r}")
   if ctx.left_float:
     warnings.warn("jaxqat.keras.quantize_model: left in float (no quantized version): "

@@ -147,8 +147,10 @@ class QuantConvBatchNorm(keras.layers.Layer):
       kshape = tuple(self.conv.kernel.shape)
       spec = self.weight_spec
       g = spec.granularity
-      if isinstance(g, spec_lib.PerChannel) and g.axes == (-1,) and self.depthwise:
-        spec = spec.replace(granularity=spec_lib.PerChannel((len(kshape) - 2, len(kshape) - 1)))
+      if isinstance(g, spec_lib.PerChannel) and g.axes == (-1,):
+        nd = len(kshape)
+        spec = spec.replace(granularity=spec_lib.PerChannel((nd - 2, nd - 1) if self.depthwise
+                                                            else nd - 1))
       self.kernel_quantizer = Quantizer(spec, role="weight", observe=self.observe,
                                         name="kernel_quantizer", dtype=self.dtype_policy)
       self.kernel_quantizer.build(kshape)
@@ -174,9 +176,10 @@ class QuantConvBatchNorm(keras.layers.Layer):
     return (ops.convert_to_tensor(gamma), ops.convert_to_tensor(beta),
             ops.convert_to_tensor(bn.moving_mean), ops.convert_to_tensor(bn.moving_variance))
 
-  def folded_kernel(self):
+  def folded_kernel(self, gamma=None, mvar=None):
     """The kernel folded with the moving statistics (float, before fake quant)."""
-    gamma, _, _, mvar = self._bn_params()
+    if gamma is None:
+      gamma, _, _, mvar = self._bn_params()
     kernel = ops.convert_to_tensor(self.conv.kernel)
     factor = ops.divide(gamma, ops.sqrt(ops.add(mvar, self.bn.epsilon)))
     return ops.multiply(kernel, ops.reshape(ops.cast(factor, kernel.dtype),
@@ -213,7 +216,7 @@ class QuantConvBatchNorm(keras.layers.Layer):
           ops.add(ops.multiply(mmean, m), ops.multiply(ops.add(mean_b, b), 1.0 - m))))
       bn.moving_variance.assign(ops.stop_gradient(
           ops.add(ops.multiply(mvar, m), ops.multiply(var_b, 1.0 - m))))
-    w_fold = self.folded_kernel()
+    w_fold = self.folded_kernel(gamma, mvar)  # the statistics before this step's update
     if self.kernel_quantizer is not None:
       w_fold = self.kernel_quantizer(w_fold, training=training)
     y = self._conv(x, w_fold)

@@ -122,7 +122,9 @@ def _ops_range(spec, lo, hi):
 
 
 def _reduce_axes(shape, scale_shape):
-  return tuple(i for i, (d, k) in enumerate(zip(shape, scale_shape)) if k == 1 and d != 1)
+  """Axes of a tensor of ``shape`` reduced to one value per scale (keepdims layout)."""
+  full = (1,) * (len(shape) - len(scale_shape)) + tuple(scale_shape)
+  return tuple(i for i, k in enumerate(full) if k == 1)
 
 
 @keras.saving.register_keras_serializable(package="jaxqat")
@@ -318,9 +320,7 @@ class Quantizer(keras.layers.Layer):
   def _observe_act(self, x):
     spec = self.spec
     xc = ops.cast(x, "float32")
-    lead = len(x.shape) - len(self.scale_shape)
-    full_scale_shape = (1,) * lead + tuple(self.scale_shape)
-    axes = tuple(i for i, (d, k) in enumerate(zip(x.shape, full_scale_shape)) if k == 1)
+    axes = _reduce_axes(tuple(x.shape), self.scale_shape)
     bmin = ops.reshape(ops.min(xc, axis=axes, keepdims=True), self.scale_shape)
     bmax = ops.reshape(ops.max(xc, axis=axes, keepdims=True), self.scale_shape)
     init = self.initialized

@@ -89,14 +89,14 @@ def np_entropy_range(hist, lo, hi, nq, num_candidates, symmetric):
   z0 = -lo / w if w > 0 else 0.0
   n = min(num_candidates, b - nq + 1)
   cands = sorted(set(int(v) for v in np.round(np.linspace(nq, b, n))))
+  cum = np.cumsum(hist)
+  median = int(np.argmax(cum >= cum[-1] / 2))  # first bin holding half the mass
   best = (np.inf, None, None)
   for i in cands:
     starts = [min(max(int(np.round(z0 * (1 - i / b))), 0), b - i)]
-    if not symmetric:
-      if i >= z0:
-        starts.append(0)
-      if i >= b - z0:
-        starts.append(b - i)
+    if not symmetric:  # also: keep all of the negative side, of the positive side, or center
+      starts += [0, b - i, min(max(int(np.round(median + 0.5 - i / 2)), 0), b - i)]
+      starts = [j0 for j0 in starts if j0 <= z0 <= j0 + i]
     for j0 in starts:
       p = np.zeros(b)
       p[j0:j0 + i] = hist[j0:j0 + i]
@@ -147,23 +147,23 @@ def _small(method, symmetric=True, fmt="int4"):
                    calibration=Calibration(method=method, num_bins=64, num_candidates=8))
 
 
-def _batches(gran, rng, k=5, grow=True, dist="normal", n=12):
-  """k batches whose concatenation (or stack, per block) is meaningful."""
+def _batches(gran, rng, k=5, grow=True, n=12):
+  """k batches, later ones wider (they grow the range), with shifted means.
+
+  Per tensor / channel the concatenation along the batch axis is meaningful;
+  per block every batch has the same block layout (6, 8).
+  """
   out = []
   for i in range(k):
-    shape = {"tensor": (n, 8), "chan0": (6, n), "chan-1": (n, 8), "block": (6, 8)}[gran]
-    x = rng.standard_normal(shape) if dist == "normal" else rng.laplace(size=shape)
-    x = x + (0.5 if i % 2 else -0.3)
+    shape = {"tensor": (n, 8), "chan0": (6, n), "chan-1": (n, 8), "block": (6, 8 * (n // 12))}[gran]
+    x = rng.standard_normal(shape) + (0.5 if i % 2 else -0.3)
     out.append((x * (2.0 ** i if grow else 1.0)).astype(np.float32))
   return out
 
 
 def _concat(batches, gran):
-  if gran == "chan0":
-    return np.concatenate(batches, axis=1)
-  if gran == "block":
-    return np.stack(batches, axis=-1)  # (6, 8, k): group rows gather every batch
-  return np.concatenate(batches, axis=0)
+  assert gran != "block"
+  return np.concatenate(batches, axis=1 if gran == "chan0" else 0)
 
 
 def _np_groups_all(batches, gran):
@@ -192,7 +192,10 @@ def test_absmax_minmax_exact_and_streaming(method, gran, symmetric):
   assert scale.dtype == zp.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(scale).reshape(-1), want_s)
   np.testing.assert_array_equal(np.asarray(zp).reshape(-1), want_z)
-  if gran != "block":  # one batch holding everything gives the same numbers
+  # Integer zero points in [qmin, qmax]: real 0 is exactly representable.
+  assert np.all(zp == np.round(zp)) and np.all((zp >= -128) & (zp <= 127))
+  np.testing.assert_array_equal(fake_quant(np.zeros_like(batches[0]), scale, zp, spec), 0.0)
+  if gran == "chan0":  # one batch holding everything gives the same numbers
     s1, z1 = calibrate(spec, [_concat(batches, gran)])
     np.testing.assert_array_equal(s1, scale)
     np.testing.assert_array_equal(z1, zp)
@@ -275,7 +278,7 @@ def test_ema_matches_numpy_loop(gran, symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "affine"])
-@pytest.mark.parametrize("gran", ["tensor", "chan0", "chan-1"])
+@pytest.mark.parametrize("gran", list(GRANS))
 def test_percentile_matches_numpy_within_a_bin(gran, symmetric):
   rng = np.random.default_rng(6)
   batches = _batches(gran, rng, grow=True, n=400)
@@ -300,10 +303,10 @@ def test_percentile_matches_numpy_within_a_bin(gran, symmetric):
     np.testing.assert_array_less(np.abs(s - want_s) * 255, 2 * width + 1e-6)
     got_lo = (-128 - z) * s
     np.testing.assert_array_less(np.abs(got_lo - np.minimum(lo, 0)), 2 * width + s + 1e-6)
-  # Streaming equals one batch with everything, within two (streamed) bins.
-  _, (s1, _) = _run(spec, [_concat(batches, gran)])
-  tol = 2 * width / (127 if symmetric else 255) + 1e-7
-  np.testing.assert_array_less(np.abs(np.asarray(s1) - np.asarray(scale)).reshape(-1), tol)
+  if gran == "tensor":  # streaming equals one batch with everything, within two bins
+    _, (s1, _) = _run(spec, [_concat(batches, gran)])
+    tol = 2 * width / (127 if symmetric else 255) + 1e-7
+    np.testing.assert_array_less(np.abs(np.asarray(s1) - np.asarray(scale)).reshape(-1), tol)
 
 
 def test_histogram_growth_is_an_exact_merge():
@@ -326,40 +329,49 @@ def test_histogram_growth_is_an_exact_merge():
 # --------------------------------------------------------------------------
 
 
-def _heavy_tailed(rng, shape):
+# The histogram tests share batch shapes (and num_bins) with the percentile
+# test above, so that they share its compiled ``update``.
+_HIST_SHAPES = {"tensor": (400, 8), "chan0": (6, 400), "chan-1": (400, 8)}
+
+
+def _heavy_tailed(rng, shape, outliers_per_column=1):
+  """Laplace(0, 1) with a few outliers of magnitude 15..25 in every column."""
   x = rng.laplace(size=shape).astype(np.float32)
-  flat = x.reshape(-1)
-  idx = rng.choice(flat.size, size=max(2, flat.size // 2000), replace=False)
-  flat[idx] = rng.choice([-1.0, 1.0], size=idx.size) * rng.uniform(15, 25, idx.size)
-  return flat.reshape(shape)
+  for c in range(shape[-1]):
+    rows = rng.choice(shape[0], size=outliers_per_column, replace=False)
+    x[rows, c] = rng.choice([-1.0, 1.0], size=rows.size) * rng.uniform(15, 25, rows.size)
+  return x
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "affine"])
 @pytest.mark.parametrize("gran", ["tensor", "chan-1"])
 def test_mse_beats_absmax_and_matches_brute_force(gran, symmetric):
   rng = np.random.default_rng(7)
-  x = _heavy_tailed(rng, (4000, 3) if gran == "chan-1" else (4000, 1))
-  spec = _spec("mse", gran, symmetric, fmt="int4", num_bins=256, num_candidates=40)
+  batches = [_heavy_tailed(rng, _HIST_SHAPES[gran]) for _ in range(5)]
+  x = np.concatenate(batches)
+  spec = _spec("mse", gran, symmetric, fmt="int4", num_bins=512, num_candidates=40)
   qmin, qmax = -8, 7
-  state, (scale, zp) = _run(spec, [x[:2000], x[2000:]])
-  base_s, base_z = calibrate(spec.replace(calibration="minmax"), [x])
+  state, (scale, zp) = _run(spec, batches)
+  axis = None if gran == "tensor" else 0
+  base_s, base_z = np_scale_zp(x.min(axis), x.max(axis), qmin, qmax, symmetric)  # minmax
   y_mse = fake_quant(x, scale, zp, spec)
   y_max = fake_quant(x, base_s, base_z, spec)
-  err_mse = np.mean((np.asarray(y_mse) - x) ** 2, axis=0)
-  err_max = np.mean((np.asarray(y_max) - x) ** 2, axis=0)
-  assert np.all(err_mse < 0.5 * err_max), (err_mse, err_max)
-  # Brute force over the same candidates on the same histogram.
-  hist = np.asarray(state["hist"]).reshape(-1, 256)
-  lo = np.asarray(state["lo"]).reshape(-1)
-  hi = np.asarray(state["hi"]).reshape(-1)
-  mn = np.asarray(state["min"]).reshape(-1)
-  mx = np.asarray(state["max"]).reshape(-1)
+  err_mse = np.mean((np.asarray(y_mse) - x) ** 2, axis=axis)
+  err_max = np.mean((np.asarray(y_max) - x) ** 2, axis=axis)
+  assert np.all(err_mse < 0.75 * err_max), (err_mse, err_max)
+  _check_mse_brute_force(state, scale, zp, 512, 40, symmetric, qmin, qmax)
+
+
+def _check_mse_brute_force(state, scale, zp, nbins, ncand, symmetric, qmin, qmax):
+  """Brute force over the same candidates on the observer's own histograms."""
+  hist = np.asarray(state["hist"]).reshape(-1, nbins)
+  lo, hi, mn, mx = (np.asarray(state[k]).reshape(-1) for k in ("lo", "hi", "min", "max"))
   for g in range(hist.shape[0]):
-    w = np.float32(hi[g] / 256 - lo[g] / 256)
-    centers = lo[g] + (np.arange(256, dtype=np.float32) + np.float32(0.5)) * w
+    w = np.float32(hi[g] / nbins - lo[g] / nbins)
+    centers = lo[g] + (np.arange(nbins, dtype=np.float32) + np.float32(0.5)) * w
     errs, params = [], []
-    for k in range(1, 41):
-      a = np.float32(k) / np.float32(40)
+    for k in range(1, ncand + 1):
+      a = np.float32(k) / np.float32(ncand)
       if symmetric:
         amax = max(abs(mn[g]), abs(mx[g]))
         s, z = np_scale_zp(-a * amax, a * amax, qmin, qmax, True)
@@ -378,14 +390,14 @@ def test_mse_beats_absmax_and_matches_brute_force(gran, symmetric):
 
 def test_mse_float_format():
   rng = np.random.default_rng(8)
-  x = _heavy_tailed(rng, (5000,))
-  spec = _spec("mse", fmt="fp4_e2m1", num_bins=256, num_candidates=32)
+  x = _heavy_tailed(rng, (400, 8))
+  spec = _spec("mse", fmt="fp4_e2m1", num_bins=512, num_candidates=32)
   s, z = calibrate(spec, [x])
-  s_max, _ = calibrate(spec.replace(calibration="absmax"), [x])
+  s_max = np.float32(np.abs(x).max()) / np.float32(6.0)  # absmax: amax / fp4 max
   err = lambda sc: float(np.mean((np.asarray(fake_quant(x, sc, None, spec)) - x) ** 2))
   assert float(z) == 0.0
   assert float(s) < float(s_max)
-  assert err(s) < err(s_max)
+  assert err(s) < 0.75 * err(s_max)
 
 
 # --------------------------------------------------------------------------
@@ -397,31 +409,56 @@ def test_mse_float_format():
 @pytest.mark.parametrize("gran", ["tensor", "chan0"])
 def test_entropy_clips_outliers_and_matches_numpy_loop(gran, symmetric):
   rng = np.random.default_rng(9)
-  x = rng.standard_normal((2, 20000)).astype(np.float32)
-  x[:, :3] = [[80.0, -60.0, 75.0], [-90.0, 70.0, 40.0]]
-  if gran == "tensor":
-    x = x.reshape(1, -1)
+  shape = _HIST_SHAPES[gran]
+  batches = [rng.standard_normal(shape).astype(np.float32) * (1 + 0.25 * i) for i in range(5)]
+  if gran == "chan0":  # outliers in every channel
+    batches[1][:, :2] = rng.choice([-1.0, 1.0], (6, 2)) * rng.uniform(40, 90, (6, 2))
+  else:
+    batches[1][0, :4] = [80.0, -60.0, 75.0, -90.0]
   nbins, ncand = 512, 24
   spec = QuantSpec(format="int4", symmetric=symmetric, granularity=GRANS[gran],
                    calibration=Calibration(method="entropy", num_bins=nbins, num_candidates=ncand))
-  state, (scale, zp) = _run(spec, [x[:, :10000], x[:, 10000:] * 1.5])
+  state, (scale, zp) = _run(spec, batches)
   qmin, qmax = -8, 7
-  nq = 8 if symmetric else 16
+  widths = _check_entropy_loop(state, scale, zp, nbins, ncand, symmetric, qmin, qmax)
+  amax = np.maximum(np.abs(state["min"]), np.abs(state["max"])).reshape(-1)
+  assert np.all(widths < 0.3 * amax)  # far below the outliers (40..90)
+
+
+def _check_entropy_loop(state, scale, zp, nbins, ncand, symmetric, qmin, qmax):
+  """Compares with np_entropy_range on the observer's histograms; returns range widths."""
+  nq = qmax + 1 if symmetric else qmax - qmin + 1
   hist = np.asarray(state["hist"]).reshape(-1, nbins)
+  flat = {k: np.asarray(state[k], np.float64).reshape(-1) for k in ("lo", "hi", "min", "max")}
+  widths = []
   for g in range(hist.shape[0]):
-    lo, hi = float(np.asarray(state["lo"]).reshape(-1)[g]), float(np.asarray(state["hi"]).reshape(-1)[g])
-    mn, mx = float(np.asarray(state["min"]).reshape(-1)[g]), float(np.asarray(state["max"]).reshape(-1)[g])
+    lo, hi, mn, mx = (float(flat[k][g]) for k in ("lo", "hi", "min", "max"))
+    amax = max(abs(mn), abs(mx))
     t_lo, t_hi = np_entropy_range(hist[g], lo, hi, nq, ncand, symmetric)
     if symmetric:
-      want_s, want_z = np_scale_zp(-min(t_hi, mx), min(t_hi, mx), qmin, qmax, True)
+      want_s, want_z = np_scale_zp(-min(t_hi, amax), min(t_hi, amax), qmin, qmax, True)
     else:
       want_s, want_z = np_scale_zp(max(t_lo, mn), min(t_hi, mx), qmin, qmax, False)
     s = float(np.asarray(scale).reshape(-1)[g])
     np.testing.assert_allclose(s, want_s, rtol=1e-5)
     assert float(np.asarray(zp).reshape(-1)[g]) == float(want_z)
-    amax = max(abs(mn), abs(mx))
-    range_width = s * (qmax if symmetric else qmax - qmin)
-    assert range_width < 0.25 * amax  # far below the outliers
+    widths.append(s * (qmax if symmetric else qmax - qmin))
+  return np.array(widths)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "affine"])
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+def test_search_methods_per_block(method, symmetric):
+  rng = np.random.default_rng(14)
+  batches = [_heavy_tailed(rng, (16, 4), outliers_per_column=1) for _ in range(5)]
+  spec = QuantSpec(format="int4", symmetric=symmetric, granularity=PerBlock(8, axis=0),
+                   calibration=Calibration(method=method, num_bins=64, num_candidates=8))
+  state, (scale, zp) = _run(spec, batches)
+  assert scale.shape == (2, 4) == spec.scale_shape((16, 4)) and state["hist"].shape == (2, 4, 64)
+  if method == "mse":
+    _check_mse_brute_force(state, scale, zp, 64, 8, symmetric, -8, 7)
+  else:
+    _check_entropy_loop(state, scale, zp, 64, 8, symmetric, -8, 7)
 
 
 def test_entropy_default_int8():
@@ -490,14 +527,22 @@ def test_nan_inf_ignored_and_empty_batches_leave_state_unchanged(method):
     state = obs.update(state, b)
   for k in state:
     np.testing.assert_array_equal(state[k], clean[k], err_msg=k)
-  for junk in (np.full(16, np.nan, np.float32), np.tile(np.float32([np.inf, -np.inf]), 8),
-               np.zeros(0, np.float32)):
+  for junk in (np.full(16, np.nan, np.float32), np.tile(np.float32([np.inf, -np.inf]), 8)):
     after = obs.update(state, junk)
     for k in state:
       np.testing.assert_array_equal(after[k], state[k], err_msg=k)
   s, z = obs.compute(state)
   np.testing.assert_array_equal(s, obs.compute(clean)[0])
   assert np.isfinite(float(s)) and float(s) > 0
+
+
+@pytest.mark.parametrize("method", ["minmax", "ema", "percentile"])
+def test_empty_batch_leaves_state_unchanged(method):
+  obs = observer(_small(method))
+  state = obs.update(obs.init(np.zeros(16, np.float32)), np.arange(16, dtype=np.float32))
+  after = obs.update(state, np.zeros((0,), np.float32))
+  for k in state:
+    np.testing.assert_array_equal(after[k], state[k], err_msg=k)
 
 
 @pytest.mark.parametrize("method", ["ema", "percentile"])
@@ -528,6 +573,12 @@ def test_degenerate_ranges(method):
     s, z = calibrate(_small(method, symmetric=False), [np.full(16, c, np.float32)])
     assert float(s) == pytest.approx(3.0 / 15, rel=1e-5)
     assert float(z) == (-8.0 if c > 0 else 7.0)
+
+
+def test_entropy_with_more_levels_than_bins_returns_the_full_range():
+  x = np.linspace(-2.0, 3.0, 16, dtype=np.float32)
+  s, z = calibrate(_small("entropy", fmt="int8"), [x])  # N_q = 128 > 64 bins
+  assert float(s) == np.float32(3.0) / np.float32(127) and float(z) == 0.0
 
 
 def test_fresh_unsigned_affine_zero_point_is_qmin():

@@ -397,6 +397,18 @@ def test_lsq_plus_freeze_sets_offset_from_zero_point():
   np.testing.assert_allclose(qmodel.apply(v, x), ref, atol=1e-6, rtol=0)
 
 
+def test_lsq_right_after_freeze_equals_fixed_ptq():
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+  x = _x((16, 4))
+  fixed = [Rule(pattern=".*", weight=W8.replace(format="int4"), act=A8.replace(format="int4"))]
+  lsq = [Rule(pattern=".*", weight=W8.replace(format="int4", learning="lsq"),
+              act=A8.replace(format="int4", learning="lsq"))]
+  v_fixed = _ptq(ql.quantize(model, fixed), x)
+  v_lsq = _ptq(ql.quantize(model, lsq), x)
+  np.testing.assert_array_equal(ql.quantize(model, lsq).apply(v_lsq, x),
+                                ql.quantize(model, fixed).apply(v_fixed, x))
+
+
 def test_mode_errors_are_clear():
   x = _x((2, 4))
   qmodel = ql.quantize(nn.Sequential([nn.Dense(3), nn.Dense(2)]), RULES)

@@ -1,0 +1,78 @@
+"""orbax checkpoints of a quantized Linen model: round trip and mismatch errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxqat.core import PerChannel, QuantSpec, Rule
+from jaxqat.flax import linen as ql
+
+LSQ = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerChannel(-1),
+                                           learning="lsq"),
+            act=QuantSpec(format="int8", symmetric=False, learning="lsq_plus"))]
+FIXED = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerChannel(-1)),
+              act=QuantSpec(format="int8", symmetric=False))]
+
+
+def _model(width=8):
+  return nn.Sequential([nn.Dense(width), nn.relu, nn.Dense(3)])
+
+
+def _x():
+  return jax.random.normal(jax.random.key(1), (16, 4))
+
+
+def _trained(rules, width=8):
+  """A PTQ-calibrated model, one SGD step into QAT (so nothing equals its init)."""
+  qmodel = ql.quantize(_model(width), rules)
+  x = _x()
+  v = jax.jit(qmodel.init)(jax.random.key(0), x)
+  v = ql.freeze(qmodel, ql.calibrate(qmodel, v, [x]), x)
+  t = {k: v[k] for k in ("params", "quant_params") if k in v}
+  g = jax.grad(lambda t: jnp.sum(qmodel.apply({**v, **t}, x) ** 2))(t)
+  t = jax.tree.map(lambda a, b: a - 0.01 * b, t, g)
+  return qmodel, {**v, **t}
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+  qmodel, v = _trained(LSQ)
+  path = tmp_path / "ckpt"
+  ql.save(path, v)
+  fresh = jax.jit(qmodel.init)(jax.random.key(7), _x())  # another init: other values
+  restored = ql.restore(path, fresh)
+  assert jax.tree.structure(restored) == jax.tree.structure(v)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(v)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(qmodel.apply(restored, _x()), qmodel.apply(v, _x()))
+
+
+def test_restore_into_other_structure_names_the_entry(tmp_path):
+  _, v = _trained(FIXED, width=8)
+  ql.save(tmp_path / "ckpt", v)
+  qmodel = ql.quantize(_model(width=6), FIXED)
+  target = qmodel.init(jax.random.key(0), _x())
+  with pytest.raises(ValueError, match=r"entry 'params/layers_0/bias' is \(8,\) float32 in the "
+                                       r"checkpoint but \(6,\) float32 in the model"):
+    ql.restore(tmp_path / "ckpt", target)
+
+
+def test_restore_with_missing_quantizer_names_the_entry(tmp_path):
+  _, v = _trained(FIXED)
+  ql.save(tmp_path / "ckpt", v)
+  rules = [Rule(pattern="layers_2", skip=True)] + FIXED
+  target = ql.quantize(_model(), rules).init(jax.random.key(0), _x())
+  with pytest.raises(ValueError, match=r"checkpoint entry 'quant_stats/layers_2/input/count' has "
+                                       r"no counterpart"):
+    ql.restore(tmp_path / "ckpt", target)
+
+
+def test_restore_with_other_spec_same_shapes_names_the_entry(tmp_path):
+  _, v = _trained(FIXED)
+  ql.save(tmp_path / "ckpt", v)
+  int8 = [Rule(pattern=".*", weight=QuantSpec(format="int8", granularity=PerChannel(-1)),
+               act=FIXED[0].act)]  # same shapes as int4, other grid
+  target = ql.quantize(_model(), int8).init(jax.random.key(0), _x())
+  with pytest.raises(ValueError, match=r"'quant_stats/layers_0/kernel/spec_id'.*another QuantSpec"):
+    ql.restore(tmp_path / "ckpt", target)

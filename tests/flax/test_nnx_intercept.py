@@ -1,0 +1,144 @@
+"""Interception of matmuls/convolutions in modules that are not Flax layers."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxqat import core
+from jaxqat.core import PerChannel
+from jaxqat.core import QuantSpec
+from jaxqat.core import Rule
+from jaxqat.flax import nnx as qnnx
+
+W = QuantSpec(format="int4", granularity=PerChannel(-1))
+A = QuantSpec(format="int8", symmetric=False, calibration="minmax")
+RULES = [Rule(pattern=".*", weight=W, act=A)]
+
+
+class Ops(nnx.Module):
+  """Every way of writing a matmul on an own parameter."""
+
+  def __init__(self, how: str):
+    k = jax.random.key(0)
+    self.how = how
+    self.w = nnx.Param(jax.random.normal(k, (3, 3, 4) if how == "conv" else (4, 5)))
+    self.b = nnx.Param(jnp.ones((5,)))  # rank 1: not a weight
+
+  def __call__(self, x, *, flag=True):
+    w = self.w[...]
+    if self.how == "einsum":
+      y = jnp.einsum("bi,io->bo", x, w)
+    elif self.how == "einsum_t":  # transposed then cast: identified through layout ops
+      y = jnp.einsum("bi,oi->bo", x, w.T.astype(jnp.float32))
+    elif self.how == "matmul":
+      y = x @ w
+    elif self.how == "dot":
+      y = jnp.dot(x, w)
+    elif self.how == "dot_general":
+      y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())))
+    else:  # conv, NWC
+      return jax.lax.conv_general_dilated(x, w, (1,), "SAME",
+                                          dimension_numbers=("NWC", "WIO", "NWC"))
+    return y + self.b[...] if flag else y
+
+
+@pytest.mark.parametrize("how", ["einsum", "einsum_t", "matmul", "dot", "dot_general", "conv"])
+def test_intercepted_op_equals_core_by_hand(how):
+  m = Ops(how)
+  x = jax.random.normal(jax.random.key(1), (6, 4) if how != "conv" else (2, 6, 3))
+  w = m.w[...]
+  q, report = qnnx.quantize(m, RULES, return_report=True)
+  assert list(report.intercepted) == [""]  # the root module, path ""
+  qnnx.calibrate(q, [x])
+  wq = core.fake_quant(w, q.jaxqat_weight_quant["w"].scale[...], None, W)
+  aq = q.jaxqat_input_quant["w"]
+  xq = core.fake_quant(x, aq.scale[...], aq.zero_point[...], A)
+  ref = Ops(how)
+  ref.w[...] = wq
+  np.testing.assert_allclose(q(x), ref(xq), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(q(x, flag=False), ref(xq, flag=False), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(q, x), ref(xq), rtol=0, atol=1e-5)
+
+
+def test_weight_not_reaching_a_matmul_is_reported():
+
+  class Masked(nnx.Module):
+
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones((4, 4)))
+
+    def __call__(self, x):
+      return x @ (self.w[...] * jnp.tril(jnp.ones((4, 4))))  # not a layout op
+
+  q = qnnx.quantize(Masked(), [Rule(pattern=".*", weight=W)])
+  qnnx.freeze(q)
+  with pytest.warns(UserWarning, match=r"layer '<root>' \(Masked\): parameters \['w'\] feed no"):
+    q(jnp.ones((2, 4)))
+
+
+def test_state_updates_inside_an_intercepted_module_are_kept():
+
+  class WithBN(nnx.Module):
+
+    def __init__(self):
+      self.w = nnx.Param(jax.random.normal(jax.random.key(0), (3, 3)))
+      self.bn = nnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.bn(x @ self.w[...])
+
+  q = qnnx.quantize(WithBN(), RULES)
+  x = jax.random.normal(jax.random.key(1), (8, 3)) + 2.0
+  qnnx.calibrate(q, [x])
+  mean0 = q.bn.mean[...]
+  nnx.jit(lambda m, x: m(x))(q, x)
+  assert float(jnp.max(jnp.abs(q.bn.mean[...] - mean0))) > 1e-3  # batch stats were updated
+
+
+def test_explicit_stack_axes_for_custom_stacked_blocks():
+
+  class Custom(nnx.Module):
+
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (4, 4)))
+
+    def __call__(self, x):
+      return jnp.tanh(x @ self.w[...])
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return Custom(rngs)
+
+  holder = nnx.Dict({"stack": make(nnx.Rngs(0))})
+  q = qnnx.quantize(holder, RULES, stacked={"stack": 1})
+  assert q["stack"].jaxqat_weight_quant["w"].scale.shape == (3, 1, 4)
+  assert q["stack"].jaxqat_input_quant["w"].scale.shape == (3,)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def run(x, layer):
+    return layer(x)
+
+  x = jax.random.normal(jax.random.key(1), (2, 4))
+  qnnx.calibrate(q, [x], forward=lambda m, b: run(b, m["stack"]))
+  assert len(set(np.asarray(q["stack"].jaxqat_input_quant["w"].scale[...]).tolist())) == 3
+  y = run(x, q["stack"])
+  # Reference: the same three layers applied by hand with the sliced quantizer state.
+  h = x
+  for i in range(3):
+    wq_ = q["stack"].jaxqat_weight_quant["w"]
+    aq_ = q["stack"].jaxqat_input_quant["w"]
+    wi = core.fake_quant(q["stack"].w[...][i], wq_.scale[...][i], None, W)
+    hi = core.fake_quant(h, aq_.scale[...][i], aq_.zero_point[...][i], A)
+    h = jnp.tanh(hi @ wi)
+  np.testing.assert_allclose(y, h, rtol=0, atol=1e-5)
+
+
+def test_per_channel_input_spec_is_rejected_for_intercepted_modules():
+  with pytest.raises(ValueError, match=r"layer '<root>': intercepted modules quantize matmul "
+                                       r"inputs per tensor"):
+    qnnx.quantize(Ops("einsum"), [Rule(pattern=".*", act=QuantSpec(granularity=PerChannel(-1)))])

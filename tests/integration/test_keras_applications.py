@@ -1,0 +1,52 @@
+"""keras.applications MobileNetV2 and ResNet50: convert, one fit step, exact .keras round trip."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import jaxqat.keras as jqk
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs on the JAX backend")]
+
+
+def _check(model, tmp_path, expect_depthwise):
+  n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
+  n_conv = sum(type(l) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+               for l in model.layers)
+  q = jqk.quantize_model(model)
+  fused = [l for l in q.layers if isinstance(l, jqk.QuantConvBatchNorm)]
+  assert len(fused) == n_bn  # every BatchNorm follows its conv: all folded
+  assert not any(isinstance(l, keras.layers.BatchNormalization) for l in q.layers)
+  assert any(l.depthwise for l in fused) == expect_depthwise
+  assert len(jqk.quant_layers(q)) == n_conv + 1  # convs (folded or not) + the classifier
+  assert any(isinstance(l, keras.layers.Add) for l in q.layers)  # residual adds kept
+  rng = np.random.RandomState(0)
+  x = rng.rand(4, 32, 32, 3).astype(np.float32)
+  y = rng.randint(0, 10, 4)
+  jqk.calibrate(q, x, batch_size=4, verbose=0)
+  q.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=True,
+            loss=keras.losses.SparseCategoricalCrossentropy())
+  loss = q.fit(x, y, epochs=1, batch_size=4, verbose=0).history["loss"][0]
+  assert np.isfinite(loss)
+  out = q.predict(x, verbose=0)
+  assert np.all(np.isfinite(out))
+  path = os.path.join(tmp_path, "m.keras")
+  q.save(path)
+  r = keras.saving.load_model(path)
+  np.testing.assert_array_equal(r.predict(x, verbose=0), out)
+
+
+def test_mobilenet_v2(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                         classes=10)
+  _check(model, tmp_path, expect_depthwise=True)
+
+
+def test_resnet50(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10)
+  _check(model, tmp_path, expect_depthwise=False)

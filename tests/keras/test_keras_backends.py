@@ -1,0 +1,58 @@
+"""Runs the Keras tests again on the torch (and TensorFlow, if installed) backend, in subprocesses.
+
+Keras fixes its backend at import, so each backend needs its own process. The
+inner runs set JAXQAT_KERAS_INNER=1 so that they do not recurse.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+INNER = os.environ.get("JAXQAT_KERAS_INNER") == "1"
+
+skip_inner = pytest.mark.skipif(INNER, reason="already inside a per-backend run")
+
+
+def _run_backend(backend):
+  env = {**os.environ, "KERAS_BACKEND": backend, "JAXQAT_KERAS_INNER": "1"}
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-o", "addopts=", HERE]
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  tail = (proc.stdout + proc.stderr)[-6000:]
+  assert proc.returncode == 0, f"Keras tests failed on the {backend} backend:\n{tail}"
+  assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+@skip_inner
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="this run is the torch run")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_keras_tests_pass_on_torch_backend():
+  _run_backend("torch")
+
+
+@skip_inner
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="this run is the TF run")
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="TensorFlow is not installed")
+def test_keras_tests_pass_on_tensorflow_backend():
+  _run_backend("tensorflow")
+
+
+@skip_inner
+def test_import_without_an_installed_backend_is_a_clear_error():
+  backend = "tensorflow"
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed: no missing backend to test")
+  env = {**os.environ, "KERAS_BACKEND": backend}
+  proc = subprocess.run([sys.executable, "-c", "import jaxqat.keras"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "ImportError: jaxqat.keras: could not import keras with the configured backend " \
+         "'tensorflow'" in proc.stderr
+  assert "Set KERAS_BACKEND=jax (or torch)" in proc.stderr
