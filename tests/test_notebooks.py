@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import jax
 import pytest
 
 _NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -14,9 +15,11 @@ def test_notebook_runs(path):
   cells = json.loads(path.read_text())["cells"]
   namespace: dict = {}
   ran = 0
-  for i, cell in enumerate(cells):
-    if cell["cell_type"] != "code":
-      continue
-    exec(compile("".join(cell["source"]), f"{path.name} cell {i}", "exec"), namespace)  # pylint: disable=exec-used
-    ran += 1
+  # Users run with JAX's default dtype promotion (optax's adam relies on it).
+  with jax.numpy_dtype_promotion("standard"):
+    for i, cell in enumerate(cells):
+      if cell["cell_type"] != "code":
+        continue
+      exec(compile("".join(cell["source"]), f"{path.name} cell {i}", "exec"), namespace)  # pylint: disable=exec-used
+      ran += 1
   assert ran > 0

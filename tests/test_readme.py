@@ -3,6 +3,7 @@
 import pathlib
 import re
 
+import jax
 import pytest
 
 _README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -18,4 +19,5 @@ def test_readme_has_install_and_test_commands():
 @pytest.mark.parametrize("index", range(len(_BLOCKS)))
 def test_readme_block_runs(index):
   namespace: dict = {}
-  exec(compile(_BLOCKS[index], f"README.md block {index}", "exec"), namespace)  # pylint: disable=exec-used
+  with jax.numpy_dtype_promotion("standard"):  # what users run with
+    exec(compile(_BLOCKS[index], f"README.md block {index}", "exec"), namespace)  # pylint: disable=exec-used
