@@ -306,6 +306,9 @@ def _convert_in_place(layer, ctx, prefix, report_self=None):
     if not sub.built:
       continue
     new = ctx.quant_layer(sub, path)
+    if new is None and _layers.quantized_class(type(sub)) is not None:
+      count += 1  # supported, left float by a rule
+      continue
     if new is not None:
       new.build_from_config(sub.get_build_config())
       copy_weights(sub, new)

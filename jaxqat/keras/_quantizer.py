@@ -304,18 +304,16 @@ class Quantizer(keras.layers.Layer):
     return True
 
   def _dynamic_weight_range(self, x):
-    spec = self.spec
-    if is_jax():
-      from jaxqat.core import observer
-      xv = x.value if hasattr(x, "value") else x
-      obs = observer(spec)
-      s, z = obs.compute(obs.update(obs.init(xv), xv))
-      return s, (None if spec.symmetric else z)
+    """absmax/minmax range of the current weight, in keras.ops (cheap inside a train step).
+
+    Same formula as the core observers (:func:`_ops_range`); the step size can differ from
+    the core's by one ulp (the core divides exactly, XLA may multiply by a reciprocal).
+    """
     axes = _reduce_axes(tuple(x.shape), self.scale_shape)
     xc = ops.cast(ops.convert_to_tensor(x), "float32")
     lo = ops.reshape(ops.min(xc, axis=axes, keepdims=True), self.scale_shape)
     hi = ops.reshape(ops.max(xc, axis=axes, keepdims=True), self.scale_shape)
-    return _ops_range(spec, lo, hi)
+    return _ops_range(self.spec, lo, hi)
 
   def _observe_act(self, x):
     spec = self.spec

@@ -423,6 +423,43 @@ def test_mode_errors_are_clear():
     ql.quantize(lambda x: x)
 
 
+def test_stochastic_rounding_uses_the_quant_rng_stream():
+  spec = QuantSpec(format="int4", rounding="stochastic")
+  qmodel = ql.quantize(nn.Dense(3), [Rule(pattern=".*", weight=W8, act=spec)])
+  x = _x((64, 4))
+  v = _ptq(qmodel, x)
+  with pytest.raises(ValueError, match=r"rngs=\{'quant': key\}"):
+    qmodel.apply(v, x)
+  y1 = qmodel.apply(v, x, rngs={"quant": jax.random.key(1)})
+  y2 = qmodel.apply(v, x, rngs={"quant": jax.random.key(2)})
+  assert not bool((y1 == y2).all())
+  # eval mode rounds half to even, deterministically
+  y_eval = qmodel.with_mode("eval").apply(v, x)
+  s = v["quant_stats"]["input"]["scale"]
+  ref = _fq(x, A8.replace(format="int4"), calib=x)  # same absmax range, nearest rounding
+  np.testing.assert_allclose(core.fake_quant(x, s, spec=spec.replace(rounding="nearest_even")),
+                             ref, atol=1e-6)
+  wq = _fq(v["params"]["kernel"], W8)
+  np.testing.assert_allclose(y_eval, ref @ wq + v["params"]["bias"], atol=1e-5, rtol=0)
+
+
+def test_jitted_step_traces_once_per_mode():
+  traces = []
+  model = nn.Dense(3)
+  qmodel = ql.quantize(model, RULES)
+  x = _x((4, 4))
+  v = _ptq(qmodel, x)
+
+  @jax.jit
+  def step(v, x):
+    traces.append(1)
+    return qmodel.apply(v, x)
+
+  for i in range(3):
+    step(v, _x((4, 4), seed=i))
+  assert len(traces) == 1
+
+
 def test_skip_rule_leaves_layer_float():
   model = nn.Sequential([nn.Dense(3), nn.Dense(2)])
   x = _x((4, 4))

@@ -6,6 +6,7 @@ inner runs set JAXQAT_KERAS_INNER=1 so that they do not recurse.
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,8 @@ def _run_backend(backend):
   proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   tail = (proc.stdout + proc.stderr)[-6000:]
   assert proc.returncode == 0, f"Keras tests failed on the {backend} backend:\n{tail}"
-  assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+  summary = proc.stdout.strip().splitlines()[-1]
+  assert re.search(r"\d+ passed", summary) and not re.search(r"\d+ (failed|error)", summary), tail
 
 
 @skip_inner

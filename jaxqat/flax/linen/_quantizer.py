@@ -34,7 +34,7 @@ Modes (see :class:`~jaxqat.flax.linen.QuantizedModule`):
 * ``train``: fake quant with the frozen / learned ranges (stochastic rounding
   draws from the ``"quant"`` RNG stream).
 * ``eval``: as ``train``, with stochastic rounding replaced by round half to
-  even.
+  even (``freeze`` rounds to nearest too).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _rounding(spec: core.QuantSpec, module, mode: str):
   """The spec to use and the PRNG key for stochastic rounding."""
   if spec.rounding != "stochastic":
     return spec, None
-  if mode == "eval":
+  if mode in ("eval", "freeze") or module.is_initializing():
     return spec.replace(rounding="nearest_even"), None
   if not module.has_rng("quant"):
     raise ValueError("jaxqat: a spec with rounding='stochastic' needs a PRNG stream; call "
