@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxqat.core import IntFormat, PerChannel, QuantSpec, Rule
+from jaxqat.core import IntFormat, QuantSpec, Rule
 from jaxqat.flax import linen as ql
 
 W4A4_LSQ = [Rule(pattern=".*",

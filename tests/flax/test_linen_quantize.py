@@ -70,25 +70,32 @@ def _net_inputs():
 def test_params_tree_is_the_float_models():
   model = _Net()
   ids, img = _net_inputs()
-  fvars = jax.jit(model.init)(KEY, ids, img)
-  qmodel = ql.quantize(model, RULES)
-  qvars = jax.jit(qmodel.init)(KEY, ids, img)
+  fvars = jax.eval_shape(model.init, KEY, ids, img)
+  qvars = jax.eval_shape(ql.quantize(model, RULES).init, KEY, ids, img)
   assert jax.tree.structure(qvars["params"]) == jax.tree.structure(fvars["params"])
   assert _shapes(qvars["params"]) == _shapes(fvars["params"])
+  assert set(qvars) == {"params", "quant_stats"}  # fixed specs: nothing trainable added
+
+
+def test_float_params_load_and_run():
+  model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, lambda h: h.reshape(h.shape[0], -1),
+                         nn.Dense(3)])
+  x = _x((2, 5, 5, 3))
+  fvars = jax.jit(model.init)(KEY, x)
+  qmodel = ql.quantize(model, RULES)
+  qvars = jax.jit(qmodel.init)(KEY, x)
+  # Same initialisers, same RNG: the quantized model's params are the float ones.
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), qvars["params"],
                                    fvars["params"]))
-  assert set(qvars) == {"params", "quant_stats"}  # fixed specs: nothing trainable added
-  # The float params load unchanged and the quantized model runs on them.
-  v = ql.calibrate(qmodel, {**qvars, "params": fvars["params"]}, [(ids, img)])
-  v = ql.freeze(qmodel, v, ids, img)
-  yq, yf = jax.jit(qmodel.apply)(v, ids, img), jax.jit(model.apply)(fvars, ids, img)
+  v = _ptq(qmodel, x, {**qvars, "params": fvars["params"]})
+  yq, yf = jax.jit(qmodel.apply)(v, x), jax.jit(model.apply)(fvars, x)
   assert yq.shape == yf.shape == (2, 3)
   assert 0 < float(jnp.abs(yq - yf).max()) < 0.05
 
 
 def test_quantizers_of_every_layer():
   ids, img = _net_inputs()
-  v = jax.jit(ql.quantize(_Net(), RULES).init)(KEY, ids, img)
+  v = jax.eval_shape(ql.quantize(_Net(), RULES).init, KEY, ids, img)
   paths = ql.layer_paths(v)
   mha = "MultiHeadDotProductAttention_0"
   expected = ["Conv_0/input", "Conv_0/kernel", "DenseGeneral_0/input", "DenseGeneral_0/kernel",

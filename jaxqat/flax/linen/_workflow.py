@@ -123,21 +123,29 @@ def qat_optimizer(params_tx: optax.GradientTransformation,
                   quant_params_tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """One optax optimizer for ``{"params": ..., "quant_params": ...}``.
 
+  Every top-level entry other than ``quant_params`` (the float weights; a
+  model without LSQ specs has no ``quant_params``) gets ``params_tx``.
+
   Args:
     params_tx: the transformation for the float weights.
     quant_params_tx: the one for the LSQ step sizes / offsets (typically a
       smaller learning rate and no weight decay).
 
   Returns:
-    An ``optax.partition`` of the two, over a dict with exactly those keys.
+    An ``optax.partition`` of the two over a dict of collections.
 
   Examples:
     >>> import optax, jax.numpy as jnp
-    >>> tx = qat_optimizer(optax.adamw(1e-3), optax.adam(1e-4))
-    >>> state = tx.init({"params": {"w": jnp.ones(2)}, "quant_params": {}})
+    >>> tx = qat_optimizer(optax.sgd(0.5), optax.sgd(0.25))
+    >>> t = {"params": {"w": jnp.ones(2)}, "quant_params": {"s": jnp.ones(())}}
+    >>> u, _ = tx.update(t, tx.init(t), t)
+    >>> float(u["params"]["w"][0]), float(u["quant_params"]["s"])
+    (-0.5, -0.25)
   """
-  return optax.partition({"params": params_tx, "quant_params": quant_params_tx},
-                         {"params": "params", "quant_params": "quant_params"})
+  def labels(tree):
+    return {k: "quant_params" if k == "quant_params" else "params" for k in tree}
+
+  return optax.partition({"params": params_tx, "quant_params": quant_params_tx}, labels)
 
 
 # --------------------------------------------------------------------------
