@@ -8,18 +8,34 @@ sec. 3.2)::
     b_fold = beta + gamma * (b - moving_mean) / sqrt(moving_var + eps)
 
 so the weights that get quantized are ``w_fold``, not ``w``.
-:class:`QuantConvBatchNorm` trains exactly that, following the *folding with
-correction* variant (Jacob et al. 2018, appendix, fig. C.8; also
-Krishnamoorthi 2018, sec. 3.2): during training
+:class:`QuantConvBatchNorm` trains exactly that with *one* convolution per
+step, following the batch-statistics fold of Krishnamoorthi 2018 (sec. 3.2).
+During training, with ``sigma = sqrt(moving_var + eps)`` the
+moving standard deviation before this step's update:
 
-1. the float convolution ``y = conv(x, w)`` gives the batch statistics
-   ``mu_B``, ``sigma_B^2`` (and updates the moving statistics as Keras'
-   BatchNormalization does);
-2. the weights are folded with the *moving* standard deviation
-   ``sigma = sqrt(moving_var + eps)`` and fake-quantized:
-   ``w_q = Q(w * gamma / sigma)`` -- the weights a deployed model would use;
-3. the output is corrected to batch normalization with batch statistics:
-   ``conv(x, w_q) * sigma / sigma_B + beta - gamma * mu_B / sigma_B``.
+1. the weights are folded with the *moving* statistics and fake-quantized,
+   ``w_q = Q(w * gamma / sigma)`` -- the weights a deployed model uses -- and
+   ``y_q = conv(x, w_q)`` is the only convolution;
+2. the per-channel fold factor is undone, ``y_raw = y_q * sigma / gamma``,
+   an approximation of the raw convolution ``conv(x, w)`` (up to the weight
+   quantization error);
+3. the batch statistics ``mu_B``, ``sigma_B^2 = var_B + eps`` of ``y_raw``
+   update the moving statistics as Keras' BatchNormalization does (moving
+   mean of ``y_raw + b``, momentum ``bn.momentum``, biased variance);
+4. the output is batch normalization with batch statistics,
+   ``gamma * (y_raw - mu_B) / sigma_B + beta``, which equals
+   ``y_q * sigma / sigma_B + beta - gamma * mu_B / sigma_B``.
+
+The *folding with correction* variant of Jacob et al. 2018 (appendix,
+fig. C.8) gets the batch statistics from an extra float convolution
+``conv(x, w)`` instead; undoing the fold on ``y_q`` gives the same
+statistics (exactly so without quantization) at the cost of one convolution
+instead of two, which is what makes folded QAT about as fast as training
+the float model. To keep step 2 invertible, the training fold uses ``gamma``
+with its magnitude clamped to at least ``1e-6`` (sign kept, ``0`` counts as
+positive); step 4 still multiplies by the true ``gamma``, so the output of a
+channel with ``gamma == 0`` is exactly ``beta`` and ``gamma`` keeps a
+gradient.
 
 In inference (``training=False``), when the BatchNormalization layer is not
 trainable, or after ``freeze_bn=True`` (see
@@ -41,6 +57,12 @@ from jaxqat.keras._quantizer import spec_to_config
 from jaxqat.core import _spec as spec_lib
 
 __all__ = ["QuantConvBatchNorm", "can_fold"]
+
+# Smallest |gamma| the training fold uses (sign kept; 0 counts as positive):
+# the fold factor gamma / sigma must be invertible to recover the raw
+# convolution output. Only channels with |gamma| below it are affected, and
+# their output gamma * (...) + beta stays exact.
+_GAMMA_MIN = 1e-6
 
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
              keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
@@ -204,29 +226,44 @@ class QuantConvBatchNorm(keras.layers.Layer):
     bn = self.bn
     use_batch = bool(training) and bn.trainable and not self.freeze_bn
     gamma, beta, mmean, mvar = self._bn_params()
+    if not use_batch:  # the deployed computation
+      w_q = self.folded_kernel(gamma, mvar)
+      if self.kernel_quantizer is not None:
+        w_q = self.kernel_quantizer(w_q, training=training)
+      y = self._conv(x, w_q)
+      return ops.add(y, ops.cast(self.folded_bias(), y.dtype))
+    # Training with batch statistics, one convolution (module doc, steps 1-4).
+    # The fold uses gamma with its magnitude clamped away from zero (see
+    # _GAMMA_MIN) so that the fold factor can be undone; the statistics are
+    # those before this step's update.
     eps = bn.epsilon
-    if use_batch:
-      kernel = ops.convert_to_tensor(self.conv.kernel)
-      y_float = self._conv(x, kernel)
-      axes = tuple(range(len(y_float.shape) - 1))
-      mean_b, var_b = ops.moments(ops.cast(y_float, "float32"), axes=axes)
-      b = ops.convert_to_tensor(self.conv.bias) if self.conv.use_bias else ops.zeros_like(mmean)
-      m = bn.momentum
-      bn.moving_mean.assign(ops.stop_gradient(
-          ops.add(ops.multiply(mmean, m), ops.multiply(ops.add(mean_b, b), 1.0 - m))))
-      bn.moving_variance.assign(ops.stop_gradient(
-          ops.add(ops.multiply(mvar, m), ops.multiply(var_b, 1.0 - m))))
-    w_fold = self.folded_kernel(gamma, mvar)  # the statistics before this step's update
+    sigma = ops.sqrt(ops.add(mvar, eps))
+    gamma_c = ops.where(ops.less(gamma, 0.0), ops.minimum(gamma, -_GAMMA_MIN),
+                        ops.maximum(gamma, _GAMMA_MIN))
+    kernel = ops.convert_to_tensor(self.conv.kernel)
+    w_q = ops.multiply(kernel, ops.reshape(ops.cast(ops.divide(gamma_c, sigma), kernel.dtype),
+                                           self._channel_shape(kernel.shape)))
     if self.kernel_quantizer is not None:
-      w_fold = self.kernel_quantizer(w_fold, training=training)
-    y = self._conv(x, w_fold)
-    if use_batch:
-      sigma = ops.sqrt(ops.add(mvar, eps))
-      sigma_b = ops.sqrt(ops.add(var_b, eps))
-      corr = ops.cast(ops.divide(sigma, sigma_b), y.dtype)
-      shift = ops.cast(ops.subtract(beta, ops.divide(ops.multiply(gamma, mean_b), sigma_b)), y.dtype)
-      return ops.add(ops.multiply(y, corr), shift)
-    return ops.add(y, ops.cast(self.folded_bias(), y.dtype))
+      w_q = self.kernel_quantizer(w_q, training=training)
+    y_q = self._conv(x, w_q)
+    # y_raw = y_q * r approximates conv(x, w); its moments are those of y_q
+    # scaled by r (exact algebra, so y_raw is never materialized).
+    r = ops.divide(sigma, gamma_c)
+    axes = tuple(range(len(y_q.shape) - 1))
+    mean_q, var_q = ops.moments(ops.cast(y_q, "float32"), axes=axes)
+    mean_b = ops.multiply(mean_q, r)
+    var_b = ops.multiply(var_q, ops.square(r))
+    b = ops.convert_to_tensor(self.conv.bias) if self.conv.use_bias else ops.zeros_like(mmean)
+    m = bn.momentum
+    bn.moving_mean.assign(ops.stop_gradient(
+        ops.add(ops.multiply(mmean, m), ops.multiply(ops.add(mean_b, b), 1.0 - m))))
+    bn.moving_variance.assign(ops.stop_gradient(
+        ops.add(ops.multiply(mvar, m), ops.multiply(var_b, 1.0 - m))))
+    # gamma * (y_raw - mu_B) / sigma_B + beta, as one per-channel affine map of y_q.
+    inv_b = ops.divide(gamma, ops.sqrt(ops.add(var_b, eps)))
+    scale = ops.cast(ops.multiply(inv_b, r), y_q.dtype)
+    shift = ops.cast(ops.subtract(beta, ops.multiply(inv_b, mean_b)), y_q.dtype)
+    return ops.add(ops.multiply(y_q, scale), shift)
 
   def compute_output_shape(self, input_shape):
     return self.conv.compute_output_shape(input_shape)
