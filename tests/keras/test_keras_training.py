@@ -11,7 +11,7 @@ from jaxqat.core import PerChannel, QuantSpec, Rule
 from jaxqat.core import calibrate as core_calibrate
 from jaxqat.core import quant_dequant as core_qd
 import jaxqat.keras as jqk
-from kutil import BACKEND, assert_close, to_np
+from kutil import BACKEND, assert_close, layer_value_and_grads, to_np
 
 JIT = BACKEND == "jax"  # torch.compile is far too slow for unit tests
 
@@ -70,15 +70,36 @@ def test_fold_quantizes_the_weights_a_deployed_model_uses(depthwise):
   conv.kernel.assign(w_q)
   conv.bias.assign(beta + (b - mean) * inv)
   assert_close(to_np(fused(x, training=False)), to_np(conv(x)), what="folded inference")
-  # Training: batch-statistics correction (fig. C.8): conv(x, w_q) * sigma / sigma_B + shift.
+  # Training (Krishnamoorthi 2018, sec. 3.2): one conv with w_q, the fold undone per channel,
+  # batch normalization with the statistics of y_raw = y_q * sigma / gamma.
   conv.bias.assign(np.zeros_like(b))
-  y_q = to_np(conv(x))
-  conv.kernel.assign(k)
-  y_f = to_np(conv(x))
-  mu_b, var_b = y_f.mean((0, 1, 2)), y_f.var((0, 1, 2))
-  ref = y_q * np.sqrt(var + bn.epsilon) / np.sqrt(var_b + bn.epsilon) + beta - gamma * mu_b / (
-      np.sqrt(var_b + bn.epsilon))
+  y_q = to_np(conv(x))  # conv(x, w_q), no bias
+  sigma = np.sqrt(var + bn.epsilon)
+  y_raw = y_q * sigma / gamma
+  mu_b, var_b = y_raw.mean((0, 1, 2)), y_raw.var((0, 1, 2))
+  ref = gamma * (y_raw - mu_b) / np.sqrt(var_b + bn.epsilon) + beta
   assert_close(to_np(fused(x, training=True)), ref, 1e-5, "folded training")
+  m = bn.momentum
+  assert_close(to_np(fused.bn.moving_mean), m * mean + (1 - m) * (mu_b + b), 1e-5, "moving mean")
+  assert_close(to_np(fused.bn.moving_variance), m * var + (1 - m) * var_b, 1e-5, "moving var")
+
+
+def test_fold_training_with_zero_gamma_outputs_beta_and_gamma_gets_a_gradient():
+  conv, bn, x = _conv_bn()
+  gamma = to_np(bn.gamma)
+  gamma[1] = 0.0
+  bn.gamma.assign(gamma)
+  fused = _fused(conv, bn, x, QuantSpec(format="int8", granularity=PerChannel(-1)))
+  r = np.random.RandomState(3).randn(*to_np(fused(x)).shape).astype(np.float32)
+  out, _, grads = layer_value_and_grads(fused, x, r, training=True)
+  assert np.isfinite(out).all()
+  np.testing.assert_allclose(out[..., 1], to_np(bn.beta)[1], atol=1e-6)
+  # d out / d gamma_1 = (y_raw - mu_B) / sigma_B: y_raw from the float conv (w_q ~ w here).
+  y = to_np(conv(x)) - to_np(conv.bias)
+  y1 = y[..., 1]
+  g_ref = np.sum(r[..., 1] * (y1 - y1.mean()) / np.sqrt(y1.var() + bn.epsilon))
+  g = grads[fused.bn.gamma.path][1]
+  assert abs(g - g_ref) < 0.02 * abs(g_ref) and abs(g_ref) > 0.1, (g, g_ref)
 
 
 def _mlp(seed=0):
