@@ -78,6 +78,14 @@ def check_shape(spec: core.QuantSpec, shape, where: str) -> None:
     raise ValueError(f"jaxqat: {where} of shape {tuple(shape)}: {e}") from None
 
 
+
+def _learned_params(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array) -> dict:
+  """LSQ step size (and LSQ+ offset beta = -z * s) from a calibrated range."""
+  qp = {"step_size": scale}
+  if spec.learning == "lsq_plus":
+    qp["offset"] = -zp * scale
+  return qp
+
 def _range(spec: core.QuantSpec, x: jax.Array):
   """(scale, zero_point) of the spec's observer run on ``x`` alone."""
   obs = core.observer(spec)
@@ -170,10 +178,7 @@ def quantize_activation(module, name: str, x: jax.Array, spec: core.QuantSpec, m
     stats = {"observer": obs.init(jax.lax.stop_gradient(x)), "count": jnp.zeros((), jnp.int32),
              "spec_id": spec_id(spec)}
     if learned:
-      qp = {"step_size": scale}
-      if spec.learning == "lsq_plus":
-        qp["offset"] = -zp * scale
-      _create(module, PARAMS, name, qp, where)
+      _create(module, PARAMS, name, _learned_params(spec, scale, zp), where)
     else:
       stats["scale"], stats["zero_point"] = scale, zp
     _create(module, STATS, name, stats, where)
@@ -241,10 +246,7 @@ def quantize_weight(module, name: str, w: jax.Array, spec: core.QuantSpec, mode:
     if not spec.is_block:
       scale, zp = _range(spec, w)
       if learned:
-        qp = {"step_size": scale}
-        if spec.learning == "lsq_plus":
-          qp["offset"] = -zp * scale
-        _create(module, PARAMS, name, qp, where)
+        _create(module, PARAMS, name, _learned_params(spec, scale, zp), where)
       else:
         stats["scale"], stats["zero_point"] = scale, zp
     _create(module, STATS, name, stats, where)
@@ -255,9 +257,7 @@ def quantize_weight(module, name: str, w: jax.Array, spec: core.QuantSpec, mode:
   if mode == "freeze" and not initializing:
     scale, zp = _range(spec, w)
     if learned:
-      qp = {"step_size": scale}
-      if spec.learning == "lsq_plus":
-        qp["offset"] = -zp * scale
+      qp = _learned_params(spec, scale, zp)
       _write(module, PARAMS, name, qp, where, mode)
     else:
       stats = dict(_read(module, STATS, name, where), scale=scale, zero_point=zp)
