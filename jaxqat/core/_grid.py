@@ -112,6 +112,33 @@ def check_scale(scale, x_shape, spec: spec_lib.QuantSpec, name: str = "scale") -
                    f"shape {tuple(x_shape)}; expected {want}")
 
 
+def _neg_add(a, b):
+  return a - (-b)  # == a + b bit for bit; see _fused_sum
+
+
+def _fused_sum(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``jnp.sum(g, axes)`` that XLA's CPU backend keeps fused with ``g``'s producer.
+
+  XLA:CPU hands a reduction whose reducer is a bare ``add`` to a library
+  kernel (YNNPACK), and the elementwise expression feeding it is then
+  written to memory and read back: an extra pass over the whole tensor. In
+  the LSQ backward that expression (the step-size derivative times the
+  incoming gradient) is as large as the weight, so the pass costs as much as
+  the reduction itself. Spelling the reducer ``a - (-b)`` -- exactly
+  ``a + b`` for every pair of floats, signed zeros, infinities and NaN
+  included -- keeps it XLA's own fused reduction, one pass. Other platforms
+  get a plain ``jnp.sum``. (The order in which XLA adds the elements is its
+  own either way.)
+  """
+  def cpu(v):
+    return jax.lax.reduce(v, jnp.zeros((), v.dtype), _neg_add, axes)
+
+  def other(v):
+    return jnp.sum(v, axis=axes)
+
+  return jax.lax.platform_dependent(g, cpu=cpu, default=other)
+
+
 def sum_to_shape(g: jax.Array, shape) -> jax.Array:
   """Sums ``g`` over the axes that were broadcast to reach its shape."""
   shape = tuple(shape)
@@ -120,7 +147,7 @@ def sum_to_shape(g: jax.Array, shape) -> jax.Array:
   lead = g.ndim - len(shape)
   axes = tuple(range(lead)) + tuple(
       lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
-  return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
+  return _fused_sum(g, axes).reshape(shape)
 
 
 def reduce_axes(x_shape, spec: spec_lib.QuantSpec) -> tuple[int, ...]:
