@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxqat.core import IntFormat, QuantSpec, Rule
+from jaxqat.core import IntFormat, PerOutputChannel, QuantSpec, Rule
 from jaxqat.flax import linen as ql
 
 W4A4_LSQ = [Rule(pattern=".*",
-                 weight=ql.per_output_channel(QuantSpec(format=IntFormat(bits=4, signed=True,
-                                                                         narrow=True),
-                                                        learning="lsq")),
+                 weight=QuantSpec(format=IntFormat(bits=4, signed=True, narrow=True),
+                                  granularity=PerOutputChannel(), learning="lsq"),
                  act=QuantSpec(format="int4", learning="lsq"))]
 
 

@@ -27,6 +27,7 @@ from jaxqat.core._rules import RuleSet as RuleSet
 from jaxqat.core._rules import UnusedRuleWarning as UnusedRuleWarning
 from jaxqat.core._spec import Calibration as Calibration
 from jaxqat.core._spec import PerBlock as PerBlock
+from jaxqat.core._spec import PerOutputChannel as PerOutputChannel
 from jaxqat.core._spec import PerChannel as PerChannel
 from jaxqat.core._spec import PerTensor as PerTensor
 from jaxqat.core._spec import QuantSpec as QuantSpec
@@ -39,6 +40,7 @@ __all__ = [
     "IntFormat",
     "Observer",
     "PerBlock",
+    "PerOutputChannel",
     "PerChannel",
     "PerTensor",
     "QTensor",

@@ -35,6 +35,8 @@ def check_float_input(x, name: str = "x") -> jax.Array:
 def check_spec(spec) -> spec_lib.QuantSpec:
   if not isinstance(spec, spec_lib.QuantSpec):
     raise TypeError(f"spec: expected a jaxqat QuantSpec, got {type(spec).__name__}")
+  if spec.is_output_channel:
+    raise ValueError(spec_lib._UNRESOLVED)  # pylint: disable=protected-access
   return spec
 
 

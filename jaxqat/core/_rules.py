@@ -64,6 +64,9 @@ class Rule:
       value = getattr(self, name)
       if value is not None and not isinstance(value, spec_lib.QuantSpec):
         raise TypeError(f"Rule.{name}: must be a QuantSpec or None, got {type(value).__name__}")
+    if self.act is not None and self.act.is_output_channel:
+      raise ValueError(f"Rule.act: PerOutputChannel() is a weight granularity (rule "
+                       f"{self.pattern!r}); quantize activations per tensor or PerChannel(-1)")
     if self.skip and (self.weight is not None or self.act is not None):
       raise ValueError(f"Rule.skip: a skip rule ({self.pattern!r}) takes no weight or act spec")
 

@@ -27,6 +27,7 @@ __all__ = [
     "PerTensor",
     "PerChannel",
     "PerBlock",
+    "PerOutputChannel",
     "Granularity",
     "Calibration",
     "QuantSpec",
@@ -95,7 +96,28 @@ class PerBlock:
       raise TypeError(f"PerBlock: axis must be an int, got {self.axis!r}")
 
 
-Granularity = Union[PerTensor, PerChannel, PerBlock]
+@dataclasses.dataclass(frozen=True)
+class PerOutputChannel:
+  """One scale per output channel of a weight, whichever axes those are.
+
+  A weight spec for rules that match layers of different kinds: each front
+  end (Flax NNX and Linen, Keras) resolves it, per layer, to
+  ``PerChannel(axes)`` with ``axes`` the weight axes that the layer's matmul
+  or convolution does not contract -- the last axis of a ``Dense``/``Linear``
+  or ``Conv`` kernel, the output (and batch) axes of a ``DenseGeneral``
+  kernel, the kernel axes of an ``Einsum`` that appear in its output, both
+  channel axes of a depthwise kernel, the rows of an embedding table -- and
+  to :class:`PerTensor` when there are none. The core primitives need
+  concrete axes: resolve it with :meth:`QuantSpec.resolve_output_channel`.
+
+  Examples:
+    >>> spec = QuantSpec(format="int4", granularity=PerOutputChannel())
+    >>> spec.resolve_output_channel((0, 2)).granularity
+    PerChannel(axis=(0, 2))
+  """
+
+
+Granularity = Union[PerTensor, PerChannel, PerBlock, PerOutputChannel]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,6 +158,11 @@ class Calibration:
       raise ValueError(f"Calibration: num_candidates must be an int >= 2, got {self.num_candidates!r}")
 
 
+_UNRESOLVED = ("QuantSpec.granularity: PerOutputChannel() is resolved to axes by the layer "
+               "that uses the weight; outside a layer call "
+               "spec.resolve_output_channel(axes) first")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
   """How to quantize one tensor.
@@ -146,9 +173,10 @@ class QuantSpec:
       :class:`~jaxqat.core.formats.BlockFormat`, or a name accepted by
       :func:`~jaxqat.core.formats.get_format` (``"int8"``, ``"fp8_e4m3"``,
       ``"nvfp4"``...).
-    granularity: :class:`PerTensor`, :class:`PerChannel` or :class:`PerBlock`.
-      Block formats always use their own block size (``PerBlock`` is filled
-      in when left per tensor).
+    granularity: :class:`PerTensor`, :class:`PerChannel`, :class:`PerBlock`
+      or :class:`PerOutputChannel` (weights; resolved per layer). Block
+      formats always use their own block size (``PerBlock`` is filled in when
+      left per tensor).
     symmetric: a zero point of 0 (symmetric) or a learned/calibrated integer
       zero point (affine; integer formats only).
     calibration: a :class:`Calibration` or a method name.
@@ -183,9 +211,9 @@ class QuantSpec:
     except (TypeError, ValueError) as e:
       raise type(e)(f"QuantSpec.format: {e}") from None
     object.__setattr__(self, "format", fmt)
-    if not isinstance(self.granularity, (PerTensor, PerChannel, PerBlock)):
-      raise TypeError("QuantSpec.granularity: must be PerTensor(), PerChannel(axis) or "
-                      f"PerBlock(size, axis), got {self.granularity!r}")
+    if not isinstance(self.granularity, (PerTensor, PerChannel, PerBlock, PerOutputChannel)):
+      raise TypeError("QuantSpec.granularity: must be PerTensor(), PerChannel(axis), "
+                      f"PerBlock(size, axis) or PerOutputChannel(), got {self.granularity!r}")
     if isinstance(fmt, formats_lib.BlockFormat):
       if isinstance(self.granularity, PerTensor):
         object.__setattr__(self, "granularity", PerBlock(fmt.block_size, -1))
@@ -247,6 +275,37 @@ class QuantSpec:
     """
     return dataclasses.replace(self, **changes)
 
+  @property
+  def is_output_channel(self) -> bool:
+    """Whether the granularity is :class:`PerOutputChannel` (still to be resolved)."""
+    return isinstance(self.granularity, PerOutputChannel)
+
+  def resolve_output_channel(self, axes: Sequence[int]) -> "QuantSpec":
+    """Replaces :class:`PerOutputChannel` with concrete channel axes.
+
+    Args:
+      axes: the weight's output-channel axes (may be empty).
+
+    Returns:
+      ``self`` unless the granularity is ``PerOutputChannel()``; then a copy
+      with ``PerChannel(axes)``, or ``PerTensor()`` if ``axes`` is empty.
+
+    Raises:
+      TypeError: if an axis is not an int.
+
+    Examples:
+      >>> QuantSpec(granularity=PerOutputChannel()).resolve_output_channel([-1]).granularity
+      PerChannel(axis=-1)
+      >>> QuantSpec(granularity=PerOutputChannel()).resolve_output_channel(()).granularity
+      PerTensor()
+    """
+    if not self.is_output_channel:
+      return self
+    axes = tuple(axes)
+    if not axes:
+      return self.replace(granularity=PerTensor())
+    return self.replace(granularity=PerChannel(axes[0] if len(axes) == 1 else axes))
+
   def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """The shape of the scale (and zero point) for an input of ``shape``.
 
@@ -258,8 +317,9 @@ class QuantSpec:
       per block (see the module docstring).
 
     Raises:
-      ValueError: if an axis is out of range or the block size does not
-        divide the blocked axis.
+      ValueError: if an axis is out of range, the block size does not
+        divide the blocked axis, or the granularity is an unresolved
+        :class:`PerOutputChannel`.
 
     Examples:
       >>> QuantSpec(granularity=PerChannel(0)).scale_shape((16, 8))
@@ -269,6 +329,8 @@ class QuantSpec:
     """
     shape = tuple(int(d) for d in shape)
     g = self.granularity
+    if isinstance(g, PerOutputChannel):
+      raise ValueError(_UNRESOLVED)
     if isinstance(g, PerTensor):
       return ()
     if isinstance(g, PerChannel):

@@ -8,7 +8,7 @@ and TensorFlow backends and save to ``.keras`` files.
 Quick start::
 
     import keras, jaxqat.keras as jqk
-    qmodel = jqk.quantize_model(model)           # int8 weights (per channel) + inputs
+    qmodel = jqk.quantize_model(model)           # int8 weights (per output channel) + inputs
     jqk.calibrate(qmodel, x_calib, steps=8)      # activation ranges
     qmodel.compile(...); qmodel.fit(...)         # QAT
     qmodel.save("q.keras"); keras.saving.load_model("q.keras")

@@ -33,22 +33,27 @@ class UnquantizedLayerWarning(UserWarning):
 
 
 def default_rules(bits: int = 8) -> list:
-  """The default scheme: per-channel weights and per-tensor input activations.
+  """The default scheme: per-output-channel weights and per-tensor input activations.
+
+  Each layer resolves :class:`~jaxqat.core.PerOutputChannel` to its own
+  output-channel axes (see :mod:`jaxqat.keras._layers`): the last kernel axis
+  of Dense/Conv, both channel axes of a depthwise kernel, the output axes of
+  an EinsumDense kernel, the rows of an Embedding table.
 
   Args:
     bits: the integer width of both.
 
   Returns:
-    ``[Rule(pattern=".*", weight=int<bits> PerChannel(-1), act=int<bits> per tensor)]``.
+    ``[Rule(pattern=".*", weight=int<bits> PerOutputChannel(), act=int<bits> per tensor)]``.
 
   Examples:
     >>> r, = default_rules()
     >>> r.weight.granularity, r.act.format.name
-    (PerChannel(axis=-1), 'int8')
+    (PerOutputChannel(), 'int8')
   """
   return [rules_lib.Rule(
       pattern=".*",
-      weight=spec_lib.QuantSpec(format=f"int{bits}", granularity=spec_lib.PerChannel(-1)),
+      weight=spec_lib.QuantSpec(format=f"int{bits}", granularity=spec_lib.PerOutputChannel()),
       act=spec_lib.QuantSpec(format=f"int{bits}"))]
 
 
@@ -391,8 +396,10 @@ def quantize_model(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rul
     model: a built ``keras.Model``.
     rules: rules selecting layers by path (``re.fullmatch``, first match
       wins): ``Rule(pattern, weight=QuantSpec|None, act=QuantSpec|None,
-      skip=False)``. ``None``: :func:`default_rules` (int8 per-channel
-      weights, int8 per-tensor input activations).
+      skip=False)``. ``None``: :func:`default_rules` (int8 weights with
+      ``PerOutputChannel()``, int8 per-tensor input activations). A weight
+      spec with ``PerOutputChannel()`` is resolved per layer; a literal
+      ``PerChannel(axis)`` is used as given on every layer.
     fold_batchnorm: fold Conv+BatchNorm pairs.
     observe: passed to every quantizer (``None``: their default).
 
@@ -417,6 +424,9 @@ def quantize_model(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rul
     ...                            Rule(pattern=".*", weight=QuantSpec(format="int4"))])
     >>> [type(l).__name__ for l in q.layers]
     ['QuantDense', 'Dense']
+    >>> q = quantize_model(model)  # default_rules(): int8, one scale per output channel
+    >>> q.get_layer("hidden").kernel_quantizer.scale.shape
+    (1, 4)
   """
   if not isinstance(model, keras.Model):
     raise TypeError(f"model: expected a keras.Model (Sequential, Functional or subclassed), got "

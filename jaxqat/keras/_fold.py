@@ -52,9 +52,9 @@ from typing import Optional
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._quantizer import Quantizer
+from jaxqat.keras._quantizer import check_act_spec
 from jaxqat.keras._quantizer import spec_from_config
 from jaxqat.keras._quantizer import spec_to_config
-from jaxqat.core import _spec as spec_lib
 
 __all__ = ["QuantConvBatchNorm", "can_fold"]
 
@@ -115,23 +115,31 @@ class QuantConvBatchNorm(keras.layers.Layer):
       activation, channels_last), or its serialized config. A fresh copy is
       made from its config (copy the weights with ``set_weights``).
     batchnorm: the BatchNormalization layer (or config) that follows it.
-    weight_spec: QuantSpec for the folded kernel (``PerChannel(-1)``: per
-      output channel), or None.
-    act_spec: QuantSpec for the input activation, or None.
+    weight_spec: QuantSpec for the folded kernel, or None.
+      ``PerOutputChannel()`` is resolved to the kernel's output-channel axes
+      (the last one; the last two for a depthwise kernel) in the
+      ``kernel_quantizer``, while the layer's config keeps
+      ``PerOutputChannel()``; a literal ``PerChannel(axis)`` is used as given.
+    act_spec: QuantSpec for the input activation, or None (not
+      ``PerOutputChannel()``).
     observe: forwarded to the quantizers.
     freeze_bn: use the moving statistics in training too (no correction).
     **kwargs: Keras layer arguments; the name defaults to the conv's name.
 
   Raises:
-    ValueError: if the pair cannot be folded (see :func:`can_fold`).
+    ValueError: if the pair cannot be folded (see :func:`can_fold`), or
+      ``act_spec`` has granularity ``PerOutputChannel()``.
 
   Examples:
     >>> import keras, numpy as np
-    >>> from jaxqat.core import QuantSpec
+    >>> from jaxqat.core import QuantSpec, PerOutputChannel
     >>> layer = QuantConvBatchNorm(keras.layers.Conv2D(4, 3, name="c"),
-    ...                            keras.layers.BatchNormalization(), weight_spec=QuantSpec())
+    ...                            keras.layers.BatchNormalization(),
+    ...                            weight_spec=QuantSpec(granularity=PerOutputChannel()))
     >>> layer(np.ones((2, 6, 6, 3), "float32")).shape
     (2, 4, 4, 4)
+    >>> layer.kernel_quantizer.spec.granularity, layer.kernel_quantizer.scale.shape
+    (PerChannel(axis=3), (1, 1, 1, 4))
     >>> sorted(v.name for v in layer.bn.weights)
     ['beta', 'gamma', 'moving_mean', 'moving_variance']
   """
@@ -149,6 +157,7 @@ class QuantConvBatchNorm(keras.layers.Layer):
     self.bn = bn
     self.weight_spec = spec_from_config(weight_spec)
     self.act_spec = spec_from_config(act_spec)
+    check_act_spec(self.act_spec, f"QuantConvBatchNorm {self.name!r}")
     self.observe = observe
     self.freeze_bn = bool(freeze_bn)
     self.depthwise = isinstance(conv, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
@@ -167,15 +176,25 @@ class QuantConvBatchNorm(keras.layers.Layer):
       self.input_quantizer.build(input_shape)
     if self.weight_spec is not None:
       kshape = tuple(self.conv.kernel.shape)
-      spec = self.weight_spec
-      g = spec.granularity
-      if isinstance(g, spec_lib.PerChannel) and g.axes == (-1,):
-        nd = len(kshape)
-        spec = spec.replace(granularity=spec_lib.PerChannel((nd - 2, nd - 1) if self.depthwise
-                                                            else nd - 1))
+      spec = self.weight_spec.resolve_output_channel(self.channel_axes(kshape))
       self.kernel_quantizer = Quantizer(spec, role="weight", observe=self.observe,
                                         name="kernel_quantizer", dtype=self.dtype_policy)
       self.kernel_quantizer.build(kshape)
+
+  def channel_axes(self, kshape) -> tuple[int, ...]:
+    """Output-channel axes of the kernel: the last one, the last two when depthwise.
+
+    These are the axes the batch-norm fold scales (one factor per output
+    channel), and what ``PerOutputChannel()`` resolves to.
+
+    Args:
+      kshape: the convolution kernel's shape.
+
+    Returns:
+      The non-negative axes.
+    """
+    nd = len(kshape)
+    return (nd - 2, nd - 1) if self.depthwise else (nd - 1,)
 
   # -- folding ---------------------------------------------------------------
 

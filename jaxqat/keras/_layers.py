@@ -17,11 +17,20 @@ quantizer sublayers' variables.
 Gradients follow the textbook straight-through estimator of the core: the
 input gradient of ``x @ Q(W)`` is ``g @ Q(W)^T`` (the quantized weight).
 
-Per-channel weight specs: ``PerChannel(-1)`` (the default "per output
-channel") is mapped to each layer's output-channel axes: the last kernel axis
-for Dense/Conv/pointwise kernels, ``(2, 3)`` (input channel x multiplier) for
-depthwise kernels, the kernel axes that appear in the output for EinsumDense,
-and axis 0 (one scale per token) for Embedding. Other axes are used as given.
+Per-output-channel weight specs: a weight spec with granularity
+:class:`~jaxqat.core.PerOutputChannel` (the default of
+:func:`jaxqat.keras.quantize_model`) is resolved, per layer and weight, to
+``PerChannel(axes)`` with ``axes`` the weight axes the layer does not
+contract: the last kernel axis for Dense/Conv/pointwise kernels, the last two
+(input channel x multiplier) for depthwise kernels, the kernel axes that
+appear in the output for EinsumDense (``PerTensor()`` when there are none),
+and axis 0 (one scale per token) for Embedding. The weight's
+:class:`Quantizer` holds the resolved spec; the layer's ``weight_spec`` (and
+its config) keeps ``PerOutputChannel()``. A literal ``PerChannel(axis)`` means
+that axis on every layer: ``PerChannel(-1)`` is the last kernel axis, so on a
+depthwise kernel it gives one scale per depth multiplier, not per output
+channel. (Earlier versions mapped ``PerChannel(-1)`` to the output-channel
+axes; use ``PerOutputChannel()`` for that now.)
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from jaxqat.core import _spec as spec_lib
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._quantizer import Quantizer
+from jaxqat.keras._quantizer import check_act_spec
 from jaxqat.keras._quantizer import spec_from_config
 from jaxqat.keras._quantizer import spec_to_config
 
@@ -67,10 +77,14 @@ class QuantLayer:
 
   Args:
     weight_spec: the QuantSpec for the weights (``None``: float weights).
+      ``PerOutputChannel()`` is resolved per weight (see the module doc).
     act_spec: the QuantSpec for the input activation (``None``: float input).
     observe: forwarded to the :class:`Quantizer` sublayers (``None``:
       their default).
     *args, **kwargs: the float layer's arguments.
+
+  Raises:
+    ValueError: if ``act_spec`` has granularity ``PerOutputChannel()``.
   """
 
   quant_weights: tuple[tuple[str, str], ...] = ()
@@ -80,7 +94,9 @@ class QuantLayer:
                **kwargs):
     super().__init__(*args, **kwargs)
     self.weight_spec = spec_from_config(weight_spec)
-    self.act_spec = spec_from_config(act_spec) if self.quantize_input else None
+    act_spec = spec_from_config(act_spec)
+    check_act_spec(act_spec, f"{type(self).__name__} {self.name!r}")
+    self.act_spec = act_spec if self.quantize_input else None
     self.observe = observe
     self.input_quantizer = None
     sig = inspect.signature(super().call)
@@ -89,19 +105,29 @@ class QuantLayer:
   # -- per-layer channel axes ------------------------------------------------
 
   def channel_axes(self, attr: str, shape) -> tuple[int, ...]:
-    """Output-channel axes of the weight held in ``attr`` (default: last axis)."""
+    """Output-channel axes of the weight held in ``attr`` (default: last axis).
+
+    Args:
+      attr: the attribute holding the weight (``"_kernel"``...).
+      shape: the weight's shape.
+
+    Returns:
+      The non-negative axes the layer does not contract (may be empty).
+    """
     return (len(shape) - 1,)
 
   def weight_spec_for(self, attr: str, shape) -> spec_lib.QuantSpec:
-    """The weight spec with ``PerChannel(-1)`` mapped to the output-channel axes."""
-    spec = self.weight_spec
-    g = spec.granularity
-    if isinstance(g, spec_lib.PerChannel) and g.axes == (-1,):
-      axes = self.channel_axes(attr, shape)
-      if not axes:
-        return spec.replace(granularity=spec_lib.PerTensor())
-      return spec.replace(granularity=spec_lib.PerChannel(axes[0] if len(axes) == 1 else axes))
-    return spec
+    """The weight spec of ``attr`` with ``PerOutputChannel()`` resolved.
+
+    Args:
+      attr: the attribute holding the weight.
+      shape: the weight's shape.
+
+    Returns:
+      ``weight_spec.resolve_output_channel(channel_axes(attr, shape))``:
+      other granularities (``PerChannel(-1)`` included) are kept as given.
+    """
+    return self.weight_spec.resolve_output_channel(self.channel_axes(attr, shape))
 
   def build(self, input_shape):
     super().build(input_shape)
@@ -297,8 +323,9 @@ for _cls, (_base, _what, _ex, _shape, _attr) in _EXAMPLES.items():
     _cls.__doc__ = f"Quantized :class:`keras.layers.{_base}`: {_what}.\n\n" + (
         "  Takes the float layer's arguments plus ``weight_spec`` and ``observe``\n"
         "  (see :class:`QuantLayer`).\n\n  Examples:\n"
-        "    >>> import numpy as np\n    >>> from jaxqat.core import QuantSpec, PerChannel\n"
-        f"    >>> layer = QuantEmbedding({_ex}, weight_spec=QuantSpec(granularity=PerChannel(-1)))\n"
+        "    >>> import numpy as np\n    >>> from jaxqat.core import QuantSpec, PerOutputChannel\n"
+        "    >>> spec = QuantSpec(granularity=PerOutputChannel())\n"
+        f"    >>> layer = QuantEmbedding({_ex}, weight_spec=spec)\n"
         f"    >>> layer(np.zeros({_shape}, 'int32')).shape\n    (2, 3, 4)\n"
         "    >>> layer.embeddings_quantizer.scale.shape  # one scale per token\n    (10, 1)\n")
   else:

@@ -41,7 +41,7 @@ from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
 
-__all__ = ["Quantizer", "spec_to_config", "spec_from_config"]
+__all__ = ["Quantizer", "check_act_spec", "spec_to_config", "spec_from_config"]
 
 _OBSERVABLE = ("absmax", "minmax", "ema")
 
@@ -49,11 +49,27 @@ _OBSERVABLE = ("absmax", "minmax", "ema")
 def spec_to_config(spec: Optional[spec_lib.QuantSpec]) -> Optional[dict]:
   """A QuantSpec as a JSON-compatible dict (``None`` stays ``None``).
 
+  The granularity is stored as ``{"type": "per_tensor"}``,
+  ``{"type": "per_channel", "axis": [...]}``, ``{"type": "per_block",
+  "size": ..., "axis": ...}`` or ``{"type": "per_output_channel"}`` (kept
+  unresolved: the layer resolves it again when it is built).
+
+  Args:
+    spec: a :class:`~jaxqat.core.QuantSpec` or ``None``.
+
+  Returns:
+    The config dict, or ``None``.
+
+  Raises:
+    TypeError: if ``spec`` is not a QuantSpec.
+
   Examples:
-    >>> from jaxqat.core import QuantSpec, PerChannel
+    >>> from jaxqat.core import QuantSpec, PerChannel, PerOutputChannel
     >>> spec = QuantSpec(format="int4", granularity=PerChannel(-1))
     >>> spec_from_config(spec_to_config(spec)) == spec
     True
+    >>> spec_to_config(QuantSpec(granularity=PerOutputChannel()))["granularity"]
+    {'type': 'per_output_channel'}
   """
   if spec is None:
     return None
@@ -64,6 +80,8 @@ def spec_to_config(spec: Optional[spec_lib.QuantSpec]) -> Optional[dict]:
     gran = {"type": "per_tensor"}
   elif isinstance(g, spec_lib.PerChannel):
     gran = {"type": "per_channel", "axis": list(g.axes)}
+  elif isinstance(g, spec_lib.PerOutputChannel):
+    gran = {"type": "per_output_channel"}
   else:
     gran = {"type": "per_block", "size": g.size, "axis": g.axis}
   return {
@@ -77,7 +95,24 @@ def spec_to_config(spec: Optional[spec_lib.QuantSpec]) -> Optional[dict]:
 
 
 def spec_from_config(config: Any) -> Optional[spec_lib.QuantSpec]:
-  """Inverse of :func:`spec_to_config` (a QuantSpec passes through)."""
+  """Inverse of :func:`spec_to_config` (a QuantSpec passes through).
+
+  Args:
+    config: a dict from :func:`spec_to_config`, a QuantSpec, or ``None``.
+
+  Returns:
+    The QuantSpec, or ``None``.
+
+  Raises:
+    TypeError: if ``config`` is neither a dict nor a QuantSpec.
+    ValueError: if the granularity type is unknown.
+
+  Examples:
+    >>> from jaxqat.core import QuantSpec, PerOutputChannel
+    >>> spec = QuantSpec(format="int4", granularity=PerOutputChannel())
+    >>> spec_from_config(spec_to_config(spec)) == spec
+    True
+  """
   if config is None or isinstance(config, spec_lib.QuantSpec):
     return config
   if not isinstance(config, dict):
@@ -90,12 +125,39 @@ def spec_from_config(config: Any) -> Optional[spec_lib.QuantSpec]:
     gran = spec_lib.PerChannel(tuple(axis) if isinstance(axis, (list, tuple)) else axis)
   elif g["type"] == "per_block":
     gran = spec_lib.PerBlock(int(g["size"]), int(g["axis"]))
+  elif g["type"] == "per_output_channel":
+    gran = spec_lib.PerOutputChannel()
   else:
-    raise ValueError(f"spec: unknown granularity type {g['type']!r}")
+    raise ValueError(f"spec: unknown granularity type {g['type']!r}; expected one of "
+                     "'per_tensor', 'per_channel', 'per_block', 'per_output_channel'")
   return spec_lib.QuantSpec(
       format=config["format"], granularity=gran, symmetric=config["symmetric"],
       calibration=spec_lib.Calibration(**config["calibration"]),
       learning=config["learning"], rounding=config["rounding"])
+
+
+def check_act_spec(spec: Optional[spec_lib.QuantSpec], where: str, arg: str = "act_spec"):
+  """Raises if an activation spec uses the weight-only :class:`~jaxqat.core.PerOutputChannel`.
+
+  Args:
+    spec: the activation QuantSpec (or ``None``).
+    where: the layer, for the message (``"QuantDense 'dense'"``).
+    arg: the argument name, for the message.
+
+  Raises:
+    ValueError: if ``spec`` has granularity ``PerOutputChannel()``.
+
+  Examples:
+    >>> from jaxqat.core import QuantSpec, PerOutputChannel
+    >>> check_act_spec(QuantSpec(granularity=PerOutputChannel()), "QuantDense 'd'")
+    Traceback (most recent call last):
+    ...
+    ValueError: QuantDense 'd': act_spec has granularity PerOutputChannel(), a weight ...
+  """
+  if spec is not None and spec.is_output_channel:
+    raise ValueError(f"{where}: {arg} has granularity PerOutputChannel(), a weight granularity "
+                     "(one scale per output channel of a weight); an activation spec takes "
+                     "PerTensor() or PerChannel(axis)")
 
 
 def _ops_range(spec, lo, hi):
@@ -145,8 +207,10 @@ class Quantizer(keras.layers.Layer):
 
   Raises:
     TypeError: if ``spec`` is not a QuantSpec.
-    ValueError: if ``role`` is unknown, or ``observe=True`` is asked for a
-      method that cannot run inside a training step.
+    ValueError: if ``role`` is unknown, ``observe=True`` is asked for a
+      method that cannot run inside a training step, or ``spec`` has the
+      unresolved granularity ``PerOutputChannel()`` (an activation spec can
+      never use it; a weight's is resolved by the layer that owns it).
 
   Examples:
     >>> import numpy as np
@@ -163,6 +227,13 @@ class Quantizer(keras.layers.Layer):
     spec = spec_from_config(spec) if spec is not None else spec_lib.QuantSpec()
     if role not in ("act", "weight"):
       raise ValueError(f"Quantizer {self.name}: role must be 'act' or 'weight', got {role!r}")
+    if role == "act":
+      check_act_spec(spec, f"Quantizer {self.name}", "spec")
+    elif spec.is_output_channel:
+      raise ValueError(
+          f"Quantizer {self.name}: spec has granularity PerOutputChannel(), which the quantized "
+          "layer that owns the weight resolves to its output-channel axes; give a standalone "
+          "weight Quantizer spec.resolve_output_channel(axes) or a PerChannel(axis) spec")
     method = spec.calibration.method
     default_observe = spec.learning == "fixed" and method in _OBSERVABLE and not spec.is_block
     self.can_observe = default_observe

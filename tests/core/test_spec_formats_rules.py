@@ -120,6 +120,30 @@ def test_rule_validation():
     Rule(pattern=".*", weight=QuantSpec(), skip=True)
   with pytest.raises(TypeError, match=r"rules\[1\]: expected a jaxqat Rule"):
     RuleSet([Rule(pattern=".*"), "x"])
+  with pytest.raises(ValueError, match="Rule.act: PerOutputChannel.. is a weight granularity"):
+    Rule(pattern="dense", act=QuantSpec(granularity=core.PerOutputChannel()))
+
+
+def test_per_output_channel_resolution():
+  spec = QuantSpec(format="int4", granularity=core.PerOutputChannel(), learning="lsq")
+  assert spec.is_output_channel and hash(spec) == hash(spec.replace())
+  got = spec.resolve_output_channel((0, 2))
+  assert got.granularity == PerChannel((0, 2)) and got.learning == "lsq" and got.format.bits == 4
+  assert spec.resolve_output_channel([3]).granularity == PerChannel(3)
+  assert spec.resolve_output_channel(()).granularity == core.PerTensor()
+  plain = QuantSpec(granularity=PerChannel(1))
+  assert plain.resolve_output_channel((0,)) is plain  # concrete specs are left alone
+  msg = r"PerOutputChannel\(\) is resolved to axes by the layer"
+  with pytest.raises(ValueError, match=msg):
+    spec.scale_shape((4, 3))
+  with pytest.raises(ValueError, match=msg):
+    core.fake_quant(jnp.ones((4, 3)), 1.0, spec=spec.replace(learning="fixed"))
+  with pytest.raises(ValueError, match=msg):
+    core.lsq_fake_quant(jnp.ones((4, 3)), 1.0, spec=spec)
+  with pytest.raises(ValueError, match=msg):
+    core.observer(spec)
+  with pytest.raises(ValueError, match="nvfp4 needs PerBlock"):
+    QuantSpec(format="nvfp4", granularity=core.PerOutputChannel())
 
 
 def test_import_jaxqat_does_not_import_keras_or_flax():

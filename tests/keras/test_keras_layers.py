@@ -6,13 +6,13 @@ import keras
 import numpy as np
 import pytest
 
-from jaxqat.core import PerChannel, QuantSpec
+from jaxqat.core import PerChannel, PerOutputChannel, QuantSpec
 from jaxqat.core import quant_dequant as core_qd
 import jaxqat.keras as jqk
 from jaxqat.keras._convert import copy_weights
 from kutil import assert_close, layer_value_and_grads, to_np
 
-W4 = QuantSpec(format="int4", granularity=PerChannel(-1))
+W4 = QuantSpec(format="int4", granularity=PerOutputChannel())
 A8 = QuantSpec(format="int8")
 
 CASES = {

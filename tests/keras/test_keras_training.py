@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from jaxqat.core import PerChannel, QuantSpec, Rule
+from jaxqat.core import PerChannel, PerOutputChannel, QuantSpec, Rule
 from jaxqat.core import calibrate as core_calibrate
 from jaxqat.core import quant_dequant as core_qd
 import jaxqat.keras as jqk
@@ -55,7 +55,7 @@ def test_fold_without_quantization_equals_conv_then_batchnorm_in_training_and_in
 def test_fold_quantizes_the_weights_a_deployed_model_uses(depthwise):
   """Inference: conv(x, Q(w * gamma / sigma)) + folded bias (Jacob et al. 2018, sec. 3.2)."""
   conv, bn, x = _conv_bn(depthwise)
-  spec = QuantSpec(format="int4", granularity=PerChannel(-1))
+  spec = QuantSpec(format="int4", granularity=PerOutputChannel())
   fused = _fused(conv, bn, x, spec)
   gamma, beta, mean, var = (to_np(v) for v in (bn.gamma, bn.beta, bn.moving_mean,
                                                bn.moving_variance))
@@ -213,7 +213,7 @@ def test_keras_file_round_trip_is_exact_and_keeps_training(tmp_path):
   y = rng.randint(0, 3, 16)
   rules = [Rule(pattern="head", weight=QuantSpec(format="int4", learning="lsq"),
                 act=QuantSpec(symmetric=False, learning="lsq_plus")),
-           Rule(pattern=".*", weight=QuantSpec(granularity=PerChannel(-1)),
+           Rule(pattern=".*", weight=QuantSpec(granularity=PerOutputChannel()),
                 act=QuantSpec(symmetric=False))]
   q = jqk.quantize_model(_cnn(), rules)
   assert [type(l).__name__ for l in q.layers[1:4]] == ["QuantConvBatchNorm", "ReLU",

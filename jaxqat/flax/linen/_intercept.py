@@ -60,19 +60,6 @@ _ELEMENTWISE_MODULES = ("flax.linen.normalization", "flax.linen.activation",
 # Flax layers whose kernel is the right-hand operand of their one op.
 _KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 
-# Weight specs whose per-channel axes are resolved per layer (see per_output_channel).
-_OUTPUT_CHANNEL_SPECS: dict[int, core.QuantSpec] = {}
-
-
-def mark_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
-  _OUTPUT_CHANNEL_SPECS[id(spec)] = spec  # keeps spec alive, so the id stays unique
-  return spec
-
-
-def is_output_channel(spec: core.QuantSpec) -> bool:
-  return _OUTPUT_CHANNEL_SPECS.get(id(spec)) is spec
-
-
 # --------------------------------------------------------------------------
 # Thread-local state.
 # --------------------------------------------------------------------------
@@ -222,11 +209,7 @@ def _act_name(weight_name: str) -> str:
 
 
 def _resolve(spec: core.QuantSpec, out_axes: tuple[int, ...]) -> core.QuantSpec:
-  if not is_output_channel(spec):
-    return spec
-  if not out_axes:
-    return spec.replace(granularity=core.PerTensor())
-  return spec.replace(granularity=core.PerChannel(out_axes if len(out_axes) > 1 else out_axes[0]))
+  return spec.resolve_output_channel(out_axes)
 
 
 def _quantize_operands(frame: Frame, ops: list, weights: dict[int, tuple[str, tuple, bool]],

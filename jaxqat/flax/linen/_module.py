@@ -27,13 +27,12 @@ RulesLike = Union[core.RuleSet, Sequence[core.Rule], core.Rule, None]
 def per_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
   """Returns a copy of a weight ``spec`` with one scale per output channel.
 
-  The channel axes are resolved per layer from the op that uses the weight:
-  the weight axes that the op does not contract. That is the last axis of a
-  ``Dense`` or ``Conv`` kernel, the feature axes (and batch axes) of a
-  ``DenseGeneral`` kernel, the kernel axes of an ``Einsum`` that appear in its
-  output, and the rows of an ``Embed`` table. The returned spec's own
-  granularity is ignored; a spec derived from it with ``replace`` is a plain
-  spec again.
+  Shorthand for ``spec.replace(granularity=PerOutputChannel())``. The channel
+  axes are resolved per layer from the op that uses the weight: the weight
+  axes that the op does not contract. That is the last axis of a ``Dense`` or
+  ``Conv`` kernel, the feature axes (and batch axes) of a ``DenseGeneral``
+  kernel, the kernel axes of an ``Einsum`` that appear in its output, and the
+  rows of an ``Embed`` table.
 
   Args:
     spec: a weight QuantSpec.
@@ -47,11 +46,12 @@ def per_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
   Examples:
     >>> from jaxqat.core import QuantSpec, Rule
     >>> w4 = per_output_channel(QuantSpec(format="int4"))
-    >>> rule = Rule(pattern=".*", weight=w4, act=QuantSpec(format="int4"))
+    >>> w4.granularity
+    PerOutputChannel()
   """
   if not isinstance(spec, core.QuantSpec):
     raise TypeError(f"spec: expected a jaxqat QuantSpec, got {type(spec).__name__}")
-  return _intercept.mark_output_channel(spec.replace(granularity=core.PerChannel(-1)))
+  return spec.replace(granularity=core.PerOutputChannel())
 
 
 _W8 = per_output_channel(core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
@@ -66,7 +66,7 @@ def default_rules() -> list[core.Rule]:
   output channel (:func:`per_output_channel`), absmax; input activations int8
   affine per tensor, range from a min/max calibration (most inputs follow a
   ReLU/GELU or are images in ``[0, 1]``). The same specs as the NNX front
-  end's defaults, except that NNX uses the literal last kernel axis.
+  end's defaults.
 
   Returns:
     A list with one catch-all :class:`~jaxqat.core.Rule`.

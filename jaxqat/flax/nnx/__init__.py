@@ -18,6 +18,7 @@ from jaxqat.flax.nnx._convert import QuantizationWarning as QuantizationWarning
 from jaxqat.flax.nnx._convert import default_act_spec as default_act_spec
 from jaxqat.flax.nnx._convert import default_rules as default_rules
 from jaxqat.flax.nnx._convert import default_weight_spec as default_weight_spec
+from jaxqat.flax.nnx._convert import per_output_channel as per_output_channel
 from jaxqat.flax.nnx._convert import quantize as quantize
 from jaxqat.flax.nnx._intercept import intercept as intercept
 from jaxqat.flax.nnx._layers import ActQuant as ActQuant
@@ -54,6 +55,7 @@ __all__ = [
     "freeze",
     "intercept",
     "param_labels",
+    "per_output_channel",
     "quantize",
     "quantizers",
     "restore_checkpoint",

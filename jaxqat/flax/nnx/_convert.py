@@ -58,6 +58,7 @@ __all__ = [
     "default_rules",
     "default_weight_spec",
     "default_act_spec",
+    "per_output_channel",
     "QuantizationReport",
     "QuantizationWarning",
     "path_str",
@@ -68,20 +69,62 @@ class QuantizationWarning(UserWarning):
   """A layer matched a rule but could not be (fully) quantized."""
 
 
+def per_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
+  """Returns a copy of a weight ``spec`` with one scale per output channel.
+
+  The granularity becomes :class:`jaxqat.core.PerOutputChannel`, which each
+  quantized layer resolves, when it is created, to the weight axes that its
+  matmul/convolution does not contract: the last kernel axis of ``Linear``
+  and ``Conv`` (grouped and depthwise included), the batch and
+  ``out_features`` axes of a ``LinearGeneral`` kernel, the kernel axes of an
+  ``Einsum`` that appear in its output, the rows (axis 0) of an ``Embed``
+  table. Modules that are intercepted (not Flax's own layers) use the last
+  axis of each parameter (see :func:`quantize`). The Linen front end's
+  ``per_output_channel`` gives the same axes for Flax's layers.
+
+  Args:
+    spec: a weight QuantSpec (its granularity is replaced).
+
+  Returns:
+    ``spec`` with ``granularity=PerOutputChannel()``.
+
+  Raises:
+    TypeError: if ``spec`` is not a QuantSpec.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec, Rule
+    >>> w4 = per_output_channel(QuantSpec(format="int4"))
+    >>> w4.granularity
+    PerOutputChannel()
+    >>> emb = quantize(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), Rule(pattern=".*", weight=w4))
+    >>> emb.embedding_quant.spec.granularity, emb.embedding_quant.scale.shape
+    (PerChannel(axis=0), (10, 1))
+  """
+  if not isinstance(spec, core.QuantSpec):
+    raise TypeError(f"per_output_channel: spec must be a jaxqat QuantSpec, got "
+                    f"{type(spec).__name__}")
+  return spec.replace(granularity=core.PerOutputChannel())
+
+
 def default_weight_spec() -> core.QuantSpec:
   """int8 symmetric (narrow range ``[-127, 127]``) per output channel, absmax.
 
-  ``PerChannel(-1)``: the last kernel axis, which is the output axis of
-  ``Linear``, ``Conv``, ``LinearGeneral`` and the common ``Einsum`` layouts
-  (the feature axis of an ``Embed`` table).
+  The granularity is :class:`jaxqat.core.PerOutputChannel` (see
+  :func:`per_output_channel`): each layer resolves it to its own output
+  axes -- the last kernel axis of ``Linear``/``Conv``, the batch and output
+  axes of ``LinearGeneral``, the kernel axes of an ``Einsum`` that appear in
+  its output, the rows of an ``Embed`` table, the last axis of each weight
+  of an intercepted module. The same spec as the Linen front end's default.
 
   Examples:
     >>> default_weight_spec().qmin
     -127
+    >>> default_weight_spec().granularity
+    PerOutputChannel()
   """
-  return core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
-                        granularity=core.PerChannel(-1), symmetric=True,
-                        calibration="absmax")
+  return per_output_channel(core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
+                                           symmetric=True, calibration="absmax"))
 
 
 def default_act_spec() -> core.QuantSpec:
@@ -229,6 +272,16 @@ def quantize(
   kept (same ``Variable`` objects, same arrays). All quantizers start in
   ``"calibrate"`` mode: run :func:`calibrate` (or :func:`freeze` for
   weight-only specs) before training or inference.
+
+  A weight spec with ``granularity=PerOutputChannel()`` (the default, see
+  :func:`per_output_channel`) is resolved per layer: for Flax's layers to
+  the weight axes that the layer's op does not contract (last kernel axis
+  of ``Linear``/``Conv``, batch and output axes of ``LinearGeneral``, the
+  ``Einsum`` kernel axes in its output, the rows of an ``Embed`` table);
+  for intercepted modules, whose quantizers are made before their ops are
+  seen, to the **last axis** of each weight (the Linen front end resolves
+  those per op as well). The quantizers and checkpoints hold the resolved
+  ``PerChannel`` spec.
 
   Args:
     model: the NNX model (any graph of modules).

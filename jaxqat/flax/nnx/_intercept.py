@@ -121,7 +121,14 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   Args:
     module: the module.
     params: ``[(name_parts, nnx.Param)]``, the parameters to treat as weights.
-    weight_spec: QuantSpec for the weights, or None.
+    weight_spec: QuantSpec for the weights, or None. The quantizers are made
+      here, before any matmul is seen, so a ``PerOutputChannel()``
+      granularity resolves to the **last axis** of each parameter
+      (``PerChannel(-1)``, stacked axes excluded) -- the output axis of the
+      usual ``x @ w`` layout, but not of ``w @ x`` or of an einsum that
+      contracts the last axis. (The Linen front end, which sees each op,
+      resolves it per op; here, give an explicit ``PerChannel`` when the
+      last axis is not the output axis.)
     act_spec: QuantSpec for the other operand of each matmul, or None. Must
       be per tensor or a block format.
     path: the module path (for messages).
@@ -132,7 +139,7 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
 
   Raises:
     ValueError: if a spec does not fit a parameter, or ``act_spec`` is per
-      channel, naming the layer and parameter.
+      channel or ``PerOutputChannel()``, naming the layer and parameter.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -150,6 +157,12 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   """
   if stack_ndim < 0:
     raise ValueError(f"layer '{path}': stack_ndim must be >= 0, got {stack_ndim}")
+  if act_spec is not None and act_spec.is_output_channel:
+    raise ValueError(f"layer '{path}': the activation spec has granularity PerOutputChannel(), "
+                     "which is for weights only; intercepted modules quantize matmul inputs "
+                     "per tensor (PerTensor()) or per block")
+  if weight_spec is not None and weight_spec.is_output_channel:
+    weight_spec = weight_spec.resolve_output_channel((-1,))  # see the docstring
   if act_spec is not None and isinstance(act_spec.granularity, core.PerChannel):
     raise ValueError(f"layer '{path}': intercepted modules quantize matmul inputs per tensor; "
                      f"got an activation spec with {act_spec.granularity}")

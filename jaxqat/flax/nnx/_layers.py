@@ -131,6 +131,14 @@ class _QuantMixin(nnx.Module):
       raise ValueError(f"layer '{path}': stack_ndim {stack_ndim} exceeds the weight's rank")
     stack = tuple(weight.shape[:stack_ndim])
     wq = aq = None
+    if isinstance(act_spec, core.QuantSpec) and act_spec.is_output_channel:
+      where = f"layer '{path}'" if path else cls.__name__
+      raise ValueError(f"{where}: the activation spec has granularity PerOutputChannel(), which "
+                       "is for weights only; quantize input activations per tensor "
+                       "(PerTensor()), per channel on the last axis (PerChannel(-1)) or per "
+                       "block")
+    if isinstance(weight_spec, core.QuantSpec) and weight_spec.is_output_channel:
+      weight_spec = weight_spec.resolve_output_channel(cls._output_axes(layer, path))
     if weight_spec is not None:
       wq = Quantizer(weight_spec, role=WEIGHT, shape=weight.shape[stack_ndim:],
                      stack_shape=stack, path=path)
@@ -142,6 +150,11 @@ class _QuantMixin(nnx.Module):
   @classmethod
   def _in_channels(cls, layer, path) -> int:
     raise NotImplementedError
+
+  @classmethod
+  def _output_axes(cls, layer, path) -> tuple[int, ...]:
+    """The weight's output-channel axes (unstacked layout), for PerOutputChannel."""
+    return (-1,)
 
   def _jaxqat_install(self, wq, aq, stack):
     # Keep Flax's own promotion, then quantize the promoted operands.
@@ -178,12 +191,52 @@ class _QuantMixin(nnx.Module):
     return out
 
 
+def einsum_output_axes(einsum_str: Optional[str], ndim: int, where: str) -> tuple[int, ...]:
+  """The axes of an einsum's rhs (of rank ``ndim``) whose subscripts appear in its output.
+
+  Args:
+    einsum_str: an explicit two-operand equation ``"lhs,rhs->out"``.
+    ndim: the rank of the rhs operand (the kernel, without stacked axes).
+    where: the layer, for error messages.
+
+  Returns:
+    The non-negative rhs axes that are not contracted, in order.
+
+  Raises:
+    ValueError: if the equation is missing, not of that form, or its rhs
+      term does not fit a kernel of rank ``ndim``; the message names ``where``.
+  """
+  if not isinstance(einsum_str, str):
+    raise ValueError(f"{where}: a PerOutputChannel() weight spec needs the layer's einsum_str "
+                     "(given to the constructor) to find the kernel's output axes; got "
+                     f"{einsum_str!r}. Use an explicit granularity (PerChannel(axes)) instead")
+  eq = einsum_str.replace(" ", "")
+  if eq.count("->") != 1 or eq.split("->")[0].count(",") != 1:
+    raise ValueError(f"{where}: einsum_str {einsum_str!r} is not an explicit two-operand "
+                     "equation 'lhs,rhs->out'; cannot resolve PerOutputChannel()")
+  inputs, out = eq.split("->")
+  rhs = inputs.split(",")[1]
+  n_named = len(rhs.replace("...", ""))
+  if rhs.count("...") > 1 or n_named > ndim or ("..." not in rhs and n_named != ndim):
+    raise ValueError(f"{where}: the kernel term {rhs!r} of einsum_str {einsum_str!r} does not "
+                     f"fit a kernel of rank {ndim}; cannot resolve PerOutputChannel()")
+  labels = []
+  head, _, tail = rhs.partition("...")
+  labels += list(head)
+  if "..." in rhs:
+    labels += ["..."] * (ndim - n_named)
+    labels += list(tail)
+  return tuple(k for k, c in enumerate(labels) if c in out.replace("...", "") or
+               (c == "..." and "..." in out))
+
+
 class QuantLinear(_QuantMixin, nnx.Linear):
   """``nnx.Linear`` with fake-quantized kernel and input.
 
   Args:
     *args: the arguments of ``nnx.Linear``.
     weight_spec: QuantSpec of the kernel (shape ``(in, out)``), or None.
+      ``PerOutputChannel()`` resolves to ``PerChannel(-1)``.
     act_spec: QuantSpec of the input, or None.
     **kwargs: the keyword arguments of ``nnx.Linear``.
 
@@ -211,18 +264,29 @@ class QuantLinearGeneral(_QuantMixin, nnx.LinearGeneral):
   """``nnx.LinearGeneral`` with fake-quantized kernel and input.
 
   The kernel has shape ``(*batch, *in_features, *out_features)``; a
-  per-channel activation spec needs a single input axis ``-1``.
+  per-channel activation spec needs a single input axis ``-1``. A
+  ``PerOutputChannel()`` weight spec resolves to the batch axes and the
+  ``out_features`` axes: ``PerChannel((0, ..., nb - 1, -no, ..., -1))``.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from jaxqat.core import QuantSpec
+    >>> from jaxqat.core import QuantSpec, PerOutputChannel
     >>> layer = QuantLinearGeneral(4, (2, 3), act_spec=QuantSpec(), rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((5, 4))).shape  # calibrating: float output
     (5, 2, 3)
+    >>> layer = QuantLinearGeneral(4, (2, 3), rngs=nnx.Rngs(0),
+    ...     weight_spec=QuantSpec(granularity=PerOutputChannel()))
+    >>> layer.kernel_quant.spec.granularity, layer.kernel_quant.scale.shape
+    (PerChannel(axis=(-2, -1)), (1, 2, 3))
   """
 
   float_type = nnx.LinearGeneral
+
+  @classmethod
+  def _output_axes(cls, layer, path):
+    nb, no = len(layer.batch_axis), len(layer.out_features)
+    return tuple(range(nb)) + tuple(range(-no, 0))
 
   @classmethod
   def _in_channels(cls, layer, path):
@@ -234,17 +298,33 @@ class QuantLinearGeneral(_QuantMixin, nnx.LinearGeneral):
 class QuantEinsum(_QuantMixin, nnx.Einsum):
   """``nnx.Einsum`` with fake-quantized kernel (the rhs) and input (the lhs).
 
+  A ``PerOutputChannel()`` weight spec resolves to the kernel axes whose
+  subscripts appear in the output of the layer's ``einsum_str`` (the one
+  given to the constructor; an equation passed at call time is not seen).
+  Axes under ``...`` in the kernel term count as output axes when the output
+  has ``...`` too (otherwise they are summed). A layer without an
+  ``einsum_str`` cannot resolve it (ValueError naming the layer).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from jaxqat.core import QuantSpec
+    >>> from jaxqat.core import QuantSpec, PerOutputChannel
     >>> layer = QuantEinsum('nta,hab->nthb', (8, 2, 4), (8, 4),
     ...                     weight_spec=QuantSpec(), rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((16, 11, 2))).shape
     (16, 11, 8, 4)
+    >>> layer = QuantEinsum('nta,hab->nthb', (8, 2, 4), (8, 4), rngs=nnx.Rngs(0),
+    ...     weight_spec=QuantSpec(granularity=PerOutputChannel()))
+    >>> layer.kernel_quant.spec.granularity, layer.kernel_quant.scale.shape
+    (PerChannel(axis=(0, 2)), (8, 1, 4))
   """
 
   float_type = nnx.Einsum
+
+  @classmethod
+  def _output_axes(cls, layer, path):
+    return einsum_output_axes(layer.einsum_str, len(layer.kernel_shape),
+                              f"QuantEinsum '{path}'" if path else "QuantEinsum")
 
   @classmethod
   def _in_channels(cls, layer, path):
@@ -255,8 +335,10 @@ class QuantConv(_QuantMixin, nnx.Conv):
   """``nnx.Conv`` (1D/2D/3D, grouped, depthwise) with fake-quantized kernel and input.
 
   The kernel has shape ``(*kernel_size, in_features // groups, out_features)``;
-  the default per-channel axis ``-1`` is the output channel. A mask is applied
-  after the kernel is quantized (masked entries stay exactly zero).
+  its last axis is the output channel, so a ``PerOutputChannel()`` weight
+  spec resolves to ``PerChannel(-1)`` (also for grouped and depthwise
+  convolutions). A mask is applied after the kernel is quantized (masked
+  entries stay exactly zero).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -280,7 +362,9 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
 
   The weight quantizer is ``embedding_quant`` (table shape
   ``(num_embeddings, features)``; ``PerChannel(0)`` gives one scale per
-  token, ``PerChannel(-1)`` one per feature). Lookups take integer inputs, so
+  token, ``PerChannel(-1)`` one per feature). A ``PerOutputChannel()`` spec
+  resolves to the rows, ``PerChannel(0)``: each looked-up vector has its own
+  scale, as in the Linen front end. Lookups take integer inputs, so
   ``input_quant`` (if any) applies only to the query of :meth:`attend`.
 
   Examples:
@@ -297,6 +381,10 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
   float_type = nnx.Embed
   weight_attr = "embedding"
   quant_attr = "embedding_quant"
+
+  @classmethod
+  def _output_axes(cls, layer, path):
+    return (0,)
 
   @classmethod
   def _in_channels(cls, layer, path):
@@ -337,6 +425,10 @@ class ActQuant(nnx.Module):
     features: the size of the last axis, needed only for a per-channel spec.
     stack_shape: leading axes when the module is created under ``nnx.vmap``
       by hand (usually left empty).
+
+  Raises:
+    ValueError: if ``spec`` is per channel on an axis other than the last,
+      or has the weight-only granularity ``PerOutputChannel()``.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -83,7 +83,9 @@ class Quantizer(nnx.Module):
     TypeError: if ``spec`` is not a QuantSpec.
     ValueError: if the spec does not fit ``shape`` (a per-channel axis out of
       range, a block size that does not divide its axis, a per-channel
-      activation axis other than the last one), naming ``path``.
+      activation axis other than the last one) or has an unresolved
+      :class:`jaxqat.core.PerOutputChannel` granularity (weights: the layer
+      resolves it first; activations: not allowed), naming ``path``.
     NotImplementedError: for stochastic rounding (needs a PRNG stream).
 
   Examples:
@@ -120,6 +122,15 @@ class Quantizer(nnx.Module):
     if spec.rounding == "stochastic":
       raise NotImplementedError(f"{where}: rounding='stochastic' is not supported by the NNX "
                                 "front end yet (it needs a PRNG stream); use 'nearest_even'")
+    if spec.is_output_channel:
+      if role == ACT:
+        raise ValueError(f"{where}: the activation spec has granularity PerOutputChannel(), "
+                         "which is for weights only; quantize input activations per tensor "
+                         "(PerTensor()), per channel on the last axis (PerChannel(-1)) or per "
+                         "block")
+      raise ValueError(f"{where}: the weight spec's PerOutputChannel() granularity is not "
+                       "resolved; the layer resolves it to its output axes "
+                       "(spec.resolve_output_channel(axes)) before creating the Quantizer")
     if role == ACT and isinstance(spec.granularity, core.PerChannel) and (
         len(spec.granularity.axes) != 1 or spec.granularity.axes[0] not in (-1, len(shape) - 1)):
       raise ValueError(f"{where}: activation spec {spec.granularity} is not supported; input "
