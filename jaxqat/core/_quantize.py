@@ -66,6 +66,24 @@ class QTensor:
     return dequantize(self)
 
 
+def _block_codes(x, tensor_scale, spec):
+  block, ts = fq.block_scales(x, spec, tensor_scale=tensor_scale)
+  xl = _grid.to_layout(x, spec)
+  bl = _grid.scale_to_layout(block, x.shape, spec)
+  eff = fq._block_effective(bl, ts)  # pylint: disable=protected-access
+  cdt = _grid.compute_dtype(x.dtype)
+  fmt = spec.format
+  v = jnp.clip(xl.astype(cdt) / eff, -fmt.element.max, fmt.element.max)
+  codes = _grid.float_round(v, fmt.element).astype(fmt.element.storage_dtype)
+  return codes, block, ts
+
+
+# Jitted like block_fake_quant, so that XLA rewrites the scale arithmetic the
+# same way in both (e.g. a division by a constant into a multiplication by its
+# reciprocal) and dequantize(quantize(x)) equals block_fake_quant(x) bit for bit.
+_block_codes_jit = jax.jit(_block_codes, static_argnums=2)
+
+
 def quantize(
     x: ArrayLike,
     scale: Optional[ArrayLike],
@@ -113,13 +131,7 @@ def quantize(
   if spec.is_block:
     if zero_point is not None:
       raise ValueError(f"zero_point: block format {fmt.name} takes no zero point")
-    block, ts = fq.block_scales(x, spec, tensor_scale=scale)
-    xl = _grid.to_layout(x, spec)
-    bl = _grid.scale_to_layout(block, x.shape, spec)
-    eff = fq._block_effective(bl, ts)  # pylint: disable=protected-access
-    cdt = _grid.compute_dtype(x.dtype)
-    v = jnp.clip(xl.astype(cdt) / eff, -fmt.element.max, fmt.element.max)
-    codes = _grid.float_round(v, fmt.element).astype(fmt.element.storage_dtype)
+    codes, block, ts = _block_codes_jit(x, scale, spec)
     sdt = jnp.float8_e8m0fnu if fmt.scale_format == "e8m0" else jnp.float8_e4m3fn
     return QTensor(values=codes.reshape(x.shape), scale=block.astype(sdt), zero_point=None,
                    tensor_scale=ts, spec=spec, dtype=x.dtype)
