@@ -208,10 +208,6 @@ def _act_name(weight_name: str) -> str:
   return "input" if weight_name in ("kernel", "embedding") else f"{weight_name}_input"
 
 
-def _resolve(spec: core.QuantSpec, out_axes: tuple[int, ...]) -> core.QuantSpec:
-  return spec.resolve_output_channel(out_axes)
-
-
 def _quantize_operands(frame: Frame, ops: list, weights: dict[int, tuple[str, tuple, bool]],
                        act_index: Optional[int]) -> list:
   """Fake-quantizes the activation operand, then the weight operands.
@@ -238,7 +234,7 @@ def _quantize_operands(frame: Frame, ops: list, weights: dict[int, tuple[str, tu
                                                     where)
   if rule.weight is not None:
     for i, (wname, out_axes, transposed) in weights.items():
-      spec = _resolve(rule.weight, out_axes)
+      spec = rule.weight.resolve_output_channel(out_axes)
       where = f"layer {_quantizer.describe(frame.path)} ({kind}) weight '{wname}'"
       w = ops[i].T if transposed else ops[i]
       w = _quantizer.quantize_weight(module, wname, w, spec, mode, where)
