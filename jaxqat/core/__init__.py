@@ -7,6 +7,18 @@ block formats), real quantization, calibration observers and rules.
 from jaxqat.core._calibration import Observer as Observer
 from jaxqat.core._calibration import calibrate as calibrate
 from jaxqat.core._calibration import observer as observer
+from jaxqat.core._defaults import default_act_spec as default_act_spec
+from jaxqat.core._defaults import default_rules as default_rules
+from jaxqat.core._defaults import default_weight_spec as default_weight_spec
+from jaxqat.core._report import LayerReport as LayerReport
+from jaxqat.core._report import QuantizationReport as QuantizationReport
+from jaxqat.core._report import QuantizationWarning as QuantizationWarning
+from jaxqat.core._report import WeightReport as WeightReport
+from jaxqat.core._serialize import spec_fingerprint as spec_fingerprint
+from jaxqat.core._serialize import spec_from_dict as spec_from_dict
+from jaxqat.core._serialize import spec_to_dict as spec_to_dict
+from jaxqat.core._step_size import param_to_step_size as param_to_step_size
+from jaxqat.core._step_size import step_size_to_param as step_size_to_param
 from jaxqat.core._fake_quant import block_fake_quant as block_fake_quant
 from jaxqat.core._fake_quant import block_scales as block_scales
 from jaxqat.core._fake_quant import fake_quant as fake_quant
@@ -24,7 +36,6 @@ from jaxqat.core._quantize import quantize as quantize
 from jaxqat.core._quantize import unpack as unpack
 from jaxqat.core._rules import Rule as Rule
 from jaxqat.core._rules import RuleSet as RuleSet
-from jaxqat.core._rules import UnusedRuleWarning as UnusedRuleWarning
 from jaxqat.core._spec import Calibration as Calibration
 from jaxqat.core._spec import PerBlock as PerBlock
 from jaxqat.core._spec import PerOutputChannel as PerOutputChannel
@@ -38,19 +49,25 @@ __all__ = [
     "Calibration",
     "FloatFormat",
     "IntFormat",
+    "LayerReport",
     "Observer",
     "PerBlock",
-    "PerOutputChannel",
     "PerChannel",
+    "PerOutputChannel",
     "PerTensor",
     "QTensor",
     "QuantSpec",
+    "QuantizationReport",
+    "QuantizationWarning",
     "Rule",
     "RuleSet",
-    "UnusedRuleWarning",
+    "WeightReport",
     "block_fake_quant",
     "block_scales",
     "calibrate",
+    "default_act_spec",
+    "default_rules",
+    "default_weight_spec",
     "dequantize",
     "fake_quant",
     "get_format",
@@ -59,7 +76,12 @@ __all__ = [
     "normalize_axes",
     "observer",
     "pack",
+    "param_to_step_size",
     "quant_dequant",
     "quantize",
+    "spec_fingerprint",
+    "spec_from_dict",
+    "spec_to_dict",
+    "step_size_to_param",
     "unpack",
 ]

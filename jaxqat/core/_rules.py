@@ -17,11 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 from jaxqat.core import _spec as spec_lib
 
-__all__ = ["Rule", "RuleSet", "UnusedRuleWarning"]
-
-
-class UnusedRuleWarning(UserWarning):
-  """A rule's pattern matched no layer of the model."""
+__all__ = ["Rule", "RuleSet"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,11 +119,12 @@ class RuleSet:
     return [r for r, n in zip(self.rules, self._hits) if n == 0]
 
   def warn_unused(self, where: str = "model") -> list[Rule]:
-    """Emits an :class:`UnusedRuleWarning` per unused rule; returns them."""
+    """Emits a :class:`~jaxqat.core.QuantizationWarning` per unused rule; returns them."""
+    from jaxqat.core._report import QuantizationWarning  # pylint: disable=import-outside-toplevel
     unused = self.unused()
     for r in unused:
       warnings.warn(f"jaxqat: rule pattern {r.pattern!r} matched no layer of the {where}",
-                    UnusedRuleWarning, stacklevel=3)
+                    QuantizationWarning, stacklevel=3)
     return unused
 
   def __len__(self) -> int:

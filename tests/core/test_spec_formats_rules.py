@@ -101,7 +101,7 @@ def test_rules_first_match_wins_and_unused_reported():
   assert rules.match("block1/conv_2").weight == w4
   assert rules.match("block1/dense").weight == QuantSpec()
   assert rules.match("conv") is not None  # fullmatch of ".*conv.*"
-  with pytest.warns(core.UnusedRuleWarning, match="'never' matched no layer"):
+  with pytest.warns(core.QuantizationWarning, match="'never' matched no layer"):
     unused = rules.warn_unused()
   assert [r.pattern for r in unused] == ["never"]
 

@@ -504,7 +504,7 @@ def test_act_quant_layer():
 
 def test_unused_rule_warns():
   rules = [Rule(pattern="decoder/.*", weight=W8)] + RULES
-  with pytest.warns(core.UnusedRuleWarning, match=r"'decoder/\.\*' matched no layer"):
+  with pytest.warns(core.QuantizationWarning, match=r"'decoder/\.\*' matched no layer"):
     ql.quantize(nn.Dense(2), rules).init(KEY, _x((1, 3)))
 
 

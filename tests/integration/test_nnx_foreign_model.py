@@ -17,7 +17,7 @@ from flax import nnx
 from jaxqat.core import PerChannel
 from jaxqat.core import QuantSpec
 from jaxqat.core import Rule
-from jaxqat.core import UnusedRuleWarning
+from jaxqat.core import QuantizationWarning
 from jaxqat.flax import nnx as qnnx
 
 pytestmark = pytest.mark.slow
@@ -162,7 +162,7 @@ def converted():
   model = Model(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 5, 4))
   y_float = nnx.jit(lambda m, x: m(x))(model, x)
-  with pytest.warns(UnusedRuleWarning, match="nothing/matches/this"):
+  with pytest.warns(QuantizationWarning, match="nothing/matches/this"):
     model, report = qnnx.quantize(model, _w4a8_lsq_rules(), return_report=True)
   qnnx.calibrate(model, [x])
   return model, report, x, y_float

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from jaxqat.core import PerChannel, QuantSpec, Rule, UnusedRuleWarning
+from jaxqat.core import PerChannel, QuantSpec, Rule, QuantizationWarning
 import jaxqat.keras as jqk
 from kutil import to_np
 
@@ -43,7 +43,7 @@ def test_rules_select_skip_and_set_specs():
 
 
 def test_rule_that_matches_nothing_warns():
-  with pytest.warns(UnusedRuleWarning, match="'encoder/.*' matched no layer"):
+  with pytest.warns(QuantizationWarning, match="'encoder/.*' matched no layer"):
     jqk.quantize_model(_seq(), [Rule(pattern="encoder/.*", weight=QuantSpec()),
                                 Rule(pattern=".*", weight=QuantSpec())])
 
