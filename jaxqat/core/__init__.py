@@ -7,6 +7,7 @@ block formats), real quantization, calibration observers and rules.
 from jaxqat.core._calibration import Observer as Observer
 from jaxqat.core._calibration import calibrate as calibrate
 from jaxqat.core._calibration import observer as observer
+from jaxqat.core._calibration import weight_range as weight_range
 from jaxqat.core._defaults import default_act_spec as default_act_spec
 from jaxqat.core._defaults import default_rules as default_rules
 from jaxqat.core._defaults import default_weight_spec as default_weight_spec
@@ -84,4 +85,5 @@ __all__ = [
     "spec_to_dict",
     "step_size_to_param",
     "unpack",
+    "weight_range",
 ]

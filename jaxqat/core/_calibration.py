@@ -128,7 +128,7 @@ from jaxqat.core import _grid
 from jaxqat.core import _spec as spec_lib
 from jaxqat.core._typing import Array, ArrayLike
 
-__all__ = ["Observer", "observer", "calibrate"]
+__all__ = ["Observer", "observer", "calibrate", "weight_range"]
 
 State = dict[str, Array]
 
@@ -772,3 +772,33 @@ def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[A
   if state is None:
     raise ValueError("batches: empty; calibrate needs at least one array")
   return compute(state)
+
+
+def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec) -> tuple[Array, Array]:
+  """The range of one tensor by ``spec``'s calibration method, traceable.
+
+  What every front end uses for a fixed-range (``learning="fixed"``) weight
+  during QAT: the range is recomputed from the current weight at every step
+  (no gradient flows through it), until the model is frozen. Equivalent to
+  ``calibrate(spec, [w])`` but usable inside ``jit``/``grad``/``vmap``.
+
+  Args:
+    w: the weight (floating point).
+    spec: its :class:`~jaxqat.core.QuantSpec` (granularity resolved).
+
+  Returns:
+    ``(scale, zero_point)`` of shape ``spec.scale_shape(w.shape)``, float32.
+
+  Raises:
+    ValueError: as :func:`observer`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxqat.core import PerChannel, QuantSpec
+    >>> spec = QuantSpec(format="int4", granularity=PerChannel(-1))
+    >>> jax.jit(weight_range, static_argnums=1)(jnp.array([[1.4, -0.7], [-3.5, 1.75]]), spec)[0]
+    Array([[0.5 , 0.25]], dtype=float32)
+  """
+  init, update, compute = observer(spec)
+  w = jax.lax.stop_gradient(jnp.asarray(w))
+  return compute(update(init(w), w))
