@@ -529,6 +529,7 @@ def quant_dequant(
     scale: Optional[ArrayLike] = None,
     zero_point: Optional[ArrayLike] = None,
     *,
+    offset: Optional[ArrayLike] = None,
     key: Optional[jax.Array] = None,
 ) -> Array:
   """Applies the primitive that ``spec.learning`` calls for.
@@ -539,23 +540,28 @@ def quant_dequant(
     zero point;
   * ``learning="lsq"``: :func:`lsq_fake_quant` with ``scale`` the learned step
     size (``zero_point`` must be None);
-  * ``learning="lsq_plus"``: :func:`lsq_fake_quant` with ``zero_point`` read
-    as the LSQ+ offset β (``x ~= s q + β``; convert a calibrated integer zero
-    point ``z`` with ``β = -z s``).
+  * ``learning="lsq_plus"``: :func:`lsq_fake_quant` with ``offset`` the LSQ+
+    offset β (``x ~= s q + β``; a calibrated integer zero point ``z`` gives
+    ``β = -z s``).
+
+  ``zero_point`` always means an integer zero point and ``offset`` always the
+  float LSQ+ offset: one name per meaning.
 
   Args:
     x: a floating point array.
     spec: the QuantSpec.
     scale: the step size (or tensor scale / None for block formats).
-    zero_point: integer zero point (fixed) or offset β (lsq_plus), or None.
+    zero_point: the integer zero point of a fixed-range affine spec, or None.
+    offset: the LSQ+ offset β (``learning="lsq_plus"`` only), or None.
     key: PRNG key for stochastic rounding.
 
   Returns:
     The fake-quantized array, with ``x``'s shape and dtype.
 
   Raises:
-    ValueError: if ``learning="lsq"`` is given a zero point, plus the errors of
-      the primitive it calls.
+    ValueError: if a learned spec is given ``zero_point``, or a spec other than
+      ``lsq_plus`` is given ``offset``, plus the errors of the primitive it
+      calls.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -566,8 +572,12 @@ def quant_dequant(
   spec = _grid.check_spec(spec)
   if spec.is_block:
     return block_fake_quant(x, spec, tensor_scale=scale)
+  if offset is not None and spec.learning != "lsq_plus":
+    raise ValueError(f"offset: only learning='lsq_plus' learns an offset, got "
+                     f"learning={spec.learning!r} (a fixed affine range takes zero_point)")
   if spec.learning == "fixed":
     return fake_quant(x, scale, zero_point, spec, key=key)
-  if spec.learning == "lsq" and zero_point is not None:
-    raise ValueError("zero_point: learning='lsq' is symmetric; use 'lsq_plus' to learn an offset")
-  return lsq_fake_quant(x, scale, zero_point, spec, key=key)
+  if zero_point is not None:
+    raise ValueError(f"zero_point: learning={spec.learning!r} takes no integer zero point; "
+                     "LSQ is symmetric, LSQ+ learns a float offset (pass offset=-z*scale)")
+  return lsq_fake_quant(x, scale, offset, spec, key=key)

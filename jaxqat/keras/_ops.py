@@ -227,6 +227,8 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
     from jaxqat.core import quant_dequant as core_quant_dequant
     import jax.numpy as jnp
     unwrap = lambda t: None if t is None else (t.value if hasattr(t, "value") else jnp.asarray(t))
+    if spec.learning == "lsq_plus":
+      return core_quant_dequant(unwrap(x), spec, unwrap(scale), offset=unwrap(zero_point))
     return core_quant_dequant(unwrap(x), spec, unwrap(scale), unwrap(zero_point))
   if not spec.is_int:
     raise NotImplementedError(

@@ -478,7 +478,7 @@ def test_bad_input_errors_name_the_argument():
     core.block_fake_quant(x, QuantSpec(format="mxfp8"))
   with pytest.raises(ValueError, match="tensor_scale: mxfp8 has no tensor scale"):
     core.block_fake_quant(jnp.ones(32), QuantSpec(format="mxfp8"), tensor_scale=1.0)
-  with pytest.raises(ValueError, match="zero_point: learning='lsq' is symmetric"):
+  with pytest.raises(ValueError, match="zero_point: learning='lsq' takes no integer zero point"):
     core.quant_dequant(x, QuantSpec(learning="lsq"), 0.1, 1.0)
   with pytest.raises(ValueError, match="step_size: shape"):
     core.lsq_fake_quant(x, jnp.ones(3), spec=QuantSpec(learning="lsq", granularity=PerChannel(0)))

@@ -135,6 +135,8 @@ def _rounding(spec: core.QuantSpec, module, mode: str):
 
 def _qdq(x, spec, scale, zero_point, module, mode):
   spec, key = _rounding(spec, module, mode)
+  if spec.learning == "lsq_plus":
+    return core.quant_dequant(x, spec, scale, offset=zero_point, key=key)
   return core.quant_dequant(x, spec, scale, zero_point, key=key)
 
 

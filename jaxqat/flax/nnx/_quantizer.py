@@ -223,6 +223,8 @@ class Quantizer(nnx.Module):
         self._observe(x)
       return x
     scale, zp = self.qparams(x.shape)
+    if self.spec.learning == "lsq_plus":
+      return core.quant_dequant(x, self.spec, scale, offset=zp)
     return core.quant_dequant(x, self.spec, scale, zp)
 
   # ---------------------------------------------------------------- freeze
