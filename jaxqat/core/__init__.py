@@ -20,6 +20,10 @@ from jaxqat.core._serialize import spec_from_dict as spec_from_dict
 from jaxqat.core._serialize import spec_to_dict as spec_to_dict
 from jaxqat.core._step_size import param_to_step_size as param_to_step_size
 from jaxqat.core._step_size import step_size_to_param as step_size_to_param
+from jaxqat.core._distill import distillation_loss as distillation_loss
+from jaxqat.core._distill import feature_distillation as feature_distillation
+from jaxqat.core._distill import kl_distillation as kl_distillation
+from jaxqat.core._recipe import QATRecipe as QATRecipe
 from jaxqat.core._fake_quant import block_fake_quant as block_fake_quant
 from jaxqat.core._fake_quant import block_scales as block_scales
 from jaxqat.core._fake_quant import fake_quant as fake_quant
@@ -56,6 +60,7 @@ __all__ = [
     "PerChannel",
     "PerOutputChannel",
     "PerTensor",
+    "QATRecipe",
     "QTensor",
     "QuantSpec",
     "QuantizationReport",
@@ -70,8 +75,11 @@ __all__ = [
     "default_rules",
     "default_weight_spec",
     "dequantize",
+    "distillation_loss",
     "fake_quant",
+    "feature_distillation",
     "get_format",
+    "kl_distillation",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "normalize_axes",
