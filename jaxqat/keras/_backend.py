@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
 
 import numpy as np
 
-__all__ = ["keras", "ops", "backend_name", "is_jax", "to_numpy"]
+__all__ = ["keras", "ops", "backend_name", "is_jax", "to_numpy", "restore_purged_state"]
 
 ops = keras.ops
 
@@ -46,3 +46,45 @@ def to_numpy(x) -> np.ndarray:
   if isinstance(x, keras.Variable):
     x = x.value
   return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+_PURGED_STATE = {  # what Keras' JAX trainer puts in `state` before purging the variables
+    "fit": ("trainable_variables", "non_trainable_variables", "optimizer_variables",
+            "metrics_variables"),
+    "evaluate": ("trainable_variables", "non_trainable_variables", "metrics_variables"),
+    "predict": ("trainable_variables", "non_trainable_variables"),
+}
+
+
+def restore_purged_state() -> None:
+  """Gives the model back its variables when an error is raised inside a JAX fit/predict.
+
+  Keras' JAX trainer detaches every model variable's value ("purge", to save
+  memory) before the first step and reattaches them after the epoch; an
+  exception raised while the step is traced leaves them detached, so the
+  model is unusable afterwards. Called just before jaxqat raises an error at
+  trace time (an uncalibrated quantizer), this finds the trainer's ``state``
+  in the calling frames and reattaches it, so that the user can fix the
+  cause (calibrate) and go on with the same model. No-op elsewhere.
+  """
+  if not is_jax():
+    return
+  import sys
+  frame = sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None:
+    names = _PURGED_STATE.get(frame.f_code.co_name)
+    model = frame.f_locals.get("self")
+    state = frame.f_locals.get("state")
+    if names and isinstance(model, keras.Model) and isinstance(state, tuple) and \
+        len(state) == len(names):
+      optimizer = getattr(model, "optimizer", None)
+      lists = {"trainable_variables": lambda: model.trainable_variables,
+               "non_trainable_variables": lambda: model.non_trainable_variables,
+               "optimizer_variables": lambda: optimizer.variables if optimizer else [],
+               "metrics_variables": lambda: model.metrics_variables}
+      for name, values in zip(names, state):
+        for var, value in zip(lists[name](), values):
+          if getattr(var, "_value", 0) is None:
+            var._value = value  # pylint: disable=protected-access
+      return
+    frame = frame.f_back

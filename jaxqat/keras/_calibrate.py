@@ -1,120 +1,71 @@
-"""Calibration of activation ranges, and a callback that freezes ranges in ``fit``."""
+"""The Keras verbs on quantizer state: calibrate, freeze, unfreeze, set_mode, check_finite.
+
+Each takes a model returned by :func:`jaxqat.keras.quantize` and acts on the
+:class:`~jaxqat.keras.Quantizer` layers of its quantized layers (nested
+models and sublayers included), as the front-end contract
+(``docs/contract.md``) says. Changing a quantizer's Python-level state
+(mode, frozen) changes what the model traces, so each verb drops the model's
+compiled train/test/predict functions; the next ``fit``/``predict`` retraces.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import Optional
 
 import numpy as np
 
 from jaxqat.keras import _convert
 from jaxqat.keras import _fold
-from jaxqat.keras import _layers
 from jaxqat.keras._backend import keras
+from jaxqat.keras._backend import to_numpy
+from jaxqat.keras._quantizer import MODES
 
-__all__ = ["calibrate", "FreezeQuantizers", "quantizers"]
+__all__ = ["calibrate", "freeze", "unfreeze", "set_mode", "check_finite", "quantizers",
+           "CheckFinite", "FreezeQuantizers"]
+
+
+def _weight_pairs(layer):
+  """``(quantizer, current weight)`` for each weight quantizer of a quantized layer."""
+  if isinstance(layer, _fold.QuantConvBatchNorm):
+    if layer.kernel_quantizer is not None:
+      yield layer.kernel_quantizer, layer.folded_kernel
+    return
+  for attr, q in getattr(layer, "weight_quantizers", {}).items():
+    yield q, (lambda layer=layer, attr=attr: getattr(layer, attr))
 
 
 def quantizers(model) -> list:
-  """Every :class:`Quantizer` of a model's quantized layers (inputs first, then weights)."""
-  out = []
-  for layer in _convert.quant_layers(model):
-    if layer.input_quantizer is not None:
-      out.append(layer.input_quantizer)
-  for layer in _convert.quant_layers(model):
-    if isinstance(layer, _fold.QuantConvBatchNorm):
-      if layer.kernel_quantizer is not None:
-        out.append(layer.kernel_quantizer)
-    else:
-      out.extend(getattr(layer, "weight_quantizers", {}).values())
+  """Every :class:`Quantizer` of a model's quantized layers (inputs first, then weights).
+
+  Args:
+    model: a quantized Keras model.
+
+  Returns:
+    The quantizer layers.
+
+  Examples:
+    >>> import keras
+    >>> import jaxqat.keras as jqk
+    >>> q = jqk.quantize(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    >>> [x.role for x in quantizers(q)]
+    ['act', 'weight']
+  """
+  layers = _convert.quant_layers(model)
+  out = [l.input_quantizer for l in layers if l.input_quantizer is not None]
+  for layer in layers:
+    out.extend(q for q, _ in _weight_pairs(layer))
   return out
 
 
-def _batches(data, batch_size):
-  if isinstance(data, np.ndarray) or (hasattr(data, "shape") and hasattr(data, "dtype")):
-    n = data.shape[0]
-    for i in range(0, n, batch_size):
-      yield data[i:i + batch_size]
-    return
-  if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
-    raise TypeError("data: expected an array of inputs or an iterable of batches (x or (x, y)), "
-                    f"got {type(data).__name__}")
-  for item in data:
-    if isinstance(item, (tuple, list)) and not isinstance(item, dict):
-      item = item[0]
-    yield item
-
-
-def calibrate(model, data, steps: Optional[int] = None, *, batch_size: int = 32,
-              verbose: int = 1) -> int:
-  """Sets every activation range of a quantized model from data.
-
-  Puts the activation quantizers in calibration mode (they pass their input
-  through unchanged and feed it to the core observer of their spec's
-  calibration method: absmax, minmax, ema, percentile, mse or entropy), runs
-  the model on ``steps`` batches in inference mode with a progress bar, then
-  stores the computed step sizes / zero points (LSQ step sizes and LSQ+
-  offsets are initialized from them). Weight ranges are re-initialized from
-  the current weights.
-
-  Args:
-    model: a model returned by :func:`quantize_model`.
-    data: an array of inputs (cut into ``batch_size`` batches), or an
-      iterable of batches ``x`` or ``(x, y[, sample_weight])`` (a
-      ``keras.utils.PyDataset``, a generator, a ``tf.data.Dataset``...).
-    steps: the number of batches to use (``None``: all of ``data``).
-    batch_size: batch size when ``data`` is an array.
-    verbose: 1 shows a ``keras.utils.Progbar``; 0 is silent.
-
-  Returns:
-    The number of batches seen.
-
-  Raises:
-    TypeError: if ``model`` is not a Keras model or ``data`` is not iterable.
-    ValueError: if ``steps`` is not positive, the model has no quantizers, or
-      ``data`` yields no batch.
-
-  Examples:
-    >>> import keras, numpy as np
-    >>> from jaxqat.keras import quantize_model, calibrate
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> q = quantize_model(model)
-    >>> calibrate(q, np.linspace(-2, 2, 16, dtype="float32").reshape(4, 4), verbose=0)
-    1
-    >>> round(float(q.layers[0].input_quantizer.scale.numpy()) * 127, 5)  # absmax 2 -> 2/127
-    2.0
-  """
+def _quant_layers(model, verb):
   if not isinstance(model, keras.Model):
     raise TypeError(f"model: expected a keras.Model, got {type(model).__name__}")
-  if steps is not None and (not isinstance(steps, int) or steps < 1):
-    raise ValueError(f"steps: must be a positive int or None, got {steps!r}")
   layers = _convert.quant_layers(model)
   if not layers:
-    raise ValueError(f"model: {model.name!r} has no quantized layers; call quantize_model first")
-  acts = [l.input_quantizer for l in layers if l.input_quantizer is not None]
-  for q in acts:
-    q.calibrating = True
-    object.__setattr__(q, "_calib_state", None)
-  bar = keras.utils.Progbar(steps, unit_name="batch") if verbose else None
-  seen = 0
-  try:
-    for x in _batches(data, batch_size):
-      if steps is not None and seen >= steps:
-        break
-      model(x, training=False)
-      seen += 1
-      if bar is not None:
-        bar.update(seen)
-  finally:
-    for q in acts:
-      q.calibrating = False
-  if seen == 0:
-    raise ValueError("data: yielded no batch to calibrate on")
-  for q in acts:
-    q.finish_calibration()
-  for layer in layers:
-    layer.init_weight_ranges()
-  _reset_compiled(model)
-  return seen
+    raise ValueError(f"model: {model.name!r} has no quantized layers; call "
+                     f"jaxqat.keras.quantize before {verb}")
+  return layers
 
 
 def _reset_compiled(model):
@@ -123,16 +74,299 @@ def _reset_compiled(model):
       setattr(model, name, None)
 
 
-class FreezeQuantizers(keras.callbacks.Callback):
-  """Freezes quantizer ranges (and BatchNorm statistics) after some epochs of ``fit``.
+def _batches(data, batch_size, steps):
+  """The model inputs of each batch of ``data``, read as ``model.predict`` reads it."""
+  from keras.src.trainers import data_adapters  # the adapter model.predict uses
+  from keras.src.trainers.data_adapters import data_adapter_utils
+  if isinstance(data, (str, bytes)) or data is None:
+    raise TypeError(f"data: expected what model.predict accepts (an array, a dict or list of "
+                    f"arrays, a PyDataset, a generator...), got {type(data).__name__}")
+  if isinstance(data, (list, tuple)) and len(data) == 0:
+    raise ValueError("data: empty; calibrate needs at least one batch")
+  try:
+    adapter = data_adapters.get_data_adapter(x=data, batch_size=batch_size,
+                                             steps_per_epoch=steps, shuffle=False)
+  except ValueError as e:
+    raise TypeError(f"data: expected what model.predict accepts (an array, a dict or list of "
+                    f"arrays, a PyDataset, a generator...): {e}") from None
+  adapter.on_epoch_begin()
+  seen = 0
+  for batch in adapter.get_numpy_iterator():
+    if steps is not None and seen >= steps:
+      break
+    x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(batch)
+    seen += 1
+    yield x
+  adapter.on_epoch_end()
 
-  After ``freeze_after`` epochs the observing quantizers stop updating
-  (activation statistics keep their values; dynamic weight ranges are
-  stored), the usual QAT schedule of Jacob et al. 2018 / Krishnamoorthi 2018.
-  After ``freeze_bn_after`` epochs, folded Conv+BatchNorm layers switch to the
-  moving statistics (no batch-statistics correction). The train function is
-  rebuilt so the change takes effect in the next epoch. LSQ step sizes are
-  trainable weights and keep training.
+
+def calibrate(model, data, *, steps: Optional[int] = None, batch_size: int = 32,
+              verbose: int = 0):
+  """Sets every activation range of a quantized model from data.
+
+  Runs the model in float (every quantizer passes its input through) on
+  ``steps`` batches while each activation quantizer feeds its input to the
+  core observer of its spec (absmax, minmax, ema, percentile, mse or
+  entropy; non-finite values are ignored), then stores the ranges: fixed
+  specs get ``scale``/``zero_point``, learned ones ``log_scale`` (from
+  :func:`~jaxqat.keras._quantizer.init_step_size`, which floors a ~0 range)
+  and the LSQ+ ``offset = -z·s``. Weight quantizers are initialised from the
+  current weights. The model is left quantized, ready for inference or QAT.
+
+  Args:
+    model: a model returned by :func:`jaxqat.keras.quantize`.
+    data: whatever ``model.predict`` accepts: an array (cut into
+      ``batch_size`` batches), a dict of named inputs, a list/tuple of
+      arrays for a multi-input model, a ``keras.utils.PyDataset``, a
+      generator of ``x`` or ``(x, y[, sample_weight])`` batches.
+    steps: the number of batches to use (``None``: all of ``data``).
+    batch_size: batch size when ``data`` holds arrays.
+    verbose: 1 shows a ``keras.utils.Progbar``.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    TypeError: if ``model`` is not a Keras model or ``data`` is not
+      something ``model.predict`` accepts.
+    ValueError: if ``steps`` or ``batch_size`` is not a positive int, the
+      model has no quantized layer, or ``data`` yields no batch.
+    FloatingPointError: if a quantizer's state or a quantized layer's weight
+      is not finite afterwards (the message names the layers).
+
+  Warns:
+    QuantizationWarning: for each activation quantizer that saw no finite
+      value (named; it stays float).
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> q = jqk.calibrate(jqk.quantize(model), np.linspace(-2, 2, 16, dtype="float32").reshape(4, 4))
+    >>> round(float(q.get_layer("d").input_quantizer.scale.numpy()) * 127, 5)  # absmax 2 -> 2/127
+    2.0
+  """
+  layers = _quant_layers(model, "calibrate")
+  for name, value in (("steps", steps), ("batch_size", batch_size)):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      raise ValueError(f"{name}: must be a positive int{' or None' if name == 'steps' else ''}, "
+                       f"got {value!r}")
+  acts = [l.input_quantizer for l in layers if l.input_quantizer is not None]
+  weights = [q for l in layers for q, _ in _weight_pairs(l)]
+  modes = {id(q): q.mode for q in acts + weights}
+  for q in acts:
+    q.start_calibration()
+  for q in weights:
+    q.mode = "float"
+  bar = keras.utils.Progbar(steps, unit_name="batch") if verbose else None
+  seen = 0
+  try:
+    for x in _batches(data, batch_size, steps):
+      model(x, training=False)
+      seen += 1
+      if bar is not None:
+        bar.update(seen)
+  finally:
+    for q in acts:
+      q.calibrating = False
+    for q in acts + weights:
+      q.mode = modes[id(q)]
+  if seen == 0:
+    for q in acts:
+      object.__setattr__(q, "_calib_state", None)
+    raise ValueError("data: yielded no batch to calibrate on")
+  for q in acts:
+    q.finish_calibration()
+  for layer in layers:
+    layer.init_weight_ranges()
+  check_finite(model)
+  _reset_compiled(model)
+  return model
+
+
+def freeze(model):
+  """Stores the current weight ranges and stops tracking them (and any observing).
+
+  Each fixed-range weight quantizer stores the range of its current weight
+  (:func:`jaxqat.core.weight_range`; the folded kernel for a folded
+  Conv+BatchNorm) and uses it from then on; activation quantizers created
+  with ``observe=True`` stop observing. Learned step sizes keep training.
+  Saved with the model.
+
+  Args:
+    model: a quantized model.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    TypeError: if ``model`` is not a Keras model.
+    ValueError: if it has no quantized layer.
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> m = jqk.quantize(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")]))
+    >>> q = jqk.freeze(m).get_layer("d").kernel_quantizer
+    >>> q.frozen, bool(np.allclose(q.scale.numpy() * 127, np.abs(m.get_layer("d").kernel.numpy())))
+    (True, True)
+  """
+  for layer in _quant_layers(model, "freeze"):
+    if layer.input_quantizer is not None:
+      layer.input_quantizer.freeze()
+    for q, weight in _weight_pairs(layer):
+      q.freeze(weight())
+  _reset_compiled(model)
+  return model
+
+
+def unfreeze(model):
+  """Resumes weight-range tracking (and observing, where it was asked for).
+
+  Args:
+    model: a quantized model.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    TypeError: if ``model`` is not a Keras model.
+    ValueError: if it has no quantized layer.
+
+  Examples:
+    >>> import keras
+    >>> import jaxqat.keras as jqk
+    >>> m = jqk.quantize(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")]))
+    >>> jqk.unfreeze(jqk.freeze(m)).get_layer("d").kernel_quantizer.frozen
+    False
+  """
+  _quant_layers(model, "unfreeze")
+  for q in quantizers(model):
+    q.unfreeze()
+  _reset_compiled(model)
+  return model
+
+
+def set_mode(model, mode: str):
+  """Runs a quantized model quantized (``"quant"``) or in float (``"float"``), for comparison.
+
+  In ``"float"`` mode every quantizer passes its input through: the model
+  computes exactly its float version (folded Conv+BatchNorm layers compute
+  the convolution and batch normalization in float). Saved with the model.
+
+  Args:
+    model: a quantized model.
+    mode: ``"quant"`` or ``"float"``.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    TypeError: if ``model`` is not a Keras model.
+    ValueError: if ``mode`` is not one of those, or the model has no
+      quantized layer.
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> q = jqk.set_mode(jqk.quantize(model), "float")
+    >>> x = np.array([[0.3, -1.1]], "float32")
+    >>> bool(np.allclose(q.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6))
+    True
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+  _quant_layers(model, "set_mode")
+  for q in quantizers(model):
+    q.mode = mode
+  _reset_compiled(model)
+  return model
+
+
+def _nonfinite(values) -> int:
+  a = np.asarray(values, np.float64)
+  return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+def check_finite(model) -> None:
+  """Raises, naming each layer, if a quantizer's state or a quantized weight is not finite.
+
+  Args:
+    model: a quantized model.
+
+  Raises:
+    FloatingPointError: listing each quantized layer with a non-finite
+      quantizer variable (``scale``, ``log_scale``, ``offset``...) or float
+      weight, and how many values are not finite.
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> m = jqk.quantize(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")]))
+    >>> check_finite(m)
+    >>> m.get_layer("d").bias.assign(np.array([np.nan], "float32"))
+    >>> check_finite(m)
+    Traceback (most recent call last):
+    ...
+    FloatingPointError: non-finite values in quantized layers: d/bias (1 of 1)
+  """
+  bad = []
+  for layer in _quant_layers(model, "check_finite"):
+    for v in layer.weights:
+      n = _nonfinite(to_numpy(v))
+      if n:
+        bad.append(f"{v.path} ({n} of {math.prod(v.shape)})")
+  if bad:
+    raise FloatingPointError("non-finite values in quantized layers: " + ", ".join(bad))
+
+
+def _sync(model):
+  """Writes the JAX trainer's state back into the variables (no-op elsewhere)."""
+  sync = getattr(model, "jax_state_sync", None)
+  if sync is not None:
+    sync()
+
+
+class CheckFinite(keras.callbacks.Callback):
+  """Stops ``fit`` with an error naming the layers when training turns non-finite.
+
+  After each batch whose loss is NaN or inf, and after each epoch, checks
+  every quantized layer's quantizer state and weights
+  (:func:`check_finite`) and raises ``FloatingPointError`` naming the
+  offending variables, instead of letting NaN propagate silently (Keras'
+  ``TerminateOnNaN`` only stops). A non-finite loss with finite state (bad
+  data, an overflow in a float layer) is reported as such.
+
+  Examples:
+    >>> cb = CheckFinite()
+    >>> isinstance(cb, keras.callbacks.Callback)
+    True
+  """
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is None or math.isfinite(float(loss)):
+      return
+    _sync(self.model)
+    check_finite(self.model)
+    raise FloatingPointError(f"loss is {float(loss)} at batch {batch}, but every quantizer state "
+                             "and quantized weight is finite: check the data and float layers")
+
+  def on_epoch_end(self, epoch, logs=None):
+    _sync(self.model)
+    check_finite(self.model)
+
+
+class FreezeQuantizers(keras.callbacks.Callback):
+  """Calls :func:`freeze` (and freezes folded BatchNorm statistics) after some epochs of ``fit``.
+
+  After ``freeze_after`` epochs, :func:`jaxqat.keras.freeze` stores the
+  weight ranges and stops tracking (the usual QAT schedule of Jacob et al.
+  2018 / Krishnamoorthi 2018). After ``freeze_bn_after`` epochs, folded
+  Conv+BatchNorm layers switch to the moving statistics (no batch-statistics
+  correction). The train function is rebuilt so the change takes effect in
+  the next epoch. LSQ step sizes are trainable weights and keep training.
 
   Args:
     freeze_after: epochs after which quantizer ranges freeze (``None``: never).
@@ -157,19 +391,14 @@ class FreezeQuantizers(keras.callbacks.Callback):
     self.freeze_bn_after = freeze_bn_after
 
   def _apply(self, epochs_done):
-    changed = False
-    layers = _convert.quant_layers(self.model)
+    _sync(self.model)
     if self.freeze_after is not None and epochs_done >= self.freeze_after:
-      for layer in layers:
-        layer.freeze_quantizers()
-      changed = True
+      freeze(self.model)
     if self.freeze_bn_after is not None and epochs_done >= self.freeze_bn_after:
-      for layer in layers:
-        if isinstance(layer, _fold.QuantConvBatchNorm) and not layer.freeze_bn:
+      for layer in _convert.quant_layers(self.model):
+        if isinstance(layer, _fold.QuantConvBatchNorm):
           layer.freeze_bn = True
-          changed = True
-    if changed:
-      self.model.make_train_function(force=True)
+    self.model.make_train_function(force=True)
 
   def on_train_begin(self, logs=None):
     if self.freeze_after == 0 or self.freeze_bn_after == 0:

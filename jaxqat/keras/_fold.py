@@ -49,12 +49,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+from jaxqat.core._serialize import spec_from_dict
+from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
-from jaxqat.keras._quantizer import spec_from_config
-from jaxqat.keras._quantizer import spec_to_config
 
 __all__ = ["QuantConvBatchNorm", "can_fold"]
 
@@ -155,8 +155,9 @@ class QuantConvBatchNorm(keras.layers.Layer):
       raise ValueError(f"QuantConvBatchNorm {self.name}: cannot fold: {reason}")
     self.conv = conv
     self.bn = bn
-    self.weight_spec = spec_from_config(weight_spec)
-    self.act_spec = spec_from_config(act_spec)
+    self.weight_spec = spec_from_dict(weight_spec, where=f"QuantConvBatchNorm {self.name!r} "
+                                      "weight_spec")
+    self.act_spec = spec_from_dict(act_spec, where=f"QuantConvBatchNorm {self.name!r} act_spec")
     check_act_spec(self.act_spec, f"QuantConvBatchNorm {self.name!r}")
     self.observe = observe
     self.freeze_bn = bool(freeze_bn)
@@ -300,8 +301,8 @@ class QuantConvBatchNorm(keras.layers.Layer):
     config.update({
         "conv": keras.saving.serialize_keras_object(self.conv),
         "batchnorm": keras.saving.serialize_keras_object(self.bn),
-        "weight_spec": spec_to_config(self.weight_spec),
-        "act_spec": spec_to_config(self.act_spec),
+        "weight_spec": spec_to_dict(self.weight_spec),
+        "act_spec": spec_to_dict(self.act_spec),
         "observe": self.observe,
         "freeze_bn": self.freeze_bn,
     })

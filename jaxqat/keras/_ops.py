@@ -191,7 +191,7 @@ def _to_block_layout(x, scale, spec):
   return ops.reshape(x, blocked), (lambda t: ops.expand_dims(t, axis + 1)), shape
 
 
-def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
+def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, offset=None,
                   where: str = "tensor", force_ops: bool = False):
   """Fake-quantizes ``x`` as ``spec.learning`` says, on the current backend.
 
@@ -204,7 +204,9 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
     x: a floating point tensor.
     spec: the QuantSpec.
     scale: the step size (shape ``spec.scale_shape(x.shape)``).
-    zero_point: integer zero point (fixed) or LSQ+ offset β, or ``None``.
+    zero_point: the integer zero point of a fixed affine spec, or ``None``.
+    offset: the LSQ+ offset β (``x ≈ s·q + β``; ``learning="lsq_plus"``
+      only), or ``None``.
     where: the layer/tensor name used in error messages.
     force_ops: use the keras.ops path even on the JAX backend (for tests).
 
@@ -214,6 +216,8 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
   Raises:
     NotImplementedError: for float/block formats or stochastic rounding off
       the JAX backend.
+    ValueError: if a learned spec is given ``zero_point``, or a spec other
+      than ``lsq_plus`` is given ``offset`` (as the core).
 
   Examples:
     >>> import numpy as np
@@ -227,9 +231,13 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
     from jaxqat.core import quant_dequant as core_quant_dequant
     import jax.numpy as jnp
     unwrap = lambda t: None if t is None else (t.value if hasattr(t, "value") else jnp.asarray(t))
-    if spec.learning == "lsq_plus":
-      return core_quant_dequant(unwrap(x), spec, unwrap(scale), offset=unwrap(zero_point))
-    return core_quant_dequant(unwrap(x), spec, unwrap(scale), unwrap(zero_point))
+    return core_quant_dequant(unwrap(x), spec, unwrap(scale), unwrap(zero_point),
+                              offset=unwrap(offset))
+  if offset is not None and spec.learning != "lsq_plus":
+    raise ValueError(f"{where}: offset is the LSQ+ offset; learning={spec.learning!r} takes none")
+  if zero_point is not None and spec.learning != "fixed":
+    raise ValueError(f"{where}: learning={spec.learning!r} takes no integer zero point; LSQ is "
+                     "symmetric, LSQ+ learns a float offset (pass offset=-z*scale)")
   if not spec.is_int:
     raise NotImplementedError(
         f"{where}: format {spec.format.name} is implemented on the JAX backend only; on this "
@@ -240,6 +248,8 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
   x = ops.convert_to_tensor(x)
   s = ops.convert_to_tensor(scale)
   z = None if zero_point is None else ops.convert_to_tensor(zero_point)
+  if offset is not None:
+    z = ops.convert_to_tensor(offset)
   blocked = isinstance(spec.granularity, spec_lib.PerBlock)
   if blocked:
     x, expand, shape = _to_block_layout(x, s, spec)
@@ -248,8 +258,6 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *,
   if spec.learning == "fixed":
     y = ops_fake_quant(x, s, ops.zeros_like(s) if z is None else z, spec.qmin, spec.qmax)
   else:
-    if spec.learning == "lsq" and z is not None:
-      raise ValueError(f"{where}: learning='lsq' is symmetric; use 'lsq_plus' to learn an offset")
     gs = None
     if blocked:  # N = elements per step size, as in the core
       gs = 1.0 / math.sqrt(spec.granularity.size * float(spec.qmax))

@@ -3,137 +3,115 @@
 A :class:`Quantizer` is a small Keras layer that a quantized layer owns, one
 per quantized tensor (``input_quantizer`` for the input activation,
 ``kernel_quantizer`` for the weight). Its state lives in ``add_weight``
-variables, saved with the model:
+variables, saved with the model, under the names of the front-end contract
+(``docs/contract.md``):
 
-* ``scale`` -- the step size ``s`` (trainable for LSQ / LSQ+);
-* ``zero_point`` -- affine specs only: the integer zero point ``z``
-  (non-trainable), or the LSQ+ offset ``β`` (trainable);
-* ``initialized`` -- 1 once a range was set (calibration, conversion, or the
-  first observed training batch);
-* ``range_min`` / ``range_max`` -- observer statistics (non-trainable) of an
-  activation quantizer that keeps observing while it trains.
+* ``scale`` -- fixed step size ``s`` (``learning="fixed"``; non-trainable);
+* ``zero_point`` -- integer zero point ``z`` (fixed affine integer specs;
+  non-trainable);
+* ``log_scale`` -- learned step size stored as ``θ = log s``
+  (``learning="lsq"``/``"lsq_plus"``; trainable): the forward pass uses
+  ``s = jaxqat.core.param_to_step_size(θ)``, so no optimizer can make it
+  zero or negative;
+* ``offset`` -- learned LSQ+ offset ``β`` (``x ≈ s·q + β``; affine
+  ``lsq_plus`` specs; trainable);
+* ``range_min`` / ``range_max`` / ``observed`` -- observer statistics of an
+  activation quantizer created with ``observe=True`` (non-trainable).
 
-Range sources, by ``spec.learning``:
+Python-level state, saved in the ``.keras`` file with the variables:
+``calibrated`` (a range was set), ``frozen`` (weights: the stored range is
+used instead of tracking the weight), ``mode`` (``"quant"`` or ``"float"``)
+and ``float_reason`` (why an activation quantizer stays float, e.g. it saw no
+finite value during calibration).
 
-* ``"fixed"`` weights with ``observe=True`` (absmax/minmax): the range is
-  recomputed from the current weight at every call ("last value");
-  otherwise the stored ``scale``.
-* ``"fixed"`` activations with ``observe=True`` (absmax, minmax, ema): running
-  statistics updated in every training call (EMA with ``spec.calibration.
-  ema_decay``); inference uses the stored range. ``observe=False``: the range
-  from :func:`jaxqat.keras.calibrate` only.
-* ``"lsq"`` / ``"lsq_plus"``: learned by ``fit``; initialize them with
-  :func:`jaxqat.keras.calibrate` (activations) -- :func:`quantize_model`
-  initializes weight step sizes from the float weights.
+Range sources:
+
+* fixed-range weights recompute their range from the current weight at every
+  call (:func:`jaxqat.core.weight_range` on the JAX backend; the same
+  formula in ``keras.ops`` elsewhere), with no gradient through the range,
+  until :meth:`Quantizer.freeze` stores it; :meth:`Quantizer.unfreeze`
+  resumes tracking;
+* activations are calibrated (:func:`jaxqat.keras.calibrate`), then fixed.
+  ``observe=True`` (absmax, minmax or ema) keeps updating running statistics
+  in every training call; non-finite values are ignored, as by the core
+  observers. Such a quantizer, uncalibrated, starts from its first training
+  batch (documented first-batch initialisation);
+* LSQ / LSQ+ step sizes and offsets are learned by ``fit``, initialised from
+  the calibrated range (activations) or the weight (weights).
+
+Running a quantizer that needs a range before it has one (an activation
+quantizer before :func:`jaxqat.keras.calibrate`) raises a ``ValueError``
+naming the layer, at trace time; it never uses a silent step size of 1.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional
+import math
+import warnings
+from typing import Optional
 
 import numpy as np
 
 from jaxqat.core import _spec as spec_lib
+from jaxqat.core._report import QuantizationWarning
+from jaxqat.core._serialize import spec_from_dict
+from jaxqat.core._serialize import spec_to_dict
+from jaxqat.core._step_size import STEP_SIZE_MAX
+from jaxqat.core._step_size import STEP_SIZE_MIN
 from jaxqat.keras import _ops
 from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
+from jaxqat.keras._backend import restore_purged_state
 from jaxqat.keras._backend import to_numpy
 
-__all__ = ["Quantizer", "check_act_spec", "spec_to_config", "spec_from_config"]
+__all__ = ["Quantizer", "check_act_spec", "init_step_size", "MODES"]
 
 _OBSERVABLE = ("absmax", "minmax", "ema")
+MODES = ("quant", "float")
+
+# Learned step sizes initialised from an observed range are floored (see
+# :func:`init_step_size`): relative to the largest step size of the same
+# tensor, and, for activations, absolutely.
+REL_STEP_FLOOR = 1e-3
+ACT_STEP_FLOOR = 1e-6
+_LOG_MIN = math.log(STEP_SIZE_MIN)
+_LOG_MAX = math.log(STEP_SIZE_MAX)
 
 
-def spec_to_config(spec: Optional[spec_lib.QuantSpec]) -> Optional[dict]:
-  """A QuantSpec as a JSON-compatible dict (``None`` stays ``None``).
-
-  The granularity is stored as ``{"type": "per_tensor"}``,
-  ``{"type": "per_channel", "axis": [...]}``, ``{"type": "per_block",
-  "size": ..., "axis": ...}`` or ``{"type": "per_output_channel"}`` (kept
-  unresolved: the layer resolves it again when it is built).
-
-  Args:
-    spec: a :class:`~jaxqat.core.QuantSpec` or ``None``.
-
-  Returns:
-    The config dict, or ``None``.
-
-  Raises:
-    TypeError: if ``spec`` is not a QuantSpec.
-
-  Examples:
-    >>> from jaxqat.core import QuantSpec, PerChannel, PerOutputChannel
-    >>> spec = QuantSpec(format="int4", granularity=PerChannel(-1))
-    >>> spec_from_config(spec_to_config(spec)) == spec
-    True
-    >>> spec_to_config(QuantSpec(granularity=PerOutputChannel()))["granularity"]
-    {'type': 'per_output_channel'}
-  """
-  if spec is None:
-    return None
-  if not isinstance(spec, spec_lib.QuantSpec):
-    raise TypeError(f"spec: expected a jaxqat QuantSpec, got {type(spec).__name__}")
-  g = spec.granularity
-  if isinstance(g, spec_lib.PerTensor):
-    gran = {"type": "per_tensor"}
-  elif isinstance(g, spec_lib.PerChannel):
-    gran = {"type": "per_channel", "axis": list(g.axes)}
-  elif isinstance(g, spec_lib.PerOutputChannel):
-    gran = {"type": "per_output_channel"}
-  else:
-    gran = {"type": "per_block", "size": g.size, "axis": g.axis}
-  return {
-      "format": spec.format.name,
-      "granularity": gran,
-      "symmetric": spec.symmetric,
-      "calibration": dataclasses.asdict(spec.calibration),
-      "learning": spec.learning,
-      "rounding": spec.rounding,
-  }
+def _in_symbolic_scope() -> bool:
+  """Whether Keras is only inferring shapes (building a Functional graph)."""
+  from keras.src.backend.common import global_state  # no public accessor in Keras 3
+  return global_state.get_global_attribute("symbolic_scope") is not None
 
 
-def spec_from_config(config: Any) -> Optional[spec_lib.QuantSpec]:
-  """Inverse of :func:`spec_to_config` (a QuantSpec passes through).
+def init_step_size(step_size, role: str = "act") -> np.ndarray:
+  """The initial learned (LSQ) step size for an observed step size.
+
+  A calibrated range of about 0 (activations calibrated on near-zero inputs,
+  a dead channel) gives a step size of 1e-8 or less, which the first updates
+  on real data cannot recover from. The initial step size is therefore at
+  least ``REL_STEP_FLOOR`` (1e-3) times the largest step size of the same
+  tensor, and for activations at least ``ACT_STEP_FLOOR`` (1e-6).
 
   Args:
-    config: a dict from :func:`spec_to_config`, a QuantSpec, or ``None``.
+    step_size: the observed step sizes (positive).
+    role: ``"act"`` or ``"weight"``.
 
   Returns:
-    The QuantSpec, or ``None``.
-
-  Raises:
-    TypeError: if ``config`` is neither a dict nor a QuantSpec.
-    ValueError: if the granularity type is unknown.
+    The floored step sizes, float32.
 
   Examples:
-    >>> from jaxqat.core import QuantSpec, PerOutputChannel
-    >>> spec = QuantSpec(format="int4", granularity=PerOutputChannel())
-    >>> spec_from_config(spec_to_config(spec)) == spec
-    True
+    >>> init_step_size([1e-9, 0.5, 0.2]).tolist()
+    [0.0005000000237487257, 0.5, 0.20000000298023224]
+    >>> float(init_step_size(1e-9))
+    1e-06
   """
-  if config is None or isinstance(config, spec_lib.QuantSpec):
-    return config
-  if not isinstance(config, dict):
-    raise TypeError(f"spec: expected a QuantSpec or its config dict, got {type(config).__name__}")
-  g = config["granularity"]
-  if g["type"] == "per_tensor":
-    gran = spec_lib.PerTensor()
-  elif g["type"] == "per_channel":
-    axis = g["axis"]
-    gran = spec_lib.PerChannel(tuple(axis) if isinstance(axis, (list, tuple)) else axis)
-  elif g["type"] == "per_block":
-    gran = spec_lib.PerBlock(int(g["size"]), int(g["axis"]))
-  elif g["type"] == "per_output_channel":
-    gran = spec_lib.PerOutputChannel()
-  else:
-    raise ValueError(f"spec: unknown granularity type {g['type']!r}; expected one of "
-                     "'per_tensor', 'per_channel', 'per_block', 'per_output_channel'")
-  return spec_lib.QuantSpec(
-      format=config["format"], granularity=gran, symmetric=config["symmetric"],
-      calibration=spec_lib.Calibration(**config["calibration"]),
-      learning=config["learning"], rounding=config["rounding"])
+  s = np.asarray(step_size, np.float32)
+  floor = REL_STEP_FLOOR * float(np.max(s)) if s.size else 0.0
+  if role == "act":
+    floor = max(floor, ACT_STEP_FLOOR)
+  return np.maximum(s, np.float32(floor)).astype(np.float32)
 
 
 def check_act_spec(spec: Optional[spec_lib.QuantSpec], where: str, arg: str = "act_spec"):
@@ -189,42 +167,61 @@ def _reduce_axes(shape, scale_shape):
   return tuple(i for i, k in enumerate(full) if k == 1)
 
 
+def _finite_min_max(x, axes, scale_shape):
+  """Per-group min, max and finite count of ``x``, ignoring NaN and +-inf (as the core)."""
+  xc = ops.cast(x, "float32")
+  fin = ops.isfinite(xc)
+  big = float(np.finfo(np.float32).max)
+  lo = ops.min(ops.where(fin, xc, big), axis=axes, keepdims=True)
+  hi = ops.max(ops.where(fin, xc, -big), axis=axes, keepdims=True)
+  cnt = ops.sum(ops.cast(fin, "float32"), axis=axes, keepdims=True)
+  return (ops.reshape(lo, scale_shape), ops.reshape(hi, scale_shape),
+          ops.reshape(cnt, scale_shape))
+
+
 @keras.saving.register_keras_serializable(package="jaxqat")
 class Quantizer(keras.layers.Layer):
   """Fake-quantizes one tensor (an activation or a weight) with its own range state.
 
   Use it directly as an activation-quantizer layer (e.g. before a residual
-  add), or let :func:`jaxqat.keras.quantize_model` create one per tensor.
+  add), or let :func:`jaxqat.keras.quantize` create one per tensor.
 
   Args:
-    spec: the :class:`~jaxqat.core.QuantSpec` (or its config dict).
+    spec: the :class:`~jaxqat.core.QuantSpec` (or its
+      :func:`~jaxqat.core.spec_to_dict` dict).
     role: ``"act"`` (the input of a layer; the scale shape ignores the batch
       size) or ``"weight"``.
-    observe: update the range from the data during training (see the module
-      docstring). ``None``: on for ``learning="fixed"`` with the absmax,
-      minmax or ema method, off otherwise.
+    observe: activations only: keep updating the range from the data in
+      training calls (absmax, minmax or ema with ``learning="fixed"``).
+      ``None``/``False``: the range is calibrated, then fixed (the default).
+      Ignored for weights, which track the current weight until frozen.
     **kwargs: Keras layer arguments (``name``, ``dtype``...).
 
   Raises:
-    TypeError: if ``spec`` is not a QuantSpec.
-    ValueError: if ``role`` is unknown, ``observe=True`` is asked for a
-      method that cannot run inside a training step, or ``spec`` has the
+    TypeError: if ``spec`` is not a QuantSpec or its dict.
+    ValueError: if ``role`` is unknown, ``observe=True`` is asked for a spec
+      that cannot observe inside a training step, or ``spec`` has the
       unresolved granularity ``PerOutputChannel()`` (an activation spec can
       never use it; a weight's is resolved by the layer that owns it).
 
   Examples:
     >>> import numpy as np
     >>> from jaxqat.core import QuantSpec
-    >>> q = Quantizer(QuantSpec(format="int4"), observe=False)
+    >>> q = Quantizer(QuantSpec(format="int4"), name="q")
     >>> q.build((None, 3))
-    >>> _ = q.scale.assign(np.full((), 0.5, "float32"))
+    >>> q(np.zeros((1, 3), "float32"))
+    Traceback (most recent call last):
+    ...
+    ValueError: Quantizer 'q' (act, int4, learning='fixed') has no range yet: call ...
+    >>> q.set_range(np.float32(0.5))
     >>> np.asarray(q(np.array([[-1.3, 0.26, 2.0]], "float32"))).tolist()
     [[-1.5, 0.5, 2.0]]
   """
 
   def __init__(self, spec=None, role: str = "act", observe: Optional[bool] = None, **kwargs):
     super().__init__(**kwargs)
-    spec = spec_from_config(spec) if spec is not None else spec_lib.QuantSpec()
+    spec = (spec_from_dict(spec, where=f"Quantizer {self.name!r} spec") if spec is not None
+            else spec_lib.QuantSpec())
     if role not in ("act", "weight"):
       raise ValueError(f"Quantizer {self.name}: role must be 'act' or 'weight', got {role!r}")
     if role == "act":
@@ -235,21 +232,26 @@ class Quantizer(keras.layers.Layer):
           "layer that owns the weight resolves to its output-channel axes; give a standalone "
           "weight Quantizer spec.resolve_output_channel(axes) or a PerChannel(axis) spec")
     method = spec.calibration.method
-    default_observe = spec.learning == "fixed" and method in _OBSERVABLE and not spec.is_block
-    self.can_observe = default_observe
-    if observe is None:
-      observe = default_observe
-    if observe and not default_observe:
+    self.can_observe = (role == "act" and spec.learning == "fixed" and method in _OBSERVABLE
+                        and not spec.is_block)
+    if role == "weight":
+      observe = False  # weights track the current weight until frozen
+    if observe and not self.can_observe:
       raise ValueError(
-          f"Quantizer {self.name}: observe=True needs learning='fixed', a non-block format and "
-          f"calibration method in {_OBSERVABLE}; got learning={spec.learning!r}, "
-          f"method={method!r}, format={spec.format.name}")
+          f"Quantizer {self.name}: observe=True needs an activation quantizer with "
+          f"learning='fixed', a non-block format and calibration method in {_OBSERVABLE}; got "
+          f"learning={spec.learning!r}, method={method!r}, format={spec.format.name}")
     if spec.rounding != "nearest_even":
       raise ValueError(f"Quantizer {self.name}: rounding={spec.rounding!r} is not supported by the "
                        "Keras front end (needs a per-call PRNG key); use 'nearest_even'")
     self.spec = spec
     self.role = role
+    self.observe_requested = bool(observe)
     self.observe = bool(observe)
+    self.calibrated = False
+    self.frozen = False
+    self.mode = "quant"
+    self.float_reason: Optional[str] = None
     self.calibrating = False  # set by jaxqat.keras.calibrate (eager only)
     object.__setattr__(self, "_calib_state", None)
     self.supports_masking = True
@@ -257,12 +259,36 @@ class Quantizer(keras.layers.Layer):
   # -- state -----------------------------------------------------------------
 
   @property
+  def learned(self) -> bool:
+    """Whether the step size is learned (``log_scale``)."""
+    return self.spec.learning != "fixed"
+
+  @property
   def has_zero_point(self) -> bool:
-    return self.spec.is_int and not self.spec.symmetric
+    """Whether the quantizer holds an integer zero point (fixed affine integer spec)."""
+    return self.spec.is_int and not self.spec.symmetric and not self.learned
+
+  @property
+  def has_offset(self) -> bool:
+    """Whether the quantizer learns an LSQ+ offset (affine ``lsq_plus`` spec)."""
+    return self.spec.is_int and not self.spec.symmetric and self.spec.learning == "lsq_plus"
 
   @property
   def has_scale(self) -> bool:
+    """Whether the quantizer holds a step size (block formats carry their own scales)."""
     return not self.spec.is_block
+
+  @property
+  def needs_range(self) -> bool:
+    """Whether running it needs a calibrated/initialised range."""
+    if not self.has_scale:
+      return False
+    return self.learned or self.role == "act" or self.frozen
+
+  @property
+  def where(self) -> str:
+    """The quantizer's path in the model, for messages (``"dense/input_quantizer"``)."""
+    return getattr(self, "path", None) or self.name
 
   def _concrete_shape(self, shape):
     return tuple(1 if d is None else int(d) for d in shape)
@@ -282,57 +308,121 @@ class Quantizer(keras.layers.Layer):
       raise ValueError(f"Quantizer {self.name}: per-block activation ranges are not supported "
                        "(use a block format such as nvfp4, or per-tensor/per-channel)")
     self.scale_shape = spec.scale_shape(shape) if self.has_scale else ()
-    learned = spec.learning != "fixed"
-    if self.has_scale:
+    if self.has_scale and self.learned:
+      self.log_scale = self.add_weight(name="log_scale", shape=self.scale_shape,
+                                       initializer="zeros", trainable=True, dtype="float32")
+      self.log_scale.jaxqat_quant_param = True  # routed by jaxqat.keras.qat_optimizer
+    elif self.has_scale:
       self.scale = self.add_weight(name="scale", shape=self.scale_shape, initializer="ones",
-                                   trainable=learned, dtype="float32")
+                                   trainable=False, dtype="float32")
     if self.has_zero_point:
       self.zero_point = self.add_weight(name="zero_point", shape=self.scale_shape,
-                                        initializer="zeros", dtype="float32",
-                                        trainable=spec.learning == "lsq_plus")
-    self.initialized = self.add_weight(name="initialized", shape=(), initializer="zeros",
-                                       trainable=False, dtype="float32")
-    if self.role == "act" and self.can_observe:
+                                        initializer="zeros", trainable=False, dtype="float32")
+    if self.has_offset:
+      self.offset = self.add_weight(name="offset", shape=self.scale_shape, initializer="zeros",
+                                    trainable=True, dtype="float32")
+      self.offset.jaxqat_quant_param = True
+    if self.can_observe:
       self.range_min = self.add_weight(name="range_min", shape=self.scale_shape,
                                        initializer="zeros", trainable=False, dtype="float32")
       self.range_max = self.add_weight(name="range_max", shape=self.scale_shape,
                                        initializer="zeros", trainable=False, dtype="float32")
+      self.observed = self.add_weight(name="observed", shape=self.scale_shape,
+                                      initializer="zeros", trainable=False, dtype="float32")
+
+  # -- Python state saved with the variables ----------------------------------
+
+  def _flags(self) -> np.ndarray:
+    reason = 0 if self.float_reason is None else 1
+    return np.array([self.calibrated, self.frozen, self.mode == "float", reason,
+                     self.observe], np.int32)
+
+  def save_own_variables(self, store):
+    super().save_own_variables(store)
+    store["jaxqat_flags"] = self._flags()
+
+  def load_own_variables(self, store):
+    keys = list(store.keys())
+    flags = None
+    if "jaxqat_flags" in keys:
+      flags = np.asarray(store["jaxqat_flags"])
+      keys.remove("jaxqat_flags")
+    own = self._trainable_variables + self._non_trainable_variables
+    if len(keys) != len(own):
+      raise ValueError(f"Quantizer {self.where!r}: the file holds {len(keys)} variables, the "
+                       f"quantizer has {len(own)} ({[v.name for v in own]}); was it saved with "
+                       "another QuantSpec?")
+    for i, v in enumerate(own):
+      v.assign(store[str(i)])
+    if flags is not None:
+      self.calibrated, self.frozen = bool(flags[0]), bool(flags[1])
+      self.mode = "float" if flags[2] else "quant"
+      self.float_reason = "left float when it was saved" if flags[3] else None
+      self.observe = bool(flags[4]) and self.can_observe
+    else:  # saved by an earlier jaxqat: a range was set before saving
+      self.calibrated = True
 
   # -- ranges ----------------------------------------------------------------
 
-  def set_range(self, scale, zero_point=None):
-    """Stores a calibrated range (``zero_point``: the integer zero point).
+  def step_size(self):
+    """The step size in use (``param_to_step_size(log_scale)`` when learned), a tensor."""
+    if not self.has_scale:
+      return None
+    if self.learned:
+      if is_jax():
+        from jaxqat.core import param_to_step_size
+        return param_to_step_size(_unwrap(self.log_scale))
+      return ops.exp(ops.clip(ops.convert_to_tensor(self.log_scale), _LOG_MIN, _LOG_MAX))
+    return ops.convert_to_tensor(self.scale)
 
-    For LSQ+ the offset is stored as ``β = -z s``.
+  def set_range(self, scale, zero_point=None):
+    """Stores a range: the step size ``scale`` and the integer ``zero_point``.
+
+    Fixed specs store them (``scale``, ``zero_point``). Learned specs
+    initialise ``log_scale = log(init_step_size(scale))`` and, for LSQ+, the
+    offset ``β = -z·s``. The quantizer counts as calibrated afterwards.
 
     Args:
       scale: the step size, shape ``spec.scale_shape`` (or broadcastable).
       zero_point: the integer zero point, or None (0).
+
+    Raises:
+      ValueError: if the quantizer is not built, or ``scale`` is not finite
+        and > 0 (the message names the quantizer).
     """
     if not self.built:
-      raise ValueError(f"Quantizer {self.name}: build the layer before setting its range")
+      raise ValueError(f"Quantizer {self.where!r}: build the layer before setting its range")
+    self.float_reason = None
     if not self.has_scale:
-      self.initialized.assign(np.ones((), "float32"))
+      self.calibrated = True
       return
-    s = np.broadcast_to(np.asarray(scale, "float32"), self.scale_shape).copy()
+    s = np.broadcast_to(np.asarray(to_numpy(scale), "float32"), self.scale_shape).copy()
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
-      raise ValueError(f"Quantizer {self.name}: calibrated scale must be finite and > 0, got {s}")
-    self.scale.assign(s)
-    if self.has_zero_point:
-      z = np.zeros_like(s) if zero_point is None else np.broadcast_to(
-          np.asarray(zero_point, "float32"), self.scale_shape)
-      self.zero_point.assign(-z * s if self.spec.learning == "lsq_plus" else z)
-    if self.role == "act" and self.can_observe:
-      lo, hi = self._range_from_scale(s, None if zero_point is None else np.asarray(zero_point))
+      raise ValueError(f"Quantizer {self.where!r}: step size must be finite and > 0, got {s}")
+    z = (np.zeros_like(s) if zero_point is None
+         else np.broadcast_to(np.asarray(to_numpy(zero_point), "float32"), self.scale_shape))
+    if not np.all(np.isfinite(z)):
+      raise ValueError(f"Quantizer {self.where!r}: zero point must be finite, got {z}")
+    if self.learned:
+      s_init = init_step_size(s, self.role)
+      self.log_scale.assign(np.log(s_init).astype("float32"))
+      if self.has_offset:
+        self.offset.assign((-z * s_init).astype("float32"))
+    else:
+      self.scale.assign(s)
+      if self.has_zero_point:
+        self.zero_point.assign(z.astype("float32"))
+    if self.can_observe:
+      lo, hi = self._range_from_scale(s, z)
       self.range_min.assign(lo)
       self.range_max.assign(hi)
-    self.initialized.assign(np.ones((), "float32"))
+      self.observed.assign(np.ones(self.scale_shape, "float32"))
+    self.calibrated = True
 
   def _range_from_scale(self, s, z):
     spec = self.spec
-    if spec.symmetric or z is None:
+    if spec.symmetric:
       return (-s * spec.qmax).astype("float32"), (s * spec.qmax).astype("float32")
-    z = np.broadcast_to(z, s.shape)
     return ((spec.qmin - z) * s).astype("float32"), ((spec.qmax - z) * s).astype("float32")
 
   def calibrate_from(self, arrays):
@@ -340,17 +430,24 @@ class Quantizer(keras.layers.Layer):
 
     Args:
       arrays: an iterable of concrete arrays (NumPy or backend tensors).
+
+    Raises:
+      ValueError: if ``arrays`` is empty.
     """
-    from jaxqat.core import calibrate as core_calibrate
-    import jax.numpy as jnp
-    batches = [jnp.asarray(to_numpy(a), jnp.float32) for a in arrays]
-    if not batches:
-      raise ValueError(f"Quantizer {self.name}: no data to calibrate from")
-    s, z = core_calibrate(self.spec, batches)
-    self.set_range(np.asarray(s), None if self.spec.symmetric else np.asarray(z))
+    self.start_calibration()
+    for a in arrays:
+      self._collect(a)
+    if self._calib_state is None:
+      raise ValueError(f"Quantizer {self.where!r}: no data to calibrate from")
+    self.finish_calibration()
+
+  def start_calibration(self):
+    """Calibration mode: calls pass their input through and feed the core observer."""
+    self.calibrating = True
+    object.__setattr__(self, "_calib_state", None)
 
   def _collect(self, x):
-    """Calibration mode: feeds one batch to the core observer (eager)."""
+    """Feeds one batch to the core observer (eager)."""
     from jaxqat.core import observer
     import jax.numpy as jnp
     xj = jnp.asarray(to_numpy(x), jnp.float32)
@@ -362,54 +459,92 @@ class Quantizer(keras.layers.Layer):
   def finish_calibration(self) -> bool:
     """Computes and stores the range collected in calibration mode.
 
+    A quantizer that saw no batch or no finite value gets a
+    :class:`~jaxqat.core.QuantizationWarning` naming it and stays float
+    (``float_reason`` says why); groups (channels) that saw no finite value
+    get the core's fallback step size 1 and a warning.
+
     Returns:
-      Whether any batch was seen.
+      Whether a range was set.
     """
     self.calibrating = False
-    if self._calib_state is None:
-      return False
-    from jaxqat.core import observer
-    s, z = observer(self.spec).compute(dict(self._calib_state))
+    state = self._calib_state
     object.__setattr__(self, "_calib_state", None)
+    if state is None:
+      self._leave_float("saw no batch during calibration")
+      return False
+    count = np.asarray(state["count"])
+    if not np.any(count > 0):
+      self._leave_float("saw no finite value during calibration")
+      return False
+    if np.any(count <= 0):
+      warnings.warn(f"Quantizer {self.where!r}: {int(np.sum(count <= 0))} of {count.size} "
+                    "channels saw no finite value during calibration; they use step size 1",
+                    QuantizationWarning, stacklevel=3)
+    from jaxqat.core import observer
+    s, z = observer(self.spec).compute(dict(state))
     self.set_range(np.asarray(s), None if self.spec.symmetric else np.asarray(z))
     return True
 
-  def _dynamic_weight_range(self, x):
-    """absmax/minmax range of the current weight, in keras.ops (cheap inside a train step).
+  def _leave_float(self, why):
+    self.float_reason = why
+    warnings.warn(f"Quantizer {self.where!r} {why}: it stays float (its input is not quantized)",
+                  QuantizationWarning, stacklevel=4)
 
-    Same formula as the core observers (:func:`_ops_range`); the step size can differ from
-    the core's by one ulp (the core divides exactly, XLA may multiply by a reciprocal).
+  def tracked_range(self, w):
+    """The range of weight ``w`` by the spec's calibration method, no gradient.
+
+    On the JAX backend :func:`jaxqat.core.weight_range`; on other backends
+    the absmax/minmax/ema formula of the core observers in ``keras.ops``
+    (non-finite values ignored), and other methods through the core on a
+    concrete (eager) weight.
+
+    Args:
+      w: the weight (a tensor).
+
+    Returns:
+      ``(scale, zero_point)``; ``zero_point`` is None for symmetric specs.
     """
-    axes = _reduce_axes(tuple(x.shape), self.scale_shape)
-    xc = ops.cast(ops.convert_to_tensor(x), "float32")
-    lo = ops.reshape(ops.min(xc, axis=axes, keepdims=True), self.scale_shape)
-    hi = ops.reshape(ops.max(xc, axis=axes, keepdims=True), self.scale_shape)
-    return _ops_range(self.spec, lo, hi)
+    spec = self.spec
+    if is_jax():
+      from jaxqat.core import weight_range
+      s, z = weight_range(_unwrap(w), spec)
+      return s, (None if spec.symmetric else z)
+    w = ops.stop_gradient(ops.convert_to_tensor(w))
+    if spec.calibration.method in _OBSERVABLE:
+      axes = _reduce_axes(tuple(w.shape), self.scale_shape)
+      lo, hi, _ = _finite_min_max(w, axes, self.scale_shape)
+      return _ops_range(spec, lo, hi)
+    from jaxqat.core import weight_range
+    import jax.numpy as jnp
+    s, z = weight_range(jnp.asarray(to_numpy(w), jnp.float32), spec)
+    s = ops.convert_to_tensor(np.asarray(s))
+    return s, (None if spec.symmetric else ops.convert_to_tensor(np.asarray(z)))
 
   def _observe_act(self, x):
+    """One training batch into the running statistics (non-finite values ignored)."""
     spec = self.spec
-    xc = ops.cast(x, "float32")
     axes = _reduce_axes(tuple(x.shape), self.scale_shape)
-    bmin = ops.reshape(ops.min(xc, axis=axes, keepdims=True), self.scale_shape)
-    bmax = ops.reshape(ops.max(xc, axis=axes, keepdims=True), self.scale_shape)
-    init = self.initialized
-    method = spec.calibration.method
-    if method == "ema":
+    bmin, bmax, cnt = _finite_min_max(x, axes, self.scale_shape)
+    has = cnt > 0
+    seen = self.observed > 0
+    if spec.calibration.method == "ema":
       d = float(spec.calibration.ema_decay)
-      new_min = ops.where(init > 0, d * self.range_min + (1.0 - d) * bmin, bmin)
-      new_max = ops.where(init > 0, d * self.range_max + (1.0 - d) * bmax, bmax)
+      mn = ops.where(seen, d * self.range_min + (1.0 - d) * bmin, bmin)
+      mx = ops.where(seen, d * self.range_max + (1.0 - d) * bmax, bmax)
     else:
-      new_min = ops.where(init > 0, ops.minimum(self.range_min, bmin), bmin)
-      new_max = ops.where(init > 0, ops.maximum(self.range_max, bmax), bmax)
-    new_min = ops.stop_gradient(new_min)
-    new_max = ops.stop_gradient(new_max)
+      mn = ops.where(seen, ops.minimum(self.range_min, bmin), bmin)
+      mx = ops.where(seen, ops.maximum(self.range_max, bmax), bmax)
+    new_min = ops.stop_gradient(ops.where(has, mn, self.range_min))
+    new_max = ops.stop_gradient(ops.where(has, mx, self.range_max))
+    new_seen = ops.where(ops.logical_or(seen, has), ops.ones_like(cnt), ops.zeros_like(cnt))
     s, z = _ops_range(spec, new_min, new_max)
     self.range_min.assign(new_min)
     self.range_max.assign(new_max)
+    self.observed.assign(new_seen)
     self.scale.assign(s)
     if z is not None:
       self.zero_point.assign(z)
-    self.initialized.assign(ops.ones((), "float32"))
     return s, z
 
   # -- forward ---------------------------------------------------------------
@@ -418,46 +553,73 @@ class Quantizer(keras.layers.Layer):
     if self.calibrating:
       self._collect(x)
       return x
+    if self.mode == "float" or self.float_reason is not None:
+      return x
     spec = self.spec
-    where = f"layer {self.name!r}"
+    where = f"quantizer {self.where!r}"
     if spec.is_block:
-      return _ops.quant_dequant(x, spec, None, None, where=where)
-    z = self.zero_point if self.has_zero_point else None
-    s = self.scale
-    if spec.learning == "fixed" and self.observe:
-      if self.role == "weight":
-        s, z = self._dynamic_weight_range(x)
-      elif training:
-        s, z = self._observe_act(x)
+      return _ops.quant_dequant(x, spec, None, where=where)
+    observing = self.observe and bool(training)
+    if (self.needs_range and not self.calibrated and not observing
+        and not _in_symbolic_scope()):
+      restore_purged_state()
+      raise ValueError(
+          f"Quantizer {self.where!r} ({self.role}, {spec.format.name}, learning="
+          f"{spec.learning!r}) has no range yet: call jaxqat.keras.calibrate(model, data) "
+          "before running the model (or set_range on this quantizer)")
+    z = None
+    offset = None
+    if self.learned:
+      s = self.step_size()
+      offset = self.offset if self.has_offset else None
+    elif self.role == "weight" and not self.frozen:
+      s, z = self.tracked_range(x)
+    elif observing:
+      s, z = self._observe_act(x)
+    else:
+      s = self.scale
+      z = self.zero_point if self.has_zero_point else None
     if not is_jax():
       s = ops.convert_to_tensor(s)
       z = None if z is None else ops.convert_to_tensor(z)
-    if spec.learning == "lsq" and z is not None:
-      z = None
-    return _ops.quant_dequant(x, spec, s, z, where=where)
+      offset = None if offset is None else ops.convert_to_tensor(offset)
+    return _ops.quant_dequant(x, spec, s, z, offset=offset, where=where)
 
   def compute_output_shape(self, input_shape):
     return input_shape
 
   def freeze(self, weight=None):
-    """Stops observing; the range in use becomes the stored one.
+    """Stops range updates: a fixed weight range is stored, observing activations stop.
 
     Args:
-      weight: for a weight quantizer, the current weight (its range is
-        stored); ignored for activations, which keep their statistics.
+      weight: for a fixed-range weight quantizer, the current weight, whose
+        range is stored (:func:`jaxqat.core.weight_range`); ignored otherwise.
+
+    Raises:
+      ValueError: if a fixed-range weight quantizer is frozen without its
+        weight.
     """
-    if not self.observe:
-      return
-    if self.role == "weight" and self.built and self.has_scale and weight is not None:
-      s, z = self._dynamic_weight_range(ops.convert_to_tensor(weight))
+    if self.role == "weight" and self.has_scale and not self.learned and not self.frozen:
+      if weight is None:
+        raise ValueError(f"Quantizer {self.where!r}: freeze needs the current weight")
+      s, z = self.tracked_range(ops.convert_to_tensor(weight))
       self.set_range(to_numpy(s), None if z is None else to_numpy(z))
+      self.frozen = True
     self.observe = False
 
   def unfreeze(self):
-    """Resumes observing (only for quantizers that can observe)."""
-    self.observe = self.can_observe
+    """Resumes weight tracking (and observing, for activations created with ``observe=True``)."""
+    self.frozen = False
+    self.observe = self.observe_requested
 
   def get_config(self):
     config = super().get_config()
-    config.update({"spec": spec_to_config(self.spec), "role": self.role, "observe": self.observe})
+    config.update({"spec": spec_to_dict(self.spec), "role": self.role,
+                   "observe": self.observe_requested})
     return config
+
+
+def _unwrap(t):
+  """A Keras variable's value (JAX backend), or the tensor itself."""
+  import jax.numpy as jnp
+  return t.value if isinstance(t, keras.Variable) else jnp.asarray(t)

@@ -55,15 +55,21 @@ def test_ops_fake_quant_matches_core(name):
   r = np.random.RandomState(1).randn(*x.shape).astype(np.float32)
   args = [x, s] + ([] if z is None else [z])
 
+  plus = spec.learning == "lsq_plus"  # z is the LSQ+ offset beta, passed as offset=
+
+  def third(a):
+    z = a[2] if len(a) > 2 else None
+    return {"offset": z} if plus else {"zero_point": z}
+
   def keras_loss(*a):
-    y = _ops.quant_dequant(a[0], spec, a[1], a[2] if len(a) > 2 else None, force_ops=True)
+    y = _ops.quant_dequant(a[0], spec, a[1], **third(a), force_ops=True)
     return keras.ops.sum(y * keras.ops.convert_to_tensor(r))
 
   def core_loss(*a):
-    return jnp.sum(core_qd(a[0], spec, a[1], a[2] if len(a) > 2 else None) * r)
+    return jnp.sum(core_qd(a[0], spec, a[1], **third(a)) * r)
 
-  y_keras = to_np(_ops.quant_dequant(x, spec, s, z, force_ops=True))
-  y_core = np.asarray(core_qd(jnp.asarray(x), spec, s, z))
+  y_keras = to_np(_ops.quant_dequant(x, spec, s, **third(args), force_ops=True))
+  y_core = np.asarray(core_qd(jnp.asarray(x), spec, s, **third(args)))
   assert_close(y_keras, y_core, what=f"{name} forward")
   _, g_keras = value_and_grads(keras_loss, args)
   g_core = jax.grad(core_loss, argnums=tuple(range(len(args))))(*[jnp.asarray(a) for a in args])
@@ -91,7 +97,10 @@ def test_ops_float_format_off_jax_is_a_clear_error():
       _ops.quant_dequant(np.array([1.0], np.float32), spec, np.float32(1.0), where="layer 'd'")
 
 
-def test_lsq_with_zero_point_is_rejected():
+def test_lsq_with_zero_point_and_fixed_with_offset_are_rejected():
   with pytest.raises(ValueError, match="lsq_plus"):
     _ops.quant_dequant(np.ones(3, np.float32), QuantSpec(learning="lsq"), np.float32(1.0),
                        np.float32(0.0), force_ops=True)
+  with pytest.raises(ValueError, match="offset is the LSQ\\+ offset"):
+    _ops.quant_dequant(np.ones(3, np.float32), QuantSpec(symmetric=False), np.float32(1.0),
+                       offset=np.float32(0.0), force_ops=True)
