@@ -72,7 +72,7 @@ def main():
     t_float = time_steps(compile_model(base), x, y, args.steps)
     rows.append((f"5-conv CNN{' + BN' if bn else ''}", "float", t_float, 1.0))
     for name, rules in (("W8A8 QAT (absmax observers)", w8), ("W4A4 LSQ QAT", w4)):
-      q = jqk.quantize_model(cnn(bn), rules)
+      q = jqk.quantize(cnn(bn), rules)
       jqk.calibrate(q, x[:32], verbose=0)
       t = time_steps(compile_model(q), x, y, args.steps)
       label = name + (" (BN folded)" if bn else "")

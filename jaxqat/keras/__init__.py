@@ -8,10 +8,11 @@ and TensorFlow backends and save to ``.keras`` files.
 Quick start::
 
     import keras, jaxqat.keras as jqk
-    qmodel = jqk.quantize_model(model)           # int8 weights (per output channel) + inputs
+    qmodel = jqk.quantize(model)                 # W8A8 (jaxqat.core.default_rules())
     jqk.calibrate(qmodel, x_calib, steps=8)      # activation ranges
+    print(jqk.report(qmodel))                    # every layer with weights, and why
     qmodel.compile(...); qmodel.fit(...)         # QAT
-    qmodel.save("q.keras"); keras.saving.load_model("q.keras")
+    jqk.save("q.keras", qmodel); qmodel = jqk.restore("q.keras")
 
 Raises:
   ImportError: on import, when Keras cannot import its configured backend
@@ -19,13 +20,16 @@ Raises:
 """
 
 from jaxqat.keras._backend import keras as _keras  # noqa: F401  (fails early, clearly)
+from jaxqat.keras._calibrate import CheckFinite as CheckFinite
 from jaxqat.keras._calibrate import FreezeQuantizers as FreezeQuantizers
 from jaxqat.keras._calibrate import calibrate as calibrate
+from jaxqat.keras._calibrate import check_finite as check_finite
+from jaxqat.keras._calibrate import freeze as freeze
 from jaxqat.keras._calibrate import quantizers as quantizers
-from jaxqat.keras._convert import UnquantizedLayerWarning as UnquantizedLayerWarning
-from jaxqat.keras._convert import default_rules as default_rules
+from jaxqat.keras._calibrate import set_mode as set_mode
+from jaxqat.keras._calibrate import unfreeze as unfreeze
 from jaxqat.keras._convert import quant_layers as quant_layers
-from jaxqat.keras._convert import quantize_model as quantize_model
+from jaxqat.keras._convert import quantize as quantize
 from jaxqat.keras._fold import QuantConvBatchNorm as QuantConvBatchNorm
 from jaxqat.keras._layers import QuantConv1D as QuantConv1D
 from jaxqat.keras._layers import QuantConv2D as QuantConv2D
@@ -40,9 +44,15 @@ from jaxqat.keras._layers import QuantSeparableConv1D as QuantSeparableConv1D
 from jaxqat.keras._layers import QuantSeparableConv2D as QuantSeparableConv2D
 from jaxqat.keras._layers import quantized_class as quantized_class
 from jaxqat.keras._ops import quant_dequant as quant_dequant
+from jaxqat.keras._optimizer import QATOptimizer as QATOptimizer
+from jaxqat.keras._optimizer import qat_optimizer as qat_optimizer
 from jaxqat.keras._quantizer import Quantizer as Quantizer
+from jaxqat.keras._report import report as report
+from jaxqat.keras._saving import restore as restore
+from jaxqat.keras._saving import save as save
 
 __all__ = [
+    "CheckFinite",
     "FreezeQuantizers",
     "QuantConv1D",
     "QuantConv2D",
@@ -56,13 +66,20 @@ __all__ = [
     "QuantLayer",
     "QuantSeparableConv1D",
     "QuantSeparableConv2D",
+    "QATOptimizer",
     "Quantizer",
-    "UnquantizedLayerWarning",
     "calibrate",
-    "default_rules",
+    "check_finite",
+    "freeze",
+    "qat_optimizer",
     "quant_dequant",
     "quant_layers",
-    "quantize_model",
+    "quantize",
     "quantized_class",
     "quantizers",
+    "report",
+    "restore",
+    "save",
+    "set_mode",
+    "unfreeze",
 ]

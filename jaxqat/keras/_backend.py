@@ -45,6 +45,12 @@ def to_numpy(x) -> np.ndarray:
   """A concrete backend tensor or Keras variable as a NumPy array."""
   if isinstance(x, keras.Variable):
     x = x.value
+  if backend_name() == "torch" and hasattr(x, "detach"):
+    # keras.ops.convert_to_numpy calls np.array(tensor), which NumPy 2 answers with a
+    # DeprecationWarning per call (torch's __array__ takes no `copy`): go through .numpy().
+    x = x.detach().cpu()
+    if str(x.dtype) != "torch.bfloat16":  # NumPy has no bfloat16: Keras' path below
+      return x.numpy()
   return np.asarray(keras.ops.convert_to_numpy(x))
 
 

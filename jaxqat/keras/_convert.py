@@ -1,14 +1,33 @@
-"""quantize_model: turns a float Keras model into a quantization-aware one.
+"""quantize: turns a float Keras model into a quantization-aware one.
 
-* Sequential and Functional models are *cloned* (float weights copied): each
-  supported layer becomes its quantized class (:mod:`jaxqat.keras._layers`),
-  and a Conv/DepthwiseConv followed by its only consumer, a
-  BatchNormalization, becomes one :class:`QuantConvBatchNorm`. Nested
-  Sequential/Functional models are converted recursively.
-* Subclassed models and layers that hold sublayers (``MultiHeadAttention``,
-  a transformer block from another library) are converted *in place*: each
-  supported sublayer attribute (or list item) is replaced by its quantized
-  version, built with the same shape and the same float weights.
+How the model is converted (the report says which path each layer took):
+
+* **Sequential and Functional models are copied** (the original is
+  untouched): each supported layer becomes its quantized class
+  (:mod:`jaxqat.keras._layers`) with the float weights, a Conv/DepthwiseConv
+  whose only consumer is a BatchNormalization becomes one
+  :class:`QuantConvBatchNorm`, op nodes (``h + 3.0``, ``keras.ops`` calls) are
+  kept, and every other layer is re-created from its config. When a layer
+  cannot be re-created from its config (a third-party layer whose
+  ``get_config()`` holds a key its ``__init__`` does not take), the copy is
+  abandoned and the model is **converted in place** instead, with a
+  :class:`~jaxqat.core.QuantizationWarning`.
+* **Functional subclasses** (a model-zoo backbone) are rebuilt through their
+  own class (``type(model).from_config(model.get_config())``, float weights
+  copied), so the copy is still an instance of that class, then converted in
+  place; if the class cannot be rebuilt, the model itself is converted in
+  place.
+* **Subclassed models are converted in place** (``quantize`` returns the
+  object it was given).
+* Layers **inside** other layers (MultiHeadAttention's projections, the
+  sublayers of a transformer block or of a subclassed model) are always
+  converted in place: the layer object stays where it is and its class
+  becomes the quantized class (:func:`jaxqat.keras._layers.quantize_in_place`),
+  so nothing needs rewiring, third-party parents included.
+
+Conversions in place are recorded in the model's saved config (the specs and
+the locator of each layer, see :mod:`jaxqat.keras._saving`), so a ``.keras``
+file reloads the quantized model.
 
 Layer paths, matched by the rules: a layer's name, prefixed by the names of
 the models / layers that contain it, joined by ``/`` (``"encoder/mha/query"``).
@@ -17,66 +36,32 @@ the models / layers that contain it, joined by ``/`` (``"encoder/mha/query"``).
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
+from jaxqat.core import _defaults
 from jaxqat.core import _rules as rules_lib
-from jaxqat.core import _spec as spec_lib
+from jaxqat.core._report import QuantizationWarning
+from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras import _fold
+from jaxqat.keras import _graph
 from jaxqat.keras import _layers
+from jaxqat.keras import _saving
 from jaxqat.keras._backend import keras
+from jaxqat.keras._backend import to_numpy
+from jaxqat.keras._quantizer import Quantizer
 
-__all__ = ["quantize_model", "default_rules", "UnquantizedLayerWarning", "quant_layers"]
+__all__ = ["quantize", "quant_layers", "copy_weights"]
 
-
-class UnquantizedLayerWarning(UserWarning):
-  """A layer with weights was left in float because jaxqat cannot quantize it."""
-
-
-def default_rules(bits: int = 8) -> list:
-  """The default scheme: per-output-channel weights and per-tensor input activations.
-
-  Each layer resolves :class:`~jaxqat.core.PerOutputChannel` to its own
-  output-channel axes (see :mod:`jaxqat.keras._layers`): the last kernel axis
-  of Dense/Conv, both channel axes of a depthwise kernel, the output axes of
-  an EinsumDense kernel, the rows of an Embedding table.
-
-  Args:
-    bits: the integer width of both.
-
-  Returns:
-    ``[Rule(pattern=".*", weight=int<bits> PerOutputChannel(), act=int<bits> per tensor)]``.
-
-  Examples:
-    >>> r, = default_rules()
-    >>> r.weight.granularity, r.act.format.name
-    (PerOutputChannel(), 'int8')
-  """
-  return [rules_lib.Rule(
-      pattern=".*",
-      weight=spec_lib.QuantSpec(format=f"int{bits}", granularity=spec_lib.PerOutputChannel()),
-      act=spec_lib.QuantSpec(format=f"int{bits}"))]
-
-
-_SKIP_ATTRS = frozenset({
-    "_layers", "_tracker", "_inbound_nodes", "_outbound_nodes", "_operations", "_functional",
-    "_metrics", "_seed_generators", "_trainable_variables", "_non_trainable_variables",
-    "_compile_metrics", "_compile_loss", "_loss_tracker", "optimizer", "_input_layers",
-    "_output_layers", "_self_setattr_tracking", "_build_shapes_dict",
-    "_modules", "_parameters", "_buffers", "_torch_params",  # torch.nn.Module internals
-})
+_QUANT = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
 
 
 def _is_model(layer) -> bool:
   return isinstance(layer, keras.Model)
 
 
-def _is_functional(model) -> bool:
-  from keras.src.models.functional import Functional  # no public alias in Keras 3
-  return isinstance(model, Functional) and not isinstance(model, keras.Sequential)
-
-
-def _has_weights(layer) -> bool:
-  return bool(layer.weights)
+def _is_plain_graph(model) -> bool:
+  from keras.src.models.functional import Functional
+  return type(model) in (keras.Sequential, Functional)
 
 
 def _rel_path(var, layer) -> str:
@@ -100,22 +85,28 @@ def copy_weights(src, dst) -> None:
     if t is None or tuple(t.shape) != tuple(v.shape):
       raise ValueError(f"layer {src.name!r}: cannot copy variable {key!r} "
                        f"(shape {tuple(v.shape)}) into {type(dst).__name__} {dst.name!r}")
-    t.assign(keras.ops.convert_to_numpy(v.value))  # a copy: JAX may donate buffers
+    t.assign(to_numpy(v))  # a copy: JAX may donate buffers
+
+
+class _NoCopy(Exception):
+  """A layer of a Sequential/Functional model cannot be re-created from its config."""
 
 
 class _Context:
 
-  def __init__(self, rules, fold_batchnorm, observe):
+  def __init__(self, rules, fold_batchnorm):
     self.rules = rules
     self.fold = fold_batchnorm
-    self.observe = observe
-    self.quantized: list[str] = []
-    self.fused: list[str] = []
-    self.left_float: list[str] = []
-    self.in_place: list[str] = []
-    self.pairs: list = []  # (src, dst) for weight copies after the build
+    self.observe = None
+    self.how = {}        # id(layer) -> how it was quantized ("copied as ...", "folded with ...")
+    self.notes = {}      # id(layer) -> why it stays float
+    self.pairs = []      # (src, dst) for weight copies after the build
+    self.in_place = []   # record entries of the layers converted in place
+    self.in_place_layers = []
 
-  # -- decisions ------------------------------------------------------------
+  def reset(self):
+    self.how.clear()
+    self.pairs.clear()
 
   def specs_for(self, layer, path):
     """(weight_spec, act_spec) for a supported layer, or None to keep it float."""
@@ -123,16 +114,6 @@ class _Context:
     if rule is None or rule.skip or (rule.weight is None and rule.act is None):
       return None
     return rule.weight, rule.act
-
-  def note_unsupported(self, layer, path):
-    if not _has_weights(layer):
-      return
-    rule = self.rules.match(path)
-    if rule is not None and rule.skip:
-      return
-    if type(layer).__name__.endswith("Normalization"):
-      return  # normalization layers (no matmul) stay float on purpose
-    self.left_float.append(f"{path} ({type(layer).__name__})")
 
   def quant_layer(self, layer, path):
     """A new quantized layer for ``layer`` (unbuilt) or None."""
@@ -144,8 +125,12 @@ class _Context:
       return None
     config = layer.get_config()
     config.update(weight_spec=specs[0], act_spec=specs[1], observe=self.observe)
-    new = qcls.from_config(config)
-    self.quantized.append(path)
+    try:
+      new = qcls.from_config(config)
+    except Exception as e:  # a derived key in a third-party config, say
+      raise _NoCopy(f"layer {path!r} ({type(layer).__name__}) cannot be re-created from its "
+                    f"config ({type(e).__name__}: {str(e)[:200]})") from e
+    self.how[id(new)] = f"copied as {qcls.__name__}"
     return new
 
 
@@ -179,12 +164,13 @@ def _make_fused(conv, bn, ctx, path):
   weight, act = ctx.specs_for(conv, path)
   fused = _fold.QuantConvBatchNorm(conv, bn, weight_spec=weight, act_spec=act,
                                    observe=ctx.observe, name=conv.name)
-  ctx.quantized.append(path)
-  ctx.fused.append(f"{path}+{bn.name}")
+  ctx.how[id(fused)] = "copied as QuantConvBatchNorm"
   return fused
 
 
 def _clone_leaf(layer, ctx, prefix):
+  if not isinstance(layer, keras.layers.Layer):
+    return layer  # an op node (h + 3.0, a keras.ops call): stateless, shared by both graphs
   path = prefix + layer.name
   if _is_model(layer):
     return _convert_model(layer, ctx, path + "/")
@@ -192,10 +178,12 @@ def _clone_leaf(layer, ctx, prefix):
     return layer
   new = ctx.quant_layer(layer, path)
   if new is None:
-    new = layer.__class__.from_config(layer.get_config())
-    if _layers.quantized_class(type(layer)) is None and not _sublayers(layer):
-      ctx.note_unsupported(layer, path)
-  ctx.pairs.append((layer, new, path))
+    try:
+      new = layer.__class__.from_config(layer.get_config())
+    except Exception as e:  # a derived key in a third-party config, say
+      raise _NoCopy(f"layer {path!r} ({type(layer).__name__}) cannot be re-created from its "
+                    f"config ({type(e).__name__}: {str(e)[:200]})") from e
+  ctx.pairs.append((layer, new))
   return new
 
 
@@ -209,8 +197,8 @@ def _convert_sequential(model, ctx, prefix):
     if (ctx.fold and nxt is not None and _fold.can_fold(layer, nxt) is None
         and ctx.specs_for(layer, prefix + layer.name) is not None):
       fused = _make_fused(layer, nxt, ctx, prefix + layer.name)
-      ctx.pairs.append((layer, fused.conv, None))
-      ctx.pairs.append((nxt, fused.bn, None))
+      ctx.pairs.append((layer, fused.conv))
+      ctx.pairs.append((nxt, fused.bn))
       new_layers.append(fused)
       i += 2
       continue
@@ -230,8 +218,8 @@ def _convert_functional(model, ctx, prefix):
     if id(layer) in pairs:
       bn = pairs[id(layer)]
       fused = _make_fused(layer, bn, ctx, prefix + layer.name)
-      ctx.pairs.append((layer, fused.conv, None))
-      ctx.pairs.append((bn, fused.bn, None))
+      ctx.pairs.append((layer, fused.conv))
+      ctx.pairs.append((bn, fused.bn))
       return fused
     if id(layer) in bn_ids:
       marker = keras.layers.Identity(name=layer.name)
@@ -247,103 +235,132 @@ def _convert_functional(model, ctx, prefix):
   return keras.models.clone_model(model, clone_function=clone_fn, call_function=call_fn)
 
 
-def _sublayers(layer):
-  """(container, key, sublayer) for the direct sublayer attributes / list items."""
-  found = []
-  attrs = dict(vars(layer))
-  attrs.update(vars(layer).get("_modules", {}) or {})  # torch backend: sublayers live in _modules
-  for name, value in list(attrs.items()):
-    if name in _SKIP_ATTRS:
-      continue
-    if isinstance(value, keras.layers.Layer) and value is not layer:
-      found.append((layer, name, value))
-    elif isinstance(value, (list, tuple)):
-      for i, item in enumerate(value):
-        if isinstance(item, keras.layers.Layer):
-          found.append((value, i, item))
-    elif isinstance(value, dict):
-      for k, item in value.items():
-        if isinstance(item, keras.layers.Layer):
-          found.append((value, k, item))
-  return found
-
-
-def _replace(parent, container, key, old, new):
-  tracker = parent._tracker
-  locked = tracker.locked
-  tracker.unlock()
-  try:
-    tracker.untrack(old)
-    if container is parent:
-      setattr(parent, key, new)
-    elif isinstance(container, tuple):
-      raise TypeError(f"layer {parent.name!r}: sublayers in a tuple cannot be replaced")
-    else:
-      container[key] = new  # TrackedList item assignment does not track: do it here
-      tracker.track(new)
-  finally:
-    if locked:
-      tracker.lock()
-
-
-def _convert_in_place(layer, ctx, prefix, report_self=None):
-  """Swaps the supported sublayers of a built layer/subclassed model.
-
-  Returns the number of sublayers quantized. When none was and ``report_self``
-  (the layer's own path) is given, the layer itself is reported as float
-  (e.g. ``LSTM`` rather than its cell).
-  """
-  count = 0
-  unsupported = []
-  for container, key, sub in _sublayers(layer):
-    path = prefix + sub.name
-    if isinstance(sub, (_layers.QuantLayer, _fold.QuantConvBatchNorm)):
-      count += 1
-      continue
-    if isinstance(sub, keras.layers.InputLayer):
-      continue
-    if _is_model(sub) and (_is_functional(sub) or isinstance(sub, keras.Sequential)):
-      new = _convert_model(sub, ctx, path + "/")
-      if new is not sub:
-        _replace(layer, container, key, sub, new)
-      count += 1
-      continue
-    if not sub.built:
-      continue
-    new = ctx.quant_layer(sub, path)
-    if new is None and _layers.quantized_class(type(sub)) is not None:
-      count += 1  # supported, left float by a rule
-      continue
-    if new is not None:
-      new.build_from_config(sub.get_build_config())
-      copy_weights(sub, new)
-      _replace(layer, container, key, sub, new)
-      ctx.in_place.append(path)
-      if isinstance(new, _layers.QuantLayer):
-        new.init_weight_ranges()
-      count += 1
-      continue
-    if _sublayers(sub):
-      count += _convert_in_place(sub, ctx, path + "/", report_self=path)
-    elif _layers.quantized_class(type(sub)) is None:
-      unsupported.append((sub, path))
-  if count == 0 and report_self is not None:
-    ctx.note_unsupported(layer, report_self)
-  else:
-    for sub, path in unsupported:
-      ctx.note_unsupported(sub, path)
-  return count
-
-
 def _convert_model(model, ctx, prefix):
-  if isinstance(model, keras.Sequential):
-    new = _convert_sequential(model, ctx, prefix)
-  elif _is_functional(model):
-    new = _convert_functional(model, ctx, prefix)
-  else:
-    _convert_in_place(model, ctx, prefix)
-    return model
+  """A converted copy of a Sequential/Functional model (nested ones: same), else _NoCopy."""
+  if isinstance(model, keras.Sequential) and _is_plain_graph(model):
+    return _convert_sequential(model, ctx, prefix)
+  if _is_plain_graph(model):
+    return _convert_functional(model, ctx, prefix)
+  try:
+    new = _rebuild(model) if _graph.is_functional(model) else None
+  except Exception as e:  # noqa: BLE001
+    new = None
+  if new is None:
+    raise _NoCopy(f"nested model {prefix[:-1]!r} ({type(model).__name__}) cannot be copied")
+  ctx.how[id(new)] = f"rebuilt as {type(model).__name__}"
   return new
+
+
+def _rebuild(model):
+  """A float copy of a Functional subclass through its own class (its config, its weights)."""
+  cls = type(model)
+  new = cls.from_config(model.get_config())
+  src, dst = model.weights, new.weights
+  if [tuple(v.shape) for v in src] != [tuple(v.shape) for v in dst]:
+    raise ValueError(f"{cls.__name__}.from_config(get_config()) gives a model with other weights")
+  for s, d in zip(src, dst):
+    d.assign(to_numpy(s))
+  return new
+
+
+def _target(model, ctx):
+  """The model to convert in place (a copy where possible) and how it was obtained."""
+  if _is_plain_graph(model):
+    try:
+      new = _convert_model(model, ctx, "")
+    except _NoCopy as e:
+      ctx.reset()
+      return model, f"converted in place: the model could not be copied ({e})"
+    for src, dst in ctx.pairs:
+      if dst.built and src.built and src.weights:
+        copy_weights(src, dst)
+    for layer in quant_layers(new):
+      layer.init_weight_ranges()
+    return new, "copied"
+  if _graph.is_functional(model):
+    try:
+      return _rebuild(model), f"rebuilt as {type(model).__name__} and converted in place"
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign class: convert in place
+      return model, (f"converted in place: {type(model).__name__} could not be rebuilt from its "
+                     f"config ({type(e).__name__}: {str(e)[:200]})")
+  return model, "converted in place (subclassed model)"
+
+
+def _in_place_class(layer):
+  cls = type(layer)
+  if _layers.quantized_class(cls) is not None:
+    return True
+  return _layers.gathered_class(cls) is not None and bool(_layers.gathered_weights(layer))
+
+
+def _convert_in_place(root, ctx, how):
+  """Quantizes, in place, every supported layer under ``root`` that is still float."""
+  for loc, path, layer in _graph.walk(root, stop=lambda l: isinstance(l, _QUANT)):
+    if isinstance(layer, _QUANT) or not _in_place_class(layer):
+      continue
+    specs = ctx.specs_for(layer, path)
+    if specs is None:
+      continue
+    if not layer.built:
+      ctx.notes[id(layer)] = ("failed", "it is not built (never called), so its weights do not "
+                              "exist yet")
+      continue
+    try:
+      _layers.quantize_in_place(layer, *specs, observe=ctx.observe)
+    except (TypeError, ValueError) as e:
+      ctx.notes[id(layer)] = ("failed", str(e))
+      continue
+    ctx.how[id(layer)] = how
+    ctx.in_place.append({"at": loc, "path": path, "weight": spec_to_dict(specs[0]),
+                         "act": spec_to_dict(specs[1])})
+    ctx.in_place_layers.append(layer)
+
+
+def _float_status(root, loc, path, layer, ctx):
+  """(status, reason, rule pattern) of a layer with weights that stays float."""
+  rule = ctx.rules.match(path)
+  pattern = None if rule is None else rule.pattern
+  if id(layer) in ctx.notes:
+    status, reason = ctx.notes[id(layer)]
+    return status, reason, pattern
+  if _in_place_class(layer):
+    if rule is None:
+      return "unmatched", "no rule matches its path", None
+    return "skipped", "its rule keeps it float", pattern
+  name = type(layer).__name__
+  if isinstance(layer, keras.layers.BatchNormalization):
+    parent = _graph.locate(root, loc[:-1]) if len(loc) > 1 else root
+    if not (isinstance(parent, keras.Sequential) or _graph.is_functional(parent)):
+      return "unsupported", (
+          f"not folded: it sits inside {type(parent).__name__} {parent.name!r}, whose call graph "
+          "jaxqat cannot see (Conv+BatchNorm pairs are folded in Sequential/Functional graphs); "
+          "the convolution before it is quantized unfolded"), pattern
+    return "unsupported", ("normalization (no matmul), not folded: its input is not the only "
+                           "output of a foldable convolution, or folding is off"), pattern
+  if "Normalization" in name:
+    return "unsupported", "normalization (no matmul): kept float", pattern
+  return "unsupported", f"{name} has no quantized version", pattern
+
+
+def _statuses(root, ctx, how):
+  """The record entries of every layer with weights (quantized or not)."""
+  out = []
+  items = [([], "", root)] if _graph.own_weights(root) else []
+  items += list(_graph.walk(root, stop=lambda l: isinstance(l, _QUANT)))
+  for loc, path, layer in items:
+    rule = ctx.rules.match(path)
+    if isinstance(layer, _QUANT):
+      reason = ctx.how.get(id(layer), how)
+      if isinstance(layer, _fold.QuantConvBatchNorm):
+        reason = f"folded with {layer.bn.name}; {reason}"
+      out.append({"at": loc, "path": path, "type": _layers.float_class(layer).__name__,
+                  "status": "quantized", "reason": reason,
+                  "rule": None if rule is None else rule.pattern})
+    elif _graph.own_weights(layer):
+      status, reason, pattern = _float_status(root, loc, path, layer, ctx)
+      out.append({"at": loc, "path": path, "type": type(layer).__name__, "status": status,
+                  "reason": reason, "rule": pattern})
+  return out
 
 
 def quant_layers(model) -> list:
@@ -351,111 +368,113 @@ def quant_layers(model) -> list:
 
   Examples:
     >>> import keras
-    >>> m = quantize_model(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    >>> m = quantize(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
     >>> [type(l).__name__ for l in quant_layers(m)]
     ['QuantDense']
   """
-  out = []
-  seen = set()
-
-  def walk(layer):
-    if id(layer) in seen:
-      return
-    seen.add(id(layer))
-    if isinstance(layer, (_layers.QuantLayer, _fold.QuantConvBatchNorm)):
-      out.append(layer)
-      return
-    subs = layer.layers if _is_model(layer) and hasattr(layer, "layers") else []
-    for s in list(subs) + [s for _, _, s in _sublayers(layer)]:
-      walk(s)
-
-  walk(model)
-  return out
+  return [layer for _, _, layer in _graph.walk(model, stop=lambda l: isinstance(l, _QUANT))
+          if isinstance(layer, _QUANT)]
 
 
-def quantize_model(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule],
-                                       rules_lib.Rule, None] = None,
-                   *, fold_batchnorm: bool = True, observe: Optional[bool] = None):
-  """Makes a quantization-aware copy of a built Keras model.
+def _check_float(model):
+  if _saving.record_of(model) is not None:
+    raise ValueError(f"model: {model.name!r} is quantized already (by jaxqat.keras.quantize); "
+                     "quantize the float model instead (jaxqat.keras.set_mode(model, 'float') "
+                     "runs this one in float)")
+  for _, path, layer in _graph.walk(model, stop=lambda l: isinstance(l, _QUANT)):
+    if isinstance(layer, _QUANT + (Quantizer,)):
+      raise ValueError(f"model: {model.name!r} is quantized already (layer {path!r} is a "
+                       f"{type(layer).__name__}); quantize the float model instead")
 
-  Sequential and Functional models are cloned with their float weights (the
-  original is untouched); subclassed models are converted in place and
-  returned. Weight quantizer ranges (and LSQ step sizes) are initialized
-  from the float weights; activation ranges need
-  :func:`jaxqat.keras.calibrate` (or observe during training when their
-  spec's method is absmax/minmax/ema and ``learning="fixed"``).
 
-  Supported layers: Dense, EinsumDense, Conv1D/2D/3D, DepthwiseConv1D/2D,
-  SeparableConv1D/2D, Embedding and their subclasses; Conv+BatchNorm pairs
-  are folded (:class:`QuantConvBatchNorm`). Layers holding sublayers (e.g.
-  MultiHeadAttention) have their supported sublayers quantized in place.
-  Everything else stays float and is listed in an
-  :class:`UnquantizedLayerWarning` (when it has weights).
+def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], rules_lib.Rule,
+                                 None] = None, *, fold_batchnorm: bool = True):
+  """Makes a built Keras model quantization-aware (see the module doc for how).
+
+  Sequential and Functional models are copied with their float weights (the
+  original is untouched) unless a layer cannot be re-created from its config;
+  Functional subclasses are rebuilt through their own class; subclassed
+  models are converted in place and returned. Weight ranges are set from the
+  float weights; activation ranges need :func:`jaxqat.keras.calibrate`.
+
+  Quantized: Dense, EinsumDense, Conv1D/2D/3D, DepthwiseConv1D/2D,
+  SeparableConv1D/2D, Embedding and their subclasses, wherever they are
+  (inside MultiHeadAttention, transformer blocks, subclassed models); Conv+
+  BatchNorm pairs of a Sequential/Functional graph are folded
+  (:class:`QuantConvBatchNorm`); embedding-like layers of other libraries
+  (a class name containing ``Embedding`` with a table it slices) get their
+  tables fake-quantized per row when read. Every layer with weights, quantized
+  or not, is in :func:`jaxqat.keras.report` with the reason.
 
   Args:
     model: a built ``keras.Model``.
     rules: rules selecting layers by path (``re.fullmatch``, first match
-      wins): ``Rule(pattern, weight=QuantSpec|None, act=QuantSpec|None,
-      skip=False)``. ``None``: :func:`default_rules` (int8 weights with
-      ``PerOutputChannel()``, int8 per-tensor input activations). A weight
-      spec with ``PerOutputChannel()`` is resolved per layer; a literal
-      ``PerChannel(axis)`` is used as given on every layer.
+      wins). ``None``: :func:`jaxqat.core.default_rules` (W8A8: int8 narrow
+      symmetric weights per output channel, int8 affine per-tensor inputs).
     fold_batchnorm: fold Conv+BatchNorm pairs.
-    observe: passed to every quantizer (``None``: their default).
 
   Returns:
-    The quantized model (a new one unless ``model`` is subclassed).
+    The quantized model: a copy of the same class for Sequential/Functional
+    models (and Functional subclasses that rebuild from their config), else
+    ``model`` itself. Its class is a subclass of the original's that records
+    the conversion in the saved config.
 
   Raises:
     TypeError: if ``model`` is not a ``keras.Model`` or ``rules`` hold
       something other than Rules.
-    ValueError: if the model is not built.
+    ValueError: if the model is not built, or is quantized already.
 
   Warns:
-    UnusedRuleWarning: for rules that matched no layer.
-    UnquantizedLayerWarning: listing layers with weights left in float.
+    QuantizationWarning: for rules that matched no layer, layers with
+      weights left float for want of a quantized version, a model in which
+      nothing was quantized, and a Sequential/Functional model converted in
+      place because it could not be copied.
 
   Examples:
     >>> import keras
     >>> from jaxqat.core import QuantSpec, Rule
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="hidden"),
     ...                           keras.layers.Dense(2, name="head")])
-    >>> q = quantize_model(model, [Rule(pattern="head", skip=True),
-    ...                            Rule(pattern=".*", weight=QuantSpec(format="int4"))])
+    >>> q = quantize(model, [Rule(pattern="head", skip=True),
+    ...                      Rule(pattern=".*", weight=QuantSpec(format="int4"))])
     >>> [type(l).__name__ for l in q.layers]
     ['QuantDense', 'Dense']
-    >>> q = quantize_model(model)  # default_rules(): int8, one scale per output channel
-    >>> q.get_layer("hidden").kernel_quantizer.scale.shape
-    (1, 4)
+    >>> q = quantize(model)  # default_rules(): W8A8, one scale per output channel
+    >>> q.get_layer("hidden").kernel_quantizer.spec.granularity
+    PerChannel(axis=1)
+    >>> from jaxqat.keras import report
+    >>> isinstance(q, keras.Sequential), report(q)["head"].status
+    (True, 'quantized')
   """
   if not isinstance(model, keras.Model):
     raise TypeError(f"model: expected a keras.Model (Sequential, Functional or subclassed), got "
                     f"{type(model).__name__}")
   if not model.built:
     raise ValueError(f"model: {model.name!r} is not built; call it on a batch or use "
-                     "model.build(input_shape) before quantize_model")
-  ruleset = rules_lib.as_ruleset(rules, default_rules())
-  ctx = _Context(ruleset, fold_batchnorm, observe)
-  new = _convert_model(model, ctx, "")
-  for src, dst, _ in ctx.pairs:
-    if dst.built and src.built and src.weights:
-      copy_weights(src, dst)
-  for src, dst, path in ctx.pairs:
-    if isinstance(dst, _layers.QuantLayer) and dst.built:
-      dst.init_weight_ranges()
-    elif path is not None and not _is_model(dst) and dst.built and _sublayers(dst):
-      _convert_in_place(dst, ctx, path + "/", report_self=path)
-  for layer in quant_layers(new):
-    if isinstance(layer, _fold.QuantConvBatchNorm):
-      layer.init_weight_ranges()
-  if ctx.in_place and new is not model:
-    warnings.warn(
-        "jaxqat.keras.quantize_model: sublayers quantized in place inside other layers ("
-        + ", ".join(ctx.in_place) + "): their parents' configs do not record this, so a .keras "
-        "file of this model does not load back (save the weights with model.save_weights and "
-        "rebuild with quantize_model instead)", UserWarning, stacklevel=2)
+                     "model.build(input_shape) before quantize")
+  _check_float(model)
+  ruleset = rules_lib.as_ruleset(rules, _defaults.default_rules())
+  ctx = _Context(ruleset, fold_batchnorm)
+  target, how = _target(model, ctx)
+  if target is model and _is_plain_graph(model):
+    warnings.warn(f"jaxqat.keras.quantize: model {model.name!r} was {how}: the float model is "
+                  "now the quantized one", QuantizationWarning, stacklevel=2)
+  _convert_in_place(target, ctx, "converted in place" if target is model else how)
+  unused = [r.pattern for r in ruleset.unused()]
   ruleset.warn_unused(f"Keras model {model.name!r}")
-  if ctx.left_float:
-    warnings.warn("jaxqat.keras.quantize_model: left in float (no quantized version): "
-                  + ", ".join(ctx.left_float), UnquantizedLayerWarning, stacklevel=2)
-  return new
+  layers = _statuses(target, ctx, how)
+  record = {"version": _saving.RECORD_VERSION, "how": how, "fold_batchnorm": fold_batchnorm,
+            "rules": [{"pattern": r.pattern, "weight": spec_to_dict(r.weight),
+                       "act": spec_to_dict(r.act), "skip": r.skip} for r in ruleset.rules],
+            "in_place": ctx.in_place, "layers": layers, "unused_rules": unused}
+  _saving.mark(target, record, ctx.in_place_layers)
+  left = [f"{e['path']} ({e['type']}: {e['reason']})" for e in layers
+          if e["status"] in ("unsupported", "failed") and "ormalization" not in e["type"]]
+  if left:
+    warnings.warn("jaxqat.keras.quantize: layers with weights left float: " + "; ".join(left),
+                  QuantizationWarning, stacklevel=2)
+  if not any(e["status"] == "quantized" for e in layers):
+    warnings.warn(f"jaxqat.keras.quantize: no layer of model {model.name!r} was quantized (no "
+                  "rule matched a supported layer); see jaxqat.keras.report(model)",
+                  QuantizationWarning, stacklevel=2)
+  return target

@@ -39,12 +39,12 @@ import inspect
 from typing import Optional
 
 from jaxqat.core import _spec as spec_lib
+from jaxqat.core._serialize import spec_from_dict
+from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
-from jaxqat.keras._quantizer import spec_from_config
-from jaxqat.keras._quantizer import spec_to_config
 
 __all__ = [
     "QuantLayer",
@@ -59,6 +59,10 @@ __all__ = [
     "QuantSeparableConv2D",
     "QuantEmbedding",
     "quantized_class",
+    "gathered_class",
+    "gathered_weights",
+    "quantize_in_place",
+    "float_class",
     "FLOAT_TO_QUANT",
 ]
 
@@ -93,8 +97,13 @@ class QuantLayer:
   def __init__(self, *args, weight_spec=None, act_spec=None, observe: Optional[bool] = None,
                **kwargs):
     super().__init__(*args, **kwargs)
-    self.weight_spec = spec_from_config(weight_spec)
-    act_spec = spec_from_config(act_spec)
+    self._init_quant(weight_spec, act_spec, observe)
+
+  def _init_quant(self, weight_spec, act_spec, observe):
+    """The quantization state of ``__init__`` (also set on a layer converted in place)."""
+    where = f"{type(self).__name__} {self.name!r}"
+    self.weight_spec = spec_from_dict(weight_spec, where=f"{where} weight_spec")
+    act_spec = spec_from_dict(act_spec, where=f"{where} act_spec")
     check_act_spec(act_spec, f"{type(self).__name__} {self.name!r}")
     self.act_spec = act_spec if self.quantize_input else None
     self.observe = observe
@@ -131,6 +140,10 @@ class QuantLayer:
 
   def build(self, input_shape):
     super().build(input_shape)
+    self._build_quantizers(input_shape)
+
+  def _build_quantizers(self, input_shape):
+    """Creates the input and weight quantizers (the float weights exist already)."""
     if self.act_spec is not None:
       self.input_quantizer = Quantizer(self.act_spec, role="act", observe=self.observe,
                                        name="input_quantizer", dtype=self.dtype_policy)
@@ -196,8 +209,8 @@ class QuantLayer:
   def get_config(self):
     config = super().get_config()
     config.update({
-        "weight_spec": spec_to_config(self.weight_spec),
-        "act_spec": spec_to_config(self.act_spec),
+        "weight_spec": spec_to_dict(self.weight_spec),
+        "act_spec": spec_to_dict(self.act_spec),
         "observe": self.observe,
     })
     return config
@@ -400,3 +413,151 @@ def quantized_class(cls: type) -> Optional[type]:
       _DYNAMIC[cls] = new
       return new
   return None
+
+
+# -- layers whose weights are gathered (position embeddings and the like) ------
+
+
+class _GatheredAxes:
+  quantize_input = False  # the input holds ids or positions, or is only added to
+
+  def channel_axes(self, attr, shape):
+    return (0,)
+
+
+_GATHERED: dict = {}
+
+
+def gathered_weights(layer) -> tuple[str, ...]:
+  """The attributes of ``layer`` holding its own trainable weights of rank >= 2.
+
+  These are the weights a layer *reads by index* when its class is
+  embedding-like (see :func:`gathered_class`).
+
+  Args:
+    layer: a built Keras layer.
+
+  Returns:
+    The attribute names, in attribute order.
+  """
+  own = {id(v) for v in layer._trainable_variables}
+  return tuple(name for name, value in vars(layer).items()
+               if isinstance(value, keras.Variable) and id(value) in own
+               and len(value.shape) >= 2)
+
+
+def gathered_class(cls: type) -> Optional[type]:
+  """A quantized class for an embedding-like layer class jaxqat does not know.
+
+  A layer class whose name contains ``"Embedding"`` and that is not a
+  :class:`keras.layers.Embedding` (a position-embedding layer holding a
+  ``(sequence, dim)`` table it slices, say) gets a generated class whose
+  weights of rank >= 2 are fake-quantized with one scale per row (axis 0)
+  whenever the layer's own ``call`` reads them. Its input is not quantized.
+  The generated class is not registered: layers converted this way are saved
+  as their float class and re-quantized on load (see
+  :func:`jaxqat.keras.quantize`).
+
+  Args:
+    cls: a Keras layer class.
+
+  Returns:
+    The generated class, or ``None`` when ``cls`` is not embedding-like.
+
+  Examples:
+    >>> import keras
+    >>> class PositionEmbedding(keras.layers.Layer):
+    ...   pass
+    >>> gathered_class(PositionEmbedding).__name__
+    'QuantPositionEmbedding'
+    >>> gathered_class(keras.layers.LayerNormalization) is None
+    True
+  """
+  if "Embedding" not in cls.__name__ or issubclass(cls, (QuantLayer, keras.layers.Embedding)):
+    return None
+  if cls not in _GATHERED:
+    _GATHERED[cls] = type(f"Quant{cls.__name__}", (_GatheredAxes, QuantLayer, cls), {
+        "quant_weights": None, "__module__": cls.__module__,
+        "__doc__": f"Quantized {cls.__name__} (weights fake-quantized per row when read)."})
+  return _GATHERED[cls]
+
+
+# -- conversion in place ----------------------------------------------------------
+
+
+def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = None):
+  """Turns a built float layer into its quantized class, keeping the object.
+
+  The object stays the same (its parent, the graph node that calls it and
+  every attribute that refers to it need no rewiring): its class becomes
+  :func:`quantized_class` (or :func:`gathered_class`) of its class, its
+  quantizers are built, and its weight ranges are set from the float
+  weights. The float weights are untouched. :func:`float_class` gives back
+  the class it had.
+
+  Args:
+    layer: a built Keras layer with a quantized version.
+    weight_spec: the weight QuantSpec (or ``None``).
+    act_spec: the input QuantSpec (or ``None``).
+    observe: forwarded to the quantizers.
+
+  Returns:
+    ``layer``, now quantized.
+
+  Raises:
+    TypeError: if the layer's class has no quantized version.
+    ValueError: if the layer is not built, or is quantized already.
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> from jaxqat.core import QuantSpec
+    >>> dense = keras.layers.Dense(2)
+    >>> _ = dense(np.ones((1, 3), "float32"))
+    >>> quantize_in_place(dense, QuantSpec(format="int4"), None) is dense
+    True
+    >>> type(dense).__name__, float_class(dense).__name__, dense.kernel_quantizer.spec.format.name
+    ('QuantDense', 'Dense', 'int4')
+  """
+  if isinstance(layer, QuantLayer):
+    raise ValueError(f"layer {layer.name!r} is quantized already ({type(layer).__name__})")
+  if not layer.built:
+    raise ValueError(f"layer {layer.name!r} is not built: call it once before quantizing it")
+  cls = type(layer)
+  qcls = quantized_class(cls) or gathered_class(cls)
+  if qcls is None:
+    raise TypeError(f"layer {layer.name!r}: {cls.__name__} has no quantized version")
+  build_config = layer.get_build_config() or {}
+  input_shape = build_config.get("input_shape")
+  weights = gathered_weights(layer) if qcls.quant_weights is None else None
+  layer.__class__ = qcls
+  object.__setattr__(layer, "_jaxqat_float_class", cls)
+  if weights is not None:
+    object.__setattr__(layer, "quant_weights", tuple((a, f"{a}_quantizer") for a in weights))
+  tracker = getattr(layer, "_tracker", None)
+  locked = tracker is not None and tracker.locked
+  if locked:
+    tracker.unlock()
+  try:
+    layer._init_quant(weight_spec, act_spec, observe)
+    if layer.act_spec is not None and input_shape is None:
+      raise ValueError(f"layer {layer.name!r}: its input shape is unknown (it was built without "
+                       "being called), so its input quantizer cannot be built")
+    layer._build_quantizers(input_shape)
+  finally:
+    if locked:
+      tracker.lock()
+  # The quantized call takes `training` (to pass it on when the float call does).
+  layer._call_signature = inspect.signature(layer.call)
+  layer.call_signature_parameters = list(layer._call_signature.parameters)
+  layer._call_has_training_arg = True
+  if isinstance(getattr(layer, "_call_has_context_arg", None), dict):
+    layer._call_has_context_arg["training"] = True
+  if hasattr(layer, "_track_variables"):  # torch backend: refresh the module's parameters
+    layer._track_variables()
+  layer.init_weight_ranges()
+  return layer
+
+
+def float_class(layer) -> type:
+  """The class a layer had before :func:`quantize_in_place` (its own class otherwise)."""
+  return vars(layer).get("_jaxqat_float_class", type(layer))

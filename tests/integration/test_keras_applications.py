@@ -22,7 +22,7 @@ def _check(model, tmp_path, expect_depthwise, train=True):
   n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
   n_conv = sum(type(l) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
                for l in model.layers)
-  q = jqk.quantize_model(model)
+  q = jqk.quantize(model)
   fused = [l for l in q.layers if isinstance(l, jqk.QuantConvBatchNorm)]
   assert len(fused) == n_bn  # every BatchNorm follows its conv: all folded
   assert not any(isinstance(l, keras.layers.BatchNormalization) for l in q.layers)

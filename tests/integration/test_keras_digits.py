@@ -64,15 +64,15 @@ def test_digits_ptq_and_lsq_qat():
   model.fit(xt, yt, epochs=20, batch_size=50, verbose=0, shuffle=True)
   acc_float = _acc(model, xv, yv)
 
-  ptq8 = jqk.quantize_model(model)
+  ptq8 = jqk.quantize(model)
   jqk.calibrate(ptq8, xt[:400], batch_size=200, verbose=0)
   acc_ptq8 = _acc(ptq8, xv, yv)
 
-  ptq4 = jqk.quantize_model(model, _w4a4_rules("fixed"))
+  ptq4 = jqk.quantize(model, _w4a4_rules("fixed"))
   jqk.calibrate(ptq4, xt[:400], batch_size=200, verbose=0)
   acc_ptq4 = _acc(ptq4, xv, yv)
 
-  qat = jqk.quantize_model(model, _w4a4_rules("lsq"))
+  qat = jqk.quantize(model, _w4a4_rules("lsq"))
   jqk.calibrate(qat, xt[:400], batch_size=200, verbose=0)
   _compile(qat, 1e-3)
   keras.utils.set_random_seed(1)

@@ -1,4 +1,4 @@
-"""quantize_model: Sequential, Functional, subclassed and nested models; rules; bad input."""
+"""quantize: Sequential, Functional, subclassed and nested models; rules; bad input."""
 
 import warnings
 
@@ -19,7 +19,7 @@ def _seq():
 
 def test_sequential_is_cloned_with_float_weights():
   model = _seq()
-  q = jqk.quantize_model(model)
+  q = jqk.quantize(model)
   assert [type(l).__name__ for l in q.layers] == ["QuantDense", "QuantDense"]
   assert [type(l).__name__ for l in model.layers] == ["Dense", "Dense"]  # original untouched
   np.testing.assert_array_equal(to_np(q.layers[0].kernel), to_np(model.layers[0].kernel))
@@ -36,7 +36,7 @@ def test_rules_select_skip_and_set_specs():
   model = _seq()
   w4 = QuantSpec(format="int4", granularity=PerChannel(-1))
   rules = [Rule(pattern="d2", skip=True), Rule(pattern="d.*", weight=w4, act=None)]
-  q = jqk.quantize_model(model, rules)
+  q = jqk.quantize(model, rules)
   assert type(q.get_layer("d2")) is keras.layers.Dense
   d1 = q.get_layer("d1")
   assert d1.input_quantizer is None and d1.kernel_quantizer.spec.format.name == "int4"
@@ -44,7 +44,7 @@ def test_rules_select_skip_and_set_specs():
 
 def test_rule_that_matches_nothing_warns():
   with pytest.warns(QuantizationWarning, match="'encoder/.*' matched no layer"):
-    jqk.quantize_model(_seq(), [Rule(pattern="encoder/.*", weight=QuantSpec()),
+    jqk.quantize(_seq(), [Rule(pattern="encoder/.*", weight=QuantSpec()),
                                 Rule(pattern=".*", weight=QuantSpec())])
 
 
@@ -54,20 +54,25 @@ def test_unsupported_layer_is_left_float_and_named():
   x = keras.layers.LSTM(3, name="my_lstm")(inp)
   x = keras.layers.Dense(2, name="head")(x)
   model = keras.Model(inp, x)
-  with pytest.warns(jqk.UnquantizedLayerWarning, match=r"my_lstm \(LSTM\)"):
-    q = jqk.quantize_model(model)
+  with pytest.warns(QuantizationWarning, match=r"my_lstm/lstm_cell \(LSTMCell: LSTMCell has no "
+                                          r"quantized version\)"):
+    q = jqk.quantize(model)
   assert type(q.get_layer("my_lstm")) is keras.layers.LSTM
   assert type(q.get_layer("head")) is jqk.QuantDense
+  rep = jqk.report(q)
+  assert rep["my_lstm/lstm_cell"].status == "unsupported"  # the cell holds the weights
+  assert {w.name for w in rep["my_lstm/lstm_cell"].weights} == {v.name for v in model.get_layer(
+      "my_lstm").weights}
 
 
 def test_bad_inputs_are_clear_errors():
   with pytest.raises(TypeError, match="model: expected a keras.Model"):
-    jqk.quantize_model(keras.layers.Dense(3))
+    jqk.quantize(keras.layers.Dense(3))
   unbuilt = keras.Sequential([keras.layers.Dense(3)], name="lazy")
   with pytest.raises(ValueError, match="'lazy' is not built"):
-    jqk.quantize_model(unbuilt)
+    jqk.quantize(unbuilt)
   with pytest.raises(TypeError, match="rules"):
-    jqk.quantize_model(_seq(), ["not a rule"])
+    jqk.quantize(_seq(), ["not a rule"])
 
 
 class ReversibleEmbedding(keras.layers.Embedding):
@@ -125,7 +130,7 @@ def test_transformer_like_model_with_nested_layers_and_subclasses_converts():
   ref = to_np(model(ids))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    q = jqk.quantize_model(model)
+    q = jqk.quantize(model)
   paths = {l.path for l in jqk.quant_layers(q)}
   assert type(q.get_layer("tok")).__name__ == "QuantReversibleEmbedding"
   assert type(q.get_layer("scaled")).__name__ == "QuantScaledDense"
@@ -134,14 +139,14 @@ def test_transformer_like_model_with_nested_layers_and_subclasses_converts():
   assert type(block.attn._output_dense).__name__ == "QuantEinsumDense"
   assert all(type(l).__name__ == "QuantDense" for l in block.ffn)
   assert len(jqk.quant_layers(q)) == 8, paths  # tok, scaled, 4 attention projections, 2 ffn
-  assert not [w for w in caught if issubclass(w.category, jqk.UnquantizedLayerWarning)]
+  assert not [w for w in caught if issubclass(w.category, QuantizationWarning)]
   jqk.calibrate(q, [ids], verbose=0)
   out = to_np(q(ids))
   # int8 everywhere: close to float, not equal.
   assert 0 < np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
   n_float = len(model.trainable_weights)
   assert len(q.trainable_weights) == n_float  # fixed ranges: no new trainable weights
-  q2 = jqk.quantize_model(_transformer(), [Rule(pattern="block/mha/.*", skip=True),
+  q2 = jqk.quantize(_transformer(), [Rule(pattern="block/mha/.*", skip=True),
                                            Rule(pattern=".*", weight=QuantSpec(learning="lsq"))])
   assert type(q2.get_layer("block").attn._query_dense) is keras.layers.EinsumDense
   assert len(q2.trainable_weights) == n_float + 4  # LSQ step sizes: tok, scaled, ffn x2
@@ -164,7 +169,7 @@ def test_subclassed_model_is_converted_in_place():
   model = Subclassed()
   x = np.random.RandomState(0).randn(2, 6, 6, 3).astype("float32")
   ref = to_np(model(x))
-  q = jqk.quantize_model(model)
+  q = jqk.quantize(model)
   assert q is model
   assert type(model.conv) is jqk.QuantConv2D and type(model.head) is jqk.QuantDense
   assert len(model.layers) == 3  # the float layers are no longer tracked
@@ -181,7 +186,7 @@ def test_nested_functional_and_sequential_models_convert():
   out = keras.layers.Dense(2, name="outer_dense")(inner(inp))
   model = keras.Model(inp, out)
   seen = []
-  q = jqk.quantize_model(model, [Rule(pattern="inner/.*", weight=QuantSpec(format="int4")),
+  q = jqk.quantize(model, [Rule(pattern="inner/.*", weight=QuantSpec(format="int4")),
                                  Rule(pattern=".*", weight=QuantSpec())])
   for layer in jqk.quant_layers(q):
     seen.append((layer.name, layer.weight_spec.format.name))

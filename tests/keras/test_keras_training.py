@@ -112,7 +112,7 @@ def test_calibrate_matches_core_observers_for_each_layer_input():
   model = _mlp()
   x = np.random.RandomState(0).randn(64, 5).astype(np.float32)
   spec = QuantSpec(format="int8", symmetric=False, calibration="percentile")
-  q = jqk.quantize_model(model, [Rule(pattern=".*", weight=QuantSpec(), act=spec)])
+  q = jqk.quantize(model, [Rule(pattern=".*", weight=QuantSpec(), act=spec)])
   assert jqk.calibrate(q, x, steps=3, batch_size=16, verbose=0) == 3
   # Activations are calibrated with the weights already quantized (as deployed).
   a = q.get_layer("a")
@@ -125,7 +125,7 @@ def test_calibrate_matches_core_observers_for_each_layer_input():
 
 
 def test_calibrate_bad_input():
-  q = jqk.quantize_model(_mlp())
+  q = jqk.quantize(_mlp())
   with pytest.raises(ValueError, match="yielded no batch"):
     jqk.calibrate(q, [], verbose=0)
   with pytest.raises(ValueError, match="steps: must be a positive int"):
@@ -162,7 +162,7 @@ class _Record(keras.callbacks.Callback):
 def test_ema_ranges_observe_in_fit_then_freeze():
   x, y = _data()
   spec = QuantSpec(calibration="ema")
-  q = jqk.quantize_model(_mlp(), [Rule(pattern=".*", weight=QuantSpec(), act=spec)])
+  q = jqk.quantize(_mlp(), [Rule(pattern=".*", weight=QuantSpec(), act=spec)])
   quantizer = q.get_layer("a").input_quantizer
   assert quantizer.observe and to_np(quantizer.initialized) == 0
   _compile(q)
@@ -182,7 +182,7 @@ def test_lsq_step_sizes_train_with_fit():
   x, y = _data()
   spec = QuantSpec(format="int4", learning="lsq")
   wspec = QuantSpec(format="int4", granularity=PerChannel(-1), learning="lsq")
-  q = jqk.quantize_model(_mlp(), [Rule(pattern=".*", weight=wspec, act=spec)])
+  q = jqk.quantize(_mlp(), [Rule(pattern=".*", weight=wspec, act=spec)])
   jqk.calibrate(q, x, verbose=0)
   layer = q.get_layer("a")
   assert any(v is layer.kernel_quantizer.scale for v in q.trainable_weights)
@@ -215,7 +215,7 @@ def test_keras_file_round_trip_is_exact_and_keeps_training(tmp_path):
                 act=QuantSpec(symmetric=False, learning="lsq_plus")),
            Rule(pattern=".*", weight=QuantSpec(granularity=PerOutputChannel()),
                 act=QuantSpec(symmetric=False))]
-  q = jqk.quantize_model(_cnn(), rules)
+  q = jqk.quantize(_cnn(), rules)
   assert [type(l).__name__ for l in q.layers[1:4]] == ["QuantConvBatchNorm", "ReLU",
                                                        "QuantConvBatchNorm"]
   jqk.calibrate(q, x, verbose=0)
@@ -240,7 +240,7 @@ def test_generated_subclass_layers_round_trip(tmp_path):
   keras.saving.register_keras_serializable(package="tests")(TwiceDense)
   keras.utils.set_random_seed(0)
   model = keras.Sequential([keras.Input((4,)), TwiceDense(3, name="t")])
-  q = jqk.quantize_model(model)
+  q = jqk.quantize(model)
   x = np.random.RandomState(0).randn(5, 4).astype(np.float32)
   jqk.calibrate(q, x, verbose=0)
   path = os.path.join(tmp_path, "t.keras")
