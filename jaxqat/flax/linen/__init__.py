@@ -1,41 +1,41 @@
 """jaxqat.flax.linen: quantization-aware training for unmodified Flax Linen models.
 
-Quick start::
+Quick start (the verbs of ``docs/contract.md``)::
 
-  qmodel = jaxqat.flax.linen.quantize(model)           # W8A8 by default
-  variables = qmodel.init(rng, x)                      # params + quant_params + quant_stats
+  qmodel = ql.quantize(model)                          # W8A8 by default; model untouched
+  variables = qmodel.init(rng, x)                      # params + quant_stats (+ quant_params)
   variables["params"] = float_params                   # the float tree loads unchanged
-  variables = jaxqat.flax.linen.calibrate(qmodel, variables, batches)
-  variables = jaxqat.flax.linen.freeze(qmodel, variables, x)
+  variables = ql.calibrate(qmodel, variables, batches) # activation ranges, LSQ init
   y = qmodel.apply(variables, x)                       # fake-quantized forward
+  tx = ql.qat_optimizer(qmodel, optax.adam(1e-3), optax.adam(1e-4))
 
 See :func:`quantize` for how layers are found and quantized.
 """
 
-from jaxqat.flax.linen._intercept import UnquantizedLayerWarning as UnquantizedLayerWarning
+from jaxqat.flax.linen._checkpoint import restore as restore
+from jaxqat.flax.linen._checkpoint import save as save
 from jaxqat.flax.linen._module import ActQuant as ActQuant
 from jaxqat.flax.linen._module import QuantizedModule as QuantizedModule
-from jaxqat.flax.linen._module import default_rules as default_rules
 from jaxqat.flax.linen._module import layer_paths as layer_paths
-from jaxqat.flax.linen._module import per_output_channel as per_output_channel
 from jaxqat.flax.linen._module import quantize as quantize
+from jaxqat.flax.linen._module import set_mode as set_mode
 from jaxqat.flax.linen._workflow import calibrate as calibrate
 from jaxqat.flax.linen._workflow import freeze as freeze
 from jaxqat.flax.linen._workflow import qat_optimizer as qat_optimizer
-from jaxqat.flax.linen._workflow import restore as restore
-from jaxqat.flax.linen._workflow import save as save
+from jaxqat.flax.linen._workflow import report as report
+from jaxqat.flax.linen._workflow import unfreeze as unfreeze
 
 __all__ = [
     "ActQuant",
     "QuantizedModule",
-    "UnquantizedLayerWarning",
     "calibrate",
-    "default_rules",
     "freeze",
     "layer_paths",
-    "per_output_channel",
     "qat_optimizer",
     "quantize",
+    "report",
     "restore",
     "save",
+    "set_mode",
+    "unfreeze",
 ]

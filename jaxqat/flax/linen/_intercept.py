@@ -14,8 +14,9 @@ How an unmodified Linen model gets quantized:
 3. Inside a matched module, an operand of one of those ops that *is* one of
    the module's own parameters (identity check against the leaves of
    ``module.variables["params"]``, or an array derived from one by
-   ``jax.numpy.asarray``, which is how Flax's ``promote_dtype`` casts) is a
-   weight: it is fake-quantized with the rule's ``weight`` spec, the other
+   ``jax.numpy.asarray`` (how Flax's ``promote_dtype`` casts) or by a
+   transpose (``kernel.T``, ``kernel.transpose()``, ``jnp.transpose``; the
+   weight is quantized in the parameter's own layout)) is a weight: it is fake-quantized with the rule's ``weight`` spec, the other
    floating operand with the rule's ``act`` spec, in that order (input, then
    weight, then the float op). This covers Flax's ``Dense``,
    ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed`` (``__call__`` and
@@ -24,10 +25,15 @@ How an unmodified Linen model gets quantized:
    own layers the kernel is also recognised by position when a cast hid it
    (a masked ``Conv``).
 
+4. A layer run through a nested ``Module.apply`` inside the model (the tied
+   output head ``nn.Dense(V).apply({"params": {"kernel": emb.T}}, h)``) is
+   quantized too: its path is the enclosing layer's path plus its name, and
+   its quantizer state lives in the enclosing layer's scope under that name.
+
 Functions imported by name before the model runs
 (``from jax.lax import dot_general``) and the ``@`` operator are not
-intercepted: such a module gets a warning at ``init`` naming it, and stays
-float.
+intercepted: such a module gets a :class:`~jaxqat.core.QuantizationWarning`
+at ``init`` naming it, and stays float (and :func:`report` says why).
 """
 
 from __future__ import annotations
@@ -50,10 +56,6 @@ from jaxqat import core
 from jaxqat.flax.linen import _quantizer
 
 
-class UnquantizedLayerWarning(UserWarning):
-  """A rule matched a layer whose weights jaxqat could not quantize."""
-
-
 # Layers that hold parameters but no matmul/conv: never warned about.
 _ELEMENTWISE_MODULES = ("flax.linen.normalization", "flax.linen.activation",
                         "flax.linen.stochastic")
@@ -67,20 +69,25 @@ _KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 
 @dataclasses.dataclass
 class LayerRecord:
+  """What one run saw of a layer (for warnings and :func:`report`)."""
   kind: str  # the module's class name
-  rule: core.Rule
-  has_params: bool = False
+  rule: Optional[core.Rule]  # None: no rule matched
+  params: dict = dataclasses.field(default_factory=dict)  # name -> shape
   elementwise: bool = False
-  quantized: set = dataclasses.field(default_factory=set)
+  quantized: dict = dataclasses.field(default_factory=dict)  # weight name -> resolved spec
+  act: Optional[core.QuantSpec] = None
 
 
 @dataclasses.dataclass
 class Frame:
+  """One running method of one module."""
   module: nn.Module
   path: str
   rule: Optional[core.Rule]  # None: not quantized
   context: "Context"
-  aliases: list = dataclasses.field(default_factory=list)  # (array, param name)
+  store: _quantizer.Store
+  key: tuple = ()  # non-empty: run by a nested Module.apply, state under this key
+  aliases: list = dataclasses.field(default_factory=list)  # (array, param name, perm)
 
   def own_params(self) -> list[tuple[str, Any]]:
     """The module's direct parameter arrays (not its children's), unboxed."""
@@ -92,14 +99,22 @@ class Frame:
       out.append((k, nn.meta.unbox(v)))
     return out
 
-  def param_name(self, x) -> Optional[str]:
+  def param_name(self, x) -> Optional[tuple[str, Optional[tuple]]]:
+    """``(name, perm)`` if ``x`` is ``transpose(param, perm)`` (perm None: the param)."""
     for name, p in self.own_params():
       if x is p:
-        return name
-    for a, name in self.aliases:
+        return name, None
+    for a, name, perm in self.aliases:
       if x is a:
-        return name
+        return name, perm
     return None
+
+
+@dataclasses.dataclass
+class NestedRun:
+  """A ``Module.apply`` run inside a quantized model."""
+  owner: Frame  # the enclosing layer of the quantized model
+  key: tuple  # where its state lives in the owner's scope
 
 
 class _State(threading.local):
@@ -107,6 +122,7 @@ class _State(threading.local):
   def __init__(self):
     self.contexts: list[Context] = []
     self.frames: list[Frame] = []
+    self.nested: list[NestedRun] = []
     self.in_op = 0
 
 
@@ -128,12 +144,16 @@ def _guard():
     _STATE.in_op -= 1
 
 
+def _join(*parts) -> str:
+  return "/".join(str(p) for p in parts if p != "")
+
+
 class Context:
   """One run (init or apply) of a quantized model: mode, rules, layer records.
 
   Args:
     ruleset: the rules (a fresh RuleSet, so that hits are counted per run).
-    mode: one of ``calibrate``, ``freeze``, ``train``, ``eval``.
+    mode: one of :data:`~jaxqat.flax.linen._quantizer.MODES`.
     root: the Linen path of the wrapped model (layer paths are relative to it).
   """
 
@@ -148,49 +168,71 @@ class Context:
     path = tuple(module.scope.path)
     if path[:len(self.root)] == self.root:
       path = path[len(self.root):]
-    return "/".join(str(p) for p in path)
+    return _join(*path)
 
   def match(self, path: str) -> Optional[core.Rule]:
     if path not in self._rules:
       self._rules[path] = self.ruleset.match(path)
     return self._rules[path]
 
+  def locate(self, module: nn.Module) -> tuple[str, _quantizer.Store, tuple]:
+    """The layer path of ``module``, where its state lives, and its nested key."""
+    nested = _STATE.nested[-1] if _STATE.nested else None
+    if nested is None or nested.owner.context is not self:
+      return self.path_of(module), _quantizer.Store(module), ()
+    key = nested.key + tuple(str(p) for p in module.scope.path)
+    return _join(nested.owner.path, *key), _quantizer.Store(nested.owner.module, key), key
+
   def interceptor(self, next_fun, args, kwargs, context):
     """A :func:`flax.linen.intercept_methods` interceptor."""
     module = context.module
-    path = self.path_of(module)
+    path, store, key = self.locate(module)
     rule = self.match(path)
     active = rule is not None and not rule.skip and (rule.weight is not None or rule.act is not None)
-    frame = Frame(module, path, rule if active else None, self)
+    frame = Frame(module, path, rule if active else None, self, store, key)
     _STATE.frames.append(frame)
     try:
       out = next_fun(*args, **kwargs)
     finally:
       _STATE.frames.pop()
-    if active and context.method_name != "setup" and module.is_initializing():
-      rec = self.layers.setdefault(path, LayerRecord(type(module).__name__, rule))
+    if context.method_name != "setup":
       with _guard():
-        rec.has_params = rec.has_params or bool(frame.own_params())
-      rec.elementwise = type(module).__module__ in _ELEMENTWISE_MODULES
+        own = frame.own_params()
+      if own or path in self.layers:
+        rec = self.layers.setdefault(path, LayerRecord(type(module).__name__, rule))
+        rec.params.update((k, tuple(jnp.shape(v))) for k, v in own)
+        rec.elementwise = type(module).__module__ in _ELEMENTWISE_MODULES
     return out
 
-  def record(self, path: str, name: str, rule: core.Rule, module: nn.Module):
-    rec = self.layers.setdefault(path, LayerRecord(type(module).__name__, rule))
-    rec.quantized.add(name)
+  def record(self, frame: Frame, name: str, spec: Optional[core.QuantSpec], act=None):
+    rec = self.layers.setdefault(frame.path, LayerRecord(type(frame.module).__name__, frame.rule))
+    if name is not None:
+      rec.quantized[name] = spec
+    if act is not None:
+      rec.act = act
 
-  def warn_unquantized(self, where: str):
+  def warn(self, where: str):
     """Warns about matched layers with parameters but no quantized weight."""
     for path, rec in self.layers.items():
-      if rec.has_params and not rec.quantized and not rec.elementwise:
+      active = rec.rule is not None and not rec.rule.skip and rec.rule.weight is not None
+      if active and rec.params and not rec.quantized and not rec.elementwise:
         warnings.warn(
             f"jaxqat: layer {_quantizer.describe(path)} ({rec.kind}) of the {where} matches rule "
             f"{rec.rule.pattern!r} but none of its parameters reached an intercepted op "
-            f"({', '.join(OPS)}); it stays float", UnquantizedLayerWarning, stacklevel=4)
+            f"({', '.join(OPS)}); it stays float", core.QuantizationWarning, stacklevel=4)
+    if not any(rec.quantized or rec.act is not None for rec in self.layers.values()):
+      warnings.warn(f"jaxqat: no layer of the {where} was quantized (no rule matched a layer "
+                    "with a weight that reaches an intercepted op); it runs in float",
+                    core.QuantizationWarning, stacklevel=4)
 
 
 @contextlib.contextmanager
 def active(context: Context):
   """Runs a quantized model: pushes ``context`` and installs the op wrappers."""
+  if _STATE.contexts:
+    raise ValueError(
+        "jaxqat: a quantized model runs inside another quantized model: the model is quantized "
+        "already; quantize the float model once")
   _STATE.contexts.append(context)
   try:
     with _patched(), nn.intercept_methods(context.interceptor):
@@ -208,39 +250,47 @@ def _act_name(weight_name: str) -> str:
   return "input" if weight_name in ("kernel", "embedding") else f"{weight_name}_input"
 
 
-def _quantize_operands(frame: Frame, ops: list, weights: dict[int, tuple[str, tuple, bool]],
-                       act_index: Optional[int]) -> list:
+def _inverse(perm) -> tuple:
+  inv = [0] * len(perm)
+  for i, p in enumerate(perm):
+    inv[p] = i
+  return tuple(inv)
+
+
+def _quantize_operands(frame: Frame, ops: list, weights: dict, act_index: Optional[int]) -> list:
   """Fake-quantizes the activation operand, then the weight operands.
 
   Args:
     frame: the matched module's frame.
     ops: the op's two array operands.
     weights: operand index -> (param name, output axes in the parameter's
-      layout, transposed: the operand is the parameter's transpose).
+      layout, perm: the operand is ``transpose(param, perm)``, or None).
     act_index: index of the activation operand, or None.
 
   Returns:
     The new operands.
   """
-  rule, module, ctx = frame.rule, frame.module, frame.context
+  rule, ctx = frame.rule, frame.context
   mode = ctx.mode
-  kind = type(module).__name__
+  kind = type(frame.module).__name__
   ops = list(ops)
+  act = None
   if act_index is not None and rule.act is not None and len(weights) == 1:
     (wname, _, _), = weights.values()
     name = _act_name(wname)
     where = f"layer {_quantizer.describe(frame.path)} ({kind}) input activation '{name}'"
-    ops[act_index] = _quantizer.quantize_activation(module, name, ops[act_index], rule.act, mode,
-                                                    where)
-  if rule.weight is not None:
-    for i, (wname, out_axes, transposed) in weights.items():
+    act = rule.act
+    ops[act_index] = _quantizer.quantize_activation(frame.store, name, ops[act_index], act,
+                                                    mode, where)
+  for i, (wname, out_axes, perm) in weights.items():
+    spec = None
+    if rule.weight is not None:
       spec = rule.weight.resolve_output_channel(out_axes)
       where = f"layer {_quantizer.describe(frame.path)} ({kind}) weight '{wname}'"
-      w = ops[i].T if transposed else ops[i]
-      w = _quantizer.quantize_weight(module, wname, w, spec, mode, where)
-      ops[i] = w.T if transposed else w
-  for wname, _, _ in weights.values():
-    ctx.record(frame.path, wname, rule, module)
+      w = ops[i] if perm is None else jnp.transpose(ops[i], _inverse(perm))
+      w = _quantizer.quantize_weight(frame.store, wname, w, spec, mode, where)
+      ops[i] = w if perm is None else jnp.transpose(w, perm)
+    ctx.record(frame, wname if spec is not None else None, spec, act)
   return ops
 
 
@@ -257,15 +307,26 @@ def _others(ndim: int, contracted) -> tuple[int, ...]:
   return tuple(i for i in range(ndim) if i not in contracted)
 
 
+def _weight(frame: Frame, x, out_axes) -> Optional[tuple]:
+  """``(name, out axes in the parameter's layout, perm)`` if ``x`` is a weight."""
+  found = frame.param_name(x)
+  if found is None:
+    return None
+  name, perm = found
+  if perm is not None:
+    out_axes = tuple(sorted(perm[a] for a in out_axes))
+  return name, tuple(out_axes), perm
+
+
 def _binary(frame: Frame, a, b, contract_a, contract_b):
-  """Finds the weights among (a, b): index -> (name, out_axes, transposed)."""
+  """Finds the weights among (a, b): index -> (name, out_axes, perm)."""
   weights = {}
   for i, (x, contract) in enumerate(((a, contract_a), (b, contract_b))):
-    name = frame.param_name(x)
-    if name is not None:
-      weights[i] = (name, _others(jnp.ndim(x), contract), False)
+    w = _weight(frame, x, _others(jnp.ndim(x), contract))
+    if w is not None:
+      weights[i] = w
   if not weights and _kernel_by_position(frame, b):
-    weights[1] = ("kernel", _others(jnp.ndim(b), contract_b), False)
+    weights[1] = ("kernel", _others(jnp.ndim(b), contract_b), None)
   return weights
 
 
@@ -290,14 +351,14 @@ def _dot_general(frame, orig, bound):
 
 def _conv(frame, orig, bound):
   lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
-  name = frame.param_name(rhs)
-  if name is None and _kernel_by_position(frame, rhs):
-    name = "kernel"
-  if name is None:
-    return None
   dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
                                       bound.arguments.get("dimension_numbers"))
-  weights = {1: (name, (dn.rhs_spec[0],), False)}
+  w = _weight(frame, rhs, (dn.rhs_spec[0],))
+  if w is None and _kernel_by_position(frame, rhs):
+    w = ("kernel", (dn.rhs_spec[0],), None)
+  if w is None:
+    return None
+  weights = {1: w}
   lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, _act_index(weights, [lhs, rhs]))
   bound.arguments["lhs"], bound.arguments["rhs"] = lhs, rhs
   return bound
@@ -311,7 +372,7 @@ def _dot(frame, orig, bound):
   if not weights and isinstance(frame.module, nn.Embed) and nb == 2:
     emb = dict(frame.own_params()).get("embedding")
     if emb is not None and tuple(jnp.shape(b)) == tuple(emb.shape)[::-1]:
-      weights[1] = ("embedding", (0,), True)  # Embed.attend: query @ embedding.T
+      weights[1] = ("embedding", (0,), (1, 0))  # Embed.attend: query @ embedding.T
   if not weights:
     return None
   a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
@@ -321,12 +382,13 @@ def _dot(frame, orig, bound):
 
 def _take(frame, orig, bound):
   a = bound.arguments["a"]
-  name = frame.param_name(a)
   axis = bound.arguments.get("axis")
-  if name is None or axis is None:
+  if axis is None:
     return None
-  weights = {0: (name, (axis % jnp.ndim(a),), False)}
-  (a, _) = _quantize_operands(frame, [a, bound.arguments["indices"]], weights, None)
+  w = _weight(frame, a, (axis % jnp.ndim(a),))
+  if w is None:
+    return None
+  (a, _) = _quantize_operands(frame, [a, bound.arguments["indices"]], {0: w}, None)
   bound.arguments["a"] = a
   return bound
 
@@ -342,11 +404,12 @@ def _einsum(frame, orig, args, kwargs):
   except Exception:  # pylint: disable=broad-except  (leave odd equations to jnp.einsum)
     return None
   for i, (x, term) in enumerate(((a, terms[0]), (b, terms[1]))):
-    name = frame.param_name(x)
-    if name is None and i == 1 and not weights and _kernel_by_position(frame, x):
-      name = "kernel"
-    if name is not None:
-      weights[i] = (name, tuple(k for k, c in enumerate(term) if c in result), False)
+    out_axes = tuple(k for k, c in enumerate(term) if c in result)
+    w = _weight(frame, x, out_axes)
+    if w is None and i == 1 and not weights and _kernel_by_position(frame, x):
+      w = ("kernel", out_axes, None)
+    if w is not None:
+      weights[i] = w
   if not weights:
     return None
   a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
@@ -413,6 +476,7 @@ def _wrap_op(name: str, orig: Callable) -> Callable:
 
 
 def _wrap_asarray(orig: Callable) -> Callable:
+  """``jnp.asarray`` of a parameter (a dtype cast) is the parameter."""
 
   @functools.wraps(orig)
   def asarray(a, *args, **kwargs):
@@ -420,16 +484,84 @@ def _wrap_asarray(orig: Callable) -> Callable:
     frame = _frame()
     if frame is not None and out is not a:
       with _guard():
-        name = frame.param_name(a)
-      if name is not None:
-        frame.aliases.append((out, name))
+        found = frame.param_name(a)
+      if found is not None:
+        frame.aliases.append((out, found[0], found[1]))
     return out
 
   return asarray
 
 
-_TARGETS = ((jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
-            (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"))
+def _wrap_transpose(orig: Callable) -> Callable:
+  """``transpose(param, axes)`` (also ``param.T``) is the parameter, permuted."""
+
+  @functools.wraps(orig)
+  def transpose(a, axes=None):
+    out = orig(a, axes)
+    frame = _frame()
+    if frame is not None:
+      with _guard():
+        found = frame.param_name(a)
+        if found is not None:
+          nd = jnp.ndim(a)
+          perm = tuple(range(nd))[::-1] if axes is None else tuple(int(i) % nd for i in axes)
+          if found[1] is not None:  # compose: out = transpose(transpose(p, p0), perm)
+            perm = tuple(found[1][i] for i in perm)
+          frame.aliases.append((out, found[0], perm))
+    return out
+
+  return transpose
+
+
+def _wrap_apply(orig: Callable) -> Callable:
+  """A ``Module.apply`` inside the quantized model: a nested run (see the module doc)."""
+
+  @functools.wraps(orig)
+  def apply(self, *args, **kwargs):
+    if _STATE.in_op or not _STATE.frames or not _STATE.contexts:
+      return orig(self, *args, **kwargs)
+    frame = _STATE.frames[-1]
+    if frame.context is not _STATE.contexts[-1]:
+      return orig(self, *args, **kwargs)
+    name = self.name if self.name is not None else type(self).__name__
+    if frame.key:
+      owner = _STATE.nested[-1].owner
+      key = frame.key + (name,)
+    else:
+      owner, key = frame, (name,)
+    _STATE.nested.append(NestedRun(owner, key))
+    try:
+      return orig(self, *args, **kwargs)
+    finally:
+      _STATE.nested.pop()
+
+  return apply
+
+
+def _targets() -> list:
+  out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
+         (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
+         (nn.Module, "apply")]
+  try:  # Array.T and Array.transpose() call this module's transpose
+    from jax._src.numpy import lax_numpy  # pylint: disable=g-import-not-at-top
+    if callable(getattr(lax_numpy, "transpose", None)):
+      out.append((lax_numpy, "transpose"))
+  except ImportError:  # pragma: no cover
+    pass
+  return out
+
+
+def _wrapped(mod, name: str, orig: Callable) -> Callable:
+  if name == "asarray":
+    return _wrap_asarray(orig)
+  if name == "transpose":
+    return _wrap_transpose(orig)
+  if name == "apply":
+    return _wrap_apply(orig)
+  return _wrap_op(name, orig)
+
+
+_TARGETS = _targets()
 _LOCK = threading.Lock()
 _DEPTH = 0
 _SAVED: list = []
@@ -443,7 +575,7 @@ def _patched():
     if _DEPTH == 0:
       _SAVED[:] = [(mod, name, getattr(mod, name)) for mod, name in _TARGETS]
       for mod, name, orig in _SAVED:
-        setattr(mod, name, _wrap_asarray(orig) if name == "asarray" else _wrap_op(name, orig))
+        setattr(mod, name, _wrapped(mod, name, orig))
     _DEPTH += 1
   try:
     yield

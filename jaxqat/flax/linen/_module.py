@@ -3,18 +3,21 @@
 The wrapper :class:`QuantizedModule` runs the wrapped model bound to its own
 scope, so the ``params`` collection of the
 quantized model is exactly the float model's: a float checkpoint loads
-unchanged. Quantizer state goes to the ``quant_params`` (trainable LSQ step
-sizes / offsets) and ``quant_stats`` (observers, frozen ranges) collections,
+unchanged. Quantizer state goes to the ``quant_params`` (trainable LSQ
+``log_scale`` / ``offset``) and ``quant_stats`` (observers, ranges) collections,
 under each layer's own path. How layers are found and quantized is described
 in :mod:`jaxqat.flax.linen._intercept`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import dataclasses
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxqat import core
 from jaxqat.core import _rules as rules_lib
@@ -24,89 +27,66 @@ from jaxqat.flax.linen import _quantizer
 RulesLike = Union[core.RuleSet, Sequence[core.Rule], core.Rule, None]
 
 
-def per_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
-  """Returns a copy of a weight ``spec`` with one scale per output channel.
-
-  Shorthand for ``spec.replace(granularity=PerOutputChannel())``. The channel
-  axes are resolved per layer from the op that uses the weight: the weight
-  axes that the op does not contract. That is the last axis of a ``Dense`` or
-  ``Conv`` kernel, the feature axes (and batch axes) of a ``DenseGeneral``
-  kernel, the kernel axes of an ``Einsum`` that appear in its output, and the
-  rows of an ``Embed`` table.
-
-  Args:
-    spec: a weight QuantSpec.
-
-  Returns:
-    A marked copy of ``spec``.
-
-  Raises:
-    TypeError: if ``spec`` is not a QuantSpec.
-
-  Examples:
-    >>> from jaxqat.core import QuantSpec, Rule
-    >>> w4 = per_output_channel(QuantSpec(format="int4"))
-    >>> w4.granularity
-    PerOutputChannel()
-  """
-  if not isinstance(spec, core.QuantSpec):
-    raise TypeError(f"spec: expected a jaxqat QuantSpec, got {type(spec).__name__}")
-  return spec.replace(granularity=core.PerOutputChannel())
-
-
-_W8 = per_output_channel(core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
-                                        calibration="absmax"))
-_A8 = core.QuantSpec(format="int8", symmetric=False, calibration="minmax")
-
-
-def default_rules() -> list[core.Rule]:
-  """The rules used when ``rules=None``: W8A8.
-
-  Weights int8 symmetric on the narrow range ``[-127, 127]``, one scale per
-  output channel (:func:`per_output_channel`), absmax; input activations int8
-  affine per tensor, range from a min/max calibration (most inputs follow a
-  ReLU/GELU or are images in ``[0, 1]``). The same specs as the NNX front
-  end's defaults.
-
-  Returns:
-    A list with one catch-all :class:`~jaxqat.core.Rule`.
-
-  Examples:
-    >>> [r.pattern for r in default_rules()]
-    ['.*']
-  """
-  return [core.Rule(pattern=".*", weight=_W8, act=_A8)]
-
-
-def _check_mode(mode) -> str:
-  if mode not in _quantizer.MODES:
-    raise ValueError(f"mode: must be one of {_quantizer.MODES}, got {mode!r}")
+def _check_mode(mode, allowed=_quantizer.MODES, name="mode") -> str:
+  if mode not in allowed:
+    raise ValueError(f"{name}: must be one of {allowed}, got {mode!r}")
   return mode
+
+
+def _contains_quantized(module, seen=None) -> bool:
+  """Whether a (unbound) module or one of its dataclass fields is a QuantizedModule."""
+  seen = set() if seen is None else seen
+  if id(module) in seen:
+    return False
+  seen.add(id(module))
+  if isinstance(module, QuantizedModule):
+    return True
+  if not isinstance(module, nn.Module):
+    return False
+  for f in dataclasses.fields(module):
+    if f.name in ("parent", "name"):
+      continue
+    v = getattr(module, f.name, None)
+    items = v if isinstance(v, (list, tuple)) else (v.values() if isinstance(v, dict) else (v,))
+    for item in items:
+      if isinstance(item, nn.Module) and _contains_quantized(item, seen):
+        return True
+  return False
+
+
+def _abstract(tree):
+  """Array leaves as ShapeDtypeStructs; other leaves (flags, strings) kept."""
+  def one(x):
+    if isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval"):
+      return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    return x
+  return jax.tree.map(one, tree)
 
 
 class QuantizedModule(nn.Module):
   """A Linen model run with fake quantization of its matmuls and convolutions.
 
   Build it with :func:`quantize`. ``init`` returns the float model's
-  ``params`` tree unchanged plus ``quant_params`` and ``quant_stats``.
+  ``params`` tree unchanged plus ``quant_stats`` (and ``quant_params`` for
+  LSQ weights); :func:`~jaxqat.flax.linen.calibrate` adds the activation
+  ranges. The example inputs given to ``init`` are remembered (as shapes), so
+  that :func:`~jaxqat.flax.linen.freeze` and
+  :func:`~jaxqat.flax.linen.report` can trace the model without data.
 
-  Modes (a module attribute, so ``jax.jit`` sees a constant):
+  Modes (a module attribute, so ``jax.jit`` sees a constant; change it with
+  :func:`set_mode`):
 
-  * ``"calibrate"``: runs the model in float while activation observers
-    record statistics; ``apply(..., mutable=["quant_stats"])``.
-  * ``"freeze"``: turns observer statistics into ranges (fixed scales, or the
-    initial LSQ step size and LSQ+ offset ``β = -z s``); LSQ weight step
-    sizes are re-initialised from the current weights; then runs quantized.
-    ``apply(..., mutable=["quant_stats", "quant_params"])``.
-  * ``"train"`` (default): fake quant with the frozen / learned ranges;
-    gradients reach ``params`` (straight-through) and ``quant_params`` (LSQ).
-  * ``"eval"``: as train; stochastic rounding becomes round half to even.
+  * ``"quant"`` (default): fake quantization; gradients reach ``params``
+    (straight-through) and ``quant_params`` (LSQ). An activation quantizer
+    that was never calibrated raises a ``ValueError`` naming its layer.
+  * ``"float"``: every quantizer passes its input through (the float model).
 
   Attributes:
     model: the float Linen model (any ``nn.Module``; it is not modified).
     rules: the rules (first match wins), or ``None`` for
-      :func:`default_rules` (W8A8).
-    mode: one of ``calibrate``, ``freeze``, ``train``, ``eval``.
+      :func:`jaxqat.core.default_rules` (W8A8).
+    mode: ``"quant"`` or ``"float"`` (and internal modes used by
+      ``calibrate`` and ``freeze``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -118,7 +98,7 @@ class QuantizedModule(nn.Module):
 
   model: nn.Module
   rules: Optional[tuple[core.Rule, ...]] = None
-  mode: str = "train"
+  mode: str = "quant"
 
   def __call__(self, *args, **kwargs):
     """Runs the wrapped model's ``__call__`` with quantization.
@@ -132,68 +112,134 @@ class QuantizedModule(nn.Module):
 
     Raises:
       ValueError: on a bad mode, a spec that does not fit a layer (the error
-        names the layer), or missing / immutable quantizer state.
+        names the layer), missing / immutable quantizer state, an activation
+        quantizer used before calibration, or a quantized model inside
+        another.
     """
     mode = _check_mode(self.mode)
-    ruleset = rules_lib.as_ruleset(self.rules, default_rules())
+    ruleset = rules_lib.as_ruleset(self.rules, core.default_rules())
     context = _intercept.Context(ruleset, mode, self.scope.path)
     # Bound to this module's own scope: the params tree is the model's, unprefixed.
     model = self.model.clone(parent=self.scope, _deep_clone=True)
     with _intercept.active(context):
       out = model(*args, **kwargs)
+    if _RUNS:
+      _RUNS[-1].append(context)
     if self.is_initializing():
       where = f"Linen model {type(self.model).__name__}"
       ruleset.warn_unused(where)
-      context.warn_unquantized(where)
+      context.warn(where)
     return out
 
   @nn.nowrap
-  def with_mode(self, mode: str) -> "QuantizedModule":
-    """Returns a copy in ``mode`` (``calibrate``, ``freeze``, ``train``, ``eval``).
+  def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ
+    """``nn.Module.init``; also remembers the shapes of the example inputs."""
+    _remember(self, args, kwargs)
+    return super().init(rngs, *args, **kwargs)
 
-    Examples:
-      >>> import flax.linen as nn
-      >>> quantize(nn.Dense(3)).with_mode("eval").mode
-      'eval'
+  @nn.nowrap
+  def example(self) -> tuple[tuple, dict]:
+    """Zeros shaped like the example inputs given to ``init`` (or ``calibrate``).
+
+    Raises:
+      ValueError: if the model was never initialised in this process.
     """
-    return self.clone(mode=_check_mode(mode))
+    ex = getattr(self, "_jaxqat_example", None)
+    if ex is None:
+      raise ValueError("qmodel: this quantized model has no example inputs yet; call "
+                       "qmodel.init(rng, *inputs) (or calibrate) first: freeze and report trace "
+                       "the model with inputs shaped like init's")
+    zeros = lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+    return jax.tree.map(zeros, ex[0]), jax.tree.map(zeros, ex[1])
 
 
-def quantize(model: nn.Module, rules: RulesLike = None, *, mode: str = "train") -> QuantizedModule:
+_RUNS: list = []  # collectors of the Contexts of the runs in progress (report)
+
+
+def _remember(qmodel: QuantizedModule, args, kwargs) -> None:
+  """Stores the abstract example inputs on the (unbound) quantized model."""
+  object.__setattr__(qmodel, "_jaxqat_example", (_abstract(tuple(args)), _abstract(dict(kwargs))))
+
+
+def set_mode(qmodel: QuantizedModule, mode: str) -> QuantizedModule:
+  """Returns ``qmodel`` in ``mode``: ``"quant"`` (fake quantized) or ``"float"``.
+
+  Args:
+    qmodel: a model from :func:`quantize`.
+    mode: ``"quant"`` (the default: fake quantization) or ``"float"`` (every
+      quantizer passes its input through: the float model, for comparison).
+
+  Returns:
+    A copy of ``qmodel`` in ``mode`` (the same variables apply).
+
+  Raises:
+    TypeError: if ``qmodel`` is not a QuantizedModule.
+    ValueError: if ``mode`` is not ``"quant"`` or ``"float"``.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> set_mode(quantize(nn.Dense(3)), "float").mode
+    'float'
+  """
+  check_qmodel(qmodel)
+  return with_mode(qmodel, _check_mode(mode, _quantizer.PUBLIC_MODES))
+
+
+def with_mode(qmodel: QuantizedModule, mode: str) -> QuantizedModule:
+  """A copy of ``qmodel`` in any internal mode (keeps the example inputs)."""
+  out = qmodel.clone(mode=_check_mode(mode))
+  ex = getattr(qmodel, "_jaxqat_example", None)
+  if ex is not None:
+    object.__setattr__(out, "_jaxqat_example", ex)
+  return out
+
+
+def check_qmodel(qmodel) -> QuantizedModule:
+  if not isinstance(qmodel, QuantizedModule):
+    raise TypeError(f"qmodel: expected a QuantizedModule from jaxqat.flax.linen.quantize(), got "
+                    f"{type(qmodel).__name__}")
+  return qmodel
+
+
+def quantize(model: nn.Module, rules: RulesLike = None) -> QuantizedModule:
   """Makes an unmodified Linen model quantization aware.
 
   Every module whose path (``"/"``-joined Linen names relative to ``model``,
   e.g. ``"Dense_0"`` or ``"encoder/attn/query"``; the model itself is ``""``)
   matches a rule gets the rule's ``weight`` spec on each of its own
   parameters that feeds ``jax.lax.dot_general``, ``jax.lax.conv_general_dilated``,
-  ``jnp.einsum``, ``jnp.dot``, ``jnp.matmul`` or ``jnp.take`` (the weight),
-  and the rule's ``act`` spec on the other operand of that op (its input
-  activation). Flax's ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``,
-  ``Embed`` and the attention built on them are covered, and so are
-  modules from other libraries that call those functions on their own
-  parameters.
+  ``jnp.einsum``, ``jnp.dot``, ``jnp.matmul`` or ``jnp.take`` (the weight,
+  also through ``.T`` / ``transpose``), and the rule's ``act`` spec on the
+  other operand of that op (its input activation). Flax's ``Dense``,
+  ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed`` and the attention built
+  on them are covered, and so are modules from other libraries that call
+  those functions on their own parameters, and layers run through a nested
+  ``Module.apply`` (a tied output head).
 
   Numerics, per quantized op: input activation fake-quantized with its
   scale, then the weight, then the float op (textbook STE; see
-  :mod:`jaxqat.core`).
+  :mod:`jaxqat.core`). Fixed-range weights track the current weight at every
+  step until :func:`~jaxqat.flax.linen.freeze`.
 
-  Warnings at ``init``: :class:`~jaxqat.core.UnusedRuleWarning` for a rule
-  that matched no module; :class:`UnquantizedLayerWarning` for a matched
-  module with parameters none of which reached an intercepted op.
+  ``model`` is not modified: the returned module wraps it, and
+  ``model.init``'s float ``params`` load unchanged into the quantized
+  model's variables. Warnings at ``init``
+  (:class:`~jaxqat.core.QuantizationWarning`): a rule that matched no
+  module, a matched module none of whose parameters reached an intercepted
+  op, and a model in which no layer was quantized.
 
   Args:
-    model: a Linen module (unbound).
+    model: a Linen module (unbound, not quantized already).
     rules: a :class:`~jaxqat.core.RuleSet`, a sequence of
       :class:`~jaxqat.core.Rule`, one Rule, or ``None`` for
-      :func:`default_rules` (W8A8).
-    mode: the initial mode (see :class:`QuantizedModule`).
+      :func:`jaxqat.core.default_rules` (W8A8).
 
   Returns:
     A :class:`QuantizedModule`; use its ``init`` / ``apply`` like the model's.
 
   Raises:
     TypeError: if ``model`` is not a Linen module or a rule is not a Rule.
-    ValueError: if ``mode`` is not a known mode.
+    ValueError: if ``model`` is (or contains) a quantized model already.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -206,11 +252,14 @@ def quantize(model: nn.Module, rules: RulesLike = None, *, mode: str = "train") 
     >>> list(v["quant_stats"])
     ['layers_0']
   """
+  if isinstance(model, QuantizedModule) or _contains_quantized(model):
+    raise ValueError(f"model: {type(model).__name__} is quantized already (it is or contains a "
+                     "jaxqat QuantizedModule); quantize the float model once")
   if not isinstance(model, nn.Module):
     raise TypeError(f"model: expected a flax.linen Module, got {type(model).__name__}")
   if rules is not None:
     rules = rules_lib.as_ruleset(rules, ()).rules
-  return QuantizedModule(model=model, rules=rules, mode=_check_mode(mode))
+  return QuantizedModule(model=model, rules=rules)
 
 
 class ActQuant(nn.Module):
@@ -248,22 +297,27 @@ class ActQuant(nn.Module):
 
     Returns:
       ``x`` fake-quantized, or ``x``.
+
+    Raises:
+      TypeError: if ``spec`` is neither a QuantSpec nor None.
+      ValueError: as a layer's input quantizer (uncalibrated use, bad spec).
     """
     if self.spec is not None and not isinstance(self.spec, core.QuantSpec):
       raise TypeError(f"ActQuant.spec: expected a QuantSpec or None, got {type(self.spec).__name__}")
     ctx = _intercept.current_context()
     if ctx is None:
       return x
-    path = ctx.path_of(self)
-    rule = ctx.match(path)
+    frame = _intercept._STATE.frames[-1]  # pylint: disable=protected-access
+    rule = ctx.match(frame.path)
     if rule is not None and rule.skip:
       return x
     spec = self.spec if self.spec is not None else (rule.act if rule is not None else None)
     if spec is None:
       return x
-    where = f"ActQuant {_quantizer.describe(path)} input"
+    where = f"ActQuant {_quantizer.describe(frame.path)} input"
     with _intercept._guard():  # pylint: disable=protected-access
-      return _quantizer.quantize_activation(self, "input", x, spec, ctx.mode, where)
+      ctx.record(frame, None, None, act=spec)
+      return _quantizer.quantize_activation(frame.store, "input", x, spec, ctx.mode, where)
 
 
 def layer_paths(variables) -> list[str]:
@@ -282,15 +336,5 @@ def layer_paths(variables) -> list[str]:
     >>> layer_paths(v)
     ['input', 'kernel']
   """
-  out = []
-
-  def walk(tree, prefix):
-    if hasattr(tree, "items"):
-      if "spec_id" in tree:
-        out.append(prefix)
-        return
-      for k, v in tree.items():
-        walk(v, f"{prefix}/{k}" if prefix else str(k))
-
-  walk(variables.get(_quantizer.STATS, {}), "")
-  return sorted(out)
+  entries = _quantizer.quantizer_entries(variables.get(_quantizer.STATS, {}))
+  return sorted("/".join(p) for p, _ in entries)

@@ -3,44 +3,44 @@
 A *quantizer* is one tensor's quantization inside a layer: the input
 activation of a matmul/conv (``"input"``) or a weight (``"kernel"``,
 ``"embedding"``...). Its state lives in the layer's own scope, in two
-collections, so that the float ``params`` tree is untouched:
+collections, so that the float ``params`` tree is untouched (the names are
+those of the front-end contract, ``docs/contract.md``):
 
-* ``quant_params`` (trainable): LSQ / LSQ+ ``step_size`` and ``offset``
-  (Esser et al. 2020; Bhalgat et al. 2020).
-* ``quant_stats`` (not trainable): the calibration observer state, the
-  number of calibration batches seen, the frozen ``scale`` / ``zero_point``
-  of fixed-range activations, and ``spec_id``, a 31-bit fingerprint of the
-  :class:`~jaxqat.core.QuantSpec` that :func:`restore` checks.
+* ``quant_params`` (trainable): LSQ / LSQ+ ``log_scale`` (the learned step
+  size stored as ``θ = log s``, :func:`jaxqat.core.param_to_step_size`) and
+  ``offset`` (LSQ+ ``β``; Esser et al. 2020, Bhalgat et al. 2020).
+* ``quant_stats`` (not trainable): ``fingerprint`` (the
+  :func:`jaxqat.core.spec_fingerprint` of the quantizer's resolved spec, that
+  :func:`~jaxqat.flax.linen.restore` checks); for activations the observer
+  state, ``count`` (calibration batches seen) and, once calibrated, the fixed
+  ``scale`` / ``zero_point``; for fixed-range weights ``scale`` /
+  ``zero_point`` (the range at the last calibrate / freeze) and, when
+  frozen, ``frozen``.
 
-Each value is a dict stored with ``module.put_variable(collection, name,
-value)``, e.g. ``quant_stats["Dense_0"]["input"] = {"observer": {...},
-"count": 0, "scale": ..., "zero_point": ..., "spec_id": ...}``.
+Which entries exist is part of the variables' *structure*, which is static
+under ``jax.jit``: that is how a jitted model knows, at trace time, that an
+activation quantizer was never calibrated (no ``scale``, no ``log_scale``: a
+``ValueError`` naming the layer), that calibration found no data for it
+(``stays_float``: it passes its input through), or that a weight range is
+frozen (``frozen``: the stored range is used) rather than tracking the
+current weight (:func:`jaxqat.core.weight_range`, every step).
 
-Weight ranges are computed from the weight itself (the spec's observer run
-on it) at ``init`` and in ``freeze`` mode, and stay constant in between (the
-NNX front end does the same): load the float params, then calibrate and
-freeze. Block formats derive their scales from the data and carry no range
-state.
+Modes (internal; the public ones are ``quant`` and ``float``):
 
-Modes (see :class:`~jaxqat.flax.linen.QuantizedModule`):
-
-* ``calibrate``: observers of activations see the (float) input; the op runs
-  in float. Needs ``mutable=["quant_stats"]``.
-* ``freeze``: scale / zero point computed from the observers and written to
-  ``quant_stats`` (fixed) or used to initialise LSQ step sizes and
-  ``β = -z s`` (``quant_params``); LSQ weight step sizes are initialised from
-  the current weight. Then runs quantized. Needs
-  ``mutable=["quant_stats", "quant_params"]``.
-* ``train``: fake quant with the frozen / learned ranges (stochastic rounding
-  draws from the ``"quant"`` RNG stream).
-* ``eval``: as ``train``, with stochastic rounding replaced by round half to
-  even (``freeze`` rounds to nearest too).
+* ``calibrate``: activation observers see the (float) input, the op runs in
+  float. Needs ``mutable=["quant_stats"]``.
+* ``set``: ranges from the observers (fixed: ``scale``/``zero_point``; LSQ:
+  ``log_scale`` and LSQ+ ``offset = -z s``), LSQ weight step sizes and fixed
+  weight ranges from the current weights. Runs in float.
+* ``freeze``: stores the current fixed weight ranges and marks them frozen.
+* ``quant``: fake quantization (stochastic rounding draws from the
+  ``"quant"`` RNG stream when one is given, and rounds half to even without).
+* ``float``: every quantizer passes its input through.
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,22 +48,23 @@ import numpy as np
 
 from jaxqat import core
 
-MODES = ("calibrate", "freeze", "train", "eval")
+MODES = ("quant", "float", "calibrate", "set", "freeze")
+PUBLIC_MODES = ("quant", "float")
 STATS = "quant_stats"
 PARAMS = "quant_params"
 _STATS_AND_PARAMS = "quant_stats' and 'quant_params"
+FROZEN = "frozen"
+STAYS_FLOAT = "stays_float"
 
 
-def spec_id(spec: core.QuantSpec) -> jax.Array:
-  """A 31-bit fingerprint of ``spec`` (crc32 of its repr) as an int32 scalar.
+def fingerprint(spec: core.QuantSpec) -> jax.Array:
+  """``core.spec_fingerprint(spec)`` as an int32 scalar (a checkpointable leaf).
 
   Examples:
-    >>> int(spec_id(core.QuantSpec())) == int(spec_id(core.QuantSpec()))
+    >>> int(fingerprint(core.QuantSpec())) == core.spec_fingerprint(core.QuantSpec())
     True
-    >>> int(spec_id(core.QuantSpec())) == int(spec_id(core.QuantSpec(format="int4")))
-    False
   """
-  return jnp.asarray(zlib.crc32(repr(spec).encode()) & 0x7FFFFFFF, jnp.int32)
+  return jnp.asarray(core.spec_fingerprint(spec), jnp.int32)
 
 
 def describe(path: str) -> str:
@@ -78,213 +79,270 @@ def check_shape(spec: core.QuantSpec, shape, where: str) -> None:
     raise ValueError(f"jaxqat: {where} of shape {tuple(shape)}: {e}") from None
 
 
+class Store:
+  """Where one layer keeps its quantizer state.
 
-def _learned_params(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array) -> dict:
-  """LSQ step size (and LSQ+ offset beta = -z * s) from a calibrated range."""
-  qp = {"step_size": scale}
+  Normally the layer's own scope. A layer run through a nested
+  ``Module.apply`` (its own, params-only scope) keeps its state in the
+  enclosing layer of the quantized model, under ``key`` (the nested layer's
+  name), e.g. ``quant_stats["Model"]["Dense_0"]["kernel"]``.
+  """
+
+  def __init__(self, owner, key: tuple[str, ...] = ()):
+    self.owner = owner
+    self.key = tuple(key)
+
+  def _top(self, col: str, name: str):
+    return (self.key[0], self.key[1:] + (name,)) if self.key else (name, ())
+
+  def get(self, col: str, name: str) -> Optional[Any]:
+    top, rest = self._top(col, name)
+    value = self.owner.get_variable(col, top) if self.owner.has_variable(col, top) else None
+    for k in rest:
+      if value is None or k not in value:
+        return None
+      value = value[k]
+    return value
+
+  def has(self, col: str, name: str) -> bool:
+    return self.get(col, name) is not None
+
+  def put(self, col: str, name: str, value, where: str, why: str) -> None:
+    if not self.owner.is_mutable_collection(col):
+      if self.owner.is_initializing():
+        raise ValueError(
+            f"jaxqat: cannot create '{col}/{name}' for {where}: the collection is not mutable "
+            f"here. Inside a lifted transform (nn.scan, nn.vmap, nn.remat...) list "
+            f"'{_STATS_AND_PARAMS}' with the params, e.g. variable_axes={{True: 0}} or "
+            f"variable_axes={{'params': 0, 'quant_params': 0, 'quant_stats': 0}}")
+      raise ValueError(f"jaxqat: {why} updates '{col}' ({where}); call apply(..., "
+                       f"mutable=['quant_stats', 'quant_params'])")
+    top, rest = self._top(col, name)
+    if not rest:
+      self.owner.put_variable(col, top, value)
+      return
+    tree = self.owner.get_variable(col, top) if self.owner.has_variable(col, top) else {}
+    tree = _set_in(dict(tree), rest, value)
+    self.owner.put_variable(col, top, tree)
+
+  @property
+  def initializing(self) -> bool:
+    return self.owner.is_initializing()
+
+
+def _set_in(tree: dict, keys: tuple, value) -> dict:
+  if len(keys) == 1:
+    tree[keys[0]] = value
+    return tree
+  sub = dict(tree.get(keys[0], {}))
+  tree[keys[0]] = _set_in(sub, keys[1:], value)
+  return tree
+
+
+def _learned(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array) -> dict:
+  """LSQ ``log_scale`` (and LSQ+ offset ``β = -z s``) from a range."""
+  qp = {"log_scale": core.step_size_to_param(scale)}
   if spec.learning == "lsq_plus":
-    qp["offset"] = -zp * scale
+    qp["offset"] = (-zp * scale).astype(jnp.float32)
   return qp
 
-def _range(spec: core.QuantSpec, x: jax.Array):
-  """(scale, zero_point) of the spec's observer run on ``x`` alone."""
-  obs = core.observer(spec)
-  x = jax.lax.stop_gradient(x)
-  return obs.compute(obs.update(obs.init(x), x))
 
+def _rounding(spec: core.QuantSpec, store: Store, mode: str):
+  """The spec to use and the PRNG key for stochastic rounding.
 
-def _read(module, col: str, name: str, where: str):
-  value = module.get_variable(col, name)
-  if value is None:
-    raise ValueError(
-        f"jaxqat: {where} has no '{col}/{name}' variable. Apply the quantized model with the "
-        f"variables returned by its init() (params, quant_params and quant_stats), not only "
-        f"'params'.")
-  return value
-
-
-def _create(module, col: str, name: str, value, where: str):
-  if not module.is_mutable_collection(col):
-    raise ValueError(
-        f"jaxqat: cannot create '{col}/{name}' for {where}: the collection is not mutable here. "
-        f"Inside a lifted transform (nn.scan, nn.vmap, nn.remat...) list '{_STATS_AND_PARAMS}' "
-        f"with the params, e.g. variable_axes={{True: 0}} or "
-        f"variable_axes={{'params': 0, 'quant_params': 0, 'quant_stats': 0}}")
-  module.put_variable(col, name, value)
-
-
-def _write(module, col: str, name: str, value, where: str, mode: str):
-  if not module.is_mutable_collection(col):
-    raise ValueError(
-        f"jaxqat: mode={mode!r} updates '{col}' ({where}); call apply(..., "
-        f"mutable={['quant_stats', 'quant_params'] if mode == 'freeze' else ['quant_stats']})")
-  module.put_variable(col, name, value)
-
-
-def _rounding(spec: core.QuantSpec, module, mode: str):
-  """The spec to use and the PRNG key for stochastic rounding."""
+  Without a ``"quant"`` RNG stream (evaluation), and outside the ``quant``
+  mode, stochastic rounding becomes round half to even.
+  """
   if spec.rounding != "stochastic":
     return spec, None
-  if mode in ("eval", "freeze") or module.is_initializing():
+  owner = store.owner
+  if mode != "quant" or store.initializing or not owner.has_rng("quant"):
     return spec.replace(rounding="nearest_even"), None
-  if not module.has_rng("quant"):
-    raise ValueError("jaxqat: a spec with rounding='stochastic' needs a PRNG stream; call "
-                     "apply(..., rngs={'quant': key})")
-  return spec, module.make_rng("quant")
+  return spec, owner.make_rng("quant")
 
 
-def _qdq(x, spec, scale, zero_point, module, mode):
-  spec, key = _rounding(spec, module, mode)
-  if spec.learning == "lsq_plus":
-    return core.quant_dequant(x, spec, scale, offset=zero_point, key=key)
-  return core.quant_dequant(x, spec, scale, zero_point, key=key)
+def _qdq(x, spec, store, mode, scale=None, zero_point=None, log_scale=None, offset=None):
+  spec, key = _rounding(spec, store, mode)
+  if log_scale is not None:
+    scale = core.param_to_step_size(log_scale)
+  if spec.symmetric or spec.learning != "fixed":
+    zero_point = None
+  return core.quant_dequant(x, spec, scale, zero_point, offset=offset, key=key)
 
 
-def quantize_activation(module, name: str, x: jax.Array, spec: core.QuantSpec, mode: str,
+def quantize_activation(store: Store, name: str, x: jax.Array, spec: core.QuantSpec, mode: str,
                         where: str) -> jax.Array:
-  """Fake-quantizes an activation ``x`` with the quantizer ``name`` of ``module``.
+  """Fake-quantizes an activation ``x`` with the quantizer ``name``.
 
-  Creates the quantizer's variables on first use (during ``init``). Ranges
-  start from ``x`` itself (the example input given to ``init``); observers
-  start empty.
+  Creates the quantizer's state (observer, ``count``, ``fingerprint``) at
+  ``init``; its range is set by :func:`~jaxqat.flax.linen.calibrate`.
 
   Args:
-    module: the bound Linen module that owns the state.
-    name: the quantizer name (a variable name in the module's scope).
+    store: where the layer keeps its state.
+    name: the quantizer name (a variable name in the layer's scope).
     x: the activation.
     spec: its QuantSpec.
     mode: one of :data:`MODES`.
     where: a description of the tensor for error messages.
 
   Returns:
-    ``x`` fake-quantized (``x`` unchanged in ``calibrate`` mode and for
-    non-floating inputs).
+    ``x`` fake-quantized (``x`` unchanged in the float, calibrate, set and
+    freeze modes, at ``init``, for non-floating inputs, and for a quantizer
+    that calibration found no data for).
 
   Raises:
-    ValueError: if ``spec`` does not fit ``x`` or the state is missing or not
-      mutable when the mode updates it.
+    ValueError: if ``spec`` does not fit ``x``, the state is missing or not
+      mutable when the mode updates it, or (mode ``quant``) the quantizer was
+      never calibrated.
   """
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  if not jnp.issubdtype(x.dtype, jnp.floating) or mode == "float":
     return x
   check_shape(spec, x.shape, where)
-  initializing = module.is_initializing()
+  initializing = store.initializing
+  stats = store.get(STATS, name)
+  if initializing and stats is None:
+    stats = {"fingerprint": fingerprint(spec)}
+    if not spec.is_block:
+      obs = core.observer(spec)
+      stats.update(observer=obs.init(jax.lax.stop_gradient(x)), count=jnp.zeros((), jnp.int32))
+    store.put(STATS, name, stats, where, "init")
+  if stats is None:
+    raise _missing(where, name)
   if spec.is_block:  # scales come from the data
-    if initializing and not module.has_variable(STATS, name):
-      _create(module, STATS, name, {"spec_id": spec_id(spec)}, where)
-    return x if mode == "calibrate" else _qdq(x, spec, None, None, module, mode)
-
-  obs = core.observer(spec)
-  learned = spec.learning != "fixed"
-  if initializing and not module.has_variable(STATS, name):
-    scale, zp = _range(spec, x)
-    stats = {"observer": obs.init(jax.lax.stop_gradient(x)), "count": jnp.zeros((), jnp.int32),
-             "spec_id": spec_id(spec)}
-    if learned:
-      _create(module, PARAMS, name, _learned_params(spec, scale, zp), where)
-    else:
-      stats["scale"], stats["zero_point"] = scale, zp
-    _create(module, STATS, name, stats, where)
-  stats = _read(module, STATS, name, where)
-  qp = _read(module, PARAMS, name, where) if learned else None
-
-  if mode == "calibrate":
-    if not initializing:
-      new = dict(stats, observer=obs.update(stats["observer"], jax.lax.stop_gradient(x)),
-                 count=stats["count"] + 1)
-      _write(module, STATS, name, new, where, mode)
+    return x if mode != "quant" else _qdq(x, spec, store, mode)
+  if initializing or mode == "freeze":
     return x
-
-  if mode == "freeze" and not initializing:
+  obs = core.observer(spec)
+  if mode == "calibrate":
+    new = dict(stats, observer=obs.update(stats["observer"], jax.lax.stop_gradient(x)),
+               count=stats["count"] + 1)
+    store.put(STATS, name, new, where, "calibration")
+    return x
+  if STAYS_FLOAT in stats:
+    return x
+  if mode == "set":
     scale, zp = obs.compute(stats["observer"])
-    seen = stats["count"] > 0  # keep the init range if no batch was calibrated
-    if learned:
-      old = qp
-      qp = {"step_size": jnp.where(seen, scale, old["step_size"])}
-      if spec.learning == "lsq_plus":
-        qp["offset"] = jnp.where(seen, -zp * scale, old["offset"])
-      _write(module, PARAMS, name, qp, where, mode)
+    if spec.learning == "fixed":
+      store.put(STATS, name, dict(stats, scale=scale, zero_point=zp), where, "calibration")
     else:
-      stats = dict(stats, scale=jnp.where(seen, scale, stats["scale"]),
-                   zero_point=jnp.where(seen, zp, stats["zero_point"]))
-      _write(module, STATS, name, stats, where, mode)
+      store.put(PARAMS, name, _learned(spec, scale, zp), where, "calibration")
+    return x
+  # mode == "quant"
+  if spec.learning == "fixed":
+    if "scale" not in stats:
+      raise _uncalibrated(where)
+    return _qdq(x, spec, store, mode, stats["scale"], stats["zero_point"])
+  qp = store.get(PARAMS, name)
+  if qp is None:
+    raise _uncalibrated(where)
+  return _qdq(x, spec, store, mode, log_scale=qp["log_scale"], offset=qp.get("offset"))
 
-  if spec.learning == "lsq":
-    return _qdq(x, spec, qp["step_size"], None, module, mode)
-  if spec.learning == "lsq_plus":
-    return _qdq(x, spec, qp["step_size"], qp["offset"], module, mode)
-  zp = None if spec.symmetric else stats["zero_point"]
-  return _qdq(x, spec, stats["scale"], zp, module, mode)
+
+def _missing(where: str, name: str) -> ValueError:
+  return ValueError(
+      f"jaxqat: {where} has no '{STATS}/{name}' variable. Apply the quantized model with the "
+      f"variables returned by its init() (params, quant_params and quant_stats), not only "
+      f"'params'.")
 
 
-def quantize_weight(module, name: str, w: jax.Array, spec: core.QuantSpec, mode: str,
+def _uncalibrated(where: str) -> ValueError:
+  return ValueError(
+      f"jaxqat: {where} was never calibrated: its range is unknown. Run "
+      f"variables = jaxqat.flax.linen.calibrate(qmodel, variables, data) first (or set_mode("
+      f"qmodel, 'float') to run the float model)")
+
+
+def quantize_weight(store: Store, name: str, w: jax.Array, spec: core.QuantSpec, mode: str,
                     where: str) -> jax.Array:
-  """Fake-quantizes a weight ``w`` with the quantizer ``name`` of ``module``.
+  """Fake-quantizes a weight ``w`` with the quantizer ``name``.
 
-  The weight's range (``quant_stats[name]["scale"/"zero_point"]`` for fixed
-  specs, ``quant_params[name]["step_size"/"offset"]`` for LSQ / LSQ+) is
-  computed from the weight by the spec's observer at ``init`` and again in
-  ``freeze`` mode, and is constant in between (as in the NNX front end).
+  A fixed-range weight's range is :func:`jaxqat.core.weight_range` of the
+  current ``w`` at every call (no gradient through it) until frozen; a frozen
+  one uses ``quant_stats[name]["scale"/"zero_point"]``. LSQ / LSQ+ weights
+  use ``quant_params[name]["log_scale"/"offset"]``, initialised from ``w`` at
+  ``init`` and again by calibration.
 
   Args:
-    module: the bound Linen module that owns the state.
+    store: where the layer keeps its state.
     name: the quantizer name (normally the parameter's name).
     w: the weight, in the parameter's own layout.
-    spec: its QuantSpec (granularity axes refer to ``w``'s axes).
+    spec: its QuantSpec (granularity resolved; axes refer to ``w``'s axes).
     mode: one of :data:`MODES`.
     where: a description of the tensor for error messages.
 
   Returns:
-    ``w`` fake-quantized (unchanged in ``calibrate`` mode).
+    ``w`` fake-quantized (unchanged in the float and calibrate modes).
 
   Raises:
     ValueError: if ``spec`` does not fit ``w`` or the state is missing or not
       mutable when the mode updates it.
   """
-  check_shape(spec, w.shape, where)
-  initializing = module.is_initializing()
-  learned = spec.learning != "fixed"
-  if initializing and not module.has_variable(STATS, name):
-    stats = {"spec_id": spec_id(spec)}
-    if not spec.is_block:
-      scale, zp = _range(spec, w)
-      if learned:
-        _create(module, PARAMS, name, _learned_params(spec, scale, zp), where)
-      else:
-        stats["scale"], stats["zero_point"] = scale, zp
-    _create(module, STATS, name, stats, where)
-  if mode == "calibrate":
+  if mode == "float":
     return w
-  if spec.is_block:
-    return _qdq(w, spec, None, None, module, mode)
-  if mode == "freeze" and not initializing:
-    scale, zp = _range(spec, w)
-    if learned:
-      qp = _learned_params(spec, scale, zp)
-      _write(module, PARAMS, name, qp, where, mode)
-    else:
-      stats = dict(_read(module, STATS, name, where), scale=scale, zero_point=zp)
-      _write(module, STATS, name, stats, where, mode)
+  check_shape(spec, w.shape, where)
+  learned = spec.learning != "fixed"
+  stats = store.get(STATS, name)
+  if store.initializing and stats is None:
+    stats = {"fingerprint": fingerprint(spec)}
+    if not spec.is_block:
+      scale, zp = core.weight_range(w, spec)
+      if learned:
+        store.put(PARAMS, name, _learned(spec, scale, zp), where, "init")
+      else:
+        stats.update(scale=scale, zero_point=zp)
+    store.put(STATS, name, stats, where, "init")
+  if stats is None:
+    raise _missing(where, name)
+  if mode == "calibrate" or spec.is_block:
+    return w if mode != "quant" else _qdq(w, spec, store, mode)
+  if mode in ("set", "freeze") and not store.initializing:
+    scale, zp = core.weight_range(w, spec)
+    if learned and mode == "set":
+      store.put(PARAMS, name, _learned(spec, scale, zp), where, "calibration")
+    elif not learned:
+      new = dict(stats, scale=scale, zero_point=zp)
+      if mode == "freeze":
+        new[FROZEN] = jnp.ones((), jnp.int32)
+      store.put(STATS, name, new, where, mode)
+    return w
+  if mode != "quant":
+    return w
   if learned:
-    qp = _read(module, PARAMS, name, where)
-    return _qdq(w, spec, qp["step_size"], qp.get("offset"), module, mode)
-  stats = _read(module, STATS, name, where)
-  return _qdq(w, spec, stats["scale"], None if spec.symmetric else stats["zero_point"], module,
-              mode)
+    qp = store.get(PARAMS, name)
+    if qp is None:
+      raise ValueError(f"jaxqat: {where} has no '{PARAMS}/{name}' variable; apply the model "
+                       "with the variables of its init() and calibrate()")
+    return _qdq(w, spec, store, mode, log_scale=qp["log_scale"], offset=qp.get("offset"))
+  if FROZEN in stats:
+    return _qdq(w, spec, store, mode, stats["scale"], stats["zero_point"])
+  scale, zp = core.weight_range(w, spec)  # tracks the current weight, no gradient
+  return _qdq(w, spec, store, mode, scale, zp)
 
 
-def count_uncalibrated(stats: Any, prefix: str = "") -> list[str]:
-  """Paths of activation quantizers in a ``quant_stats`` tree with ``count == 0``.
+# --------------------------------------------------------------------------
+# Walking a quant_stats tree (outside jit).
+# --------------------------------------------------------------------------
+
+
+def quantizer_entries(stats: Any, prefix: tuple = ()) -> list[tuple[tuple, dict]]:
+  """``(path, entry)`` of every quantizer in a ``quant_stats`` tree.
 
   Examples:
-    >>> count_uncalibrated({"Dense_0": {"input": {"observer": {}, "count": jnp.zeros((), jnp.int32)}}})
-    ['Dense_0/input']
+    >>> tree = {"Dense_0": {"input": {"fingerprint": 1, "count": 0, "observer": {}}}}
+    >>> [p for p, _ in quantizer_entries(tree)]
+    [('Dense_0', 'input')]
   """
   out = []
-  if isinstance(stats, dict) or hasattr(stats, "items"):
-    if "count" in stats and "observer" in stats:
-      if np.any(np.asarray(stats["count"]) == 0):
-        out.append(prefix)
-      return out
+  if hasattr(stats, "items"):
+    if "fingerprint" in stats:
+      return [(prefix, stats)]
     for k, v in stats.items():
-      out.extend(count_uncalibrated(v, f"{prefix}/{k}" if prefix else str(k)))
+      out.extend(quantizer_entries(v, prefix + (str(k),)))
   return out
+
+
+def saw_no_data(entry: dict) -> bool:
+  """Whether an activation quantizer's observer saw no batch or no finite value."""
+  if np.all(np.asarray(entry["count"]) == 0):
+    return True
+  return bool(np.all(np.asarray(entry["observer"]["count"]) == 0))

@@ -1,235 +1,369 @@
-"""Workflow helpers: calibrate, freeze, optimizer split, orbax checkpoints.
+"""The contract's verbs for Linen: calibrate, freeze, unfreeze, qat_optimizer, report.
 
-PTQ: ``calibrate`` over a few batches, then ``freeze``. QAT: then train
-``{"params", "quant_params"}`` with any optax optimizer (``qat_optimizer``
-gives the quantizer step sizes their own transformation, e.g. a lower
-learning rate and no weight decay). Checkpoints hold the whole variables dict.
+PTQ: ``calibrate`` over a few batches; the model is then quantized, ready for
+inference or QAT. QAT: train ``{"params", "quant_params"}`` with
+``qat_optimizer`` (the quantizers' ``log_scale`` / ``offset`` get their own
+transformation). Fixed-range weights track the current weights during QAT;
+``freeze`` stores their ranges (for conversion / export), ``unfreeze`` resumes
+tracking. See ``docs/contract.md``.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import jax
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from jaxqat import core
+from jaxqat.flax.linen import _intercept
 from jaxqat.flax.linen import _module
 from jaxqat.flax.linen import _quantizer
 
-
-def _args(batch) -> tuple:
-  return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+STATS, PARAMS = _quantizer.STATS, _quantizer.PARAMS
 
 
-def _merge(variables: Mapping[str, Any], updates: Mapping[str, Any]) -> dict:
-  out = dict(variables)
-  out.update(updates)
+def _check_variables(variables) -> dict:
+  if not isinstance(variables, Mapping):
+    raise TypeError("variables: expected the dict of the quantized model's variables (from "
+                    f"qmodel.init), got {type(variables).__name__}")
+  return {k: v for k, v in variables.items()}
+
+
+def _call(batch) -> tuple[tuple, dict]:
+  """A batch as (args, kwargs): an array, a tuple of positional args, a dict of kwargs."""
+  if isinstance(batch, Mapping):
+    return (), dict(batch)
+  if isinstance(batch, (tuple, list)):
+    return tuple(batch), {}
+  return (batch,), {}
+
+
+def _unfrozen(tree):
+  """``tree`` with every ``FROZEN`` key dropped (nested dicts rebuilt)."""
+  if not hasattr(tree, "items"):
+    return tree
+  return {k: _unfrozen(v) for k, v in tree.items() if k != _quantizer.FROZEN}
+
+
+def _replace_entries(tree, fn, prefix=()):
+  """Rebuilds a quant_stats tree with ``fn(path, entry)`` applied to every quantizer entry."""
+  if not hasattr(tree, "items"):
+    return tree
+  if "fingerprint" in tree:
+    return fn(prefix, dict(tree))
+  return {k: _replace_entries(v, fn, prefix + (str(k),)) for k, v in tree.items()}
+
+
+def _drop(tree, path: tuple):
+  """``tree`` (nested dicts) without the entry at ``path`` (no-op if absent)."""
+  if not hasattr(tree, "items") or not path or path[0] not in tree:
+    return tree
+  out = dict(tree)
+  if len(path) == 1:
+    del out[path[0]]
+  else:
+    out[path[0]] = _drop(out[path[0]], path[1:])
   return out
 
 
-def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any],
-              batches: Iterable[Any]) -> dict:
-  """Runs calibration batches through ``qmodel`` (PTQ statistics).
+def _where(path: tuple) -> str:
+  layer, name = "/".join(path[:-1]), path[-1]
+  return f"layer {_quantizer.describe(layer)} input activation '{name}'"
 
-  Each batch runs the model in float (``mode="calibrate"``, jitted once)
-  while every activation observer updates its ``quant_stats``.
+
+def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], data: Iterable[Any],
+              *, steps: Optional[int] = None) -> dict:
+  """Calibrates ``qmodel``: observe, set activation ranges, initialise LSQ.
+
+  The batches run through the model in float (jitted once) while the
+  activation observers record them (non-finite values are ignored). Then
+  every activation range is set from its observer (fixed: ``scale`` /
+  ``zero_point``; LSQ: ``log_scale`` from the calibrated step size, LSQ+:
+  ``offset = -z s``), LSQ weights get ``log_scale`` from the current weights
+  and fixed weight ranges are recomputed. The model is then quantized, ready
+  for inference or QAT. Observers start afresh at every call.
+
+  An activation quantizer that saw no batch or no finite value gets a
+  :class:`~jaxqat.core.QuantizationWarning` naming its layer and stays float
+  (``quant_stats[...]["stays_float"]``; :func:`report` lists it).
 
   Args:
     qmodel: the quantized model.
     variables: its variables (from ``qmodel.init``, float params loaded).
-    batches: an iterable of model inputs (an array, or a tuple of positional
-      arguments).
-
-  Returns:
-    ``variables`` with updated ``quant_stats``.
-
-  Raises:
-    TypeError: if ``qmodel`` is not a :class:`QuantizedModule`.
-    ValueError: if ``batches`` is empty.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> qmodel = _module.quantize(nn.Dense(3))
-    >>> v = qmodel.init(jax.random.key(0), jnp.ones((1, 4)))
-    >>> v = calibrate(qmodel, v, [jnp.full((1, 4), 2.0)])
-    >>> int(v["quant_stats"]["input"]["count"])
-    1
-  """
-  if not isinstance(qmodel, _module.QuantizedModule):
-    raise TypeError(f"qmodel: expected a QuantizedModule from quantize(), got {type(qmodel).__name__}")
-  cal = qmodel.with_mode("calibrate")
-
-  @jax.jit
-  def step(v, args):
-    _, upd = cal.apply(v, *args, mutable=[_quantizer.STATS])
-    return upd[_quantizer.STATS]
-
-  n = 0
-  variables = dict(variables)
-  for batch in batches:
-    variables[_quantizer.STATS] = step(variables, _args(batch))
-    n += 1
-  if n == 0:
-    raise ValueError("batches: calibration needs at least one batch, got an empty iterable")
-  return variables
-
-
-def freeze(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], *args, **kwargs) -> dict:
-  """Turns observer statistics into ranges (end of calibration).
-
-  Runs ``qmodel`` once in ``mode="freeze"`` on ``args``: fixed-range
-  activations get ``scale`` / ``zero_point`` from their observer, LSQ
-  activations get their initial step size (and LSQ+ offset ``β = -z s``),
-  LSQ weights get a step size from the current weights. Quantizers that saw
-  no calibration batch keep their current range, with a warning naming them.
-
-  Args:
-    qmodel: the quantized model.
-    variables: its variables after :func:`calibrate`.
-    *args: one batch of model inputs.
-    **kwargs: keyword arguments of the model.
+    data: an iterable of batches; a batch is an array (one positional
+      argument), a tuple of positional arguments, or a dict of keyword
+      arguments.
+    steps: at most this many batches (``None``: all).
 
   Returns:
     ``variables`` with updated ``quant_stats`` and ``quant_params``.
 
+  Raises:
+    TypeError: if ``qmodel`` is not a :class:`QuantizedModule` or
+      ``variables`` not a variables dict.
+    ValueError: if ``data`` is empty or ``steps`` is not a positive int.
+
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> qmodel = _module.quantize(nn.Dense(3))
     >>> v = qmodel.init(jax.random.key(0), jnp.ones((1, 4)))
-    >>> v = freeze(qmodel, calibrate(qmodel, v, [jnp.full((1, 4), 2.55)]), jnp.ones((1, 4)))
+    >>> v = calibrate(qmodel, v, [jnp.full((1, 4), 2.55), jnp.zeros((1, 4))])
     >>> round(float(v["quant_stats"]["input"]["scale"]), 6)  # min/max [0, 2.55] over 255 steps
     0.01
   """
-  if not isinstance(qmodel, _module.QuantizedModule):
-    raise TypeError(f"qmodel: expected a QuantizedModule from quantize(), got {type(qmodel).__name__}")
-  missing = _quantizer.count_uncalibrated(variables.get(_quantizer.STATS, {}))
-  if missing:
-    warnings.warn(f"jaxqat: freeze: activation quantizers {missing} saw no calibration batch; "
-                  "they keep their ranges from init", UserWarning, stacklevel=2)
-  frz = qmodel.with_mode("freeze")
+  _module.check_qmodel(qmodel)
+  variables = _check_variables(variables)
+  if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+    raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
+
+  def fresh(path, entry):
+    if "observer" in entry:
+      entry["observer"] = jax.tree.map(jax.numpy.zeros_like, entry["observer"])
+      entry["count"] = jax.numpy.zeros_like(entry["count"])
+    return entry
+
+  variables[STATS] = _replace_entries(variables.get(STATS, {}), fresh)
+  observe = _module.with_mode(qmodel, "calibrate")
 
   @jax.jit
-  def step(v, args):
-    return frz.apply(v, *args, **kwargs, mutable=[_quantizer.STATS, _quantizer.PARAMS])[1]
+  def step(v, args, kwargs):
+    return observe.apply(v, *args, **kwargs, mutable=[STATS])[1][STATS]
 
-  return _merge(variables, step(dict(variables), args))
+  first, n = None, 0
+  for batch in data:
+    if steps is not None and n >= steps:
+      break
+    args, kwargs = _call(batch)
+    if first is None:
+      first = (args, kwargs)
+    variables[STATS] = step(variables, args, kwargs)
+    n += 1
+  if n == 0:
+    raise ValueError("data: calibration needs at least one batch, got an empty iterable")
+  if getattr(qmodel, "_jaxqat_example", None) is None:
+    _module._remember(qmodel, *first)  # pylint: disable=protected-access
+
+  empty = []
+
+  def mark(path, entry):
+    if "observer" not in entry:
+      return entry
+    for k in ("scale", "zero_point", _quantizer.STAYS_FLOAT):
+      entry.pop(k, None)
+    if _quantizer.saw_no_data(entry):
+      empty.append(path)
+      entry[_quantizer.STAYS_FLOAT] = jax.numpy.ones((), jax.numpy.int32)
+    return entry
+
+  variables[STATS] = _replace_entries(variables[STATS], mark)
+  for path in empty:
+    warnings.warn(f"jaxqat: calibrate: {_where(path)} saw no batch or no finite value; it "
+                  "stays float", core.QuantizationWarning, stacklevel=2)
+    if PARAMS in variables:
+      variables[PARAMS] = _drop(variables[PARAMS], path)
+  setter = _module.with_mode(qmodel, "set")
+
+  @jax.jit
+  def set_ranges(v, args, kwargs):
+    return setter.apply(v, *args, **kwargs, mutable=[STATS, PARAMS])[1]
+
+  updates = set_ranges(variables, *first)
+  variables.update({k: v for k, v in updates.items() if v or k in variables})
+  return variables
 
 
-def qat_optimizer(params_tx: optax.GradientTransformation,
-                  quant_params_tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """One optax optimizer for ``{"params": ..., "quant_params": ...}``.
+def freeze(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> dict:
+  """Stores the current fixed weight ranges and stops tracking them.
 
-  Every top-level entry other than ``quant_params`` (the float weights; a
-  model without LSQ specs has no ``quant_params``) gets ``params_tx``.
+  During QAT a fixed-range weight quantizer recomputes its range from the
+  current weight at every step; after ``freeze`` it uses the range stored
+  now (``quant_stats[...]["scale"/"zero_point"]``, marked ``frozen``), e.g.
+  for conversion or export. Activation ranges and learned step sizes are
+  unchanged. The model is traced once with zeros shaped like the example
+  inputs of ``qmodel.init`` (weight ranges do not depend on the inputs).
 
   Args:
-    params_tx: the transformation for the float weights.
-    quant_params_tx: the one for the LSQ step sizes / offsets (typically a
-      smaller learning rate and no weight decay).
+    qmodel: the quantized model (initialised in this process).
+    variables: its variables.
+
+  Returns:
+    ``variables`` with the weight ranges stored and frozen.
+
+  Raises:
+    TypeError: if ``qmodel`` is not a :class:`QuantizedModule`.
+    ValueError: if ``qmodel`` was never initialised (no example inputs).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> qmodel = _module.quantize(nn.Dense(3))
+    >>> v = qmodel.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> v["params"]["kernel"] = jnp.full((4, 3), 1.27)
+    >>> v = freeze(qmodel, v)
+    >>> v["quant_stats"]["kernel"]["scale"]  # absmax 1.27 / 127 per output channel
+    Array([[0.01, 0.01, 0.01]], dtype=float32)
+    >>> "frozen" in unfreeze(qmodel, v)["quant_stats"]["kernel"]
+    False
+  """
+  _module.check_qmodel(qmodel)
+  variables = _check_variables(variables)
+  args, kwargs = qmodel.example()
+  frz = _module.with_mode(qmodel, "freeze")
+
+  @jax.jit
+  def run(v):
+    return frz.apply(v, *args, **kwargs, mutable=[STATS])[1][STATS]
+
+  variables[STATS] = run(variables)
+  return variables
+
+
+def unfreeze(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> dict:
+  """Resumes the per-step tracking of fixed weight ranges (undoes :func:`freeze`).
+
+  Args:
+    qmodel: the quantized model.
+    variables: its variables.
+
+  Returns:
+    ``variables`` without the ``frozen`` marks.
+
+  Raises:
+    TypeError: if ``qmodel`` is not a :class:`QuantizedModule`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> qmodel = _module.quantize(nn.Dense(3))
+    >>> v = freeze(qmodel, qmodel.init(jax.random.key(0), jnp.ones((1, 4))))
+    >>> sorted(unfreeze(qmodel, v)["quant_stats"]["kernel"])
+    ['fingerprint', 'scale', 'zero_point']
+  """
+  _module.check_qmodel(qmodel)
+  variables = _check_variables(variables)
+  variables[STATS] = _unfrozen(variables.get(STATS, {}))
+  return variables
+
+
+def qat_optimizer(qmodel: _module.QuantizedModule, tx: optax.GradientTransformation,
+                  quant_tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """One optax optimizer for ``{"params": ..., "quant_params": ...}``.
+
+  The learned quantizer parameters (``quant_params``: ``log_scale`` and
+  ``offset``) get ``quant_tx`` (own learning rate, no weight decay); every
+  other top-level entry (the float weights) gets ``tx``.
+
+  Args:
+    qmodel: the quantized model the optimizer is for.
+    tx: the transformation for the float weights.
+    quant_tx: the one for the learned quantizer parameters.
 
   Returns:
     An ``optax.partition`` of the two over a dict of collections.
 
+  Raises:
+    TypeError: if ``qmodel`` is not a :class:`QuantizedModule` or ``tx`` /
+      ``quant_tx`` is not an optax GradientTransformation.
+
   Examples:
-    >>> import optax, jax.numpy as jnp
-    >>> tx = qat_optimizer(optax.sgd(0.5), optax.sgd(0.25))
+    >>> import optax, jax.numpy as jnp, flax.linen as nn
+    >>> tx = qat_optimizer(_module.quantize(nn.Dense(2)), optax.sgd(0.5), optax.sgd(0.25))
     >>> t = {"params": {"w": jnp.ones(2)}, "quant_params": {"s": jnp.ones(())}}
     >>> u, _ = tx.update(t, tx.init(t), t)
     >>> float(u["params"]["w"][0]), float(u["quant_params"]["s"])
     (-0.5, -0.25)
   """
+  _module.check_qmodel(qmodel)
+  for name, t in (("tx", tx), ("quant_tx", quant_tx)):
+    if not isinstance(t, optax.GradientTransformation):
+      raise TypeError(f"{name}: expected an optax GradientTransformation, got {type(t).__name__}")
+
   def labels(tree):
-    return {k: "quant_params" if k == "quant_params" else "params" for k in tree}
+    return {k: "quant" if k == PARAMS else "float" for k in tree}
 
-  return optax.partition({"params": params_tx, "quant_params": quant_params_tx}, labels)
+  return optax.partition({"float": tx, "quant": quant_tx}, labels)
 
 
 # --------------------------------------------------------------------------
-# Checkpoints (orbax).
+# report
 # --------------------------------------------------------------------------
 
-
-def _key(path) -> str:
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
-  return "/".join(parts)
+_BIAS_REASON = "not a matmul/conv/lookup operand"
 
 
-def _flat(tree) -> dict:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_key(p): v for p, v in leaves}
+def _layer_report(path: str, rec) -> core.LayerReport:
+  rule = rec.rule
+  pattern = rule.pattern if rule is not None else None
+  names = list(rec.params) + [n for n in rec.quantized if n not in rec.params]
+  shapes = dict(rec.params)
+
+  def weights(reason_of):
+    return [core.WeightReport(n, shapes.get(n, ()), rec.quantized.get(n), "" if
+                              rec.quantized.get(n) is not None else reason_of(n)) for n in names]
+
+  if rule is None:
+    return core.LayerReport(path, rec.kind, "unmatched", weights(lambda n: "no rule matched"),
+                            reason="no rule matched its path")
+  if rule.skip or (rule.weight is None and rule.act is None):
+    return core.LayerReport(path, rec.kind, "skipped",
+                            weights(lambda n: f"rule {rule.pattern!r} skips it"), rule=pattern,
+                            reason=f"rule {rule.pattern!r} skips it")
+  if rec.quantized or rec.act is not None:
+    reason = (lambda n: _BIAS_REASON if rule.weight is not None else "the rule has no weight spec")
+    return core.LayerReport(path, rec.kind, "quantized", weights(reason), act=rec.act,
+                            rule=pattern, reason="intercepted")
+  if rec.elementwise:
+    why = "no matmul or convolution (elementwise layer)"
+  elif rule.weight is None:
+    why = "the rule has no weight spec and the layer has no quantized input"
+  else:
+    why = f"none of its parameters reached an intercepted op ({', '.join(_intercept.OPS)})"
+  return core.LayerReport(path, rec.kind, "unsupported", weights(lambda n: why), rule=pattern,
+                          reason=why)
 
 
-def save(path, variables: Mapping[str, Any]) -> None:
-  """Saves a quantized model's whole variables dict with orbax.
+def report(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> core.QuantizationReport:
+  """What :func:`quantize` does to each layer, weight by weight.
 
-  Args:
-    path: a directory that does not exist yet (absolute, or made absolute).
-    variables: ``params``, ``quant_params``, ``quant_stats`` (and any other
-      collections).
-
-  Examples:
-    >>> import os, tempfile, jax, jax.numpy as jnp, flax.linen as nn
-    >>> qmodel = _module.quantize(nn.Dense(3))
-    >>> v = qmodel.init(jax.random.key(0), jnp.ones((1, 4)))
-    >>> d = os.path.join(tempfile.mkdtemp(), "ckpt")
-    >>> save(d, v)
-    >>> r = restore(d, v)
-    >>> bool((r["params"]["kernel"] == v["params"]["kernel"]).all())
-    True
-  """
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(os.fspath(path)), dict(variables))
-  ckptr.wait_until_finished()
-
-
-def restore(path, target: Mapping[str, Any]) -> dict:
-  """Restores variables saved by :func:`save` into the structure of ``target``.
-
-  Before reading any array, the checkpoint's entries are compared with
-  ``target``'s (path, shape, dtype); after reading, every quantizer's
-  ``spec_id`` is compared, so a model quantized with other specs (int4 where
-  the checkpoint has int8, say) is refused too.
+  Traces the model once (abstractly, with inputs shaped like the example of
+  ``qmodel.init``) and lists every module that holds parameters (or an input
+  quantizer): quantized or not, each weight's resolved spec or the reason it
+  stays float, and the rules that matched nothing.
 
   Args:
-    path: the checkpoint directory.
-    target: the variables of the model to restore into, e.g. from
-      ``qmodel.init`` (concrete arrays; with abstract ``jax.ShapeDtypeStruct``
-      leaves the spec check is skipped).
+    qmodel: the quantized model (initialised in this process).
+    variables: its variables.
 
   Returns:
-    The restored variables.
+    A :class:`jaxqat.core.QuantizationReport`.
 
   Raises:
-    ValueError: naming the first entry that is missing on either side, has
-      another shape or dtype, or was quantized with another spec.
+    TypeError: if ``qmodel`` is not a :class:`QuantizedModule`.
+    ValueError: if ``qmodel`` was never initialised (no example inputs).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> qmodel = _module.quantize(nn.Sequential([nn.Dense(4), nn.LayerNorm()]))
+    >>> v = qmodel.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> r = report(qmodel, v)
+    >>> r.quantized_paths(), r["layers_1"].status
+    (['layers_0'], 'unsupported')
+    >>> [(w.name, w.quantized) for w in r["layers_0"].weights]
+    [('bias', False), ('kernel', True)]
   """
-  path = os.path.abspath(os.fspath(path))
-  ckptr = ocp.StandardCheckpointer()
-  saved = _flat(ckptr.metadata(path).item_metadata.tree)
-  want = _flat(dict(target))
-  for k in sorted(set(saved) - set(want)):
-    raise ValueError(f"restore: checkpoint entry '{k}' has no counterpart in the model "
-                     "(the model's structure or quantization rules differ)")
-  for k in sorted(set(want) - set(saved)):
-    raise ValueError(f"restore: model entry '{k}' is missing from the checkpoint "
-                     "(the model's structure or quantization rules differ)")
-  for k in sorted(want):
-    s, w = saved[k], want[k]
-    if tuple(s.shape) != tuple(np.shape(w)) or np.dtype(s.dtype) != np.dtype(w.dtype):
-      raise ValueError(f"restore: entry '{k}' is {tuple(s.shape)} {np.dtype(s.dtype)} in the "
-                       f"checkpoint but {tuple(np.shape(w))} {np.dtype(w.dtype)} in the model")
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), dict(target))
-  restored = ckptr.restore(path, abstract)
-  got = _flat(restored)
-  for k, w in want.items():
-    if k.endswith("/spec_id") and not isinstance(w, jax.ShapeDtypeStruct):
-      if not np.array_equal(np.asarray(got[k]), np.asarray(w)):
-        raise ValueError(f"restore: entry '{k}': the checkpoint was quantized with another "
-                         f"QuantSpec than the model's for '{k[:-len('/spec_id')]}'")
-  return restored
+  _module.check_qmodel(qmodel)
+  variables = _check_variables(variables)
+  args, kwargs = qmodel.example()
+  flt = _module.with_mode(qmodel, "float")
+  runs: list = []
+  _module._RUNS.append(runs)  # pylint: disable=protected-access
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", core.QuantizationWarning)
+      jax.eval_shape(lambda v: flt.apply(v, *args, **kwargs), variables)
+  finally:
+    _module._RUNS.pop()  # pylint: disable=protected-access
+  ctx = runs[-1]
+  layers = [_layer_report(path, rec) for path, rec in ctx.layers.items()]
+  unused = [r.pattern for r in ctx.ruleset.unused()]
+  return core.QuantizationReport(layers=layers, unused_rules=unused)
