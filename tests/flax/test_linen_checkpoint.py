@@ -25,11 +25,11 @@ def _x():
 
 
 def _trained(rules, width=8):
-  """A PTQ-calibrated model, one SGD step into QAT (so nothing equals its init)."""
+  """A calibrated model, one SGD step into QAT (so nothing equals its init)."""
   qmodel = ql.quantize(_model(width), rules)
   x = _x()
   v = jax.jit(qmodel.init)(jax.random.key(0), x)
-  v = ql.freeze(qmodel, ql.calibrate(qmodel, v, [x]), x)
+  v = ql.calibrate(qmodel, v, [x])
   t = {k: v[k] for k in ("params", "quant_params") if k in v}
   g = jax.grad(lambda t: jnp.sum(qmodel.apply({**v, **t}, x) ** 2))(t)
   t = jax.tree.map(lambda a, b: a - 0.01 * b, t, g)
@@ -74,5 +74,42 @@ def test_restore_with_other_spec_same_shapes_names_the_entry(tmp_path):
   int8 = [Rule(pattern=".*", weight=QuantSpec(format="int8", granularity=PerChannel(-1)),
                act=FIXED[0].act)]  # same shapes as int4, other grid
   target = ql.quantize(_model(), int8).init(jax.random.key(0), _x())
-  with pytest.raises(ValueError, match=r"'quant_stats/layers_0/kernel/spec_id'.*another QuantSpec"):
+  with pytest.raises(ValueError, match=r"'quant_stats/layers_0/kernel/fingerprint'.*another QuantSpec"):
     ql.restore(tmp_path / "ckpt", target)
+
+
+def test_frozen_mark_round_trips_into_an_init_target(tmp_path):
+  qmodel, v = _trained(FIXED)
+  v = ql.freeze(qmodel, v)
+  ql.save(tmp_path / "ckpt", v)
+  target = qmodel.init(jax.random.key(3), _x())  # not calibrated, not frozen
+  restored = ql.restore(tmp_path / "ckpt", target)
+  assert "frozen" in restored["quant_stats"]["layers_0"]["kernel"]
+  np.testing.assert_array_equal(qmodel.apply(restored, _x()), qmodel.apply(v, _x()))
+
+
+def test_restore_from_missing_directory_names_the_path(tmp_path):
+  qmodel = ql.quantize(_model(), FIXED)
+  target = qmodel.init(jax.random.key(0), _x())
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint directory at .*nowhere"):
+    ql.restore(tmp_path / "nowhere", target)
+
+
+def test_restore_from_corrupted_directory_names_the_path(tmp_path):
+  qmodel, v = _trained(FIXED)
+  ql.save(tmp_path / "ckpt", v)
+  files = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()]
+  for p in files:  # every file truncated
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3])
+  with pytest.raises(ValueError, match=r"restore: .*ckpt"):
+    ql.restore(tmp_path / "ckpt", v)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match=r"restore: .*empty"):
+    ql.restore(tmp_path / "empty", v)
+
+
+def test_save_refuses_an_existing_directory(tmp_path):
+  _, v = _trained(FIXED)
+  ql.save(tmp_path / "ckpt", v)
+  with pytest.raises(ValueError, match=r"path: .*ckpt exists already"):
+    ql.save(tmp_path / "ckpt", v)

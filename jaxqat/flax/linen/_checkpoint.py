@@ -136,17 +136,16 @@ def restore(path, variables: Mapping[str, Any]) -> dict:
     head, _, leaf = k.rpartition("/")
     if leaf in _RANGE_ENTRIES and head in quantizers:
       continue
-    raise ValueError(f"restore: checkpoint entry '{k}' in {path} has no counterpart in the model "
+    raise ValueError(f"restore: {path}: checkpoint entry '{k}' has no counterpart in the model "
                      "(the model's structure or quantization rules differ)")
   for k in sorted(set(want) - set(saved)):
-    raise ValueError(f"restore: model entry '{k}' is missing from the checkpoint in {path} "
+    raise ValueError(f"restore: {path}: model entry '{k}' is missing from the checkpoint "
                      "(the model's structure or quantization rules differ)")
   for k in sorted(want):
     s, w = saved[k], want[k]
     if tuple(s.shape) != tuple(np.shape(w)) or np.dtype(s.dtype) != np.dtype(w.dtype):
-      raise ValueError(f"restore: entry '{k}' is {tuple(s.shape)} {np.dtype(s.dtype)} in the "
-                       f"checkpoint in {path} but {tuple(np.shape(w))} {np.dtype(w.dtype)} in "
-                       "the model")
+      raise ValueError(f"restore: {path}: entry '{k}' is {tuple(s.shape)} {np.dtype(s.dtype)} in "
+                       f"the checkpoint but {tuple(np.shape(w))} {np.dtype(w.dtype)} in the model")
   abstract = _unflatten({k: jax.ShapeDtypeStruct(tuple(s.shape), np.dtype(s.dtype))
                          for k, s in saved.items()})
   try:
@@ -158,6 +157,6 @@ def restore(path, variables: Mapping[str, Any]) -> dict:
   for k, w in want.items():
     if k.endswith("/fingerprint") and not isinstance(w, jax.ShapeDtypeStruct):
       if not np.array_equal(np.asarray(got[k]), np.asarray(w)):
-        raise ValueError(f"restore: entry '{k}' in {path}: the checkpoint was quantized with "
+        raise ValueError(f"restore: {path}: entry '{k}': the checkpoint was quantized with "
                          f"another QuantSpec than the model's for '{k[:-len('/fingerprint')]}'")
   return restored
