@@ -1,7 +1,9 @@
-"""Orbax checkpoints of quantized NNX models."""
+"""Orbax checkpoints of quantized NNX models: round trip, and loud failures."""
+
+import glob
+import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -30,46 +32,96 @@ RULES = [Rule(pattern=".*", weight=W, act=A)]
 X = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
 
 
-@pytest.fixture
-def saved(tmp_path):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
   model = qnnx.calibrate(qnnx.quantize(Net(0), RULES), [X])
-  model.head.kernel_quant.scale[...] *= 1.1  # state that only the checkpoint knows
-  path = tmp_path / "ckpt"
-  qnnx.save_checkpoint(path, model)
+  model.head.kernel_quant.log_scale[...] += 0.1  # state that only the checkpoint knows
+  qnnx.set_mode(model.conv, "float")  # a mode that only the checkpoint knows
+  path = tmp_path_factory.mktemp("nnx") / "ckpt"
+  qnnx.save(path, model)
   return path, model
 
 
-def test_round_trip_is_bit_identical(saved):
+def _copy(path, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  dst = tmp_path / "copy"
+  shutil.copytree(path, dst)
+  return dst
+
+
+def test_round_trip_is_bit_identical_with_modes(saved):
   path, model = saved
   fresh = qnnx.quantize(Net(1), RULES)  # other weights, not calibrated
-  assert fresh.conv.input_quant.mode == "calibrate"
-  restored = qnnx.restore_checkpoint(path, fresh)
-  assert restored.conv.input_quant.mode == "quant" and restored.conv.input_quant.frozen
+  assert not fresh.conv.input_quant.calibrated
+  restored = qnnx.restore(path, fresh)
+  assert restored.head.input_quant.calibrated and restored.head.input_quant.mode == "quant"
+  assert restored.conv.input_quant.mode == "float"
   np.testing.assert_array_equal(restored(X), model(X))
   for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(restored)),
                             nnx.to_flat_state(nnx.state(model))):
     np.testing.assert_array_equal(a[...], b[...], err_msg=str(p))
 
 
-def test_different_spec_shape_names_the_entry(saved):
+def test_different_spec_shape_names_the_quantizer_and_entry(saved):
   path, _ = saved
   per_tensor = [Rule(pattern=".*", weight=W.replace(granularity=QuantSpec().granularity),
                      act=A)]
-  with pytest.raises(ValueError, match=r"entry 'conv/kernel_quant/scale': checkpoint has shape "
+  with pytest.raises(ValueError, match=r"quantizer 'conv/kernel_quant'.*entry "
+                                       r"'conv/kernel_quant/log_scale': the checkpoint has shape "
                                        r"\(1, 1, 1, 4\)"):
-    qnnx.restore_checkpoint(path, qnnx.quantize(Net(0), per_tensor))
+    qnnx.restore(path, qnnx.quantize(Net(0), per_tensor))
 
 
-def test_different_spec_same_shapes_names_the_quantizer(saved):
+def test_int4_model_refuses_an_int8_checkpoint(saved):
   path, _ = saved
   int8 = [Rule(pattern=".*", weight=W.replace(format="int8"), act=A)]
-  with pytest.raises(ValueError, match=r"quantizer 'head/kernel_quant': checkpoint spec"):
-    qnnx.restore_checkpoint(path, qnnx.quantize(Net(0), int8))
+  with pytest.raises(ValueError, match=r"quantizer 'head/kernel_quant': the checkpoint's spec is "
+                                       r"int4 .*the model's int8"):
+    qnnx.restore(path, qnnx.quantize(Net(0), int8))
 
 
 def test_missing_layer_names_the_entries(saved):
   path, _ = saved
   with pytest.raises(ValueError, match=r"entries missing from the model: \['head/bias'"):
-    qnnx.restore_checkpoint(path, qnnx.quantize(Net(0, with_head=False), RULES))
+    qnnx.restore(path, qnnx.quantize(Net(0, with_head=False), RULES))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    qnnx.restore_checkpoint(path.parent / "nope", qnnx.quantize(Net(0), RULES))
+    qnnx.restore(path.parent / "nope", qnnx.quantize(Net(0), RULES))
+
+
+def test_flipped_bit_in_a_data_file_is_a_checksum_error_naming_the_file(saved, tmp_path):
+  path = _copy(saved[0], tmp_path)
+  files = sorted(glob.glob(str(path / "d" / "*")), key=os.path.getsize)
+  data = bytearray(open(files[-1], "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(files[-1], "wb").write(bytes(data))
+  with pytest.raises(ValueError, match=r"(?s)" + os.path.basename(files[-1]) +
+                     r".*checksum verification failed") as e:
+    qnnx.restore(path, qnnx.quantize(Net(1), RULES))
+  assert "missing" not in str(e.value)
+
+
+def test_truncated_metadata_file_names_the_file(saved, tmp_path):
+  path = _copy(saved[0], tmp_path)
+  meta = path / "_METADATA"
+  meta.write_bytes(meta.read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"_METADATA cannot be read \(truncated"):
+    qnnx.restore(path, qnnx.quantize(Net(1), RULES))
+
+
+def test_jaxqat_metadata_deleted_or_truncated_fails(saved, tmp_path):
+  path = _copy(saved[0], tmp_path)
+  meta = path / "jaxqat.json"
+  meta.write_text(meta.read_text()[:50])
+  with pytest.raises(ValueError, match=r"jaxqat.json cannot be read \(truncated"):
+    qnnx.restore(path, qnnx.quantize(Net(1), RULES))
+  meta.unlink()
+  model = qnnx.quantize(Net(1), RULES)
+  with pytest.raises(ValueError, match=r"jaxqat.json is missing"):
+    qnnx.restore(path, model)
+  assert not model.conv.input_quant.calibrated  # nothing was restored
+
+
+def test_float_model_refuses_a_quantized_checkpoint(saved):
+  path, _ = saved
+  with pytest.raises(ValueError, match=r"quantizers missing from the model: \['conv/input_quant'"):
+    qnnx.restore(path, Net(1))

@@ -44,10 +44,12 @@ IDS = [name for name, _, _ in LAYERS]
 
 
 def _by_hand(float_layer, q, x):
-  """fake_quant(x), fake_quant(kernel), then Flax's float op."""
+  """fake_quant(x), fake_quant(kernel) with the kernel's current absmax range, Flax's float op."""
   s_a, z_a = q.input_quant.scale[...], q.input_quant.zero_point[...]
   xq = core.fake_quant(x, s_a, z_a, A8)
-  wq = core.fake_quant(float_layer.kernel[...], q.kernel_quant.scale[...], None, W4)
+  k = float_layer.kernel[...]
+  s_w = jnp.max(jnp.abs(k), axis=tuple(range(k.ndim - 1)), keepdims=True) / 7  # int4 narrow
+  wq = core.fake_quant(k, s_w, None, W4)
   ref = nnx.clone(float_layer)
   ref.kernel[...] = wq
   return ref(xq)
@@ -99,15 +101,15 @@ def test_jit_and_grad():
   qnnx.calibrate(q, [x])
   grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(q)
   g = dict(nnx.to_flat_state(nnx.state(grads)))
-  for path in [("kernel",), ("kernel_quant", "scale"), ("input_quant", "scale"),
+  for path in [("kernel",), ("kernel_quant", "log_scale"), ("input_quant", "log_scale"),
                ("input_quant", "offset")]:
     assert bool(jnp.all(jnp.isfinite(g[path][...]))), path
     assert float(jnp.sum(jnp.abs(g[path][...]))) > 0, path
   # jax.grad over the split state gives the same gradients.
   graphdef, params, rest = nnx.split(q, nnx.Param, ...)
   jg = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2))(params)
-  np.testing.assert_allclose(jg["kernel_quant"]["scale"][...], g[("kernel_quant", "scale")][...],
-                             rtol=1e-6)
+  np.testing.assert_allclose(jg["kernel_quant"]["log_scale"][...],
+                             g[("kernel_quant", "log_scale")][...], rtol=1e-6)
 
 
 def test_split_merge_round_trip():
@@ -126,24 +128,25 @@ def test_split_merge_round_trip():
 def test_optimizer_gives_quant_params_their_own_lr_and_no_weight_decay():
   q = qnnx.quantize(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
                     Rule(pattern=".*", weight=W4.replace(learning="lsq")))
-  qnnx.freeze(q)
   x = jax.random.normal(jax.random.key(0), (8, 4))
   loss = lambda m: jnp.sum(m(x) ** 2)
   lr, qlr, wd = 0.1, 0.01, 0.5
-  tx = optax.multi_transform(
-      {"params": optax.sgd(lr), "quant": optax.sgd(qlr)} | {},
-      qnnx.param_labels(q))
-  tx = optax.chain(
-      optax.multi_transform({"params": optax.add_decayed_weights(wd), "quant": optax.identity()},
-                            qnnx.param_labels(q)), tx)
-  opt = nnx.Optimizer(q, tx, wrt=nnx.Param)
-  k0, s0, b0 = q.kernel[...], q.kernel_quant.scale[...], q.bias[...]
+  tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
+  opt = nnx.Optimizer(q, qnnx.qat_optimizer(q, tx, optax.sgd(qlr)), wrt=nnx.Param)
+  k0, s0, b0 = q.kernel[...], q.kernel_quant.log_scale[...], q.bias[...]
   grads = nnx.grad(loss)(q)
   opt.update(q, grads)
-  gk, gs = grads.kernel[...], grads.kernel_quant.scale[...]
-  np.testing.assert_allclose(q.kernel_quant.scale[...], s0 - qlr * gs, rtol=1e-6)  # no decay
+  gk, gs = grads.kernel[...], grads.kernel_quant.log_scale[...]
+  assert float(jnp.sum(jnp.abs(gs))) > 0
+  np.testing.assert_allclose(q.kernel_quant.log_scale[...], s0 - qlr * gs, rtol=1e-6)  # no decay
   np.testing.assert_allclose(q.kernel[...], k0 - lr * (gk + wd * k0), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(q.bias[...], b0 - lr * (grads.bias[...] + wd * b0), atol=1e-7)
+
+
+def test_qat_optimizer_rejects_non_transformations():
+  q = qnnx.quantize(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match="quant_tx: expected an optax.GradientTransformation"):
+    qnnx.qat_optimizer(q, optax.sgd(0.1), 0.01)
 
 
 def test_stacked_layer_created_with_vmap_gets_per_layer_state():
@@ -182,23 +185,48 @@ def test_lsq_plus_offset_initialized_from_zero_point():
   q = qnnx.quantize(nnx.Linear(2, 2, rngs=nnx.Rngs(0)),
                     Rule(pattern=".*", act=A8.replace(learning="lsq_plus")))
   qnnx.calibrate(q, [jnp.array([[0.0, 1.0], [0.5, 3.0]])])  # range [0, 3]
-  s, beta = float(q.input_quant.scale[...]), float(q.input_quant.offset[...])
+  s = float(core.param_to_step_size(q.input_quant.log_scale[...]))
+  beta = float(q.input_quant.offset[...])
   np.testing.assert_allclose(s, 3.0 / 255, rtol=1e-6)
   np.testing.assert_allclose(beta, 128 * s, rtol=1e-6)  # beta = -z*s with z = -128
 
 
 def test_modes():
-  q = qnnx.quantize(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  float_layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  q = qnnx.quantize(nnx.clone(float_layer))
   x = jnp.array([[1.0, -1.0]])
-  np.testing.assert_array_equal(q(x), nnx.Linear(2, 2, rngs=nnx.Rngs(0))(x))  # calibrating
-  with pytest.raises(ValueError, match="never frozen"):
-    qnnx.set_mode(q, "quant")
-  with pytest.raises(ValueError, match="mode: must be one of"):
-    qnnx.set_mode(q, "train")
-  qnnx.freeze(q)
   assert {z.mode for z in qnnx.quantizers(q)} == {"quant"}
-  qnnx.set_mode(q, "float", role="act")
-  assert q.input_quant.mode == "float" and q.kernel_quant.mode == "quant"
+  with pytest.raises(ValueError, match="mode: must be one of"):
+    qnnx.set_mode(q, "calibrate")
+  qnnx.set_mode(q, "float")
+  np.testing.assert_array_equal(q(x), float_layer(x))
+  qnnx.set_mode(q, "quant")
+  qnnx.calibrate(q, [x])
+  assert {z.mode for z in qnnx.quantizers(q)} == {"quant"}
+  assert float(jnp.max(jnp.abs(q(x) - float_layer(x)))) > 0
+
+
+def test_uncalibrated_activation_quantizer_is_an_error_naming_the_layer():
+  model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  qnnx.quantize(model)
+  x = jnp.ones((1, 2))
+  with pytest.raises(ValueError, match=r"layer 'layers/0': the input quantizer was never "
+                     "calibrated"):
+    model(x)
+  with pytest.raises(ValueError, match=r"layer 'layers/0'.*never calibrated"):
+    nnx.jit(lambda m, x: m(x))(model, x)  # at trace time
+  qnnx.calibrate(model, [x])
+  assert model(x).shape == (1, 2)
+
+
+def test_weight_only_model_is_usable_right_away():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  k = model.kernel[...]
+  qnnx.quantize(model, Rule(pattern=".*", weight=W4))
+  x = jnp.ones((1, 3))
+  s = jnp.max(jnp.abs(k), axis=0, keepdims=True) / 7
+  np.testing.assert_allclose(model(x), x @ core.fake_quant(k, s, None, W4) + model.bias[...],
+                             rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------- bad input
@@ -233,17 +261,55 @@ def test_quantizing_twice_and_non_modules_are_rejected():
   q = qnnx.quantize(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="quantized already"):
     qnnx.quantize(q)
+  model = nnx.Sequential(nnx.LayerNorm(2, rngs=nnx.Rngs(0)))
+  with pytest.warns(core.QuantizationWarning, match="no layer of the model was quantized"):
+    qnnx.quantize(model)
+  with pytest.raises(ValueError, match="quantized already"):  # even with nothing converted
+    qnnx.quantize(model)
   with pytest.raises(TypeError, match="model: expected a flax.nnx.Module"):
     qnnx.quantize({"a": 1})
 
 
-def test_calibration_without_data_reaching_a_layer_names_it():
+def test_calibration_without_data_reaching_a_layer_warns_and_keeps_its_input_float():
   model = _Holder()
   qnnx.quantize(model)
-  with pytest.raises(ValueError, match=r"layer 'unused'.*saw no data"):
-    qnnx.calibrate(model, [jnp.ones((2, 3))])
+  x = jnp.ones((2, 3))
+  with pytest.warns(core.QuantizationWarning, match=r"layer 'unused'.*saw no finite input"):
+    qnnx.calibrate(model, [x])
+  assert model.unused.input_quant.disabled and not model.dense.input_quant.disabled
+  assert "input stays float" in qnnx.report(model)["unused"].reason
+  assert qnnx.report(model)["unused"].act is None
+  np.testing.assert_array_equal(model.unused(x), x @ model.unused.kernel_quant(
+      model.unused.kernel[...]) + model.unused.bias[...])  # weights quantized, input float
   with pytest.raises(ValueError, match="at least one batch"):
     qnnx.calibrate(model, [])
+
+
+def test_all_nan_calibration_warns_and_stays_float():
+  model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  qnnx.quantize(model)
+  with pytest.warns(core.QuantizationWarning, match=r"layer 'layers/0'.*no finite input"):
+    qnnx.calibrate(model, [jnp.full((2, 2), jnp.nan)])
+  assert qnnx.report(model)["layers/0"].act is None
+
+
+def test_calibrate_accepts_tuples_and_dicts_and_caps_steps():
+  class Two(nnx.Module):
+
+    def __init__(self):
+      self.dense = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+    def __call__(self, x, *, scale=1.0):
+      return self.dense(x * scale)
+
+  model = qnnx.quantize(Two())
+  x = jnp.array([[1.0, -1.0]])
+  qnnx.calibrate(model, [(x,), {"x": x, "scale": 3.0}], steps=1)  # the dict is not used
+  np.testing.assert_allclose(float(model.dense.input_quant.scale[...]) * 255, 2.0, rtol=1e-6)
+  qnnx.calibrate(model, [{"x": x, "scale": 3.0}])
+  np.testing.assert_allclose(float(model.dense.input_quant.scale[...]) * 255, 6.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="steps: must be a positive int"):
+    qnnx.calibrate(model, [x], steps=0)
 
 
 class _Holder(nnx.Module):

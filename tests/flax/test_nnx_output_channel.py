@@ -20,7 +20,7 @@ from jaxqat.flax import linen as ql
 from jaxqat.flax import nnx as qnnx
 from jaxqat.flax.nnx import _intercept
 
-W4 = qnnx.per_output_channel(QuantSpec(format=IntFormat(bits=4, narrow=True)))
+W4 = QuantSpec(format=IntFormat(bits=4, narrow=True), granularity=PerOutputChannel())
 A8 = QuantSpec(format="int8", symmetric=False, calibration="minmax")
 
 
@@ -79,12 +79,13 @@ NUMERICS = ("conv_depthwise", "einsum", "einsum_ellipsis_kept", "embed", "linear
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_resolved_axes_and_output_equals_core_by_hand(name):
   make, x, axes, scale_shape = LAYERS[name]
-  layer, report = qnnx.quantize(make(), Rule(pattern=".*", weight=W4), return_report=True)
-  # The quantizer, its description and (through it) the checkpoint hold the resolved axes.
+  layer = qnnx.quantize(make(), Rule(pattern=".*", weight=W4))
+  # The quantizer, the report and (through it) the checkpoint hold the resolved axes.
   wq = layer.embedding_quant if isinstance(layer, nnx.Embed) else layer.kernel_quant
   assert wq.spec.granularity == PerChannel(axes)
   assert wq.scale.shape == scale_shape
-  assert f"weight int4_narrow PerChannel(axis={axes}) symmetric" in report.quantized[""]
+  specs = {w.name: w.spec for w in qnnx.report(layer)[""].weights}
+  assert specs["embedding" if name == "embed" else "kernel"] == wq.spec
   if name not in NUMERICS:
     return
   # Same output as the float layer run on the weight fake-quantized by hand.
@@ -130,7 +131,7 @@ def test_einsum_without_equation_names_the_layer():
   assert type(model["proj"]) is nnx.Einsum  # left untouched
 
 
-def test_intercepted_module_uses_last_axis():
+def test_intercepted_module_resolves_per_op():
 
   class Proj(nnx.Module):
 
@@ -140,24 +141,61 @@ def test_intercepted_module_uses_last_axis():
     def __call__(self, x):
       return x @ self.w[...]
 
-  m, report = qnnx.quantize(Proj(), Rule(pattern=".*", weight=W4), return_report=True)
+  m = qnnx.quantize(Proj(), Rule(pattern=".*", weight=W4))
   wq = m.jaxqat_weight_quant["w"]
   assert wq.spec.granularity == PerChannel(-1) and wq.scale.shape == (1, 5)
-  assert "PerChannel(axis=-1)" in report.intercepted[""]
+  assert qnnx.report(m)[""].weights[0].spec == wq.spec
 
 
-def test_default_weight_spec_is_per_output_channel_and_matches_linen():
-  spec = qnnx.default_weight_spec()
+class HeadsProj(nnx.Module):
+  """An attention projection written with einsum on a (D, heads, head_dim) kernel."""
+
+  def __init__(self):
+    self.w = nnx.Param(_x(0, (6, 2, 3)))
+
+  def __call__(self, x):
+    return jnp.einsum("btd,dhk->bthk", x, self.w[...])
+
+
+def test_intercepted_einsum_kernel_gets_one_scale_per_head_and_head_dim():
+  m = qnnx.quantize(HeadsProj(), Rule(pattern=".*", weight=W4))
+  x = _x(1, (2, 4, 6))
+  w = m.w[...]
+  spec = W4.replace(granularity=PerChannel((1, 2)))
+  s = jnp.max(jnp.abs(w), axis=0, keepdims=True) / 7  # one scale per (head, head_dim)
+  ref = jnp.einsum("btd,dhk->bthk", x, core.fake_quant(w, s, None, spec))
+  np.testing.assert_allclose(m(x), ref, rtol=0, atol=1e-6)  # tracking range: per op at once
+  qnnx.calibrate(m, [x])  # makes the stored state per (head, head_dim)
+  wq = m.jaxqat_weight_quant["w"]
+  assert wq.spec.granularity == PerChannel((-2, -1)) and wq.scale.shape == (1, 2, 3)
+  qnnx.freeze(m)
+  np.testing.assert_allclose(wq.scale[...], s, rtol=1e-6)
+  np.testing.assert_allclose(m(x), ref, rtol=0, atol=1e-6)
+
+
+def test_intercepted_einsum_lsq_kernel_is_resolved_by_calibrate():
+  m = qnnx.quantize(HeadsProj(), Rule(pattern=".*", weight=W4.replace(learning="lsq")))
+  x = _x(1, (2, 4, 6))
+  with pytest.raises(ValueError, match=r"weight 'w' is used by an op whose output channels are "
+                     r"its axes \(-2, -1\).*calibrate"):
+    m(x)
+  qnnx.calibrate(m, [x])
+  wq = m.jaxqat_weight_quant["w"]
+  assert wq.log_scale.shape == (1, 2, 3)
+  s = jnp.max(jnp.abs(m.w[...]), axis=0, keepdims=True) / 7
+  np.testing.assert_allclose(core.param_to_step_size(wq.log_scale[...]), s, rtol=1e-5)
+  assert m(x).shape == (2, 4, 2, 3)
+
+
+def test_default_weight_spec_is_per_output_channel():
+  spec = core.default_weight_spec()
   assert spec.granularity == PerOutputChannel()
-  assert spec == ql.default_rules()[0].weight
-  assert qnnx.per_output_channel(QuantSpec(format="int4", granularity=PerChannel(0))) == \
-      QuantSpec(format="int4", granularity=PerOutputChannel())
-  with pytest.raises(TypeError, match="per_output_channel: spec must be a jaxqat QuantSpec"):
-    qnnx.per_output_channel("int8")
+  m = qnnx.quantize(nnx.Linear(3, 2, **_b()))
+  assert m.kernel_quant.spec == spec.resolve_output_channel((-1,))
 
 
 def test_activation_spec_per_output_channel_is_rejected():
-  bad = qnnx.per_output_channel(A8)
+  bad = A8.replace(granularity=PerOutputChannel())
   layer = nnx.Linear(3, 2, **_b())
   with pytest.raises(ValueError, match="layer 'fc': the activation spec has granularity "
                      "PerOutputChannel\\(\\), which is for weights only"):
@@ -235,10 +273,10 @@ CASES = {
 def test_nnx_and_linen_agree_per_output_channel(name):
   linen_cls, nnx_cls, layer, params, make_x = CASES[name]
   x = make_x()
-  lrules = [Rule(pattern=".*", weight=ql.per_output_channel(W4), act=A8)]
-  qlinen = ql.quantize(linen_cls(), lrules)
+  rules = [Rule(pattern=".*", weight=W4, act=A8)]
+  qlinen = ql.quantize(linen_cls(), rules)
   v = qlinen.init(jax.random.key(0), x)
-  v = ql.freeze(qlinen, ql.calibrate(qlinen, v, [x]), x)
+  v = ql.calibrate(qlinen, v, [x])
 
   model = nnx_cls()
   for p in params:  # copy the Linen weights
@@ -246,14 +284,11 @@ def test_nnx_and_linen_agree_per_output_channel(name):
   float_out = model(x)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    qnnx.quantize(model, [Rule(pattern=".*", weight=qnnx.per_output_channel(W4), act=A8)])
+    qnnx.quantize(model, rules)
   qnnx.calibrate(model, [x])
   wq = getattr(getattr(model, layer), f"{params[0]}_quant")
   want = (8, 1, 4) if name == "einsum" else (10, 1)
   assert wq.scale.shape == want
-  np.testing.assert_allclose(wq.scale[...].reshape(want),
-                             v["quant_stats"][layer][params[0]]["scale"].reshape(want),
-                             rtol=1e-6)
   y_linen, y_nnx = qlinen.apply(v, x), model(x)
   assert float(jnp.abs(y_linen - float_out).max()) > 1e-3  # quantization did something
   np.testing.assert_allclose(y_linen, y_nnx, atol=1e-6, rtol=0)

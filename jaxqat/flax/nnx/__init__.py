@@ -1,24 +1,20 @@
 """jaxqat.flax.nnx: quantization-aware training for Flax NNX models.
 
-Convert a model written without jaxqat in mind, calibrate, fine-tune, save::
+Convert a model written without jaxqat in mind, calibrate, fine-tune, save
+(the verbs of ``docs/contract.md``)::
 
     from jaxqat.flax import nnx as qnnx
-    model = qnnx.quantize(model, rules)        # in place; rules=None: W8A8
-    qnnx.calibrate(model, batches)             # PTQ: observe, then freeze
-    # QAT: nnx.Optimizer(model, tx, wrt=nnx.Param) trains weights + LSQ scales
-    qnnx.save_checkpoint(path, model)
+    model = qnnx.quantize(model, rules)      # in place; rules=None: W8A8
+    qnnx.calibrate(model, batches)           # PTQ: ranges set, model quantized
+    opt = nnx.Optimizer(model, qnnx.qat_optimizer(model, tx, quant_tx), wrt=nnx.Param)
+    qnnx.save(path, model)
+    print(qnnx.report(model))
 
 See :func:`quantize` for how layers are found and converted.
 """
 
-from jaxqat.flax.nnx._checkpoint import restore_checkpoint as restore_checkpoint
-from jaxqat.flax.nnx._checkpoint import save_checkpoint as save_checkpoint
-from jaxqat.flax.nnx._convert import QuantizationReport as QuantizationReport
-from jaxqat.flax.nnx._convert import QuantizationWarning as QuantizationWarning
-from jaxqat.flax.nnx._convert import default_act_spec as default_act_spec
-from jaxqat.flax.nnx._convert import default_rules as default_rules
-from jaxqat.flax.nnx._convert import default_weight_spec as default_weight_spec
-from jaxqat.flax.nnx._convert import per_output_channel as per_output_channel
+from jaxqat.flax.nnx._checkpoint import restore as restore
+from jaxqat.flax.nnx._checkpoint import save as save
 from jaxqat.flax.nnx._convert import quantize as quantize
 from jaxqat.flax.nnx._intercept import intercept as intercept
 from jaxqat.flax.nnx._layers import ActQuant as ActQuant
@@ -28,13 +24,15 @@ from jaxqat.flax.nnx._layers import QuantEmbed as QuantEmbed
 from jaxqat.flax.nnx._layers import QuantLinear as QuantLinear
 from jaxqat.flax.nnx._layers import QuantLinearGeneral as QuantLinearGeneral
 from jaxqat.flax.nnx._quantizer import Quantizer as Quantizer
+from jaxqat.flax.nnx._report import report as report
 from jaxqat.flax.nnx._variables import QuantParam as QuantParam
 from jaxqat.flax.nnx._variables import QuantStat as QuantStat
 from jaxqat.flax.nnx._workflow import calibrate as calibrate
 from jaxqat.flax.nnx._workflow import freeze as freeze
-from jaxqat.flax.nnx._workflow import param_labels as param_labels
+from jaxqat.flax.nnx._workflow import qat_optimizer as qat_optimizer
 from jaxqat.flax.nnx._workflow import quantizers as quantizers
 from jaxqat.flax.nnx._workflow import set_mode as set_mode
+from jaxqat.flax.nnx._workflow import unfreeze as unfreeze
 
 __all__ = [
     "ActQuant",
@@ -45,20 +43,16 @@ __all__ = [
     "QuantLinearGeneral",
     "QuantParam",
     "QuantStat",
-    "QuantizationReport",
-    "QuantizationWarning",
     "Quantizer",
     "calibrate",
-    "default_act_spec",
-    "default_rules",
-    "default_weight_spec",
     "freeze",
     "intercept",
-    "param_labels",
-    "per_output_channel",
+    "qat_optimizer",
     "quantize",
     "quantizers",
-    "restore_checkpoint",
-    "save_checkpoint",
+    "report",
+    "restore",
+    "save",
     "set_mode",
+    "unfreeze",
 ]

@@ -1,22 +1,33 @@
-"""Orbax checkpoints of quantized NNX models (weights + quantizer state).
+"""Orbax checkpoints of quantized NNX models (weights + quantizer state + specs).
 
-:func:`save_checkpoint` writes ``nnx.state(model)`` as a nested dict of
-arrays with ``orbax.checkpoint.StandardCheckpointer`` -- the model's
-parameters, the quantizers' scales, zero points, LSQ parameters and observer
-statistics -- plus, as orbax custom metadata, each quantizer's spec, role,
-mode and frozen flag (JSON; no pickle).
+:func:`save` writes ``nnx.state(model)`` as a nested dict of arrays with
+``orbax.checkpoint.StandardCheckpointer`` -- the model's parameters, the
+quantizers' ``scale``/``zero_point``/``log_scale``/``offset`` and observer
+statistics -- and, next to orbax's files, ``jaxqat.json``: each quantizer's
+spec (:func:`jaxqat.core.spec_to_dict` and its
+:func:`jaxqat.core.spec_fingerprint`), role, mode and static flags (JSON;
+no pickle).
 
-:func:`restore_checkpoint` restores into a model of the same structure
-(typically ``quantize(build_float_model(), same_rules)``). Before reading any
-array it compares the checkpoint with the model and raises a ``ValueError``
-naming the first entries that differ: a missing or unexpected entry, a shape
-or dtype mismatch (e.g. a per-channel scale restored into a per-tensor
-quantizer), or a quantizer whose spec differs. On success the quantizers also
-take the mode and frozen flag they were saved with.
+:func:`restore` restores into a model of the same structure (typically
+``quantize(build_float_model(), same_rules)``). Before reading any array it
+checks, and refuses with a ``ValueError`` naming the file or entry:
+
+* ``jaxqat.json`` missing, truncated or of another schema (a checkpoint
+  without it would silently restore a model whose quantizers were never
+  calibrated);
+* a quantizer missing on either side, or whose spec differs (an int4 model
+  refuses an int8 checkpoint even when the shapes agree);
+* an array entry missing on either side, or of another shape or dtype;
+* orbax's own errors (a checksum failure in a data file, unreadable
+  metadata), re-raised with the checkpoint directory and orbax's message.
+
+On success the quantizers take the modes and flags they were saved with
+(``mode``, ``frozen``, ``calibrated``, ``disabled``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Union
 
@@ -25,20 +36,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxqat import core
+from jaxqat.core._report import describe_spec
 from jaxqat.flax.nnx._convert import path_str
 from jaxqat.flax.nnx._quantizer import Quantizer
 
-__all__ = ["save_checkpoint", "restore_checkpoint"]
+__all__ = ["save", "restore", "METADATA_FILE"]
 
-_SCHEMA = 1
+_SCHEMA = 2
+METADATA_FILE = "jaxqat.json"
 
 
 def _quant_meta(model) -> dict:
   out = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, Quantizer):
-      out[path_str(path)] = {"spec": repr(node.spec), "role": node.role, "mode": node.mode,
-                             "frozen": bool(node.frozen)}
+      out[path_str(path)] = {
+          "spec": core.spec_to_dict(node.spec), "fingerprint": core.spec_fingerprint(node.spec),
+          "role": node.role, "mode": node.mode, "frozen": bool(node.frozen),
+          "calibrated": bool(node.calibrated), "disabled": node.disabled}
   return out
 
 
@@ -51,106 +67,169 @@ def _flat(tree) -> dict[str, tuple]:
   return out
 
 
-def save_checkpoint(directory: Union[str, os.PathLike], model: nnx.Module, *,
-                    force: bool = False) -> None:
-  """Saves ``model``'s whole state (weights + quantizer state) with orbax.
+def save(path: Union[str, os.PathLike], model: nnx.Module, *, force: bool = False) -> None:
+  """Saves ``model``'s whole state (weights + quantizer state + specs) with orbax.
 
   Args:
-    directory: an absolute or relative path; it must not exist unless
-      ``force``.
+    path: the checkpoint directory (absolute or relative); it must not exist
+      unless ``force``.
     model: an NNX model (quantized or not).
     force: overwrite an existing checkpoint.
 
   Raises:
     TypeError: if ``model`` is not an NNX module.
+    ValueError: if ``path`` exists and ``force`` is False.
 
   Examples:
     >>> import tempfile, os
     >>> from flax import nnx
-    >>> from jaxqat.flax.nnx import quantize, freeze
-    >>> m = freeze(quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), []))
+    >>> from jaxqat.flax.nnx import quantize
     >>> d = os.path.join(tempfile.mkdtemp(), "ckpt")
-    >>> save_checkpoint(d, m)
-    >>> os.path.isdir(d)
+    >>> save(d, quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
+    >>> os.path.isfile(os.path.join(d, "jaxqat.json"))
     True
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  directory = os.path.abspath(os.fspath(path))
+  if os.path.exists(directory) and not force:
+    raise ValueError(f"path: {directory!r} exists already; pass force=True to overwrite it")
   state = nnx.to_pure_dict(nnx.state(model))
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(directory), state, force=force,
-             custom_metadata={"jaxqat": {"schema": _SCHEMA, "quantizers": _quant_meta(model)}})
+  ckptr.save(directory, state, force=force)
   ckptr.wait_until_finished()
+  meta = {"schema": _SCHEMA, "quantizers": _quant_meta(model)}
+  with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
 
 
-def restore_checkpoint(directory: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
-  """Restores a checkpoint of :func:`save_checkpoint` into ``model`` (in place).
+def _read_meta(directory: str) -> dict:
+  file = os.path.join(directory, METADATA_FILE)
+  if not os.path.isfile(file):
+    raise ValueError(f"restore: {file} is missing: the checkpoint has no jaxqat metadata (the "
+                     "quantizer specs and modes), so it cannot be checked against the model; "
+                     "save it with jaxqat.flax.nnx.save")
+  try:
+    with open(file, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"restore: {file} cannot be read (truncated or corrupted?): {e}") from None
+  if not isinstance(meta, dict) or meta.get("schema") != _SCHEMA or not isinstance(
+      meta.get("quantizers"), dict):
+    raise ValueError(f"restore: {file} is not jaxqat NNX checkpoint metadata of schema {_SCHEMA} "
+                     f"(got schema {meta.get('schema') if isinstance(meta, dict) else None!r})")
+  return meta
+
+
+def _orbax_message(e: Exception) -> str:
+  """Orbax's error without the long tensorstore spec it appends."""
+  return f"{type(e).__name__}: {str(e).split(' [tensorstore_spec=')[0]}"
+
+
+def _raise_unreadable(ckptr, directory: str):
+  """Orbax could not read the checkpoint's metadata: find the file and the reason."""
+  for name in ("_METADATA", "_CHECKPOINT_METADATA"):
+    file = os.path.join(directory, name)
+    if not os.path.isfile(file):
+      raise ValueError(f"restore: {file} is missing: not a complete orbax checkpoint")
+    try:
+      with open(file, encoding="utf-8") as f:
+        json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"restore: {file} cannot be read (truncated or corrupted?): {e}") from None
+  try:
+    ckptr.restore(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"restore: orbax cannot read the checkpoint in {directory}: "
+                     f"{_orbax_message(e)}") from e
+  raise ValueError(f"restore: orbax cannot read the checkpoint metadata in {directory}")
+
+
+def restore(path: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
+  """Restores a checkpoint of :func:`save` into ``model`` (in place).
 
   Args:
-    directory: the checkpoint directory.
+    path: the checkpoint directory.
     model: a model of the same structure and quantization specs.
 
   Returns:
     ``model``, with the saved state and quantizer modes.
 
   Raises:
-    FileNotFoundError: if ``directory`` does not exist.
-    ValueError: if the checkpoint does not match the model; the message
-      names the mismatched entries.
+    TypeError: if ``model`` is not an NNX module.
+    FileNotFoundError: if ``path`` does not exist.
+    ValueError: if the checkpoint is incomplete or corrupted, or does not
+      match the model (see the module docstring); the message names the file
+      or the entries.
 
   Examples:
     >>> import tempfile, os
     >>> from flax import nnx
-    >>> from jaxqat.flax.nnx import quantize, freeze
-    >>> d = os.path.join(tempfile.mkdtemp(), "ckpt")
     >>> from jaxqat.core import QuantSpec, Rule
-    >>> rules = [Rule(pattern=".*", weight=QuantSpec())]
-    >>> save_checkpoint(d, freeze(quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), rules)))
-    >>> m = restore_checkpoint(d, quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(1)), rules))
-    >>> m.kernel_quant.mode
-    'quant'
-    >>> restore_checkpoint(d, nnx.Linear(2, 3, rngs=nnx.Rngs(1)))
+    >>> from jaxqat.flax.nnx import quantize
+    >>> d = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> save(d, quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), Rule(pattern=".*",
+    ...                                                          weight=QuantSpec())))
+    >>> m = restore(d, quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(1)),
+    ...                         Rule(pattern=".*", weight=QuantSpec(format="int4"))))
     Traceback (most recent call last):
     ...
-    ValueError: restore_checkpoint: the checkpoint does not match the model: entries missing from the model: ['kernel_quant/scale']
+    ValueError: restore: the checkpoint does not match the model: quantizer 'kernel_quant': the checkpoint's spec is int8 per-tensor symmetric fixed, the model's int4 per-tensor symmetric fixed
   """
-  directory = os.path.abspath(directory)
-  if not os.path.exists(directory):
-    raise FileNotFoundError(f"directory: no checkpoint at {directory!r}")
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  directory = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"path: no checkpoint directory at {directory!r}")
+  meta = _read_meta(directory)
+  problems = []
+  qsaved, qmodel = meta["quantizers"], _quant_meta(model)
+  if sorted(set(qmodel) - set(qsaved)):
+    problems.append(f"quantizers missing from the checkpoint: {sorted(set(qmodel) - set(qsaved))}")
+  if sorted(set(qsaved) - set(qmodel)):
+    problems.append(f"quantizers missing from the model: {sorted(set(qsaved) - set(qmodel))}")
+  for p in sorted(set(qsaved) & set(qmodel)):
+    s, m = qsaved[p], qmodel[p]
+    if s.get("fingerprint") != m["fingerprint"] or s.get("role") != m["role"]:
+      try:
+        shown = describe_spec(core.spec_from_dict(s["spec"]))
+      except Exception as e:  # pylint: disable=broad-except
+        shown = f"unreadable ({e})"
+      problems.append(f"quantizer '{p}': the checkpoint's spec is {shown}"
+                      f"{'' if s.get('role') == m['role'] else ' (' + str(s.get('role')) + ')'}, "
+                      f"the model's {describe_spec(core.spec_from_dict(m['spec']))}")
   ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(directory)
-  item = meta.item_metadata
-  saved = _flat(getattr(item, "tree", item))
+  item = ckptr.metadata(directory).item_metadata
+  item = getattr(item, "tree", item)
+  if not item:
+    _raise_unreadable(ckptr, directory)
+  saved = _flat(item)
   state = nnx.state(model)
   target = nnx.to_pure_dict(state)
   want = _flat(target)
-  problems = []
-  extra = sorted(set(saved) - set(want))
-  missing = sorted(set(want) - set(saved))
-  if extra:
-    problems.append(f"entries missing from the model: {extra}")
-  if missing:
-    problems.append(f"entries missing from the checkpoint: {missing}")
+  if sorted(set(saved) - set(want)):
+    problems.append(f"entries missing from the model: {sorted(set(saved) - set(want))}")
+  if sorted(set(want) - set(saved)):
+    problems.append(f"entries missing from the checkpoint: {sorted(set(want) - set(saved))}")
   for k in sorted(set(saved) & set(want)):
     if saved[k] != want[k]:
-      problems.append(f"entry '{k}': checkpoint has shape {saved[k][0]} {saved[k][1]}, the "
+      problems.append(f"entry '{k}': the checkpoint has shape {saved[k][0]} {saved[k][1]}, the "
                       f"model has {want[k][0]} {want[k][1]}")
-  custom = (meta.custom_metadata or {}).get("jaxqat", {})
-  qsaved = custom.get("quantizers", {})
-  qmodel = _quant_meta(model)
-  for p in sorted(set(qsaved) & set(qmodel)):
-    if qsaved[p]["spec"] != qmodel[p]["spec"]:
-      problems.append(f"quantizer '{p}': checkpoint spec {qsaved[p]['spec']} differs from the "
-                      f"model's {qmodel[p]['spec']}")
   if problems:
-    raise ValueError("restore_checkpoint: the checkpoint does not match the model: "
-                     + "; ".join(problems))
+    raise ValueError("restore: the checkpoint does not match the model: " + "; ".join(problems))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
-  restored = ckptr.restore(directory, abstract)
+  try:
+    restored = ckptr.restore(directory, abstract)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"restore: orbax failed to read the arrays of {directory}: "
+                     f"{_orbax_message(e)}") from e
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, Quantizer) and path_str(path) in qsaved:
-      node.mode = qsaved[path_str(path)]["mode"]
-      node.frozen = bool(qsaved[path_str(path)]["frozen"])
+  for p, node in nnx.iter_graph(model):
+    if isinstance(node, Quantizer) and path_str(p) in qsaved:
+      s = qsaved[path_str(p)]
+      node.mode = s["mode"]
+      node.frozen = bool(s["frozen"])
+      node.calibrated = bool(s["calibrated"])
+      node.disabled = str(s.get("disabled", ""))
   return model

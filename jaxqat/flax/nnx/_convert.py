@@ -12,12 +12,16 @@ Candidate layers, matched against the rules (first match wins):
 * Flax's ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed``
   (exact types) become ``QuantLinear`` ... ``QuantEmbed``
   (:mod:`jaxqat.flax.nnx._layers`);
-* any other module with a ``__call__`` and its own ``nnx.Param`` of rank >= 2
-  (held directly or in ``nnx.List``/``nnx.Dict`` attributes) is
-  *intercepted* (:mod:`jaxqat.flax.nnx._intercept`): the matmuls and
-  convolutions that its ``__call__`` runs on those parameters are
+* any other module with its own ``nnx.Param`` of rank >= 2 (held directly or
+  in ``nnx.List``/``nnx.Dict`` attributes) is *intercepted*
+  (:mod:`jaxqat.flax.nnx._intercept`): the matmuls and convolutions that its
+  ``__call__`` (or, without ``__call__``, its public methods; or the methods
+  named by ``quantize(..., methods=...)``) runs on those parameters are
   quantized. This covers modules from other libraries and Flax layers
   without a dedicated class (``ConvTranspose``, ``LoRA`` ...).
+* a module named in ``methods`` is intercepted even without weights of its
+  own: it quantizes the weights of its quantized layers that it reads
+  directly (tied output heads).
 
 Containers without parameters of their own are never matched, so a rule that
 only matches containers is reported as unused.
@@ -38,7 +42,6 @@ layer).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from typing import Mapping, Optional, Sequence, Union
@@ -51,142 +54,8 @@ from jaxqat.core import _rules as rules_lib
 from jaxqat.flax.nnx import _intercept
 from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._quantizer import Quantizer
-from jaxqat.flax.nnx._variables import QuantParam
 
-__all__ = [
-    "quantize",
-    "default_rules",
-    "default_weight_spec",
-    "default_act_spec",
-    "per_output_channel",
-    "QuantizationReport",
-    "QuantizationWarning",
-    "path_str",
-]
-
-
-class QuantizationWarning(UserWarning):
-  """A layer matched a rule but could not be (fully) quantized."""
-
-
-def per_output_channel(spec: core.QuantSpec) -> core.QuantSpec:
-  """Returns a copy of a weight ``spec`` with one scale per output channel.
-
-  The granularity becomes :class:`jaxqat.core.PerOutputChannel`, which each
-  quantized layer resolves, when it is created, to the weight axes that its
-  matmul/convolution does not contract: the last kernel axis of ``Linear``
-  and ``Conv`` (grouped and depthwise included), the batch and
-  ``out_features`` axes of a ``LinearGeneral`` kernel, the kernel axes of an
-  ``Einsum`` that appear in its output, the rows (axis 0) of an ``Embed``
-  table. Modules that are intercepted (not Flax's own layers) use the last
-  axis of each parameter (see :func:`quantize`). The Linen front end's
-  ``per_output_channel`` gives the same axes for Flax's layers.
-
-  Args:
-    spec: a weight QuantSpec (its granularity is replaced).
-
-  Returns:
-    ``spec`` with ``granularity=PerOutputChannel()``.
-
-  Raises:
-    TypeError: if ``spec`` is not a QuantSpec.
-
-  Examples:
-    >>> from flax import nnx
-    >>> from jaxqat.core import QuantSpec, Rule
-    >>> w4 = per_output_channel(QuantSpec(format="int4"))
-    >>> w4.granularity
-    PerOutputChannel()
-    >>> emb = quantize(nnx.Embed(10, 4, rngs=nnx.Rngs(0)), Rule(pattern=".*", weight=w4))
-    >>> emb.embedding_quant.spec.granularity, emb.embedding_quant.scale.shape
-    (PerChannel(axis=0), (10, 1))
-  """
-  if not isinstance(spec, core.QuantSpec):
-    raise TypeError(f"per_output_channel: spec must be a jaxqat QuantSpec, got "
-                    f"{type(spec).__name__}")
-  return spec.replace(granularity=core.PerOutputChannel())
-
-
-def default_weight_spec() -> core.QuantSpec:
-  """int8 symmetric (narrow range ``[-127, 127]``) per output channel, absmax.
-
-  The granularity is :class:`jaxqat.core.PerOutputChannel` (see
-  :func:`per_output_channel`): each layer resolves it to its own output
-  axes -- the last kernel axis of ``Linear``/``Conv``, the batch and output
-  axes of ``LinearGeneral``, the kernel axes of an ``Einsum`` that appear in
-  its output, the rows of an ``Embed`` table, the last axis of each weight
-  of an intercepted module. The same spec as the Linen front end's default.
-
-  Examples:
-    >>> default_weight_spec().qmin
-    -127
-    >>> default_weight_spec().granularity
-    PerOutputChannel()
-  """
-  return per_output_channel(core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
-                                           symmetric=True, calibration="absmax"))
-
-
-def default_act_spec() -> core.QuantSpec:
-  """int8 **affine** per tensor, min/max calibration (static range).
-
-  Affine, because most inputs follow a ReLU/GELU or are images in ``[0, 1]``
-  and a symmetric grid would waste half of its codes on them.
-
-  Examples:
-    >>> default_act_spec().symmetric
-    False
-  """
-  return core.QuantSpec(format="int8", granularity=core.PerTensor(), symmetric=False,
-                        calibration="minmax")
-
-
-def default_rules() -> list[core.Rule]:
-  """W8A8: :func:`default_weight_spec` weights, :func:`default_act_spec` inputs.
-
-  Examples:
-    >>> [r.pattern for r in default_rules()]
-    ['.*']
-  """
-  return [core.Rule(pattern=".*", weight=default_weight_spec(), act=default_act_spec())]
-
-
-@dataclasses.dataclass
-class QuantizationReport:
-  """What :func:`quantize` did, by layer path.
-
-  Attributes:
-    quantized: path -> description, for the Flax layers converted to
-      quantized layers.
-    intercepted: path -> description, for the other modules whose matmuls
-      are intercepted (the description names the parameters treated as
-      weights).
-    skipped: path -> reason, for layers matched by a ``skip`` rule or a
-      rule without specs.
-    failed: path -> reason, for layers that matched a rule but could not be
-      quantized (each also raised a :class:`QuantizationWarning`).
-    unmatched: paths of candidate layers no rule matched (left in float).
-    unused_rules: the rules that matched no layer.
-  """
-
-  quantized: dict = dataclasses.field(default_factory=dict)
-  intercepted: dict = dataclasses.field(default_factory=dict)
-  skipped: dict = dataclasses.field(default_factory=dict)
-  failed: dict = dataclasses.field(default_factory=dict)
-  unmatched: list = dataclasses.field(default_factory=list)
-  unused_rules: list = dataclasses.field(default_factory=list)
-
-  def __str__(self) -> str:
-    lines = []
-    for title, d in (("quantized", self.quantized), ("intercepted", self.intercepted),
-                     ("skipped", self.skipped), ("failed", self.failed)):
-      for p, what in d.items():
-        lines.append(f"{title:12s} {p or '<root>'}: {what}")
-    for p in self.unmatched:
-      lines.append(f"{'unmatched':12s} {p or '<root>'}")
-    for r in self.unused_rules:
-      lines.append(f"{'unused rule':12s} {r.pattern!r}")
-    return "\n".join(lines)
+__all__ = ["quantize", "path_str"]
 
 
 def path_str(path: Sequence) -> str:
@@ -202,22 +71,13 @@ def path_str(path: Sequence) -> str:
 _CONTAINERS = (nnx.Dict, nnx.List, nnx.Sequential)
 
 
-def _has_own_call(node) -> bool:
-  for c in type(node).__mro__:
-    if c in (nnx.Module, nnx.Pytree, object):
-      return False
-    if "__call__" in vars(c):
-      return True
-  return False
-
-
 def _own_params(node) -> list[tuple[tuple, nnx.Param]]:
   """Params held by ``node`` directly or through nnx.List/nnx.Dict attributes."""
   out = []
 
   def visit(obj, prefix):
     for key, child in nnx.iter_children(obj):
-      if isinstance(child, nnx.Param) and not isinstance(child, QuantParam):
+      if isinstance(child, nnx.Param):
         out.append(((*prefix, key), child))
       elif isinstance(child, (nnx.List, nnx.Dict)):
         visit(child, (*prefix, key))
@@ -257,54 +117,87 @@ def _match_stacked(stacked, path: str) -> Optional[int]:
   return None
 
 
+
+
+def _match_methods(methods, path: str) -> Optional[tuple[str, ...]]:
+  if not methods:
+    return None
+  for pattern, names in methods.items():
+    if re.fullmatch(pattern, path):
+      names = (names,) if isinstance(names, str) else tuple(names)
+      if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"methods[{pattern!r}]: must be a method name or a sequence of names, "
+                         f"got {names!r}")
+      return names
+  return None
+
+
+def is_quantized(model: nnx.Module) -> bool:
+  """Whether ``model`` went through :func:`quantize` (or holds quantized layers)."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, (_layers._QuantMixin, _intercept.InterceptMixin, Quantizer)):  # pylint: disable=protected-access
+      return True
+  return hasattr(model, "jaxqat_layers")
+
+
 def quantize(
     model: nnx.Module,
     rules: Union[core.RuleSet, Sequence[core.Rule], core.Rule, None] = None,
     *,
     stacked: Optional[Mapping[str, int]] = None,
-    return_report: bool = False,
-):
+    methods: Optional[Mapping[str, Union[str, Sequence[str]]]] = None,
+) -> nnx.Module:
   """Converts an NNX model to a quantization-aware model, in place.
 
   Flax layers (``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``,
   ``Embed``) become their quantized subclasses; other modules with their
-  own weights are intercepted (see the module docstring). Weights are
-  kept (same ``Variable`` objects, same arrays). All quantizers start in
-  ``"calibrate"`` mode: run :func:`calibrate` (or :func:`freeze` for
-  weight-only specs) before training or inference.
+  own weights are intercepted (see the module docstring and
+  :mod:`jaxqat.flax.nnx._intercept`). Weights are kept (same ``Variable``
+  objects, same arrays): the object you pass *is* the quantized model; to
+  keep a float copy, quantize ``nnx.clone(model)``.
 
-  A weight spec with ``granularity=PerOutputChannel()`` (the default, see
-  :func:`per_output_channel`) is resolved per layer: for Flax's layers to
-  the weight axes that the layer's op does not contract (last kernel axis
-  of ``Linear``/``Conv``, batch and output axes of ``LinearGeneral``, the
-  ``Einsum`` kernel axes in its output, the rows of an ``Embed`` table);
-  for intercepted modules, whose quantizers are made before their ops are
-  seen, to the **last axis** of each weight (the Linen front end resolves
-  those per op as well). The quantizers and checkpoints hold the resolved
-  ``PerChannel`` spec.
+  The model is usable right away in ``"quant"`` mode when the rules only
+  quantize weights (fixed-range weight ranges track the weights; learned
+  step sizes start from the current weights). Activation quantizers need
+  :func:`calibrate`: running the model before raises a ``ValueError`` naming
+  the layer.
+
+  A weight spec with ``PerOutputChannel()`` (the default) is resolved to the
+  weight axes that the layer's op does not contract: the last kernel axis of
+  ``Linear``/``Conv``, the batch and output axes of ``LinearGeneral``, the
+  ``Einsum`` kernel axes in its output, the rows of an ``Embed`` table; for
+  intercepted modules, per op (see :mod:`jaxqat.flax.nnx._intercept`).
 
   Args:
-    model: the NNX model (any graph of modules).
+    model: the NNX model (any graph of modules), not quantized yet.
     rules: a :class:`jaxqat.core.RuleSet`, a list of :class:`jaxqat.core.Rule`
-      or one Rule; ``None`` gives :func:`default_rules` (W8A8). Patterns are
-      matched against the layer paths (see the module docstring).
+      or one Rule; ``None`` gives :func:`jaxqat.core.default_rules` (W8A8).
+      Patterns are matched against the layer paths (see the module
+      docstring).
     stacked: optional ``{path_regex: n}``: the number of leading stacked
       axes of the matching intercepted modules, when it cannot be inferred
       from stacked Flax layers around them.
-    return_report: also return a :class:`QuantizationReport`.
+    methods: optional ``{path_regex: name or names}``: intercept these
+      methods of the matching modules (instead of ``__call__``, or of every
+      public method for a module with weights and no ``__call__``). A
+      module matched here is intercepted even without weights of its own: it
+      then quantizes the weights of its quantized layers that it reads
+      directly, e.g. a root module computing ``h @ self.embed.embedding.T``
+      (a tied output head): ``methods={"": "__call__"}``.
 
   Returns:
-    ``model`` (converted in place), or ``(model, report)``.
+    ``model`` (converted in place).
 
   Raises:
     TypeError: if ``model`` is not an NNX module or ``rules`` are not Rules.
-    ValueError: if a spec does not fit a layer (per-channel axis out of
-      range, block size not dividing the axis...), naming the layer path;
-      or if the model holds quantized layers already.
+    ValueError: if ``model`` is quantized already; if a spec does not fit a
+      layer (per-channel axis out of range, block size not dividing the
+      axis...), naming the layer path; for a bad ``stacked``/``methods``.
 
   Warns:
-    UnusedRuleWarning: for each rule that matched no layer.
-    QuantizationWarning: for each layer that matched but was not quantized.
+    QuantizationWarning: for each rule that matched no layer, for each layer
+      that matched but could not be quantized, and when no layer at all was
+      quantized.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -312,56 +205,48 @@ def quantize(
     >>> from jaxqat.core import QuantSpec, Rule
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
-    >>> model, report = quantize(model, [Rule(pattern=".*", weight=QuantSpec(format="int4"))],
-    ...                          return_report=True)
-    >>> sorted(report.quantized)
-    ['layers/0', 'layers/2']
-    >>> type(model.layers[0]).__name__
-    'QuantLinear'
+    >>> model = quantize(model, [Rule(pattern=".*", weight=QuantSpec(format="int4"))])
+    >>> type(model.layers[0]).__name__, model(jnp.ones((1, 4))).shape
+    ('QuantLinear', (1, 2))
+    >>> quantize(model)
+    Traceback (most recent call last):
+    ...
+    ValueError: model: the model is quantized already (quantize() converts in place); quantize a float model, e.g. nnx.clone of the float model taken before quantize
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
-  ruleset = rules_lib.as_ruleset(rules, default_rules())
-  report = QuantizationReport()
+  if methods is not None and not isinstance(methods, Mapping):
+    raise TypeError(f"methods: expected a mapping {{path_regex: method names}}, got "
+                    f"{type(methods).__name__}")
+  if is_quantized(model):
+    raise ValueError("model: the model is quantized already (quantize() converts in place); "
+                     "quantize a float model, e.g. nnx.clone of the float model taken before "
+                     "quantize")
+  ruleset = rules_lib.as_ruleset(rules, core.default_rules())
+  entries: list[tuple] = []
 
-  # Collect modules (first path of each), leaving jaxqat's own quantizers out.
-  modules: list[tuple[tuple, nnx.Module]] = []
-  quant_prefixes: list[tuple] = []
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, Quantizer):
-      quant_prefixes.append(tuple(path))
-    if isinstance(node, nnx.Module):
-      modules.append((tuple(path), node))
+  modules: list[tuple[tuple, nnx.Module]] = [
+      (tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)]
   modules.sort(key=lambda pn: (len(pn[0]), path_str(pn[0])))  # parents first
-  inside_quant = lambda p: any(p[:len(q)] == q for q in quant_prefixes)
-  modules = [(p, n) for p, n in modules if not inside_quant(p)]
-
-  # Params per path, to infer stacking of intercepted modules.
-  all_params = [(tuple(p), v) for p, v in nnx.iter_graph(model)
-                if isinstance(v, nnx.Param) and not isinstance(v, QuantParam)
-                and not inside_quant(tuple(p))]
+  all_params = [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
   known_stacks: list[tuple[tuple, int, tuple]] = []
 
   candidates = []
   for path, node in modules:
     p = path_str(path)
-    if isinstance(node, (_layers._QuantMixin, _intercept.InterceptMixin)):
-      raise ValueError(f"layer '{p}' is quantized already ({type(node).__name__}); quantize a "
-                       "float model")
     if isinstance(node, _layers.ActQuant):
       node.quantizer.path = p
       continue
+    own = _own_params(node)
     if type(node) in _layers.QUANT_LAYERS:
       k = _known_stack_ndim(node, p)
       w = node.embedding if type(node) is nnx.Embed else node.kernel
       known_stacks.append((path, k, tuple(w.shape[:k])))
-      candidates.append((path, node, "known", k))
-    elif isinstance(node, _CONTAINERS) or isinstance(node, Quantizer):
+      candidates.append((path, node, "known", k, own))
+    elif isinstance(node, _CONTAINERS):
       continue
     else:
-      own = _own_params(node)
-      if any(v.ndim >= 2 for _, v in own):
-        candidates.append((path, node, "foreign", own))
+      candidates.append((path, node, "foreign", None, own))
 
   def infer_stack(path):
     for i in range(len(path), -1, -1):
@@ -375,57 +260,61 @@ def quantize(
         return k
     return 0
 
-  for path, node, kind, extra in candidates:
+  def entry(p, node, status, rule=None, reason=""):
+    entries.append((p, type(node).__name__, status, rule.pattern if rule else None, reason))
+
+  for path, node, kind, k, own in candidates:
     p = path_str(path)
     shown = p or "<root>"
+    names = _match_methods(methods, p)
+    weights = []
     if kind == "foreign":
-      # Weights are the parameters of rank >= 2 once the stacked axes are set aside.
       k = _match_stacked(stacked, p)
       k = infer_stack(path) if k is None else k
-      extra = [(n, v) for n, v in extra if v.ndim - k >= 2]
-      if not extra:
+      weights = [(n, v) for n, v in own if v.ndim - k >= 2]
+      if not weights:
+        if names is not None:  # reads the weights of its quantized layers
+          _intercept.intercept(node, [], None, None, path=shown, methods=names)
+        elif own:
+          entry(p, node, "unsupported", reason="no matmul weight (parameters of rank < 2)")
         continue
     rule = ruleset.match(p)
     if rule is None:
-      report.unmatched.append(p)
+      entry(p, node, "unmatched", reason="no rule matched")
       continue
     if rule.skip or (rule.weight is None and rule.act is None):
-      report.skipped[p] = "skip rule" if rule.skip else "rule without weight/act spec"
+      entry(p, node, "skipped", rule, "skip rule" if rule.skip else "rule without weight/act spec")
       continue
     if kind == "known":
-      qcls = _layers.QUANT_LAYERS[type(node)]
-      if type(node) is nnx.Embed and rule.act is not None:
-        pass  # the act spec quantizes the query of Embed.attend only (documented)
-      qcls.from_float(node, rule.weight, rule.act, path=shown, stack_ndim=extra)
-      report.quantized[p] = _describe(node)
-    else:
-      if not _has_own_call(node):
-        msg = (f"jaxqat: layer '{shown}' ({type(node).__name__}) matched rule {rule.pattern!r} but "
-               "has no __call__ to intercept; its parameters stay in float")
-        warnings.warn(msg, QuantizationWarning, stacklevel=2)
-        report.failed[p] = "no __call__ to intercept"
-        continue
-      float_own = [(k, v) for k, v in extra if jnp.issubdtype(v.dtype, jnp.floating)]
-      if len(float_own) < len(extra):
-        bad = [path_str(k) for k, v in extra if not jnp.issubdtype(v.dtype, jnp.floating)]
-        warnings.warn(f"jaxqat: layer '{shown}': non-float parameters {bad} are not quantized",
-                      QuantizationWarning, stacklevel=2)
-      if not float_own:
-        report.failed[p] = "no floating point parameters"
-        continue
-      _intercept.intercept(node, float_own, rule.weight, rule.act, path=shown, stack_ndim=k)
-      report.intercepted[p] = _intercept.describe(node)
-  report.unused_rules = ruleset.warn_unused("NNX model")
-  return (model, report) if return_report else model
-
-
-def _describe(layer) -> str:
-  parts = [type(layer).__name__]
-  wq = getattr(layer, layer.quant_attr)
-  if wq is not None:
-    parts.append(f"weight {wq.describe()}")
-  if layer.input_quant is not None:
-    parts.append(f"input {layer.input_quant.describe()}")
-  if layer.jaxqat_stack:
-    parts.append(f"stacked {layer.jaxqat_stack}")
-  return ", ".join(parts)
+      _layers.QUANT_LAYERS[type(node)].from_float(node, rule.weight, rule.act, path=shown,
+                                                  stack_ndim=k)
+      entry(p, node, "quantized", rule)
+      continue
+    float_w = [(n, v) for n, v in weights if jnp.issubdtype(v.dtype, jnp.floating)]
+    if len(float_w) < len(weights):
+      bad = [path_str(n) for n, v in weights if not jnp.issubdtype(v.dtype, jnp.floating)]
+      warnings.warn(f"jaxqat: layer '{shown}': non-float parameters {bad} are not quantized",
+                    core.QuantizationWarning, stacklevel=2)
+    if not float_w:
+      entry(p, node, "failed", rule, "no floating point parameters")
+      continue
+    methods_here = names if names is not None else _intercept.default_methods(type(node))
+    if not methods_here:
+      msg = (f"jaxqat: layer '{shown}' ({type(node).__name__}) matched rule {rule.pattern!r} but "
+             "has no __call__ and no public method to intercept; its parameters stay in float "
+             "(pass methods={path: names})")
+      warnings.warn(msg, core.QuantizationWarning, stacklevel=2)
+      entry(p, node, "failed", rule, "no method to intercept")
+      continue
+    _intercept.intercept(node, float_w, rule.weight, rule.act, path=shown, stack_ndim=k,
+                         methods=methods_here)
+    how = "intercepted " + ", ".join(methods_here)
+    entry(p, node, "quantized", rule, how)
+  unused = ruleset.warn_unused("NNX model")
+  model.jaxqat_layers = tuple(entries)
+  model.jaxqat_unused_rules = tuple(r.pattern for r in unused)
+  if not any(e[2] == "quantized" for e in entries):
+    warnings.warn("jaxqat: no layer of the model was quantized (no rule matched a layer with "
+                  "weights, or every match was skipped); see jaxqat.flax.nnx.report(model)",
+                  core.QuantizationWarning, stacklevel=2)
+  return model

@@ -9,42 +9,65 @@ operator and operands that were transposed or cast first. jaxqat works one
 level lower, on the primitives:
 
 1. The module's class is swapped (in place) for a subclass whose
-   ``__call__`` traces the original ``__call__`` with ``jax.make_jaxpr``,
-   on a copy of the module made with ``nnx.split``/``nnx.merge`` so that
-   state updates inside the call (batch statistics, RNG counters, nested
-   quantizers) are returned as outputs and written back with ``nnx.update``.
+   intercepted methods (``__call__`` by default; see ``methods`` below)
+   trace the original method with ``jax.make_jaxpr``, on a copy of the
+   module made with ``nnx.split``/``nnx.merge`` so that state updates inside
+   the call (batch statistics, RNG counters, nested quantizers) are returned
+   as outputs and written back with ``nnx.update``.
 2. The jaxpr is evaluated again, primitive by primitive, in the caller's
    trace (so it works eagerly and under ``jit``, ``grad``, ``nnx.scan`` and
-   ``nnx.vmap``). A dataflow pass labels every value computed from one of the
-   module's own parameters by layout-only primitives (reshape, transpose,
-   convert_element_type, broadcast, squeeze, expand_dims, slice, copy, rev;
-   through nested ``jit`` calls). When a ``dot_general`` or
-   ``conv_general_dilated`` consumes a labeled value, it is fed the same
-   layout ops applied to the **fake-quantized parameter** (weight quantizer,
-   applied on the parameter in its own layout so per-channel axes refer to
-   the parameter's axes), and its other operand is fake-quantized by the
-   parameter's **input quantizer**.
-3. Quantizer state lives in the module, created at conversion: two
-   ``nnx.Dict`` attributes, ``jaxqat_weight_quant`` and
-   ``jaxqat_input_quant``, keyed by the parameter's name (``"w"``,
-   ``"layers.0"`` for a parameter in a list). For stacked modules (created
-   with ``nnx.vmap``) the state has the parameters' leading axes, so it is
-   sliced with them inside ``nnx.scan``.
+   ``nnx.vmap``). A dataflow pass labels every value computed from a weight
+   by layout-only primitives (reshape, transpose, convert_element_type,
+   broadcast, squeeze, slice, copy, rev; through nested ``jit`` calls). When
+   a ``dot_general`` or ``conv_general_dilated`` consumes a labeled value,
+   it is fed the same layout ops applied to the **fake-quantized weight**
+   (the weight quantizer runs on the weight in its own layout, so per-channel
+   axes refer to the weight's axes), and its other operand is fake-quantized
+   by the weight's **input quantizer**.
+3. The weights of an intercepted module are its own parameters of rank >= 2
+   (quantizers created at conversion, in two ``nnx.Dict`` attributes,
+   ``jaxqat_weight_quant`` and ``jaxqat_input_quant``, keyed by the
+   parameter's name: ``"w"``, ``"layers.0"``) **and the weights of the
+   quantized layers inside it** that it reads directly instead of calling
+   the layer (a tied output head ``h @ self.embed.embedding[...].T``, a
+   ``kernel`` read from a layer that is never called). Those use the layer's
+   own quantizers (``embedding_quant``/``kernel_quant`` and
+   ``input_quant``), so one weight has one quantizer wherever it is used.
+
+**Which methods.** A module with its own ``__call__`` has ``__call__``
+intercepted; a module with weights and no ``__call__`` (an embedder with
+``encode``/``decode``) has every public method its class defines
+intercepted. ``quantize(model, rules, methods={path_regex: names})``
+chooses the methods explicitly, for any module, including one without
+weights of its own (a root module computing ``h @ self.embed.embedding.T``).
+
+**Output channels.** A weight spec with ``PerOutputChannel()`` is resolved
+**per op**: the dataflow pass follows each weight axis through the layout
+ops to the ``dot_general``/convolution, and the output channels are the
+weight axes it does not contract (for an einsum kernel ``(D, heads,
+head_dim)`` contracted over ``D``: one scale per ``(head, head_dim)``; for a
+convolution, the kernel's output-feature axis). Before the first call the
+quantizer assumes the last axis; a fixed-range weight (whose range tracks the
+weight) simply uses the op's axes; a learned or frozen one gets its state
+re-made by :func:`jaxqat.flax.nnx.calibrate`, which records the axes of
+every op while it runs the data (before that, such an op raises a
+``ValueError`` asking for ``calibrate``).
 
 Limits (documented behaviour, with warnings): matmuls between two
-activations (no parameter operand, e.g. attention scores) are left in float
--- quantize them by hand with :class:`~jaxqat.flax.nnx.ActQuant`; a
-parameter that reaches a matmul only through a non-layout op (e.g. ``w *
-mask``, ``w / norm(w)``) or inside ``scan``/``while``/``cond``/custom-gradient
-functions is not identified, and a warning names the parameters whose
-quantizer was never used; input quantizers of intercepted modules are per
-tensor (the operand layout inside an einsum is not known in advance).
+activations (no weight operand, e.g. attention scores) are left in float
+-- quantize them by hand with :class:`~jaxqat.flax.nnx.ActQuant`; a weight
+that reaches a matmul only through a non-layout op (e.g. ``w * mask``,
+``w / norm(w)``) or inside ``scan``/``while``/``cond``/custom-gradient
+functions is not identified (a warning names the module's own parameters
+that ``__call__`` never fed to a matmul); embedding lookups (``take``) in an
+intercepted method stay float; input quantizers of intercepted modules are
+per tensor (the operand layout inside an einsum is not known in advance).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -56,18 +79,31 @@ from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
 from jaxqat.flax.nnx._quantizer import WEIGHT
 
-__all__ = ["InterceptMixin", "intercept", "describe"]
+__all__ = ["InterceptMixin", "intercept", "default_methods", "take_resolutions"]
 
 # Primitives that move/cast a weight without changing what it means.
 _LAYOUT = frozenset({
     "reshape", "transpose", "convert_element_type", "broadcast_in_dim", "squeeze",
     "expand_dims", "copy", "copy_p", "rev", "reduce_precision", "slice", "dynamic_slice",
 })
+_SAME_AXES = frozenset({"convert_element_type", "copy", "copy_p", "rev", "reduce_precision",
+                        "slice", "dynamic_slice"})
 _MATMUL = frozenset({"dot_general", "conv_general_dilated"})
 _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call"})
 
 _W = "jaxqat_weight_quant"
 _A = "jaxqat_input_quant"
+
+# Output axes seen by intercepted ops, by quantizer uid (see the module docstring);
+# read and cleared by calibrate, which re-makes the quantizers whose axes differ.
+_RESOLVED: dict[int, tuple[int, ...]] = {}
+
+
+def take_resolutions() -> dict[int, tuple[int, ...]]:
+  """Returns and clears the per-op output-channel axes recorded since the last call."""
+  out = dict(_RESOLVED)
+  _RESOLVED.clear()
+  return out
 
 
 def _key(parts) -> str:
@@ -77,30 +113,58 @@ def _key(parts) -> str:
 class InterceptMixin(nnx.Module):
   """Mixed into a foreign module's class by :func:`intercept`."""
 
-  def __call__(self, *args, **kwargs):
-    return _intercepted_call(self, args, kwargs)
-
-  def jaxqat_quantizers(self):
-    """``[(quantizer, weight_or_None)]`` for :func:`freeze`."""
+  def jaxqat_weights(self):
+    """``[(param_path_parts, weight_quantizer_or_None, input_quantizer_or_None)]``."""
     out = []
     for name, parts in self.jaxqat_params:
       wq = self.jaxqat_weight_quant.get(name) if self.jaxqat_weight_quant is not None else None
-      if wq is not None:
-        out.append((wq, _get_param(self, parts)[...]))
       aq = self.jaxqat_input_quant.get(name) if self.jaxqat_input_quant is not None else None
-      if aq is not None:
-        out.append((aq, None))
+      out.append((parts, wq, aq))
     return out
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple, type] = {}
 
 
-def _intercept_class(cls: type) -> type:
-  if cls not in _CLASSES:
-    _CLASSES[cls] = type(f"Intercepted{cls.__name__}", (InterceptMixin, cls),
-                         {"__module__": __name__, "jaxqat_float_type": cls})
-  return _CLASSES[cls]
+def _wrapper(method: str):
+  def call(self, *args, **kwargs):
+    return _intercepted_call(self, method, args, kwargs)
+
+  call.__name__ = method
+  return call
+
+
+def _intercept_class(cls: type, methods: tuple[str, ...]) -> type:
+  key = (cls, methods)
+  if key not in _CLASSES:
+    ns = {m: _wrapper(m) for m in methods}
+    ns.update({"__module__": __name__, "jaxqat_float_type": cls, "jaxqat_methods": methods})
+    _CLASSES[key] = type(f"Intercepted{cls.__name__}", (InterceptMixin, cls), ns)
+  return _CLASSES[key]
+
+
+def default_methods(cls: type) -> tuple[str, ...]:
+  """The methods intercepted by default: ``__call__``, else the public methods of ``cls``.
+
+  Examples:
+    >>> from flax import nnx
+    >>> class Embedder(nnx.Module):
+    ...   def encode(self, ids): ...
+    ...   def decode(self, h): ...
+    >>> default_methods(Embedder)
+    ('decode', 'encode')
+  """
+  names = set()
+  for c in cls.__mro__:
+    if c in (nnx.Module, nnx.Pytree, object):
+      break
+    if "__call__" in vars(c):
+      return ("__call__",)
+    for name, v in vars(c).items():
+      if not name.startswith("_") and callable(v) and not isinstance(v, (staticmethod,
+                                                                           classmethod, type)):
+        names.add(name)
+  return tuple(sorted(names))
 
 
 def _get_param(module, parts):
@@ -111,35 +175,34 @@ def _get_param(module, parts):
 
 
 def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
-              act_spec: Optional[core.QuantSpec], *, path: str = "", stack_ndim: int = 0):
-  """Makes ``module`` quantize the matmuls/convolutions on its own parameters.
+              act_spec: Optional[core.QuantSpec], *, path: str = "", stack_ndim: int = 0,
+              methods: Optional[Sequence[str]] = None):
+  """Makes ``module`` quantize the matmuls/convolutions on its weights.
 
   Converts in place (see the module docstring): the class becomes a
-  subclass with an intercepting ``__call__`` and the quantizer state is
-  added. Usually called by :func:`jaxqat.flax.nnx.quantize`.
+  subclass with intercepting methods and the quantizer state is added.
+  Usually called by :func:`jaxqat.flax.nnx.quantize`.
 
   Args:
     module: the module.
-    params: ``[(name_parts, nnx.Param)]``, the parameters to treat as weights.
-    weight_spec: QuantSpec for the weights, or None. The quantizers are made
-      here, before any matmul is seen, so a ``PerOutputChannel()``
-      granularity resolves to the **last axis** of each parameter
-      (``PerChannel(-1)``, stacked axes excluded) -- the output axis of the
-      usual ``x @ w`` layout, but not of ``w @ x`` or of an einsum that
-      contracts the last axis. (The Linen front end, which sees each op,
-      resolves it per op; here, give an explicit ``PerChannel`` when the
-      last axis is not the output axis.)
+    params: ``[(name_parts, nnx.Param)]``, its own parameters to treat as
+      weights (may be empty: the module then only quantizes the weights of
+      its quantized sub-layers that it reads directly).
+    weight_spec: QuantSpec for the weights, or None. ``PerOutputChannel()``
+      is resolved per op (see the module docstring).
     act_spec: QuantSpec for the other operand of each matmul, or None. Must
       be per tensor or a block format.
     path: the module path (for messages).
     stack_ndim: leading stacked axes of the parameters.
+    methods: the method names to intercept; default :func:`default_methods`.
 
   Returns:
     ``module``.
 
   Raises:
-    ValueError: if a spec does not fit a parameter, or ``act_spec`` is per
-      channel or ``PerOutputChannel()``, naming the layer and parameter.
+    ValueError: if a spec does not fit a parameter, ``act_spec`` is per
+      channel or ``PerOutputChannel()``, or a method does not exist, naming
+      the layer and parameter.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -150,19 +213,24 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
     ...     self.w = nnx.Param(jnp.array([[0.5, -1.0], [0.26, 2.0]]))
     ...   def __call__(self, x):
     ...     return jnp.einsum("bi,io->bo", x, self.w[...])
-    >>> m = intercept(Proj(), [(("w",), Proj().w)], QuantSpec(format="int4"), None)
-    >>> m.jaxqat_weight_quant["w"].freeze(m.w[...])   # step 2/7
-    >>> m(jnp.array([[1.0, 0.0]]))
+    >>> m = Proj()
+    >>> m = intercept(m, [(("w",), m.w)], QuantSpec(format="int4"), None)
+    >>> m(jnp.array([[1.0, 0.0]]))   # per-tensor range 2.0: step 2/7
     Array([[ 0.5714286, -0.8571429]], dtype=float32)
   """
   if stack_ndim < 0:
     raise ValueError(f"layer '{path}': stack_ndim must be >= 0, got {stack_ndim}")
+  methods = tuple(methods) if methods is not None else default_methods(type(module))
+  if not methods:
+    raise ValueError(f"layer '{path}' ({type(module).__name__}): no method to intercept (no "
+                     "__call__ and no public method); pass methods={path: names} to quantize")
+  for m in methods:
+    if not callable(getattr(type(module), m, None)):
+      raise ValueError(f"methods: layer '{path}' ({type(module).__name__}) has no method {m!r}")
   if act_spec is not None and act_spec.is_output_channel:
     raise ValueError(f"layer '{path}': the activation spec has granularity PerOutputChannel(), "
                      "which is for weights only; intercepted modules quantize matmul inputs "
                      "per tensor (PerTensor()) or per block")
-  if weight_spec is not None and weight_spec.is_output_channel:
-    weight_spec = weight_spec.resolve_output_channel((-1,))  # see the docstring
   if act_spec is not None and isinstance(act_spec.granularity, core.PerChannel):
     raise ValueError(f"layer '{path}': intercepted modules quantize matmul inputs per tensor; "
                      f"got an activation spec with {act_spec.granularity}")
@@ -176,14 +244,18 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
     stack, inner = shape[:stack_ndim], shape[stack_ndim:]
     where = f"{path}/{name}" if path else name
     if weight_spec is not None:
-      wqs[name] = Quantizer(weight_spec, role=WEIGHT, shape=inner, stack_shape=stack, path=where)
+      spec = weight_spec.resolve_output_channel((-1,))  # provisional: see the docstring
+      wq = Quantizer(spec, role=WEIGHT, shape=inner, stack_shape=stack, path=where,
+                     weight=var[...])
+      wq.output_channel_spec = weight_spec if weight_spec.is_output_channel else None
+      wqs[name] = wq
     if act_spec is not None:
       aqs[name] = Quantizer(act_spec, role=ACT, shape=(1, 1), stack_shape=stack, path=where)
     names.append((name, tuple(parts)))
   for attr in (_W, _A, "jaxqat_params"):
     if attr in vars(module):
       raise ValueError(f"layer '{path}': attribute '{attr}' exists already")
-  module.__class__ = _intercept_class(type(module))
+  module.__class__ = _intercept_class(type(module), methods)
   module.jaxqat_params = tuple(names)
   module.jaxqat_path = path
   module.jaxqat_stack_ndim = stack_ndim
@@ -192,17 +264,25 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   return module
 
 
-def describe(module) -> str:
-  """One line: the weights intercepted and their specs (for reports)."""
-  names = [n for n, _ in module.jaxqat_params]
-  parts = [f"{type(module).jaxqat_float_type.__name__} weights {names}"]
-  if module.jaxqat_weight_quant is not None:
-    parts.append(f"weight {next(iter(module.jaxqat_weight_quant.values())).describe()}")
-  if module.jaxqat_input_quant is not None:
-    parts.append(f"input {next(iter(module.jaxqat_input_quant.values())).describe()}")
-  if module.jaxqat_stack_ndim:
-    parts.append(f"stacked axes {module.jaxqat_stack_ndim}")
-  return ", ".join(parts)
+def reresolve(module, name: str, axes: tuple[int, ...]) -> bool:
+  """Re-makes the weight quantizer ``name`` of ``module`` for output ``axes``.
+
+  Returns:
+    Whether the quantizer changed.
+  """
+  old = module.jaxqat_weight_quant[name]
+  spec = old.output_channel_spec.resolve_output_channel(axes)
+  if spec == old.spec:
+    return False
+  parts = dict(module.jaxqat_params)[name]
+  new = Quantizer(spec, role=WEIGHT, shape=old.shape, stack_shape=old.stack_shape,
+                  path=old.path, weight=_get_param(module, parts)[...])
+  new.output_channel_spec = old.output_channel_spec
+  new.mode = old.mode
+  if old.frozen:
+    new.store_weight_range(_get_param(module, parts)[...])
+  module.jaxqat_weight_quant[name] = new
+  return True
 
 
 # --------------------------------------------------------------------------
@@ -214,22 +294,56 @@ def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
 
 
-def _quant_filter(path, value) -> bool:
-  return bool(path) and path[0] in (_W, _A)
+class _Weight:
+  """A weight seen by an intercepted call: its quantizers and rank."""
+
+  def __init__(self, name, wq, aq, own, rank):
+    self.name, self.wq, self.aq, self.own, self.rank = name, wq, aq, own, rank
 
 
-def _all_float(module) -> bool:
-  for d in (module.jaxqat_weight_quant, module.jaxqat_input_quant):
-    if d is not None and any(q.mode != "float" for q in d.values()):
-      return False
-  return True
+def _weights_of(self) -> tuple[dict, list]:
+  """``{param parts: _Weight}`` and the quantizer paths to keep out of the traced state."""
+  out = {}
+  for name, parts in self.jaxqat_params:
+    wq = self.jaxqat_weight_quant.get(name) if self.jaxqat_weight_quant is not None else None
+    aq = self.jaxqat_input_quant.get(name) if self.jaxqat_input_quant is not None else None
+    rank = _get_param(self, parts).ndim - self.jaxqat_stack_ndim
+    out[tuple(parts)] = _Weight(name, wq, aq, True, rank)
+  borrowed_quant_paths = []
+  paths = {}
+  for path, node in nnx.iter_graph(self):
+    path = tuple(path)
+    if path and path[0] in (_W, _A):
+      continue
+    if isinstance(node, Quantizer):
+      paths.setdefault(id(node), path)
+    if not path or not isinstance(node, nnx.Module) or not hasattr(type(node), "jaxqat_weights"):
+      continue
+    for parts, wq, aq in node.jaxqat_weights():
+      if wq is None or wq.stack_shape:  # stacked layers are read inside their scan
+        continue
+      out.setdefault(path + tuple(parts),
+                     _Weight(_key(path + tuple(parts)), wq, aq, False, len(wq.shape)))
+  for w in out.values():
+    if not w.own:
+      for q in (w.wq, w.aq):
+        if q is not None and id(q) in paths:
+          borrowed_quant_paths.append(paths[id(q)])
+  return out, borrowed_quant_paths
 
 
-def _intercepted_call(self, args, kwargs):
-  float_call = type(self).jaxqat_float_type.__call__
-  if _all_float(self):
+def _intercepted_call(self, method, args, kwargs):
+  float_call = getattr(type(self).jaxqat_float_type, method)
+  weights, borrowed = _weights_of(self)
+  quants = [q for w in weights.values() for q in (w.wq, w.aq) if q is not None]
+  if all(q.mode == "float" for q in quants):
     return float_call(self, *args, **kwargs)
-  graphdef, qstate, rest = nnx.split(self, _quant_filter, ...)
+
+  def qfilter(path, value):
+    path = tuple(path)
+    return bool(path) and (path[0] in (_W, _A) or any(path[:len(b)] == b for b in borrowed))
+
+  graphdef, qstate, rest = nnx.split(self, qfilter, ...)
   rest_leaves, rest_def = jax.tree_util.tree_flatten_with_path(rest)
   rest_paths = [tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
                       for k in kp[:-1]) for kp, _ in rest_leaves]
@@ -246,56 +360,137 @@ def _intercepted_call(self, args, kwargs):
     a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
     m = nnx.merge(graphdef, qstate, state)
     out = float_call(m, *a, **kw)
-    _, _, new_rest = nnx.split(m, _quant_filter, ...)
+    _, _, new_rest = nnx.split(m, qfilter, ...)
     return out, new_rest
 
   in_vals = rest_vals + [arg_leaves[i] for i in dyn_idx]
   closed, out_shape = jax.make_jaxpr(inner, return_shape=True)(*in_vals)
   out_def = jax.tree_util.tree_structure(out_shape)
 
-  # Which jaxpr inputs are the module's own weights.
-  path_to_name = {parts: name for name, parts in self.jaxqat_params}
-  labels = [path_to_name.get(p) for p in rest_paths] + [None] * len(dyn_idx)
-  wq = self.jaxqat_weight_quant
-  aq = self.jaxqat_input_quant
-  interp = _Interpreter(
-      weight_quant={n: wq[n] for n in wq} if wq is not None else {},
-      input_quant={n: aq[n] for n in aq} if aq is not None else {},
-  )
-  qvals = [interp.quant_weight(lab, v) if lab is not None else None
-           for lab, v in zip(labels, in_vals)]
-  outs, _, _ = interp.eval(closed.jaxpr, closed.consts, in_vals, labels, qvals)
+  labels = [weights.get(p) for p in rest_paths] + [None] * len(dyn_idx)
+  interp = _Interpreter(f"layer '{self.jaxqat_path}'" if self.jaxqat_path else "<root>")
+  outs = interp.run(closed.jaxpr, closed.consts, in_vals, labels)
   out, new_rest = jax.tree_util.tree_unflatten(out_def, outs)
   nnx.update(self, new_rest)
-  unused = [n for n, _ in self.jaxqat_params if n not in interp.used]
-  if unused:
+  unused = [w.name for w in weights.values() if w.own and w.name not in interp.used]
+  if unused and method == "__call__":
     warnings.warn(
         f"jaxqat: layer '{self.jaxqat_path}' ({type(self).jaxqat_float_type.__name__}): "
         f"parameters {unused} feed no matmul/convolution that jaxqat can identify (see "
-        "jaxqat.flax.nnx._intercept); they stay in float", stacklevel=3)
+        "jaxqat.flax.nnx._intercept); they stay in float", core.QuantizationWarning, stacklevel=3)
   return out
+
+
+class _Labeled:
+  """A value derived from a weight by layout ops: how to redo them on the quantized weight."""
+
+  def __init__(self, weight: _Weight, root, ops, axes):
+    self.weight = weight
+    self.root = root  # the weight's value as it entered the call
+    self.ops = ops  # [(eqn, other invals)] layout ops applied since
+    self.axes = axes  # per axis of this value: the frozenset of weight axes it holds
+
+
+def _reshape_axes(old_shape, new_shape, axes):
+  po, pn = np.cumprod((1,) + tuple(old_shape)), np.cumprod((1,) + tuple(new_shape))
+  out = []
+  for j in range(len(new_shape)):
+    s = frozenset()
+    for i in range(len(old_shape)):
+      if max(po[i], pn[j]) < min(po[i + 1], pn[j + 1]):
+        s |= axes[i]
+    out.append(s)
+  return out
+
+
+def _layout_axes(eqn, in_shape, axes):
+  """The weight axes of a layout op's output, from its input's."""
+  name = eqn.primitive.name
+  p = eqn.params
+  out_shape = eqn.outvars[0].aval.shape
+  if name in _SAME_AXES:
+    return list(axes)
+  if name == "transpose":
+    return [axes[i] for i in p["permutation"]]
+  if name == "squeeze":
+    drop = {d % len(in_shape) for d in p["dimensions"]}
+    return [a for i, a in enumerate(axes) if i not in drop]
+  if name == "expand_dims":
+    out = list(axes)
+    for d in sorted(p["dimensions"]):
+      out.insert(d, frozenset())
+    return out
+  if name == "broadcast_in_dim":
+    out = [frozenset()] * len(out_shape)
+    for i, d in enumerate(p["broadcast_dimensions"]):
+      if in_shape[i] == out_shape[d]:
+        out[d] = axes[i]
+    return out
+  return _reshape_axes(in_shape, out_shape, axes)
 
 
 class _Interpreter:
   """Evaluates a jaxpr, quantizing matmul operands derived from weights."""
 
-  def __init__(self, weight_quant: dict, input_quant: dict):
-    self.weight_quant = weight_quant
-    self.input_quant = input_quant
+  def __init__(self, where: str):
+    self.where = where
     self.used: set[str] = set()
+    self._cache: dict = {}
 
-  def quant_weight(self, name, value):
-    q = self.weight_quant.get(name)
-    return q(value) if q is not None else value
+  def run(self, jaxpr, consts, args, weights):
+    labeled = []
+    for a, w in zip(args, weights):
+      if w is None:
+        labeled.append(None)
+        continue
+      k = a.ndim - w.rank
+      axes = [frozenset({i - k}) if i >= k else frozenset() for i in range(a.ndim)]
+      labeled.append(_Labeled(w, a, [], axes))
+    outs, _ = self.eval(jaxpr, consts, args, labeled)
+    return outs
 
-  def quant_input(self, name, value):
-    q = self.input_quant.get(name)
-    return q(value) if q is not None else value
+  def _quantized(self, lv: _Labeled, out_axes):
+    """The quantized weight for an op with ``out_axes``, through ``lv``'s layout ops."""
+    w = lv.weight
+    spec = None
+    oc = getattr(w.wq, "output_channel_spec", None)
+    if oc is not None and out_axes is not None:
+      rank = w.rank
+      axes = tuple(sorted(a - rank for a in out_axes))
+      spec = oc.resolve_output_channel(axes)
+      if spec == w.wq.spec:
+        spec = None
+      else:
+        _RESOLVED[w.wq.uid] = axes
+        if w.wq.mode == "quant" and (w.wq.frozen or w.wq.spec.learning != "fixed"):
+          raise ValueError(
+              f"{self.where}: weight '{w.name}' is used by an op whose output channels are "
+              f"its axes {axes}, not the last axis assumed when it was quantized; run "
+              "jaxqat.flax.nnx.calibrate(model, data), which resolves PerOutputChannel() per "
+              "op, before using it with a learned or frozen range")
+    key = (id(lv.root), spec)
+    if key not in self._cache:
+      self._cache[key] = w.wq(lv.root, spec=spec)
+    val = self._cache[key]
+    for eqn, rest in lv.ops:
+      val = _bind(eqn, [val] + rest)[0]
+    return val
 
-  def eval(self, jaxpr, consts, args, labels, qvals):
+  def _out_axes(self, eqn, i, lv: _Labeled):
+    """The weight axes that the matmul ``eqn`` does not contract on operand ``i``."""
+    rank = lv.weight.rank
+    if eqn.primitive.name == "dot_general":
+      (lc, rc), _ = eqn.params["dimension_numbers"]
+      contracted = set().union(*[lv.axes[d] for d in (lc if i == 0 else rc)])
+      return frozenset(range(rank)) - contracted
+    if i != 1:
+      return None
+    rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+    return lv.axes[rhs_spec[0]]
+
+  def eval(self, jaxpr, consts, args, labeled):
     env: dict[Any, Any] = {}
-    lab: dict[Any, Optional[str]] = {}
-    qenv: dict[Any, Any] = {}
+    lab: dict[Any, _Labeled] = {}
 
     def read(v):
       return v.val if isinstance(v, jex_core.Literal) else env[v]
@@ -305,51 +500,46 @@ class _Interpreter:
 
     for v, c in zip(jaxpr.constvars, consts):
       env[v] = c
-    for v, a, l, q in zip(jaxpr.invars, args, labels, qvals):
+    for v, a, l in zip(jaxpr.invars, args, labeled):
       env[v] = a
       if l is not None:
-        lab[v], qenv[v] = l, q
+        lab[v] = l
 
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
       inlabs = [rlab(v) for v in eqn.invars]
       name = eqn.primitive.name
-      if not any(inlabs):
+      out_labs = [None] * len(eqn.outvars)
+      if not any(l is not None for l in inlabs):
         outs = _bind(eqn, invals)
-        out_labs = [None] * len(outs)
-        out_q = [None] * len(outs)
-      elif name in _MATMUL:
+      elif name in _MATMUL and any(l is not None for l in inlabs[:2]):
         ops = list(invals)
-        w_names = [l for l in inlabs[:2] if l is not None]
+        ws = [l for l in inlabs[:2] if l is not None]
         for i in (0, 1):
-          if inlabs[i] is not None:
-            ops[i] = qenv[eqn.invars[i]]
-          else:
-            ops[i] = self.quant_input(w_names[0], invals[i])
-        self.used.update(w_names)
+          l = inlabs[i]
+          if l is not None:
+            if l.weight.wq is not None:
+              ops[i] = self._quantized(l, self._out_axes(eqn, i, l))
+          elif ws[0].weight.aq is not None:
+            ops[i] = ws[0].weight.aq(invals[i])
+        self.used.update(l.weight.name for l in ws)
         outs = _bind(eqn, ops)
-        out_labs = [None] * len(outs)
-        out_q = [None] * len(outs)
       elif name in _INLINE and "jaxpr" in eqn.params:
         inner = eqn.params["jaxpr"]
-        inner_jaxpr = getattr(inner, "jaxpr", inner)
-        inner_consts = getattr(inner, "consts", ())
-        inq = [qenv.get(v) if l is not None else None for v, l in zip(eqn.invars, inlabs)]
-        outs, out_labs, out_q = self.eval(inner_jaxpr, inner_consts, invals, inlabs, inq)
+        outs, out_labs = self.eval(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()),
+                                   invals, inlabs)
       elif name in _LAYOUT and inlabs[0] is not None and not any(inlabs[1:]):
         outs = _bind(eqn, invals)
-        out_q = _bind(eqn, [qenv[eqn.invars[0]]] + invals[1:])
-        out_labs = [inlabs[0]] * len(outs)
+        l = inlabs[0]
+        axes = _layout_axes(eqn, eqn.invars[0].aval.shape, l.axes)
+        out_labs = [_Labeled(l.weight, l.root, l.ops + [(eqn, invals[1:])], axes)]
       else:
         outs = _bind(eqn, invals)
-        out_labs = [None] * len(outs)
-        out_q = [None] * len(outs)
-      for v, o, l, q in zip(eqn.outvars, outs, out_labs, out_q):
+      for v, o, l in zip(eqn.outvars, outs, out_labs):
         env[v] = o
         if l is not None:
-          lab[v], qenv[v] = l, q
-    return ([read(v) for v in jaxpr.outvars], [rlab(v) for v in jaxpr.outvars],
-            [qenv.get(v) if rlab(v) is not None else None for v in jaxpr.outvars])
+          lab[v] = l
+    return [read(v) for v in jaxpr.outvars], [rlab(v) for v in jaxpr.outvars]
 
 
 def _bind(eqn, invals):

@@ -83,6 +83,7 @@ class _QuantMixin(nnx.Module):
   float_type: type = nnx.Module  # the Flax layer class this one quantizes
   weight_attr = "kernel"  # the parameter that is the weight
   quant_attr = "kernel_quant"  # the attribute holding the weight quantizer
+  act_optional = False  # whether the input quantizer may see no data (Embed: attend only)
 
   # -- construction --------------------------------------------------------
 
@@ -141,10 +142,10 @@ class _QuantMixin(nnx.Module):
       weight_spec = weight_spec.resolve_output_channel(cls._output_axes(layer, path))
     if weight_spec is not None:
       wq = Quantizer(weight_spec, role=WEIGHT, shape=weight.shape[stack_ndim:],
-                     stack_shape=stack, path=path)
+                     stack_shape=stack, path=path, weight=weight)
     if act_spec is not None:
       aq = Quantizer(act_spec, role=ACT, shape=(1, cls._in_channels(layer, path)),
-                     stack_shape=stack, path=path)
+                     stack_shape=stack, path=path, optional=cls.act_optional)
     return wq, aq, stack
 
   @classmethod
@@ -180,15 +181,9 @@ class _QuantMixin(nnx.Module):
     with _active(self):
       return super().__call__(*args, **kwargs)
 
-  def jaxqat_quantizers(self):
-    """``[(quantizer, weight_or_None)]`` for :func:`freeze`."""
-    out = []
-    wq = getattr(self, self.quant_attr)
-    if wq is not None:
-      out.append((wq, getattr(self, self.weight_attr)[...]))
-    if self.input_quant is not None:
-      out.append((self.input_quant, None))
-    return out
+  def jaxqat_weights(self):
+    """``[(param_path_parts, weight_quantizer_or_None, input_quantizer_or_None)]``."""
+    return [((self.weight_attr,), getattr(self, self.quant_attr), self.input_quant)]
 
 
 def einsum_output_axes(einsum_str: Optional[str], ndim: int, where: str) -> tuple[int, ...]:
@@ -248,8 +243,7 @@ class QuantLinear(_QuantMixin, nnx.Linear):
     ...                     rngs=nnx.Rngs(0))
     >>> sorted(k for k in nnx.state(layer).keys())
     ['bias', 'kernel', 'kernel_quant']
-    >>> layer.kernel_quant.freeze(layer.kernel[...])
-    >>> layer(jnp.ones((1, 3))).shape
+    >>> layer(jnp.ones((1, 3))).shape  # usable right away: the range tracks the kernel
     (1, 2)
   """
 
@@ -273,8 +267,10 @@ class QuantLinearGeneral(_QuantMixin, nnx.LinearGeneral):
     >>> from flax import nnx
     >>> from jaxqat.core import QuantSpec, PerOutputChannel
     >>> layer = QuantLinearGeneral(4, (2, 3), act_spec=QuantSpec(), rngs=nnx.Rngs(0))
-    >>> layer(jnp.ones((5, 4))).shape  # calibrating: float output
-    (5, 2, 3)
+    >>> layer(jnp.ones((5, 4)))  # the input range needs calibrate()
+    Traceback (most recent call last):
+    ...
+    ValueError: Quantizer: the input quantizer was never calibrated; run jaxqat.flax.nnx.calibrate(model, data) before using the model in 'quant' mode (or quantize this layer with a rule without an act spec)
     >>> layer = QuantLinearGeneral(4, (2, 3), rngs=nnx.Rngs(0),
     ...     weight_spec=QuantSpec(granularity=PerOutputChannel()))
     >>> layer.kernel_quant.spec.granularity, layer.kernel_quant.scale.shape
@@ -373,7 +369,6 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
     >>> from jaxqat.core import QuantSpec, PerChannel
     >>> emb = QuantEmbed(5, 3, weight_spec=QuantSpec(format="int4",
     ...                  granularity=PerChannel(0)), rngs=nnx.Rngs(0))
-    >>> emb.embedding_quant.freeze(emb.embedding[...])
     >>> emb(jnp.array([0, 4])).shape
     (2, 3)
   """
@@ -381,6 +376,7 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
   float_type = nnx.Embed
   weight_attr = "embedding"
   quant_attr = "embedding_quant"
+  act_optional = True
 
   @classmethod
   def _output_axes(cls, layer, path):
@@ -414,7 +410,7 @@ class ActQuant(nnx.Module):
   """An explicit activation-quantization point (residual adds, attention scores...).
 
   Put it anywhere in a model by hand: ``y = self.res_quant(x + h)``. It is
-  calibrated, frozen and trained like the input quantizers of the quantized
+  calibrated and trained like the input quantizers of the quantized
   layers (its ``quantizer`` is a :class:`~jaxqat.flax.nnx.Quantizer`). For
   a functional form with an explicit scale use
   :func:`jaxqat.core.quant_dequant`.
@@ -433,9 +429,8 @@ class ActQuant(nnx.Module):
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxqat.core import QuantSpec
-    >>> q = ActQuant(QuantSpec(format="int8"))
-    >>> _ = q(jnp.array([-2.0, 1.0]))
-    >>> q.quantizer.freeze()
+    >>> from jaxqat.flax.nnx import calibrate
+    >>> q = calibrate(ActQuant(QuantSpec(format="int8")), [jnp.array([-2.0, 1.0])])
     >>> q(jnp.array([1.0]))  # step 2/127
     Array([1.007874], dtype=float32)
   """
@@ -443,13 +438,13 @@ class ActQuant(nnx.Module):
   def __init__(self, spec: Optional[core.QuantSpec] = None, *, features: int = 1,
                stack_shape: Sequence[int] = ()):
     if spec is None:
-      from jaxqat.flax.nnx._convert import default_act_spec  # pylint: disable=g-import-not-at-top
-      spec = default_act_spec()
+      spec = core.default_act_spec()
     self.quantizer = Quantizer(spec, role=ACT, shape=(1, features), stack_shape=stack_shape)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Returns ``x`` fake-quantized (or observed, while calibrating)."""
     return self.quantizer(x)
 
-  def jaxqat_quantizers(self):
-    return [(self.quantizer, None)]
+  def jaxqat_weights(self):
+    """No weight: ``[((), None, quantizer)]``."""
+    return [((), None, self.quantizer)]

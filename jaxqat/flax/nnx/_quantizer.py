@@ -2,46 +2,59 @@
 
 A :class:`Quantizer` fake-quantizes either a layer's *weight* or its *input
 activation* with the numerics of :mod:`jaxqat.core`
-(:func:`jaxqat.core.quant_dequant`). Its state is typed (see
-:mod:`jaxqat.flax.nnx._variables`):
+(:func:`jaxqat.core.quant_dequant`). Its state has the names and types of
+the front-end contract (``docs/contract.md``):
 
-==================  ============================  ==========================
-spec.learning       ``scale``                     ``zero_point`` / ``offset``
-==================  ============================  ==========================
-``"fixed"``         :class:`QuantStat`            ``zero_point``: QuantStat
-                                                  (affine integer specs only)
-``"lsq"``           :class:`QuantParam` (step)    --
-``"lsq_plus"``      :class:`QuantParam` (step)    ``offset`` β: QuantParam
-block formats       --                            --
-==================  ============================  ==========================
+==================  ==========================================================
+spec.learning       state
+==================  ==========================================================
+``"fixed"``         ``scale`` (:class:`QuantStat`), ``zero_point``
+                    (:class:`QuantStat`, affine integer specs only)
+``"lsq"``           ``log_scale`` (:class:`QuantParam`, ``θ = log s``)
+``"lsq_plus"``      ``log_scale`` and ``offset`` β (:class:`QuantParam`)
+block formats       none (block scales are computed from the tensor)
+==================  ==========================================================
 
-Activation quantizers also hold the observer statistics
-(``stats``, an ``nnx.Dict`` of :class:`QuantStat`, one per entry of the
-:func:`jaxqat.core.observer` state).
+Learned step sizes are stored as logarithms
+(:func:`jaxqat.core.param_to_step_size`), so no optimizer step can make one
+zero or negative. Activation quantizers also hold the observer statistics
+(``stats``, an ``nnx.Dict`` of :class:`QuantStat`).
 
-**Mode.** ``Quantizer.mode`` is a *static Python attribute* (part of the
-NNX graph definition), one of:
+**Fixed-range weights track the weight.** A ``learning="fixed"`` weight
+quantizer computes its range from the weight it is given at every call
+(:func:`jaxqat.core.weight_range`: per channel, no gradient through the
+range), so no weight is stuck outside a stale range during QAT. :func:`freeze`
+stores the current range in ``scale``/``zero_point`` and stops the tracking;
+:func:`unfreeze` resumes it.
 
-* ``"calibrate"`` (the state right after conversion): activation quantizers
-  run the observer ``update`` on their input; every quantizer returns its
-  input unchanged, so the model computes in float while it is calibrated.
-* ``"quant"``: fake quantization with the stored (or learned) range.
-* ``"float"``: pass-through, no statistics (for float baselines/debugging).
+**Activations need a calibrated range.** An activation quantizer (other than
+a block format) that was never calibrated raises a ``ValueError`` naming its
+layer when the model is traced in ``"quant"`` mode. One that saw no finite
+value during :func:`calibrate` stays float (``disabled`` holds the reason).
 
-Because the mode is static, changing it (:func:`set_mode`, :func:`freeze`)
-changes the graph definition: an ``nnx.jit`` function traces once per mode
-(no retracing within a mode), and a ``jax.jit`` function over
-``nnx.split`` state must be given the new ``graphdef`` (split again after a
-mode change). Change modes outside of jitted code.
+**Mode.** ``Quantizer.mode`` is a *static Python attribute* (part of the NNX
+graph definition): ``"quant"`` (the default, fake quantization),
+``"float"`` (pass-through) or ``"calibrate"`` (used inside :func:`calibrate`:
+activation observers record their input, everything passes through). As
+``mode``, ``frozen`` and ``calibrated`` are static, changing them changes the
+graph definition: an ``nnx.jit`` function traces once per combination; a
+``jax.jit`` function over ``nnx.split`` state must be given the new
+``graphdef``.
 
 **Stacked layers.** Layers created with ``nnx.vmap`` (and applied with
 ``nnx.scan``) carry ``stack_shape`` leading axes on every parameter; the
-quantizer state gets the same leading axes (one range per layer), so
-``nnx.scan``/``nnx.vmap`` slice it together with the weights.
+quantizer state gets the same leading axes (one range per layer).
+
+**Compilation.** Ranges are computed by module-level jitted functions whose
+static arguments are the spec and the number of stacked axes, so calibrating
+or freezing a deep model compiles once per distinct (spec, shape), not once
+per quantizer.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import warnings
 from typing import Optional, Sequence
@@ -51,6 +64,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxqat import core
+from jaxqat.core import _report as report_lib
 from jaxqat.flax.nnx._variables import QuantParam
 from jaxqat.flax.nnx._variables import QuantStat
 
@@ -59,6 +73,7 @@ __all__ = ["Quantizer", "MODES", "WEIGHT", "ACT"]
 MODES = ("float", "calibrate", "quant")
 WEIGHT = "weight"
 ACT = "act"
+_UID = itertools.count()
 
 
 def _vmap_n(fn, n: int):
@@ -67,39 +82,52 @@ def _vmap_n(fn, n: int):
   return fn
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _weight_range(w, spec, k):
+  """``(scale, zero_point)`` of a (stacked, ``k`` leading axes) weight."""
+  return _vmap_n(lambda v: core.weight_range(v, spec), k)(w.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _observer_range(state, spec, k):
+  """``(scale, zero_point)`` from (stacked) observer statistics."""
+  return _vmap_n(core.observer(spec).compute, k)(state)
+
+
 class Quantizer(nnx.Module):
   """Fake-quantizes one tensor (a weight or an input activation).
 
   Args:
-    spec: the :class:`jaxqat.core.QuantSpec`.
+    spec: the :class:`jaxqat.core.QuantSpec` (granularity resolved).
     role: ``"weight"`` or ``"act"``.
     shape: the (unstacked) shape of the weight; for activations the shape of
       an example input without batch axes that fixes the channel count, e.g.
       ``(1, features)`` (only the last axis matters).
     stack_shape: leading axes of stacked (``nnx.vmap``-created) layers.
     path: the layer path, used in error messages.
+    weight: for learned (LSQ/LSQ+) weight quantizers, the (stacked) weight
+      that initialises the step size (and offset); default: step size 1.
+    optional: for activation quantizers, whether seeing no data during
+      :func:`calibrate` is expected (``Embed``'s query quantizer, used only
+      by ``attend``): it then stays float without a warning (reported).
 
   Raises:
     TypeError: if ``spec`` is not a QuantSpec.
     ValueError: if the spec does not fit ``shape`` (a per-channel axis out of
       range, a block size that does not divide its axis, a per-channel
       activation axis other than the last one) or has an unresolved
-      :class:`jaxqat.core.PerOutputChannel` granularity (weights: the layer
-      resolves it first; activations: not allowed), naming ``path``.
+      :class:`jaxqat.core.PerOutputChannel` granularity, naming ``path``.
     NotImplementedError: for stochastic rounding (needs a PRNG stream).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxqat.core import QuantSpec
-    >>> q = Quantizer(QuantSpec(format="int4"), role="act", shape=(1, 3))
-    >>> q.mode
-    'calibrate'
-    >>> _ = q(jnp.array([[-1.0, 0.5, 0.7]]))  # observed, returned unchanged
-    >>> q.freeze()
-    >>> float(q.scale[...]), q.mode  # absmax 1.0 / qmax 7
-    (0.14285714924335480, 'quant')
-    >>> q(jnp.array([0.3]))
-    Array([0.2857143], dtype=float32)
+    >>> w = Quantizer(QuantSpec(format="int4"), role="weight", shape=(2,))
+    >>> w(jnp.array([0.7, -0.35]))  # range tracks the weight: step 0.7/7
+    Array([ 0.7, -0.4], dtype=float32)
+    >>> a = Quantizer(QuantSpec(format="int4"), role="act", shape=(1, 3))
+    >>> a.mode, a.calibrated
+    ('quant', False)
   """
 
   def __init__(
@@ -110,6 +138,8 @@ class Quantizer(nnx.Module):
       shape: Sequence[int],
       stack_shape: Sequence[int] = (),
       path: str = "",
+      weight: Optional[jax.Array] = None,
+      optional: bool = False,
   ):
     if not isinstance(spec, core.QuantSpec):
       raise TypeError(f"{path or 'Quantizer'}: spec must be a jaxqat QuantSpec, got "
@@ -146,11 +176,17 @@ class Quantizer(nnx.Module):
     self.shape = shape
     self.stack_shape = stack_shape
     self.path = path
-    self.mode = "calibrate"
-    self.frozen = False
+    self.uid = next(_UID)  # identifies the quantizer across nnx.split/merge copies
+    self.mode = "quant"
+    self.frozen = False  # fixed-range weights: stored range instead of tracking
+    self.calibrated = role == WEIGHT or spec.is_block  # activations: range set by calibrate
+    self.optional = bool(optional)
+    self.disabled = ""  # why an activation quantizer stays float after calibrate
+    self.output_channel_spec = None  # intercepted weights: PerOutputChannel() resolved per op
     full = stack_shape + base
     self.scale = nnx.data(None)
     self.zero_point = nnx.data(None)
+    self.log_scale = nnx.data(None)
     self.offset = nnx.data(None)
     self.stats = nnx.data(None)
     if spec.is_block:
@@ -160,22 +196,106 @@ class Quantizer(nnx.Module):
       if spec.is_int and not spec.symmetric:
         self.zero_point = QuantStat(jnp.zeros(full, jnp.float32))
     else:
-      self.scale = QuantParam(jnp.ones(full, jnp.float32))
+      self.log_scale = QuantParam(jnp.zeros(full, jnp.float32))
       if spec.learning == "lsq_plus":
         self.offset = QuantParam(jnp.zeros(full, jnp.float32))
+      if role == WEIGHT and weight is not None:
+        self.init_from_weight(weight)
     if role == ACT:
-      init = core.observer(spec).init(jnp.zeros(shape, jnp.float32))
-      self.stats = nnx.Dict({
-          k: QuantStat(jnp.broadcast_to(jnp.asarray(v), stack_shape + jnp.shape(v)))
-          for k, v in init.items()})
+      self.reset_stats()
 
-  # ------------------------------------------------------------------ call
+  # ----------------------------------------------------------------- state
 
   def _where(self) -> str:
     return f"layer '{self.path}'" if self.path else "Quantizer"
 
-  def _fit(self, value, x_shape, name):
-    want = self.spec.scale_shape(x_shape)
+  @property
+  def needs_range(self) -> bool:
+    """Whether this is an activation quantizer that needs a calibrated range."""
+    return self.role == ACT and not self.spec.is_block
+
+  def reset_stats(self) -> None:
+    """Resets the observer statistics of an activation quantizer."""
+    if self.role != ACT or self.spec.is_block:
+      return
+    init = core.observer(self.spec).init(jnp.zeros(self.shape, jnp.float32))
+    stats = {k: QuantStat(jnp.broadcast_to(jnp.asarray(v), self.stack_shape + jnp.shape(v)))
+             for k, v in init.items()}
+    if self.stats is None:
+      self.stats = nnx.Dict(stats)
+    else:
+      for k, v in stats.items():
+        self.stats[k][...] = v[...]
+
+  def _set_range(self, scale, zp) -> None:
+    full = self.stack_shape + self.spec.scale_shape(self.shape)
+    scale = jnp.asarray(scale, jnp.float32).reshape(full)
+    zp = jnp.asarray(zp, jnp.float32).reshape(full)
+    if self.spec.learning == "fixed":
+      self.scale[...] = scale
+      if self.zero_point is not None:
+        self.zero_point[...] = zp
+      return
+    self.log_scale[...] = core.step_size_to_param(scale)
+    if self.offset is not None:
+      self.offset[...] = -zp * scale
+
+  def weight_range(self, weight: jax.Array):
+    """The current ``(scale, zero_point)`` of a (stacked) weight, one compile per (spec, shape)."""
+    scale, zp = _weight_range(jnp.asarray(weight), self.spec, len(self.stack_shape))
+    return scale, zp
+
+  def init_from_weight(self, weight: jax.Array) -> None:
+    """Initialises a learned weight step size (and LSQ+ offset) from ``weight``."""
+    if self.spec.is_block or self.spec.learning == "fixed":
+      return
+    self._set_range(*self.weight_range(weight))
+
+  def store_weight_range(self, weight: jax.Array) -> None:
+    """Stores a fixed-range weight quantizer's current range and stops tracking (freeze)."""
+    if self.role != WEIGHT or self.spec.is_block or self.spec.learning != "fixed":
+      return
+    self._set_range(*self.weight_range(weight))
+    self.frozen = True
+
+  def set_from_observer(self) -> bool:
+    """Sets an activation range from the observer statistics (end of calibration).
+
+    A learned step size is initialised from the calibrated range
+    (``log_scale = log s``) and an LSQ+ offset to ``β = -z·s`` (Bhalgat et al.
+    2020). A quantizer that saw no finite value stays float: ``disabled``
+    says why, and a :class:`jaxqat.core.QuantizationWarning` names the layer
+    (unless ``optional``).
+
+    Returns:
+      Whether the range was set.
+    """
+    if not self.needs_range:
+      return True
+    state = {key: v[...] for key, v in self.stats.items()}
+    scale, zp = _observer_range(state, self.spec, len(self.stack_shape))
+    seen = bool(jnp.all(state["count"] > 0))
+    ok = seen and bool(jnp.all(jnp.isfinite(scale) & (scale > 0)))
+    if not ok:
+      if self.optional:
+        self.disabled = ("attend() was not called during calibration (lookup only); the query "
+                         "of attend stays float")
+      else:
+        self.disabled = ("saw no finite input during calibration (no batch reached it, or "
+                         "every value was NaN/inf); its input stays float")
+        warnings.warn(f"jaxqat: {self._where()}: the input quantizer {self.disabled}",
+                      core.QuantizationWarning, stacklevel=3)
+      self.calibrated = False
+      return False
+    self._set_range(scale, zp)
+    self.calibrated = True
+    self.disabled = ""
+    return True
+
+  # ------------------------------------------------------------------ call
+
+  def _fit(self, value, spec, x_shape, name):
+    want = spec.scale_shape(x_shape)
     if value.shape == want:
       return value
     if value.size == math.prod(want):
@@ -185,20 +305,55 @@ class Quantizer(nnx.Module):
         f"does not fit an input of shape {tuple(x_shape)} (expected {want}). A layer created "
         "with nnx.vmap must be called inside nnx.scan/nnx.vmap.")
 
-  def qparams(self, x_shape):
-    """The ``(scale, zero_point_or_offset)`` passed to ``quant_dequant`` for ``x_shape``."""
-    if self.spec.is_block:
-      return None, None
-    scale = self._fit(self.scale[...], x_shape, "scale")
-    if self.spec.learning == "lsq_plus":
-      return scale, self._fit(self.offset[...], x_shape, "offset")
-    if self.zero_point is not None:
-      return scale, self._fit(self.zero_point[...], x_shape, "zero_point")
-    return scale, None
+  def __call__(self, x: jax.Array, *, spec: Optional[core.QuantSpec] = None) -> jax.Array:
+    """Fake-quantizes ``x`` (``"quant"``), observes it (``"calibrate"``) or not.
+
+    Args:
+      x: the weight or activation (floating point).
+      spec: for a tracking fixed-range weight quantizer, a spec to use
+        instead of ``self.spec`` (an intercepted op that resolves
+        ``PerOutputChannel()`` to other axes).
+
+    Returns:
+      An array of ``x``'s shape and dtype.
+
+    Raises:
+      ValueError: in ``"quant"`` mode, if an activation quantizer that needs
+        a range was never calibrated (naming the layer).
+    """
+    if self.mode == "float":
+      return x
+    if self.mode == "calibrate":
+      if self.role == ACT and self.stats is not None:
+        self._observe(x)
+      return x
+    spec = self.spec if spec is None else spec
+    if spec.is_block:
+      return core.quant_dequant(x, spec)
+    if self.role == ACT and not self.calibrated:
+      if self.disabled:
+        return x
+      raise ValueError(
+          f"{self._where()}: the input quantizer was never calibrated; run "
+          "jaxqat.flax.nnx.calibrate(model, data) before using the model in 'quant' mode (or "
+          "quantize this layer with a rule without an act spec)")
+    if spec.learning == "fixed":
+      if self.role == WEIGHT and not self.frozen:
+        scale, zp = core.weight_range(x, spec)
+      else:
+        scale = self._fit(self.scale[...], spec, x.shape, "scale")
+        zp = None if self.zero_point is None else self._fit(
+            self.zero_point[...], spec, x.shape, "zero_point")
+      if not spec.is_int or spec.symmetric:
+        zp = None
+      return core.quant_dequant(x, spec, scale, zp)
+    scale = core.param_to_step_size(self._fit(self.log_scale[...], spec, x.shape, "log_scale"))
+    offset = None
+    if spec.learning == "lsq_plus":
+      offset = self._fit(self.offset[...], spec, x.shape, "offset")
+    return core.quant_dequant(x, spec, scale, offset=offset)
 
   def _observe(self, x):
-    if self.stats is None:
-      return
     obs = core.observer(self.spec)
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
     x = x.reshape(-1, x.shape[-1] if x.ndim else 1)
@@ -207,98 +362,12 @@ class Quantizer(nnx.Module):
     for k, v in new.items():
       self.stats[k][...] = v
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Fake-quantizes ``x`` (``"quant"``), observes it (``"calibrate"``) or not.
-
-    Args:
-      x: the weight or activation (floating point).
-
-    Returns:
-      An array of ``x``'s shape and dtype.
-    """
-    if self.mode == "float":
-      return x
-    if self.mode == "calibrate":
-      if self.role == ACT:
-        self._observe(x)
-      return x
-    scale, zp = self.qparams(x.shape)
-    if self.spec.learning == "lsq_plus":
-      return core.quant_dequant(x, self.spec, scale, offset=zp)
-    return core.quant_dequant(x, self.spec, scale, zp)
-
-  # ---------------------------------------------------------------- freeze
-
-  def freeze(self, weight: Optional[jax.Array] = None, *, unseen: str = "raise") -> None:
-    """Computes the range and switches to ``"quant"`` mode.
-
-    Activation quantizers compute ``(scale, zero_point)`` from their observer
-    statistics; weight quantizers calibrate directly on ``weight`` (no data
-    needed). ``learning="lsq"`` initializes the step size with the scale;
-    ``"lsq_plus"`` also sets the offset ``β = -z·s`` (Bhalgat et al. 2020).
-    A quantizer that is already frozen is left unchanged.
-
-    Args:
-      weight: the (stacked) weight, for weight quantizers.
-      unseen: what to do when an activation quantizer saw no data:
-        ``"raise"`` a ValueError, or ``"warn"`` and leave it in ``"float"``
-        mode (used for intercepted modules, whose parameters may turn out
-        not to feed a matmul).
-
-    Raises:
-      ValueError: if an activation quantizer saw no data, or a computed scale
-        is not finite and positive; the message names the layer.
-    """
-    if self.frozen:
-      self.mode = "quant"
-      return
-    if not self.spec.is_block:
-      obs = core.observer(self.spec)
-      k = len(self.stack_shape)
-      if self.role == WEIGHT:
-        if weight is None:
-          raise ValueError(f"{self._where()}: a weight quantizer needs the weight to freeze")
-        w = jnp.asarray(weight, jnp.float32)
-
-        def from_weight(w):
-          return obs.compute(obs.update(obs.init(w), w))
-
-        scale, zp = jax.jit(_vmap_n(from_weight, k))(w)
-      else:
-        state = {key: v[...] for key, v in self.stats.items()}
-        if "count" in state and bool(jnp.any(state["count"] == 0)):
-          if unseen == "warn":
-            warnings.warn(f"jaxqat: {self._where()}: the input quantizer saw no data during "
-                          "calibration; it stays in float", stacklevel=3)
-            self.mode = "float"
-            return
-          raise ValueError(
-              f"{self._where()}: the input quantizer saw no data during calibration; run "
-              "calibrate(model, batches) with batches that reach this layer (or quantize it "
-              "with a rule without an activation spec)")
-        scale, zp = jax.jit(_vmap_n(obs.compute, k))(state)
-      scale = jnp.asarray(scale, jnp.float32).reshape(self.scale.shape)
-      zp = jnp.asarray(zp, jnp.float32).reshape(self.scale.shape)
-      if not bool(jnp.all(jnp.isfinite(scale) & (scale > 0))):
-        raise ValueError(f"{self._where()}: calibration gave a scale that is not finite and "
-                         f"positive for the {self.role} (min {float(jnp.min(scale))}); check "
-                         "the calibration data for NaN/Inf")
-      self.scale[...] = scale
-      if self.spec.learning == "lsq_plus":
-        self.offset[...] = -zp * scale
-      elif self.zero_point is not None:
-        self.zero_point[...] = zp
-    self.frozen = True
-    self.mode = "quant"
-
   def describe(self) -> str:
     """A one-line description of the spec, for reports.
 
     Examples:
       >>> from jaxqat.core import QuantSpec
       >>> Quantizer(QuantSpec(), role="weight", shape=(2, 3)).describe()
-      'int8 PerTensor() symmetric fixed'
+      'int8 per-tensor symmetric fixed'
     """
-    s = self.spec
-    return (f"{s.format.name} {s.granularity} {'symmetric' if s.symmetric else 'affine'} "
-            f"{s.learning}")
+    return report_lib.describe_spec(self.spec)

@@ -8,7 +8,7 @@ from the model's own parameters:
   (Esser et al. 2020) and the LSQ+ offset (Bhalgat et al. 2020). Being a
   ``Param``, it is trained by ``nnx.Optimizer(model, tx, wrt=nnx.Param)``;
   being its own type, ``optax.multi_transform`` (see
-  :func:`jaxqat.flax.nnx.param_labels`) can give it its own learning rate
+  :func:`jaxqat.flax.nnx.qat_optimizer`) can give it its own learning rate
   and no weight decay.
 * :class:`QuantStat` -- a plain :class:`flax.nnx.Variable` (not a ``Param``)
   for everything that is *not* trained: observer statistics and calibrated

@@ -1,40 +1,66 @@
-"""PTQ/QAT workflow for NNX models: calibrate, freeze, set modes, optimizer labels.
+"""PTQ/QAT workflow for NNX models: calibrate, freeze/unfreeze, modes, the optimizer.
 
-The steps, after :func:`jaxqat.flax.nnx.quantize`:
+The steps, after :func:`jaxqat.flax.nnx.quantize` (the verbs of
+``docs/contract.md``):
 
 1. **Calibrate** (post-training quantization): :func:`calibrate` runs a few
-   batches through the model with every quantizer in ``"calibrate"`` mode
-   (the model computes in float while the activation observers of
-   :func:`jaxqat.core.observer` collect statistics), then :func:`freeze`.
-2. **Freeze**: each quantizer computes its range (activations from their
-   observer, weights directly from the weight), initializes learned LSQ/LSQ+
-   parameters from it and switches to ``"quant"`` mode.
-3. **QAT**: train with any optax optimizer; :func:`param_labels` lets
-   ``optax.multi_transform`` give :class:`QuantParam` its own learning rate and
-   no weight decay.
-4. **Inference**: the model in ``"quant"`` mode computes the fake-quantized
-   forward pass.
+   batches through the model in float while the activation observers of
+   :func:`jaxqat.core.observer` record the layer inputs, then sets every
+   activation range, initialises learned step sizes and LSQ+ offsets, and
+   leaves the model in ``"quant"`` mode.
+2. **QAT**: train with ``nnx.Optimizer(model, qat_optimizer(model, tx,
+   quant_tx), wrt=nnx.Param)``. Fixed-range weight quantizers recompute
+   their range from the current weights at every step.
+3. **Freeze** (for conversion/export, or on request): :func:`freeze` stores
+   the current weight ranges and stops the tracking; :func:`unfreeze`
+   resumes it.
+4. **Compare**: :func:`set_mode` ``"float"`` runs the float model, ``"quant"``
+   the fake-quantized one.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional
+import numbers
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
+import optax
 from flax import nnx
 
-from jaxqat.flax.nnx._intercept import InterceptMixin
-from jaxqat.flax.nnx._quantizer import MODES
+from jaxqat.flax.nnx import _intercept
+from jaxqat.flax.nnx._convert import is_quantized
+from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
+from jaxqat.flax.nnx._quantizer import WEIGHT
 from jaxqat.flax.nnx._variables import QuantParam
 
-__all__ = ["quantizers", "set_mode", "freeze", "calibrate", "param_labels"]
+__all__ = ["quantizers", "set_mode", "freeze", "unfreeze", "calibrate", "qat_optimizer"]
+
+_USER_MODES = ("quant", "float")
 
 
-def _owners(model) -> Iterator[tuple[tuple, object]]:
+def _get(module, parts):
+  obj = module
+  for p in parts:
+    obj = obj[p] if isinstance(obj, (nnx.List, nnx.Dict)) else getattr(obj, p)
+  return obj
+
+
+def _owners(model) -> Iterator[tuple[tuple, Any]]:
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and hasattr(type(node), "jaxqat_quantizers"):
+    if isinstance(node, nnx.Module) and hasattr(type(node), "jaxqat_weights"):
       yield tuple(path), node
+
+
+def _weight_quantizers(model) -> list[tuple[Quantizer, Any]]:
+  """``[(weight quantizer, its weight array)]``, each quantizer once."""
+  out, seen = [], set()
+  for _, owner in _owners(model):
+    for parts, wq, _ in owner.jaxqat_weights():
+      if wq is not None and id(wq) not in seen:
+        seen.add(id(wq))
+        out.append((wq, _get(owner, parts)[...]))
+  return out
 
 
 def quantizers(model: nnx.Module) -> list[Quantizer]:
@@ -49,23 +75,34 @@ def quantizers(model: nnx.Module) -> list[Quantizer]:
   return [n for _, n in nnx.iter_graph(model) if isinstance(n, Quantizer)]
 
 
-def set_mode(model: nnx.Module, mode: str, *, role: Optional[str] = None) -> nnx.Module:
-  """Sets the mode of every quantizer (or of one role) in ``model``.
+def _check_model(model, fn: str) -> list[Quantizer]:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  qs = quantizers(model)
+  if not qs and not is_quantized(model):
+    raise ValueError(f"model: {fn} needs a quantized model; run "
+                     "jaxqat.flax.nnx.quantize(model, rules) first")
+  return qs
 
-  ``"calibrate"`` also un-freezes the quantizers, so that the next
-  :func:`freeze` recomputes their ranges (re-initializing LSQ step sizes).
+
+def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
+  """Sets every quantizer of ``model`` to ``"quant"`` or ``"float"``.
+
+  ``"quant"`` (the default after :func:`quantize`) fake-quantizes;
+  ``"float"`` makes every quantizer pass its input through: the float model,
+  for comparison. The mode is static (part of the graph definition): set it
+  outside of jitted code.
 
   Args:
     model: a quantized model.
-    mode: ``"float"``, ``"calibrate"`` or ``"quant"``.
-    role: ``"weight"`` or ``"act"`` to change only those quantizers.
+    mode: ``"quant"`` or ``"float"``.
 
   Returns:
     ``model`` (changed in place).
 
   Raises:
-    ValueError: on an unknown ``mode`` or ``role``, or ``"quant"`` for a
-      quantizer that was never frozen.
+    TypeError: if ``model`` is not an NNX module.
+    ValueError: on another ``mode``, or a model that is not quantized.
 
   Examples:
     >>> from flax import nnx
@@ -74,30 +111,21 @@ def set_mode(model: nnx.Module, mode: str, *, role: Optional[str] = None) -> nnx
     >>> {q.mode for q in quantizers(m)}
     {'float'}
   """
-  if mode not in MODES:
-    raise ValueError(f"mode: must be one of {MODES}, got {mode!r}")
-  if role not in (None, "weight", "act"):
-    raise ValueError(f"role: must be None, 'weight' or 'act', got {role!r}")
-  for q in quantizers(model):
-    if role is not None and q.role != role:
-      continue
-    if mode == "quant" and not q.frozen:
-      raise ValueError(f"set_mode: quantizer of layer '{q.path}' was never frozen; run "
-                       "calibrate(model, batches) or freeze(model) first")
-    if mode == "calibrate":
-      q.frozen = False
+  if mode not in _USER_MODES:
+    raise ValueError(f"mode: must be one of {_USER_MODES}, got {mode!r}")
+  for q in _check_model(model, "set_mode"):
     q.mode = mode
   return model
 
 
 def freeze(model: nnx.Module) -> nnx.Module:
-  """Computes every unfrozen quantizer's range and switches it to ``"quant"``.
+  """Stores the current fixed-range weight ranges and stops their per-step tracking.
 
-  Activation quantizers use their observer statistics (collected by
-  :func:`calibrate`); weight quantizers calibrate on the current weight, so a
-  weight-only model needs no data: ``freeze(quantize(model, rules))``.
-  LSQ step sizes are initialized from the calibrated scale, LSQ+ offsets to
-  ``β = -z·s``.
+  During QAT a ``learning="fixed"`` weight quantizer recomputes its range
+  from the current weight at every call; after ``freeze`` it uses the range
+  stored here (in ``scale``/``zero_point``), as a converted or exported
+  model does. Learned (LSQ) and activation ranges are not affected. Ranges
+  are computed by one jitted function per distinct (spec, weight shape).
 
   Args:
     model: a quantized model.
@@ -106,7 +134,8 @@ def freeze(model: nnx.Module) -> nnx.Module:
     ``model`` (changed in place).
 
   Raises:
-    ValueError: if an activation quantizer saw no data (naming the layer).
+    TypeError: if ``model`` is not an NNX module.
+    ValueError: if ``model`` is not quantized.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -114,50 +143,88 @@ def freeze(model: nnx.Module) -> nnx.Module:
     >>> from jaxqat.core import Rule, QuantSpec
     >>> from jaxqat.flax.nnx import quantize
     >>> m = quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), Rule(pattern=".*", weight=QuantSpec()))
-    >>> {q.mode for q in quantizers(freeze(m))}
-    {'quant'}
+    >>> freeze(m).kernel_quant.frozen, unfreeze(m).kernel_quant.frozen
+    (True, False)
   """
-  seen = set()
-  for _, owner in _owners(model):
-    unseen = "warn" if isinstance(owner, InterceptMixin) else "raise"
-    for q, w in owner.jaxqat_quantizers():
-      if id(q) not in seen:
-        seen.add(id(q))
-        q.freeze(w, unseen=unseen)
-  for q in quantizers(model):  # any quantizer outside a known owner
-    if id(q) not in seen:
-      q.freeze(None)
+  _check_model(model, "freeze")
+  for wq, w in _weight_quantizers(model):
+    wq.store_weight_range(w)
   return model
 
 
-def calibrate(
-    model: nnx.Module,
-    batches: Iterable,
-    *,
-    forward: Optional[Callable] = None,
-    freeze_after: bool = True,
-    jit: bool = True,
-) -> nnx.Module:
-  """Post-training calibration: observe a few batches, then :func:`freeze`.
-
-  Every unfrozen quantizer is put in ``"calibrate"`` mode (float compute,
-  observers on), each batch is run through ``forward(model, batch)``, and the
-  ranges are computed.
+def unfreeze(model: nnx.Module) -> nnx.Module:
+  """Resumes the per-step range tracking of fixed-range weight quantizers.
 
   Args:
     model: a quantized model.
-    batches: an iterable of inputs (anything ``forward`` accepts).
-    forward: ``forward(model, batch)``; default ``model(batch)``.
-    freeze_after: call :func:`freeze` at the end (default True).
-    jit: run ``forward`` under ``nnx.jit`` (one trace for all batches of one
-      shape).
 
   Returns:
     ``model`` (changed in place).
 
   Raises:
-    ValueError: if ``batches`` is empty, or an activation quantizer saw no
-      data (naming the layer).
+    TypeError: if ``model`` is not an NNX module.
+    ValueError: if ``model`` is not quantized.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from jaxqat.flax.nnx import quantize
+    >>> unfreeze(quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))).kernel_quant.frozen
+    False
+  """
+  for q in _check_model(model, "unfreeze"):
+    if q.role == WEIGHT:
+      q.frozen = False
+  return model
+
+
+def _call(model, batch):
+  if isinstance(batch, tuple):
+    return model(*batch)
+  if isinstance(batch, dict):
+    return model(**batch)
+  return model(batch)
+
+
+def calibrate(
+    model: nnx.Module,
+    data: Iterable,
+    *,
+    steps: Optional[int] = None,
+    forward: Optional[Callable[[nnx.Module, Any], Any]] = None,
+) -> nnx.Module:
+  """Post-training calibration: observe the data, set ranges, leave the model quantized.
+
+  The data runs through the model in float (every quantizer passes its
+  input through) while the activation observers record the layer inputs
+  (non-finite values are ignored). Then every activation range is set from
+  its observer; learned step sizes are initialised (activations from the
+  calibrated range, weights from the current weights; stored as
+  ``log_scale``) and LSQ+ offsets set to ``β = -z·s``; ``PerOutputChannel()``
+  weights of intercepted modules are resolved per op; frozen weight ranges
+  are refreshed. The model is left in ``"quant"`` mode. Every range is
+  computed by one jitted function per distinct (spec, shape).
+
+  An activation quantizer that saw no batch, or no finite value, stays float
+  with a :class:`jaxqat.core.QuantizationWarning` naming its layer (the
+  :func:`report` says so). ``Embed``'s query quantizer, used only by
+  ``attend``, stays float silently when ``attend`` was not called.
+
+  Args:
+    model: a quantized model.
+    data: an iterable of batches: each an array (``model(batch)``), a tuple
+      of positional arguments (``model(*batch)``) or a dict of keyword
+      arguments (``model(**batch)``).
+    steps: the largest number of batches to use (default: all).
+    forward: ``forward(model, batch)`` to run instead of calling the model
+      (it is jitted with ``nnx.jit``).
+
+  Returns:
+    ``model`` (changed in place).
+
+  Raises:
+    TypeError: if ``model`` is not an NNX module.
+    ValueError: if ``model`` is not quantized, ``data`` is empty or
+      ``steps`` is not a positive int.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -168,42 +235,82 @@ def calibrate(
     >>> round(float(m.input_quant.scale[...]) * 255, 5)  # affine int8 over [-1, 1]
     2.0
   """
-  for q in quantizers(model):
-    if not q.frozen:
-      q.mode = "calibrate"
-  fwd = forward if forward is not None else (lambda m, b: m(b))
+  if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool)
+                            or steps < 1):
+    raise ValueError(f"steps: must be a positive int or None, got {steps!r}")
+  if forward is not None and not callable(forward):
+    raise TypeError(f"forward: expected a callable forward(model, batch), got "
+                    f"{type(forward).__name__}")
+  qs = _check_model(model, "calibrate")
+  fwd = forward if forward is not None else _call
 
   def step(m, b):
     fwd(m, b)
 
-  step_fn = nnx.jit(step) if jit else step
+  step_fn = nnx.jit(step)
+  _intercept.take_resolutions()
+  for q in qs:
+    q.mode = "calibrate"
+    if q.role == ACT:
+      q.reset_stats()
   n = 0
-  for b in batches:
-    step_fn(model, b)
-    n += 1
+  try:
+    for b in data:
+      if steps is not None and n >= steps:
+        break
+      step_fn(model, b)
+      n += 1
+  finally:
+    for q in qs:
+      q.mode = "quant"
   if n == 0:
-    raise ValueError("batches: calibration needs at least one batch, got an empty iterable")
-  if freeze_after:
-    freeze(model)
+    raise ValueError("data: calibration needs at least one batch, got an empty iterable")
+  resolved = _intercept.take_resolutions()
+  for _, owner in _owners(model):
+    if isinstance(owner, _intercept.InterceptMixin) and owner.jaxqat_weight_quant is not None:
+      for name in list(owner.jaxqat_weight_quant.keys()):
+        wq = owner.jaxqat_weight_quant[name]
+        if wq.output_channel_spec is not None and wq.uid in resolved:
+          _intercept.reresolve(owner, name, resolved[wq.uid])
+  for q in quantizers(model):
+    if q.role == ACT:
+      q.set_from_observer()
+  for wq, w in _weight_quantizers(model):
+    if wq.frozen:
+      wq.store_weight_range(w)
+    else:
+      wq.init_from_weight(w)
   return model
 
 
-def param_labels(model: nnx.Module, *, quant: str = "quant", other: str = "params") -> Callable:
-  """A labelling function for ``optax.multi_transform``: QuantParam vs the rest.
+def _key_of(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return k
 
-  The returned function maps a parameter tree (an ``nnx.State`` of Variables
-  as given to ``tx.init`` by ``nnx.Optimizer``, or the matching tree of
-  arrays given to ``tx.update``) to the same tree of labels: ``quant`` for
-  :class:`QuantParam` leaves (LSQ step sizes and offsets) and ``other`` for
-  everything else.
+
+def qat_optimizer(model: nnx.Module, tx: optax.GradientTransformation,
+                  quant_tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """An optax transformation: ``quant_tx`` for quantizer parameters, ``tx`` for the rest.
+
+  Quantizer parameters (:class:`QuantParam`: the learned ``log_scale`` and
+  LSQ+ ``offset``) get their own learning rate and no weight decay (pass a
+  ``quant_tx`` without decay); every other trainable parameter gets ``tx``.
+  Use it as ``nnx.Optimizer(model, qat_optimizer(model, tx, quant_tx),
+  wrt=nnx.Param)``, after :func:`calibrate`.
 
   Args:
     model: the quantized model (read once, for the paths of its QuantParams).
-    quant: the label of quantizer parameters.
-    other: the label of all other parameters.
+    tx: the transformation of the model's own parameters.
+    quant_tx: the transformation of the quantizer parameters.
 
   Returns:
-    ``labels_fn(params) -> labels``.
+    An ``optax.GradientTransformation`` (an ``optax.multi_transform``).
+
+  Raises:
+    TypeError: if ``model`` is not an NNX module or ``tx``/``quant_tx`` are
+      not optax transformations.
 
   Examples:
     >>> import jax, optax
@@ -212,30 +319,29 @@ def param_labels(model: nnx.Module, *, quant: str = "quant", other: str = "param
     >>> from jaxqat.flax.nnx import quantize
     >>> m = quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
     ...              Rule(pattern=".*", weight=QuantSpec(learning="lsq")))
-    >>> tx = optax.multi_transform({"params": optax.adamw(1e-3, weight_decay=1e-4),
-    ...                             "quant": optax.adam(1e-2)}, param_labels(m))
-    >>> opt = nnx.Optimizer(m, tx, wrt=nnx.Param)
-    >>> sorted(jax.tree.leaves(param_labels(m)(nnx.state(m, nnx.Param))))
-    ['params', 'params', 'quant']
+    >>> opt = nnx.Optimizer(m, qat_optimizer(m, optax.adamw(1e-3), optax.adam(1e-2)),
+    ...                     wrt=nnx.Param)
+    >>> type(opt).__name__
+    'Optimizer'
   """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  for name, t in (("tx", tx), ("quant_tx", quant_tx)):
+    if not (hasattr(t, "init") and hasattr(t, "update")):
+      raise TypeError(f"{name}: expected an optax.GradientTransformation, got "
+                      f"{type(t).__name__}")
   qpaths = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(model, QuantParam))}
-
-  def key_of(k):
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        return getattr(k, attr)
-    return k
 
   def labels_fn(params):
     def label(path, leaf):
       if isinstance(leaf, nnx.Variable):
-        return quant if isinstance(leaf, QuantParam) else other
-      parts = tuple(key_of(k) for k in path)
+        return "quant" if isinstance(leaf, QuantParam) else "params"
+      parts = tuple(_key_of(k) for k in path)
       if parts in qpaths or parts[:-1] in qpaths and parts[-1:] == ("value",):
-        return quant
-      return other
+        return "quant"
+      return "params"
 
     return jax.tree_util.tree_map_with_path(
         label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-  return labels_fn
+  return optax.multi_transform({"params": tx, "quant": quant_tx}, labels_fn)
