@@ -95,8 +95,7 @@ def _ptq(rules, params, xtr, xte, yte):
   qmodel = ql.quantize(CNN(), rules)
   v = jax.jit(qmodel.init)(jax.random.key(0), xtr[:1])
   v = {**v, "params": params}  # the float checkpoint loads unchanged
-  v = ql.calibrate(qmodel, v, [xtr[:600]])
-  v = ql.freeze(qmodel, v, xtr[:200])
+  v = ql.calibrate(qmodel, v, [xtr[:600]])  # ranges set, LSQ step sizes initialised
   return qmodel, v, _accuracy(qmodel.apply, v, xte, yte)
 
 
@@ -120,7 +119,7 @@ def test_digits_float_ptq_qat():
   t2 = time.time()
   trainable = {"params": v["params"], "quant_params": v["quant_params"]}
   lr = optax.cosine_decay_schedule(1e-3, 4 * 28)
-  tx = ql.qat_optimizer(optax.adamw(lr, weight_decay=1e-3), optax.adam(lr))  # no decay on steps
+  tx = ql.qat_optimizer(qmodel, optax.adamw(lr, weight_decay=1e-3), optax.adam(lr))  # no decay on steps
   trainable = _train(lambda t, x: qmodel.apply({**v, **t}, x), trainable, tx, xtr, ytr,
                      epochs=4, seed=2)
   acc_w4_qat = _accuracy(qmodel.apply, {**v, **trainable}, xte, yte)

@@ -64,7 +64,7 @@ def test_nnx_and_linen_agree(name):
   x = jax.random.uniform(jax.random.key(1), (8, 6, 6, 2), minval=-0.5, maxval=1.5)
   qlinen = ql.quantize(LinenNet(), rules)
   v = jax.jit(qlinen.init)(jax.random.key(0), x)
-  v = ql.freeze(qlinen, ql.calibrate(qlinen, v, [x]), x)
+  v = ql.calibrate(qlinen, v, [x])
 
   model = NNXNet(nnx.Rngs(0))
   for layer in ("Conv_0", "Dense_0", "Dense_1"):  # copy the Linen weights
