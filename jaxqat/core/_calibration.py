@@ -320,23 +320,13 @@ def _fallback_zero_point(cfg: _Config) -> float:
   return float(min(max(0.0, cfg.qmin), cfg.qmax)) if not cfg.symmetric else 0.0
 
 
-def _div_exact(a: Array, c: float) -> Array:
-  """``a / c`` correctly rounded.
-
-  XLA rewrites a division by a broadcast constant into a multiplication by
-  its (rounded) reciprocal, which can be one ulp off ``a / c``; dividing by a
-  full array hidden behind an optimization barrier keeps the true quotient.
-  """
-  return a / jax.lax.optimization_barrier(jnp.full(a.shape, c, a.dtype))
-
-
 def _scale_zp(lo: Array, hi: Array, cfg: _Config) -> tuple[Array, Array]:
   """Scale and zero point for the range [lo, hi] (elementwise), with fallbacks."""
   lo = lo.astype(_F32)
   hi = hi.astype(_F32)
   if cfg.symmetric:
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    s = _div_exact(amax, cfg.qmax)
+    s = _grid.div_exact(amax, cfg.qmax)
     good = jnp.isfinite(s) & (s > 0)
     s = jnp.where(good, jnp.maximum(s, _grid.SCALE_EPS), 1.0).astype(_F32)
     return s, jnp.zeros_like(s)
@@ -345,7 +335,7 @@ def _scale_zp(lo: Array, hi: Array, cfg: _Config) -> tuple[Array, Array]:
   n = cfg.qmax - cfg.qmin
   width = hi0 - lo0
   # (hi0 - lo0) / n, without overflowing for ranges near the float32 limit.
-  s = jnp.where(jnp.isfinite(width), _div_exact(width, n), hi0 / n - lo0 / n)
+  s = jnp.where(jnp.isfinite(width), _grid.div_exact(width, n), hi0 / n - lo0 / n)
   good = jnp.isfinite(s) & (s > 0)
   s = jnp.where(good, jnp.maximum(s, _grid.SCALE_EPS), 1.0).astype(_F32)
   z = jnp.clip(jnp.round(cfg.qmin - lo0 / s), cfg.qmin, cfg.qmax)

@@ -1,12 +1,17 @@
 """Fake quantization (quantize then dequantize) with straight-through gradients.
 
-Every primitive here is a :func:`jax.custom_vjp`. The forward pass is the
-exact arithmetic of :func:`jaxqat.core.quantize` followed by
-:func:`jaxqat.core.dequantize`: clip to the grid's range, round half to
-even, scale back. The backward pass is a straight-through estimator (STE).
+Every primitive here is a :func:`jax.custom_jvp` with a *linear* tangent
+rule, the straight-through estimator (STE); reverse mode is the transpose of
+that rule, so ``grad``, ``jvp``/``jacfwd`` and higher derivatives (a
+Hessian) all follow the STE. The forward pass is the exact arithmetic of
+:func:`jaxqat.core.quantize` followed by :func:`jaxqat.core.dequantize`:
+clip to the grid's range, round half to even, scale back.
 
 Gradient convention ("textbook STE"): the gradient that reaches ``x`` is the
-incoming gradient masked to zero where ``x`` was clipped. A layer computing
+incoming gradient masked to zero where ``x`` was clipped, that is strictly
+outside the grid's range: a value exactly on ``qmin`` or ``qmax`` (after
+scaling and shifting) passes the gradient, in every primitive (an inclusive
+range). A layer computing
 ``x @ fake_quant(w)`` therefore back-propagates ``g @ w_q^T`` to ``x`` -- the
 *quantized* operand -- and ``x^T g`` masked by the clip range to ``w``.
 
@@ -29,6 +34,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxqat.core import _grid
 from jaxqat.core import _formats as formats_lib
@@ -68,24 +74,26 @@ def _fq_forward(x, scale, zero_point, noise, fmt):
   return y.astype(x.dtype), inside
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _fake_quant(x, scale, zero_point, noise, fmt):
   return _fq_forward(x, scale, zero_point, noise, fmt)[0]
 
 
-def _fake_quant_fwd(x, scale, zero_point, noise, fmt):
-  y, inside = _fq_forward(x, scale, zero_point, noise, fmt)
-  return y, (inside, scale, zero_point, noise)
+@_fake_quant.defjvp
+def _fake_quant_jvp(fmt, primals, tangents):
+  """Linear STE tangent; reverse mode is its transpose, ``where(inside, g, 0)``.
+
+  The primal output comes from ``_fake_quant`` itself, so that higher-order
+  derivatives use this rule again (a Hessian sees the STE, not the zero
+  derivative of ``round``).
+  """
+  x, scale, zero_point, noise = primals
+  x_dot = tangents[0]
+  y = _fake_quant(x, scale, zero_point, noise, fmt)
+  inside = _fq_forward(x, scale, zero_point, noise, fmt)[1]
+  return y, jnp.where(inside, x_dot, jnp.zeros_like(x_dot))
 
 
-def _fake_quant_bwd(fmt, res, g):
-  inside, scale, zero_point, noise = res
-  gx = jnp.where(inside, g, jnp.zeros_like(g))
-  zeros = lambda a: None if a is None else jnp.zeros_like(a)
-  return gx, zeros(scale), zeros(zero_point), zeros(noise)
-
-
-_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 # Jitted entry points: eager calls compile one program instead of one per op.
 _fake_quant_jit = jax.jit(_fake_quant, static_argnums=(4,))
 
@@ -121,8 +129,18 @@ def fake_quant(
      \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}
        \cdot \mathbb{1}[q_{min} - z \le x/s \le q_{max} - z]
 
-  ``scale`` and ``zero_point`` receive zero gradients (use
-  :func:`lsq_fake_quant` to learn them). Scales below ``1e-12`` are clamped.
+  The range is inclusive: an element landing exactly on :math:`q_{min}` or
+  :math:`q_{max}` passes the gradient. ``scale`` and ``zero_point`` receive
+  zero gradients (use :func:`lsq_fake_quant` to learn them). The tangent
+  (``jax.jvp``) is the same mask times the input tangent, so a second
+  derivative follows the STE too (``jax.hessian`` of ``sum(y**2)`` is
+  ``2 * mask`` on the diagonal). Scales below ``1e-12`` are clamped.
+
+  Concrete arguments are validated: a NaN or infinite ``scale``, or a
+  ``zero_point`` that is not an integer in ``[qmin, qmax]``, is an error.
+  Traced values (inside ``jit``/``grad``/``vmap``) cannot be checked: there a
+  non-finite scale gives NaN outputs and an out-of-range zero point clips
+  every code.
 
   Args:
     x: a floating point array (float32, bfloat16, float16 or float64).
@@ -139,9 +157,11 @@ def fake_quant(
 
   Raises:
     TypeError: if ``x`` is not floating point or ``spec`` is not a QuantSpec.
-    ValueError: if ``scale`` / ``zero_point`` have the wrong shape, an axis is
-      out of range, a block size does not divide its axis, a float format is
-      given a zero point, or stochastic rounding has no key.
+    ValueError: if ``scale`` / ``zero_point`` have the wrong shape, a concrete
+      ``scale`` is NaN or infinite, a concrete ``zero_point`` is not an
+      integer in ``[qmin, qmax]``, an axis is out of range, a block size does
+      not divide its axis, a float format is given a zero point, or
+      stochastic rounding has no key.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -161,9 +181,13 @@ def fake_quant(
   if scale is None:
     raise ValueError("scale: a step size is required for integer and float formats, got None")
   scale = _grid.check_scale(scale, x.shape, spec)
+  _grid.check_finite(scale, "scale")
   if spec.is_int:
-    zp = jnp.zeros((), scale.dtype) if zero_point is None else _grid.check_scale(
-        zero_point, x.shape, spec, "zero_point")
+    if zero_point is None:
+      zp = jnp.zeros((), scale.dtype)
+    else:
+      zp = _grid.check_scale(zero_point, x.shape, spec, "zero_point")
+      _grid.check_zero_point(zp, spec.format)
   else:
     if zero_point is not None:
       raise ValueError(f"zero_point: float format {spec.format.name} is symmetric; pass None")
@@ -215,8 +239,8 @@ def _lsq_forward(x, step, offset, noise, fmt):
     z = _grid.round_half_even(-offset.astype(cdt) / s)
   rv = _grid.grid_round(v, fmt, noise)
   u = v + z  # position on the (shifted) grid before rounding
-  below = u <= fmt.qmin
-  above = u >= fmt.qmax
+  below = u < fmt.qmin  # clipped: outside the inclusive range [qmin, qmax]
+  above = u > fmt.qmax
   if isinstance(fmt, formats_lib.IntFormat):
     q = jnp.clip(rv + z, fmt.qmin, fmt.qmax)
   else:
@@ -226,32 +250,28 @@ def _lsq_forward(x, step, offset, noise, fmt):
   return y, (below, above, rv - v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _lsq(x, step, offset, noise, fmt, grad_scale):
   return _lsq_forward(x, step, offset, noise, fmt)[0]
 
 
-def _lsq_fwd(x, step, offset, noise, fmt, grad_scale):
-  y, res = _lsq_forward(x, step, offset, noise, fmt)
-  return y, (res, step, offset, noise)
-
-
-def _lsq_bwd(fmt, grad_scale, res, g):
-  (below, above, round_err), step, offset, noise = res
+@_lsq.defjvp
+def _lsq_jvp(fmt, grad_scale, primals, tangents):
+  """The linear map whose transpose is the LSQ/LSQ+ gradient (see lsq_fake_quant)."""
+  x, step, offset, noise = primals
+  x_dot, step_dot, offset_dot, _ = tangents
+  y = _lsq(x, step, offset, noise, fmt, grad_scale)
+  below, above, round_err = _lsq_forward(x, step, offset, noise, fmt)[1]
   outside = below | above
-  g32 = g.astype(round_err.dtype)
-  gx = jnp.where(outside, jnp.zeros_like(g), g)
+  cdt = round_err.dtype
   ds = jnp.where(below, fmt.qmin, jnp.where(above, fmt.qmax, round_err))
-  gs = _grid.sum_to_shape(g32 * ds, step.shape) * grad_scale
-  go = None
+  t = jnp.where(outside, jnp.zeros_like(x_dot), x_dot).astype(cdt)
+  t = t + ds * (step_dot.astype(cdt) * grad_scale)
   if offset is not None:
-    go = _grid.sum_to_shape(jnp.where(outside, g32, 0.0), offset.shape) * grad_scale
-    go = go.astype(offset.dtype)
-  gn = None if noise is None else jnp.zeros_like(noise)
-  return gx, gs.astype(step.dtype), go, gn
+    t = t + jnp.where(outside, 1.0, 0.0).astype(cdt) * (offset_dot.astype(cdt) * grad_scale)
+  return y, t.astype(x.dtype)
 
 
-_lsq.defvjp(_lsq_fwd, _lsq_bwd)
 _lsq_jit = jax.jit(_lsq, static_argnums=(4, 5))
 
 
@@ -278,11 +298,15 @@ def lsq_fake_quant(
   :math:`Q_n = -q_{min}`, :math:`Q_p = q_{max}`:
 
   .. math::
-     \frac{\partial \hat{x}}{\partial x} = \mathbb{1}[-Q_n < u < Q_p], \qquad
+     \frac{\partial \hat{x}}{\partial x} = \mathbb{1}[-Q_n \le u \le Q_p], \qquad
      \frac{\partial \hat{x}}{\partial s} = \begin{cases}
-       \lfloor v \rceil - v & -Q_n < u < Q_p \\
-       -Q_n & u \le -Q_n \\
-       Q_p & u \ge Q_p \end{cases}
+       \lfloor v \rceil - v & -Q_n \le u \le Q_p \\
+       -Q_n & u < -Q_n \\
+       Q_p & u > Q_p \end{cases}
+
+  The range is inclusive, as in :func:`fake_quant` (the paper writes the
+  ends as clipped; on the ends :math:`\lfloor v \rceil - v = 0`, so only
+  which case an exact end falls in differs).
 
   LSQ+ (Bhalgat et al. 2020) adds the offset :math:`\beta` (``x ~= s q + β``):
   :math:`\partial \hat{x}/\partial \beta` is 0 inside the range and 1 where
@@ -290,6 +314,12 @@ def lsq_fake_quant(
   one covers and multiplied by ``grad_scale``, by default
   :math:`g = 1/\sqrt{N Q_p}` with :math:`N` the elements per step size. The
   step size's gradient passes straight through the positivity clamp.
+  Forward mode (``jax.jvp``/``jacfwd``) uses the linear map whose transpose
+  is this gradient: :math:`\dot{\hat{x}} = \mathbb{1}[\cdot]\,\dot{x} +
+  g\,(\partial \hat{x}/\partial s)\,\dot{s} + g\,(\partial \hat{x}/\partial
+  \beta)\,\dot{\beta}` (so the step-size tangent is scaled by :math:`g` too);
+  second derivatives follow the same rule. A concrete NaN or infinite
+  ``step_size`` / ``offset`` is an error (traced ones give NaN outputs).
 
   Args:
     x: a floating point array.
@@ -297,7 +327,8 @@ def lsq_fake_quant(
     offset: the LSQ+ offset ``β`` (same shape as ``step_size``), or ``None``
       for LSQ (zero point 0).
     spec: the QuantSpec (integer or float format; not a block format).
-    grad_scale: overrides the gradient scale ``g``.
+    grad_scale: overrides the gradient scale ``g`` (a finite Python number
+      ``>= 0``; 0 freezes the step size and offset).
     key: a PRNG key for stochastic rounding.
 
   Returns:
@@ -305,8 +336,10 @@ def lsq_fake_quant(
 
   Raises:
     TypeError: if ``x`` is not floating point or ``spec`` is not a QuantSpec.
-    ValueError: on a wrongly shaped ``step_size`` / ``offset``, a block format,
-      an offset with a float format, or stochastic rounding without a key.
+    ValueError: on a wrongly shaped or (concrete) non-finite ``step_size`` /
+      ``offset``, a ``grad_scale`` that is NaN, infinite or negative, a block
+      format, an offset with a float format, or stochastic rounding without a
+      key.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -329,19 +362,29 @@ def lsq_fake_quant(
   if not jnp.issubdtype(step_size.dtype, jnp.floating):
     step_size = step_size.astype(jnp.float32)
   step = _grid.check_scale(step_size, x.shape, spec, "step_size")
+  _grid.check_finite(step, "step_size")
   off = None
   if offset is not None:
     if not spec.is_int:
       raise ValueError(f"offset: float format {spec.format.name} is symmetric; pass None")
     off = _grid.check_scale(jnp.asarray(offset, step.dtype), x.shape, spec, "offset")
-  if grad_scale is None:
+    _grid.check_finite(off, "offset")
+  if grad_scale is not None:
+    try:
+      grad_scale = float(grad_scale)
+    except (TypeError, ValueError):
+      raise TypeError(f"grad_scale: expected a Python number, got "
+                      f"{type(grad_scale).__name__}") from None
+    if not (math.isfinite(grad_scale) and grad_scale >= 0):
+      raise ValueError(f"grad_scale: must be a finite number >= 0, got {grad_scale}")
+  else:
     n = max(1, x.size // max(1, math.prod(step.shape)))
     grad_scale = lsq_grad_scale(n, float(spec.qmax))
   xl = _grid.to_layout(x, spec)
   s = _grid.scale_to_layout(step, x.shape, spec)
   o = None if off is None else _grid.scale_to_layout(off, x.shape, spec)
   noise = _noise(key, xl, spec)
-  y = _lsq_jit(xl, s, o, noise, spec.format, float(grad_scale))
+  y = _lsq_jit(xl, s, o, noise, spec.format, grad_scale)
   return y.reshape(x.shape)
 
 
@@ -349,34 +392,76 @@ def lsq_fake_quant(
 # Block-scaled formats: nvfp4, mxfp4/6/8.
 # --------------------------------------------------------------------------
 
+# NVFP4's derived tensor scale is rounded up to this many significant bits, so
+# that its products with e4m3 block scales and e2m1 values are exact.
+_TENSOR_SCALE_BITS = 18
+
+
+def _round_up_bits(t: Array, bits: int) -> Array:
+  """The smallest float >= t (t > 0, finite) with ``bits`` significant bits."""
+  info = jnp.finfo(t.dtype)
+  drop = info.nmant + 1 - bits
+  idt = jnp.int64 if info.bits == 64 else jnp.int32
+  i = jax.lax.bitcast_convert_type(t, idt)
+  i = (i + ((1 << drop) - 1)) & ~((1 << drop) - 1)
+  return jax.lax.bitcast_convert_type(i, t.dtype)
+
+
+def _derived_tensor_scale(xb: Array, fmt: formats_lib.BlockFormat) -> Array:
+  """NVFP4 tensor scale from x: max|x| / (6 * 448) over the finite entries."""
+  amax = jnp.max(jnp.where(jnp.isfinite(xb), jnp.abs(xb), 0.0))
+  t = _grid.div_exact(amax, fmt.element.max * formats_lib.FP8_E4M3.max)
+  t = jnp.where(t > 0, t, jnp.ones_like(t))
+  return jnp.where(jnp.isfinite(t), _round_up_bits(t, _TENSOR_SCALE_BITS), t)
+
 
 def _block_scales_layout(xb, fmt: formats_lib.BlockFormat, block_axis: int, tensor_scale):
-  """Per-block scales in broadcast layout (plus the tensor scale) for blocked xb."""
+  """Per-block scales in broadcast layout (plus the tensor scale) for blocked xb.
+
+  A block holding NaN or +-inf gets a NaN scale; the amax of every other block
+  (and NVFP4's derived tensor scale) sees finite values only.
+  """
   cdt = _grid.compute_dtype(xb.dtype)
   xb = xb.astype(cdt)
-  amax = jnp.max(jnp.abs(xb), axis=block_axis, keepdims=True)
+  finite = jnp.isfinite(xb)
+  bad = ~jnp.all(finite, axis=block_axis, keepdims=True)
+  amax = jnp.max(jnp.where(finite, jnp.abs(xb), 0.0), axis=block_axis, keepdims=True)
   elem = fmt.element
+  nan = jnp.full((), jnp.nan, cdt)
   if fmt.scale_format == "e8m0":
     # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax_elem, in [-127, 127].
     _, e = jnp.frexp(amax)
     shared = jnp.clip(e - 1 - elem.emax, -127, 127)
     shared = jnp.where(amax > 0, shared, -127)
-    block = _grid.exp2_int(shared, cdt)
-    return block, None
+    block = _grid.exp2_int(shared, cdt)  # 2^-127 is a subnormal: XLA:CPU flushes it to 0
+    return jnp.where(bad, nan, block), None
   # NVFP4: fp32 tensor scale, e4m3 block scale = amax_block / (6 * tensor_scale).
   if tensor_scale is None:
-    tamax = jnp.max(jnp.abs(xb))
-    tensor_scale = tamax / (elem.max * formats_lib.FP8_E4M3.max)
-  ts = jnp.asarray(tensor_scale, cdt).reshape(())
-  ts = jnp.where(ts > 0, ts, jnp.ones_like(ts))
+    ts = _derived_tensor_scale(xb, fmt)
+  else:
+    ts = jnp.asarray(tensor_scale, cdt).reshape(())
   raw = jnp.clip(amax / (elem.max * ts), 0.0, formats_lib.FP8_E4M3.max)
   block = _grid.float_round(raw, formats_lib.FP8_E4M3)
-  return block, ts
+  return jnp.where(bad, nan, block), ts
 
 
 def _block_effective(block, ts):
-  eff = block if ts is None else block * ts
-  return jnp.where(eff > 0, eff, jnp.ones_like(eff))
+  """The scale an element is multiplied by: block scale times tensor scale."""
+  return block if ts is None else block * ts
+
+
+def _block_elements(x, eff, elem):
+  """(grid values, clip mask) of x for effective scales ``eff``.
+
+  A zero scale (an all-zero MX block flushed on CPU, an NVFP4 block whose
+  e4m3 scale underflows) gives the value 0, as decoding the codes does; a NaN
+  scale gives 0 too (the block decodes to NaN through its scale).
+  """
+  ok = eff > 0
+  v = jnp.where(ok, x / jnp.where(ok, eff, jnp.ones_like(eff)), 0.0)
+  q = _grid.float_round(jnp.clip(v, -elem.max, elem.max), elem)
+  inside = (jnp.abs(x) <= elem.max * eff) | (eff == 0)
+  return q, inside
 
 
 def _block_forward(x, fmt, axis, tensor_scale):
@@ -384,31 +469,49 @@ def _block_forward(x, fmt, axis, tensor_scale):
   cdt = _grid.compute_dtype(x.dtype)
   block, ts = _block_scales_layout(x, fmt, axis, tensor_scale)
   eff = _block_effective(block, ts)
-  v = x.astype(cdt) / eff
-  elem = fmt.element
-  q = _grid.float_round(jnp.clip(v, -elem.max, elem.max), elem)
-  inside = jnp.abs(v) <= elem.max
+  q, inside = _block_elements(x.astype(cdt), eff, fmt.element)
   return (q * eff).astype(x.dtype), inside
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _block_fq(x, tensor_scale, fmt, axis):
   return _block_forward(x, fmt, axis, tensor_scale)[0]
 
 
-def _block_fq_fwd(x, tensor_scale, fmt, axis):
-  y, inside = _block_forward(x, fmt, axis, tensor_scale)
-  return y, (inside, tensor_scale)
+@_block_fq.defjvp
+def _block_fq_jvp(fmt, axis, primals, tangents):
+  x, tensor_scale = primals
+  x_dot = tangents[0]
+  y = _block_fq(x, tensor_scale, fmt, axis)
+  inside = _block_forward(x, fmt, axis, tensor_scale)[1]
+  return y, jnp.where(inside, x_dot, jnp.zeros_like(x_dot))
 
 
-def _block_fq_bwd(fmt, axis, res, g):
-  inside, tensor_scale = res
-  gts = None if tensor_scale is None else jnp.zeros_like(tensor_scale)
-  return jnp.where(inside, g, jnp.zeros_like(g)), gts
-
-
-_block_fq.defvjp(_block_fq_fwd, _block_fq_bwd)
 _block_fq_jit = jax.jit(_block_fq, static_argnums=(2, 3))
+
+
+def _check_tensor_scale(tensor_scale, spec, dtype):
+  """Validates NVFP4's optional tensor scale; returns it as a scalar or None."""
+  if tensor_scale is None:
+    return None
+  if not spec.format.tensor_scale:
+    raise ValueError(f"tensor_scale: {spec.format.name} has no tensor scale; pass None")
+  ts = jnp.asarray(tensor_scale, _grid.compute_dtype(dtype))
+  if ts.size != 1:
+    raise ValueError(f"tensor_scale: must be a scalar, got shape {ts.shape}")
+  if not _grid.is_traced(ts):
+    t = float(np.asarray(ts).reshape(()))
+    if not (np.isfinite(t) and t > 0):
+      raise ValueError(f"tensor_scale: must be finite and > 0, got {t}")
+  return ts.reshape(())
+
+
+def _check_block_spec(spec, what: str):
+  spec = _grid.check_spec(spec)
+  if not spec.is_block:
+    raise ValueError(f"spec: {what} needs a block format (nvfp4, mxfp4, mxfp6, mxfp8), "
+                     f"got {spec.format.name}")
+  return spec
 
 
 def block_fake_quant(
@@ -426,23 +529,44 @@ def block_fake_quant(
     exponent clamped to :math:`[-127, 127]`, where :math:`e_{max}` is the
     element format's largest normal exponent (2 for e2m1, 8 for e4m3);
     elements are rounded onto the element grid after clamping ``x/X`` to
-    ``[-max, max]`` (OCP Microscaling Formats spec v1.0, section 6.3).
-  * NVFP4: a per-tensor fp32 scale :math:`t` (``tensor_scale``, or
-    :math:`\max|x| / (6 \cdot 448)` computed from ``x``) and an e4m3 block
-    scale :math:`b = \mathrm{e4m3}(a / (6 t))`; elements are e2m1 values of
-    :math:`x / (b t)`.
+    ``[-max, max]`` (OCP Microscaling Formats spec v1.0, section 6.3). An
+    all-zero block gets :math:`X = 2^{-127}` (e8m0 code 0).
+  * NVFP4: a per-tensor fp32 scale :math:`t` and an e4m3 block scale
+    :math:`b = \mathrm{e4m3}(a / (6 t))`; elements are e2m1 values of
+    :math:`x / (b t)`. ``tensor_scale`` gives :math:`t`; by default it is
+    derived from ``x``: :math:`\max|x| / (6 \cdot 448)` over the finite
+    entries, rounded *up* to 18 significant bits (a relative change below
+    :math:`2^{-17}`). The rounding makes every product :math:`t \cdot b
+    \cdot q` exact, so that re-quantizing the output reproduces the same
+    tensor scale. A block whose e4m3 scale underflows to 0 decodes to 0, as
+    its stored codes do.
 
-  A block of zeros gives zeros. Backward: straight-through, masked where an
-  element was clamped; scales are treated as constants. Under ``jax.vmap`` a
-  tensor scale derived from ``x`` is computed per mapped slice; pass a
-  calibrated ``tensor_scale`` to share one.
+  Fake quant is idempotent (``block_fake_quant(block_fake_quant(x)) ==
+  block_fake_quant(x)`` bit for bit) for MX formats and for NVFP4 blocks
+  whose e4m3 scale is 0 or normal (:math:`\ge 2^{-6}`, i.e. block amax above
+  about :math:`3.5 \cdot 10^{-5}` of the tensor amax); the subnormal e4m3
+  grid is too coarse for the block amax to survive re-quantization.
+
+  Non-finite input (one rule for fake quant, :func:`~jaxqat.core.quantize`
+  and :func:`block_scales`): a block holding a NaN or :math:`\pm\infty`
+  decodes to NaN in every element, as in the OCP MX v1.0 and NVFP4
+  reference implementations; its stored scale is NaN (e8m0 code 255, e4m3
+  NaN) and its codes are 0. Other blocks are unaffected: block maxima and
+  NVFP4's derived tensor scale are taken over finite values only.
+
+  Backward (and forward-mode tangent): straight-through, masked where an
+  element was clamped (:math:`|x| > \mathrm{max} \cdot X`); scales are
+  treated as constants. Under ``jax.vmap`` a tensor scale derived from ``x``
+  is computed per mapped slice; pass a calibrated ``tensor_scale`` to share
+  one.
 
   Args:
     x: a floating point array; the block axis must be divisible by the
       block size.
     spec: a QuantSpec with a block format.
-    tensor_scale: NVFP4's fp32 tensor scale (a scalar); ignored by MX formats
-      (must be None).
+    tensor_scale: NVFP4's fp32 tensor scale (a scalar, finite and > 0;
+      checked when concrete, a traced non-finite value gives NaN output);
+      MX formats take none (must be None).
 
   Returns:
     An array of ``x``'s shape and dtype.
@@ -450,7 +574,8 @@ def block_fake_quant(
   Raises:
     TypeError: if ``x`` is not floating point or ``spec`` is not a QuantSpec.
     ValueError: if the format is not a block format, the axis is out of range
-      or the block size does not divide it, or MX is given a tensor scale.
+      or the block size does not divide it, MX is given a tensor scale, or a
+      concrete tensor scale is not finite and positive.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -458,23 +583,47 @@ def block_fake_quant(
     >>> x = jnp.concatenate([jnp.array([5.0, 1.3, -0.4]), jnp.zeros(29)])
     >>> block_fake_quant(x, QuantSpec(format="mxfp4"))[:3]  # scale 2^(2-2) = 1; 5 ties to 4 (even)
     Array([ 4. ,  1.5, -0.5], dtype=float32)
+    >>> y = block_fake_quant(x.at[31].set(jnp.nan), QuantSpec(format="mxfp4"))
+    >>> bool(jnp.isnan(y).all())  # one NaN: the whole block is NaN
+    True
   """
   x = _grid.check_float_input(x)
-  spec = _grid.check_spec(spec)
-  if not spec.is_block:
-    raise ValueError(f"spec: block_fake_quant needs a block format (nvfp4, mxfp4, mxfp6, mxfp8), "
-                     f"got {spec.format.name}")
-  ts = None
-  if tensor_scale is not None:
-    if not spec.format.tensor_scale:
-      raise ValueError(f"tensor_scale: {spec.format.name} has no tensor scale; pass None")
-    ts = jnp.asarray(tensor_scale, _grid.compute_dtype(x.dtype))
-    if ts.size != 1:
-      raise ValueError(f"tensor_scale: must be a scalar, got shape {ts.shape}")
-    ts = ts.reshape(())
+  spec = _check_block_spec(spec, "block_fake_quant")
+  ts = _check_tensor_scale(tensor_scale, spec, x.dtype)
   xl = _grid.to_layout(x, spec)
   axis = spec.granularity.axis % x.ndim + 1
   return _block_fq_jit(xl, ts, spec.format, axis).reshape(x.shape)
+
+
+def _e8m0_bits(block: Array) -> Array:
+  """The e8m0 code (biased exponent, 255 for NaN) of power-of-two scales.
+
+  Read from the float32 bit pattern, so that 2^-127 -- a float32 subnormal
+  that XLA:CPU flushes to 0 -- still gets its code 0.
+  """
+  bits = jax.lax.bitcast_convert_type(block.astype(jnp.float32), jnp.int32)
+  code = (bits >> 23) & 0xFF
+  return jnp.where(jnp.isnan(block), 255, code).astype(jnp.uint8)
+
+
+def _e8m0_to_float32(code: Array) -> Array:
+  """Exact float32 value of e8m0 codes: 2^(code - 127), NaN for 255."""
+  c = code.astype(jnp.int32)
+  bits = jnp.where(c == 0, 1 << 22, jnp.where(c == 255, 0x7FC00000, c << 23))
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _block_scales_public(x, tensor_scale, spec):
+  xl = _grid.to_layout(x, spec)
+  axis = spec.granularity.axis % x.ndim + 1
+  block, ts = _block_scales_layout(xl, spec.format, axis, tensor_scale)
+  block = _grid.scale_from_layout(block, x.shape, spec)
+  if spec.format.scale_format == "e8m0":
+    return _e8m0_to_float32(_e8m0_bits(block)), ts
+  return block.astype(jnp.float32), ts
+
+
+_block_scales_jit = jax.jit(_block_scales_public, static_argnums=2)
 
 
 def block_scales(
@@ -483,6 +632,9 @@ def block_scales(
     tensor_scale: Optional[ArrayLike] = None,
 ) -> tuple[Array, Optional[Array]]:
   """The per-block scales (and NVFP4 tensor scale) that fake quant would use.
+
+  Computed by the same jitted arithmetic as :func:`block_fake_quant`, so
+  the two agree bit for bit (eagerly or under ``jit``).
 
   Args:
     x: a floating point array.
@@ -494,7 +646,7 @@ def block_scales(
     ``spec.scale_shape(x.shape)`` and holds the e8m0 (powers of two) or e4m3
     values as float32; ``tensor_scale`` is the fp32 scalar for NVFP4 and
     ``None`` for MX formats. A zero block reports scale 0 (NVFP4) or
-    2^-127 (MX).
+    2^-127 (MX, a float32 subnormal); a block holding NaN or inf reports NaN.
 
   Raises:
     ValueError: as :func:`block_fake_quant`.
@@ -505,17 +657,13 @@ def block_scales(
     >>> b, t = block_scales(jnp.full((32,), 10.0), QuantSpec(format="mxfp8"))
     >>> float(b[0]), t  # floor(log2 10) - 8 = -5
     (0.03125, None)
+    >>> float(block_scales(jnp.zeros(32), QuantSpec(format="mxfp8"))[0][0]) == 2.0 ** -127
+    True
   """
   x = _grid.check_float_input(x)
-  spec = _grid.check_spec(spec)
-  if not spec.is_block:
-    raise ValueError(f"spec: block_scales needs a block format, got {spec.format.name}")
-  if tensor_scale is not None and not spec.format.tensor_scale:
-    raise ValueError(f"tensor_scale: {spec.format.name} has no tensor scale; pass None")
-  xl = _grid.to_layout(x, spec)
-  axis = spec.granularity.axis % x.ndim + 1
-  block, ts = _block_scales_layout(xl, spec.format, axis, tensor_scale)
-  return _grid.scale_from_layout(block, x.shape, spec), ts
+  spec = _check_block_spec(spec, "block_scales")
+  ts = _check_tensor_scale(tensor_scale, spec, x.dtype)
+  return _block_scales_jit(x, ts, spec)
 
 
 # --------------------------------------------------------------------------

@@ -57,6 +57,12 @@ class IntFormat:
       ``[-127, 127]`` for signed 8 bits (common for weights). Only allowed
       for signed formats.
 
+  Raises:
+    TypeError: if ``bits`` is not an int, or ``signed`` / ``narrow`` is not a
+      bool (a string such as ``"no"`` is refused rather than read as true).
+    ValueError: if ``bits`` is outside ``[2, 16]`` or ``narrow`` is set on an
+      unsigned format.
+
   Examples:
     >>> IntFormat(bits=8).qmin, IntFormat(bits=8).qmax
     (-128, 127)
@@ -75,6 +81,11 @@ class IntFormat:
       raise TypeError(f"IntFormat: bits must be an int, got {self.bits!r}")
     if not 2 <= int(self.bits) <= 16:
       raise ValueError(f"IntFormat: bits must be in [2, 16], got {self.bits}")
+    for name in ("signed", "narrow"):
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"IntFormat: {name} must be a bool (True or False), got {value!r}")
+      object.__setattr__(self, name, bool(value))
     if self.narrow and not self.signed:
       raise ValueError("IntFormat: narrow=True is only allowed for signed formats")
     object.__setattr__(self, "bits", int(self.bits))

@@ -40,6 +40,44 @@ def check_spec(spec) -> spec_lib.QuantSpec:
   return spec
 
 
+def is_traced(v) -> bool:
+  """Whether ``v`` is an abstract value inside a JAX transformation."""
+  return isinstance(v, jax.core.Tracer)
+
+
+def check_finite(v, name: str) -> None:
+  """Refuses a concrete array holding NaN or +-inf; traced values pass unchecked."""
+  if is_traced(v):
+    return
+  a = np.asarray(v)
+  if a.size and not np.isfinite(a).all():
+    bad = a[~np.isfinite(a)].ravel()[0]
+    raise ValueError(f"{name}: must be finite, got {bad} (a non-finite {name} would make every "
+                     "output NaN)")
+
+
+def check_zero_point(zp, fmt, name: str = "zero_point") -> None:
+  """Refuses a concrete zero point that is not an integer in ``[qmin, qmax]``."""
+  if is_traced(zp):
+    return
+  a = np.asarray(zp, np.float64)
+  bad = ~np.isfinite(a) | (a != np.round(a)) | (a < fmt.qmin) | (a > fmt.qmax)
+  if bad.any():
+    raise ValueError(f"{name}: must hold integers in [{fmt.qmin}, {fmt.qmax}] (the {fmt.name} "
+                     f"range), got {a[bad].ravel()[0]}")
+
+
+def div_exact(a: jax.Array, c) -> jax.Array:
+  """``a / c`` for a scalar ``c``, correctly rounded under ``jit`` as well.
+
+  XLA rewrites a division by a constant into a multiplication by its
+  (rounded) reciprocal, which can be one ulp off ``a / c``; a divisor behind
+  an optimization barrier is not a constant. (A division by a *broadcast*
+  scalar is rewritten all the same, so ``a`` should be a scalar or small.)
+  """
+  return a / jax.lax.optimization_barrier(jnp.full(jnp.shape(a), c, a.dtype))
+
+
 def round_half_even(v: jax.Array) -> jax.Array:
   return jnp.round(v)  # jnp.round rounds half to even
 

@@ -67,20 +67,28 @@ class QTensor:
 
 
 def _block_codes(x, tensor_scale, spec):
-  block, ts = fq.block_scales(x, spec, tensor_scale=tensor_scale)
-  xl = _grid.to_layout(x, spec)
-  bl = _grid.scale_to_layout(block, x.shape, spec)
-  eff = fq._block_effective(bl, ts)  # pylint: disable=protected-access
-  cdt = _grid.compute_dtype(x.dtype)
+  """Codes, stored block scales and tensor scale: the arithmetic of block fake quant."""
   fmt = spec.format
-  v = jnp.clip(xl.astype(cdt) / eff, -fmt.element.max, fmt.element.max)
-  codes = _grid.float_round(v, fmt.element).astype(fmt.element.storage_dtype)
-  return codes, block, ts
+  xl = _grid.to_layout(x, spec)
+  axis = spec.granularity.axis % x.ndim + 1
+  block, ts = fq._block_scales_layout(xl, fmt, axis, tensor_scale)  # pylint: disable=protected-access
+  eff = fq._block_effective(block, ts)  # pylint: disable=protected-access
+  cdt = _grid.compute_dtype(x.dtype)
+  q, _ = fq._block_elements(xl.astype(cdt), eff, fmt.element)  # pylint: disable=protected-access
+  codes = q.astype(fmt.element.storage_dtype)
+  block = _grid.scale_from_layout(block, x.shape, spec)
+  if fmt.scale_format == "e8m0":
+    bits = fq._e8m0_bits(block)  # pylint: disable=protected-access
+    stored = jax.lax.bitcast_convert_type(bits, jnp.float8_e8m0fnu)
+  else:
+    stored = block.astype(jnp.float8_e4m3fn)
+  return codes, stored, ts
 
 
 # Jitted like block_fake_quant, so that XLA rewrites the scale arithmetic the
-# same way in both (e.g. a division by a constant into a multiplication by its
-# reciprocal) and dequantize(quantize(x)) equals block_fake_quant(x) bit for bit.
+# same way in both (e.g. a division by a broadcast scale into a multiplication
+# by its reciprocal) and dequantize(quantize(x)) equals block_fake_quant(x) bit
+# for bit.
 _block_codes_jit = jax.jit(_block_codes, static_argnums=2)
 
 
@@ -131,13 +139,14 @@ def quantize(
   if spec.is_block:
     if zero_point is not None:
       raise ValueError(f"zero_point: block format {fmt.name} takes no zero point")
-    codes, block, ts = _block_codes_jit(x, scale, spec)
-    sdt = jnp.float8_e8m0fnu if fmt.scale_format == "e8m0" else jnp.float8_e4m3fn
-    return QTensor(values=codes.reshape(x.shape), scale=block.astype(sdt), zero_point=None,
+    ts = fq._check_tensor_scale(scale, spec, x.dtype)  # pylint: disable=protected-access
+    codes, block, ts = _block_codes_jit(x, ts, spec)
+    return QTensor(values=codes.reshape(x.shape), scale=block, zero_point=None,
                    tensor_scale=ts, spec=spec, dtype=x.dtype)
   if scale is None:
     raise ValueError("scale: a step size is required for integer and float formats, got None")
   scale = _grid.check_scale(scale, x.shape, spec).astype(jnp.float32)
+  _grid.check_finite(scale, "scale")
   scale = jnp.maximum(scale, _grid.SCALE_EPS)
   xl = _grid.to_layout(x, spec)
   s = _grid.scale_to_layout(scale, x.shape, spec)
@@ -148,6 +157,7 @@ def quantize(
     z = jnp.zeros((), cdt)
     if zero_point is not None:
       zp = _grid.check_scale(zero_point, x.shape, spec, "zero_point")
+      _grid.check_zero_point(zp, fmt)
       zp = jnp.round(zp).astype(jnp.int32)
       z = _grid.scale_to_layout(zp, x.shape, spec).astype(cdt) if zp.ndim else zp.astype(cdt)
     noise = fq._noise(key, xl, spec)  # pylint: disable=protected-access
@@ -189,7 +199,12 @@ def dequantize(qt: QTensor) -> Array:
   cdt = _grid.compute_dtype(qt.dtype)
   vl = _grid.to_layout(qt.values, spec).astype(cdt)
   if spec.is_block:
-    bl = _grid.scale_to_layout(qt.scale.astype(cdt), shape, spec)
+    if spec.format.scale_format == "e8m0":
+      block = fq._e8m0_to_float32(  # pylint: disable=protected-access
+          jax.lax.bitcast_convert_type(qt.scale, jnp.uint8))
+    else:
+      block = qt.scale.astype(jnp.float32)
+    bl = _grid.scale_to_layout(block.astype(cdt), shape, spec)
     eff = fq._block_effective(bl, qt.tensor_scale)  # pylint: disable=protected-access
     return (vl * eff).astype(qt.dtype).reshape(shape)
   s = _grid.scale_to_layout(qt.scale.astype(cdt), shape, spec)
