@@ -117,12 +117,11 @@ def _ptq_and_qat(data, model, bits):
   qat = qnnx.quantize(nnx.clone(model), _low_bit_rules(bits, "lsq", "lsq"))
   qnnx.calibrate(qat, calib)  # LSQ step sizes and LSQ+ offsets start from calibration
   init_acc = _accuracy(qat, xte, yte)
-  scale0 = qat.fc1.kernel_quant.scale[...]
-  tx = optax.multi_transform({"params": optax.adam(1e-3), "quant": optax.adam(1e-3)},
-                             qnnx.param_labels(qat))
+  log_scale0 = qat.fc1.kernel_quant.log_scale[...]
+  tx = qnnx.qat_optimizer(qat, optax.adam(1e-3), optax.adam(1e-3))
   _train(qat, tx, xtr, ytr, steps=100)
   qat_acc = _accuracy(qat, xte, yte)
-  moved = float(jnp.max(jnp.abs(qat.fc1.kernel_quant.scale[...] - scale0)))
+  moved = float(jnp.max(jnp.abs(qat.fc1.kernel_quant.log_scale[...] - log_scale0)))
   return ptq_acc, init_acc, qat_acc, moved
 
 

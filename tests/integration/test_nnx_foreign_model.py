@@ -108,7 +108,7 @@ class Model(nnx.Module):
 N_WEIGHT_MATMULS = 9
 N_ATTENTION_MATMULS = 2  # q.k and p.v: activation x activation, left in float
 
-_FQ = ("custom_vjp_call", "custom_vjp_call_jaxpr")
+_FQ = ("custom_vjp_call", "custom_vjp_call_jaxpr", "custom_jvp_call")
 _LAYOUT = ("reshape", "transpose", "convert_element_type", "broadcast_in_dim", "squeeze",
            "expand_dims", "copy", "slice")
 
@@ -123,7 +123,7 @@ def _subjaxprs(eqn):
 
 
 def _is_fake_quant(eqn) -> bool:
-  """A custom_vjp call, possibly wrapped in jit (the core primitives are jitted)."""
+  """A custom_vjp/custom_jvp call, possibly wrapped in jit (the core primitives are jitted)."""
   if eqn.primitive.name in _FQ:
     return True
   return eqn.primitive.name in ("jit", "pjit") and any(
@@ -163,29 +163,34 @@ def converted():
   x = jax.random.normal(jax.random.key(1), (4, 5, 4))
   y_float = nnx.jit(lambda m, x: m(x))(model, x)
   with pytest.warns(QuantizationWarning, match="nothing/matches/this"):
-    model, report = qnnx.quantize(model, _w4a8_lsq_rules(), return_report=True)
+    model = qnnx.quantize(model, _w4a8_lsq_rules())
   qnnx.calibrate(model, [x])
-  return model, report, x, y_float
+  return model, qnnx.report(model), x, y_float
 
 
 def test_report_lists_every_weight_layer(converted):
   _, report, _, _ = converted
-  assert sorted(report.quantized) == ["encoder/attn/key", "encoder/attn/out", "encoder/attn/query",
-                                      "encoder/attn/value", "encoder/blocks/up"]
-  assert sorted(report.intercepted) == ["embed", "encoder/blocks/down", "encoder/mix", "head"]
-  assert [r.pattern for r in report.unused_rules] == ["nothing/matches/this"]
-  assert report.failed == {}
+  assert sorted(report.quantized_paths()) == [
+      "embed", "encoder/attn/key", "encoder/attn/out", "encoder/attn/query", "encoder/attn/value",
+      "encoder/blocks/down", "encoder/blocks/up", "encoder/mix", "head"]
+  intercepted = [l.path for l in report.layers if l.reason.startswith("intercepted")]
+  assert sorted(intercepted) == ["embed", "encoder/blocks/down", "encoder/mix", "head"]
+  assert report.unused_rules == ["nothing/matches/this"]
+  assert report.paths("failed") == []
+  # Layer norms hold weights that stay float, with the reason.
+  assert report["encoder/blocks/norm"].status == "unsupported"
+  assert {w.path for w in report.float_weights() if w.name == "kernel"} == set()
 
 
 def test_stacked_layers_get_per_layer_quantizer_state(converted):
   model, _, _, _ = converted
   blocks = model.encoder.blocks
-  assert blocks.up.kernel_quant.scale.shape == (L, 1, 2 * D)  # per layer, per output channel
-  assert blocks.up.input_quant.scale.shape == (L,)
-  assert blocks.down.jaxqat_weight_quant["w"].scale.shape == (L, 1, D)
+  assert blocks.up.kernel_quant.log_scale.shape == (L, 1, 2 * D)  # per layer, per out channel
+  assert blocks.up.input_quant.log_scale.shape == (L,)
+  assert blocks.down.jaxqat_weight_quant["w"].log_scale.shape == (L, 1, D)
   assert blocks.down.jaxqat_input_quant["w"].offset.shape == (L,)
   # Calibration saw each layer separately: different ranges per layer.
-  s = blocks.up.input_quant.scale[...]
+  s = blocks.up.input_quant.log_scale[...]
   assert len(set(np.asarray(s).tolist())) == L
 
 
@@ -213,8 +218,7 @@ def test_one_training_step_reduces_loss_and_trains_quantizers(converted):
   def loss_fn(m):
     return jnp.mean((m(x) - target) ** 2)
 
-  tx = optax.multi_transform({"params": optax.sgd(0.05), "quant": optax.sgd(0.01)},
-                             qnnx.param_labels(model))
+  tx = qnnx.qat_optimizer(model, optax.sgd(0.05), optax.sgd(0.01))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
