@@ -73,18 +73,27 @@ def copy_weights(src, dst) -> None:
   """Copies every float variable of ``src`` into the same-named one of ``dst``.
 
   Variables are matched by their path relative to the layer (``kernel``,
-  ``query/bias``...); ``dst`` may have more (the quantizer state).
+  ``query/bias``...); ``dst`` may have more (the quantizer state). When the
+  paths differ only by the names Keras gave sublayers (``dense_3`` in one,
+  ``dense_4`` in the other) and both hold the same variables in the same
+  order, they are matched by position.
 
   Raises:
     ValueError: if a variable of ``src`` has no counterpart of the same shape.
   """
   targets = {_rel_path(v, dst): v for v in dst.weights}
+  pairs = []
   for v in src.weights:
     key = _rel_path(v, src)
     t = targets.get(key)
     if t is None or tuple(t.shape) != tuple(v.shape):
+      if [tuple(w.shape) for w in src.weights] == [tuple(w.shape) for w in dst.weights]:
+        pairs = list(zip(src.weights, dst.weights))  # same variables, other sublayer names
+        break
       raise ValueError(f"layer {src.name!r}: cannot copy variable {key!r} "
                        f"(shape {tuple(v.shape)}) into {type(dst).__name__} {dst.name!r}")
+    pairs.append((v, t))
+  for v, t in pairs:
     t.assign(to_numpy(v))  # a copy: JAX may donate buffers
 
 
@@ -459,7 +468,7 @@ def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], ru
   if target is model and _is_plain_graph(model):
     warnings.warn(f"jaxqat.keras.quantize: model {model.name!r} was {how}: the float model is "
                   "now the quantized one", QuantizationWarning, stacklevel=2)
-  _convert_in_place(target, ctx, "converted in place" if target is model else how)
+  _convert_in_place(target, ctx, "converted in place, inside the copy" if how == "copied" else how)
   unused = [r.pattern for r in ruleset.unused()]
   ruleset.warn_unused(f"Keras model {model.name!r}")
   layers = _statuses(target, ctx, how)

@@ -142,11 +142,12 @@ def save(path, model) -> None:
 
   Args:
     path: a file path ending in ``.keras``.
-    model: a model returned by :func:`jaxqat.keras.quantize`.
+    model: a model returned by :func:`jaxqat.keras.quantize`, or a model
+      holding one (a task model around a quantized backbone).
 
   Raises:
     ValueError: if ``path`` does not end in ``.keras``.
-    TypeError: if ``model`` is not a quantized Keras model.
+    TypeError: if ``model`` is not a Keras model.
 
   Examples:
     >>> import keras, tempfile, os
@@ -159,9 +160,8 @@ def save(path, model) -> None:
   """
   if not str(path).endswith(".keras"):
     raise ValueError(f"path: must end in '.keras', got {str(path)!r}")
-  if not isinstance(model, keras.Model) or record_of(model) is None:
-    raise TypeError(f"model: expected a model returned by jaxqat.keras.quantize, got "
-                    f"{type(model).__name__}")
+  if not isinstance(model, keras.Model):
+    raise TypeError(f"model: expected a Keras model, got {type(model).__name__}")
   model.save(path)
 
 
