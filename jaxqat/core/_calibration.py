@@ -27,12 +27,16 @@ index along ``PerChannel`` axes) or per block. Methods
   0). Then as ``minmax``.
 * ``percentile``, ``mse``, ``entropy`` keep a streaming histogram per group
   (``num_bins`` bins): of :math:`|x|` over :math:`[0, R]` for symmetric
-  specs, of :math:`x` over :math:`[L, R] \ni 0` for affine specs. When a
-  batch falls outside the range, the range grows so that the old bins merge
-  *exactly* into new ones: the lower edge moves down by a whole number of
-  old bins and the bin width is multiplied by an integer, and each old bin's
-  count moves to the new bin holding its center (a scatter-add, inside jit).
-  The exact running min/max are kept next to the histogram.
+  specs, of :math:`x` over :math:`[L, R] \ni 0` for affine specs. The bin
+  width is a power of two, :math:`w = 2^k`, the smallest for which
+  ``num_bins`` bins starting at :math:`L = \lfloor m' / w \rfloor w` hold the
+  observed range :math:`[m', M']` (:math:`m' = 0`, :math:`M' = \max|x|`
+  when symmetric); the grid is a function of the observed range alone. When
+  a batch widens the range, the width doubles as often as needed and each
+  old bin's count moves to the new bin that contains it (an exact merge, a
+  scatter-add inside jit), so the histogram -- and every read-out below --
+  is the same whatever the order of the batches. The exact running min/max
+  are kept next to the histogram.
 
   - ``percentile``: the ``percentile`` :math:`p` of :math:`|x|` (symmetric)
     or the :math:`(100-p, p)` percentiles of :math:`x` (affine), read from the
@@ -49,7 +53,12 @@ index along ``PerChannel`` axes) or per block. Methods
     Quantization") and Banner et al. 2019 ("Post training 4-bit quantization
     of convolutional networks for rapid-deployment") for MSE-optimal clipping.
   - ``entropy``: the KL-divergence method of Migacz 2017 ("8-bit Inference
-    with TensorRT"). With :math:`N_q = q_{max} + 1` levels on the
+    with TensorRT"), on a histogram that leaves out exact zeros: every
+    candidate range represents 0 exactly, so zeros carry no quantization
+    error, and after a ReLU their spike in the first bin would otherwise
+    dominate :math:`P` and pull the threshold far below the data's tail
+    (merging the spike bin into a level with its neighbours is what the KL
+    punishes). With :math:`N_q = q_{max} + 1` levels on the
     :math:`|x|` histogram, for each candidate count of kept bins
     :math:`i \in [N_q, B]`: the reference :math:`P` is the first :math:`i`
     bins with the outlier mass (bins :math:`\ge i`) added to bin
@@ -174,6 +183,7 @@ class _Stats:
   tensor_scale: bool  # nvfp4: statistics per tensor, shape ()
   hist_abs: bool = False  # hist: a histogram of |x| (symmetric) or of x (affine)
   num_bins: int = 0  # hist
+  skip_zeros: bool = False  # hist: leave exact zeros out of the histogram (entropy)
   ema_decay: float = 0.0  # ema
 
   @property
@@ -194,7 +204,7 @@ def _stats_key(spec: spec_lib.QuantSpec, tensor_scale: bool) -> _Stats:
   if cal.method == "ema":
     return _Stats("ema", shape_spec, tensor_scale, ema_decay=float(cal.ema_decay))
   return _Stats("hist", shape_spec, tensor_scale, hist_abs=spec.symmetric,
-                num_bins=cal.num_bins)
+                num_bins=cal.num_bins, skip_zeros=cal.method == "entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,47 +384,83 @@ def _merge_range(state, cnt, mn, mx, ema_decay=None):
   }
 
 
-def _update_hist(state, xg, fin, cnt, symmetric: bool, num_bins: int):
-  """Folds the values of xg into the per-group histograms, growing their range."""
+# Bin widths are powers of two 2^k with k in [_MIN_BIN_EXP, _MAX_BIN_EXP].
+_MIN_BIN_EXP = -126
+_MAX_BIN_EXP = 100
+
+
+def _bin_width(lo: Array, hi: Array, b: int) -> Array:
+  """(hi - lo) / b, without overflowing for ranges near the float32 limit."""
+  span = hi - lo
+  return jnp.where(jnp.isfinite(span), span / b, hi / b - lo / b)
+
+
+def _hist_grid(need_lo: Array, need_hi: Array, b: int) -> tuple[Array, Array]:
+  """(lo, hi) of the histogram of ``b`` bins that holds [need_lo, need_hi] (0 inside).
+
+  The bin width is the smallest power of two ``w = 2^k`` for which ``b``
+  bins starting at ``lo = floor(need_lo / w) * w`` hold the range, ``need_hi``
+  strictly inside. It depends on the range only, and a histogram on a
+  coarser such grid is an exact merge of one on a finer grid (each coarse bin
+  is a union of fine ones), so the result does not depend on the batch order.
+  """
+  span = need_hi / (b - 1) - need_lo / (b - 1)
+  _, e = jnp.frexp(jnp.where(span > 0, span, 1.0))  # span < 2^e
+
+  def fits(k):
+    w = _grid.exp2_int(k, _F32)
+    lo = jnp.floor(need_lo / w) * w
+    return jnp.floor((need_hi - lo) / w) <= b - 1
+
+  k = jnp.where(fits(e - 1), e - 1, e)
+  k = jnp.where(span > 0, k, _MIN_BIN_EXP)
+  k = jnp.clip(k, _MIN_BIN_EXP, _MAX_BIN_EXP)
+  w = _grid.exp2_int(k, _F32)
+  lo = jnp.floor(need_lo / w) * w
+  return lo, lo + b * w
+
+
+def _update_hist(state, new_range, xg, fin, symmetric: bool, num_bins: int, skip_zeros: bool):
+  """Folds the values of xg into the per-group histograms, growing their range.
+
+  ``new_range`` is the merged state (count, running min and max, this batch
+  included); the histogram grid is a function of that range alone (see
+  ``_hist_grid``) and old counts move to the bins of the new grid.
+  """
   b = num_bins
   g = xg.shape[0]
   v = jnp.abs(xg) if symmetric else xg
-  vmin = jnp.minimum(jnp.min(jnp.where(fin, v, jnp.inf), axis=1, initial=jnp.inf), 0.0)
-  vmax = jnp.maximum(jnp.max(jnp.where(fin, v, -jnp.inf), axis=1, initial=-jnp.inf), 0.0)
+  mn, mx = new_range["min"], new_range["max"]
+  if symmetric:
+    need_lo = jnp.zeros_like(mn)
+    need_hi = jnp.maximum(jnp.abs(mn), jnp.abs(mx))
+  else:
+    need_lo, need_hi = jnp.minimum(mn, 0.0), jnp.maximum(mx, 0.0)
+  seen = new_range["count"] > 0
   lo, hi, hist = state["lo"], state["hi"], state["hist"]
-  seen = state["count"] > 0
-  has = cnt > 0
-  w = hi / b - lo / b
-  need_lo = jnp.where(seen, jnp.minimum(lo, vmin), vmin)
-  need_hi = jnp.where(seen, jnp.maximum(hi, vmax), vmax)
-  grow = seen & has & ((need_lo < lo) | (need_hi > hi))
-  # Exact merge: move the lower edge down by m old bins and widen bins f times.
-  w_safe = jnp.where(w > 0, w, 1.0)
-  m = jnp.ceil((lo - need_lo) / w_safe)
-  lo_m = lo - m * w_safe
-  f = jnp.maximum(1.0, jnp.ceil((need_hi - lo_m) / (b * w_safe)))
-  hi_m = lo_m + (b * f) * w_safe
-  merge_ok = (w > 0) & jnp.isfinite(lo_m) & jnp.isfinite(hi_m) & jnp.isfinite(f)
-  grown_lo = jnp.where(merge_ok, lo_m, need_lo)
-  grown_hi = jnp.where(merge_ok, hi_m, need_hi)
-  new_lo = jnp.where(grow, grown_lo, jnp.where(seen | ~has, lo, vmin))
-  new_hi = jnp.where(grow, grown_hi, jnp.where(seen | ~has, hi, vmax))
-  new_w = new_hi / b - new_lo / b
+  new_lo, new_hi = _hist_grid(need_lo, need_hi, b)
+  new_lo = jnp.where(seen, new_lo, lo)
+  new_hi = jnp.where(seen, new_hi, hi)
+  new_w = _bin_width(new_lo, new_hi, b)
   pos = new_w > 0
   inv = jnp.where(pos, new_w, 1.0)[:, None]
 
   def bin_of(vals):
-    t = jnp.where(pos[:, None], (vals - new_lo[:, None]) / inv, 0.0)
-    return jnp.clip(jnp.floor(t), 0, b - 1).astype(jnp.int32)
+    # floor(v / w) - lo / w: exact (w is a power of two, lo / w an integer), so every
+    # value lands in the same bin whichever grid it was first counted on.
+    t = jnp.floor(vals / inv) - new_lo[:, None] / inv
+    return jnp.clip(jnp.where(pos[:, None], t, 0.0), 0, b - 1).astype(jnp.int32)
 
+  w = _bin_width(lo, hi, b)
+  w_safe = jnp.where(w > 0, w, 1.0)[:, None]
   ids = jnp.arange(b, dtype=jnp.int32)
-  centers = lo[:, None] + (ids.astype(_F32)[None, :] + 0.5) * w[:, None]
-  old_idx = jnp.where(grow[:, None], bin_of(centers), ids[None, :])
+  centers = (lo[:, None] / w_safe + ids.astype(_F32)[None, :] + 0.5) * w_safe
   offsets = (jnp.arange(g, dtype=jnp.int32) * b)[:, None]
   flat = jnp.zeros((g * b,), _F32)
-  flat = flat.at[(old_idx + offsets).reshape(-1)].add(hist.reshape(-1))
+  flat = flat.at[(bin_of(centers) + offsets).reshape(-1)].add(hist.reshape(-1))
+  counted = fin & (v != 0) if skip_zeros else fin
   new_idx = bin_of(jnp.where(fin, v, 0.0))
-  flat = flat.at[(new_idx + offsets).reshape(-1)].add(fin.astype(_F32).reshape(-1))
+  flat = flat.at[(new_idx + offsets).reshape(-1)].add(counted.astype(_F32).reshape(-1))
   return {"hist": flat.reshape(g, b), "lo": new_lo, "hi": new_hi}
 
 
@@ -431,7 +477,7 @@ def _hist_quantile(hist, lo, hi, vmin, vmax, q: float) -> Array:
   constant tensor gives its value exactly).
   """
   b = hist.shape[-1]
-  w = hi / b - lo / b
+  w = _bin_width(lo, hi, b)
   cum = jnp.cumsum(hist, axis=-1)
   target = (q / 100.0) * cum[:, -1]
   k = jnp.minimum(jnp.sum(cum < target[:, None], axis=-1), b - 1)
@@ -468,7 +514,7 @@ def _mse_candidates(mn: Array, mx: Array, cfg: _Config) -> tuple[Array, Array]:
 def _mse_one(hist, lo, hi, scales, zps, cfg: _Config):
   """The candidate (scale, zero point) with the least squared error on one histogram."""
   b = hist.shape[-1]
-  w = hi / b - lo / b
+  w = _bin_width(lo, hi, b)
   centers = lo + (jnp.arange(b, dtype=_F32) + 0.5) * w
 
   def err(s, z):
@@ -545,7 +591,7 @@ def _entropy_one(hist, lo, hi, mn, mx, cfg: _Config):
   b = hist.shape[-1]
   nq = cfg.num_levels
   cands = jnp.asarray(_entropy_candidates(b, nq, cfg.spec.calibration.num_candidates))
-  w = hi / b - lo / b
+  w = _bin_width(lo, hi, b)
   z0 = jnp.where(w > 0, -lo / jnp.where(w > 0, w, 1.0), 0.0)  # position of 0, in bins
   i_all, j0_all, valid = _entropy_windows(hist, cands, z0, cfg.symmetric)
   kls = jax.vmap(lambda i, j0: _kl_for_window(hist, i, j0, nq))(i_all, j0_all)
@@ -648,7 +694,8 @@ def _stats_fns(stats: _Stats):
     decay = stats.ema_decay if stats.kind == "ema" else None
     new = _merge_range(flat, cnt, mn, mx, decay)
     if hist:
-      new.update(_update_hist(flat, xg, fin, cnt, stats.hist_abs, stats.num_bins))
+      new.update(_update_hist(flat, new, xg, fin, stats.hist_abs, stats.num_bins,
+                              stats.skip_zeros))
     return {k: new[k].reshape(state[k].shape).astype(_F32) for k in keys}
 
   return init, jax.jit(update)
