@@ -329,3 +329,16 @@ def test_nothing_quantized_warns_and_quantize_is_quiet_on_every_backend():
     warnings.simplefilter("always")
     jqk.quantize(model)
   assert not [str(w.message) for w in caught], [str(w.message)[:200] for w in caught]
+
+
+def test_a_saved_record_that_does_not_match_the_model_is_a_clear_error(tmp_path):
+  from jaxqat.keras import _saving
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+  gone = {"at": [["#layers", 5]], "path": "gone", "weight": None, "act": None}
+  with pytest.raises(ValueError, match=r"layer 'gone': the loaded model has no layer at "
+                                       r"layers\[5\]"):
+    _saving.reapply(model, {"version": _saving.RECORD_VERSION, "in_place": [gone]})
+  with pytest.raises(ValueError, match="expected version 1, got 99"):
+    _saving.reapply(model, {"version": 99, "in_place": []})
+  with pytest.raises(ValueError, match=r"path: must end in '.keras'"):
+    jqk.save(os.path.join(str(tmp_path), "q.h5"), jqk.quantize(model))
