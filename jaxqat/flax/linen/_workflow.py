@@ -10,6 +10,7 @@ tracking. See ``docs/contract.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -328,7 +329,8 @@ def report(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> cor
   Traces the model once (abstractly, with inputs shaped like the example of
   ``qmodel.init``) and lists every module that holds parameters (or an input
   quantizer): quantized or not, each weight's resolved spec or the reason it
-  stays float, and the rules that matched nothing.
+  stays float (an input that calibration found no data for is reported
+  float), and the rules that matched nothing.
 
   Args:
     qmodel: the quantized model (initialised in this process).
@@ -365,5 +367,10 @@ def report(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> cor
     _module._RUNS.pop()  # pylint: disable=protected-access
   ctx = runs[-1]
   layers = [_layer_report(path, rec) for path, rec in ctx.layers.items()]
+  float_inputs = {"/".join(p[:-1]) for p, e in _quantizer.quantizer_entries(
+      variables.get(STATS, {})) if _quantizer.STAYS_FLOAT in e}
+  layers = [dataclasses.replace(l, act=None, reason=f"{l.reason}; input stays float: "
+                                "calibration saw no finite value")
+            if l.path in float_inputs else l for l in layers]
   unused = [r.pattern for r in ctx.ruleset.unused()]
   return core.QuantizationReport(layers=layers, unused_rules=unused)
