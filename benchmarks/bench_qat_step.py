@@ -149,7 +149,7 @@ def bench_linen(model, x, y, rules, warmup, repeats):
     return _time(_train_step(loss, tx), (params, tx.init(params), {}), (x, y), warmup, repeats)
   qmodel = ql.quantize(model, rules)
   v = jax.jit(qmodel.init)(jax.random.key(0), x)
-  v = ql.freeze(qmodel, ql.calibrate(qmodel, v, [x]), x)
+  v = ql.calibrate(qmodel, v, [x])
   trainable = {k: v[k] for k in ("params", "quant_params") if k in v}
   rest = {k: v[k] for k in v if k not in trainable}
   loss = lambda t, rest, x, y: _mse(qmodel.apply({**rest, **t}, x), y)
