@@ -112,10 +112,10 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
   Backward with :math:`u = v + z`:
 
   .. math::
-     \frac{\partial \hat{x}}{\partial x} = \mathbb{1}[q_{min} < u < q_{max}],
+     \frac{\partial \hat{x}}{\partial x} = \mathbb{1}[q_{min} \le u \le q_{max}],
      \quad \frac{\partial \hat{x}}{\partial s} = \begin{cases}
-       \lfloor v \rceil - v & q_{min} < u < q_{max} \\
-       q_{min} & u \le q_{min} \\ q_{max} & u \ge q_{max} \end{cases},
+       \lfloor v \rceil - v & q_{min} \le u \le q_{max} \\
+       q_{min} & u < q_{min} \\ q_{max} & u > q_{max} \end{cases},
      \quad \frac{\partial \hat{x}}{\partial \beta} = \mathbb{1}[\text{clipped}]
 
   step-size and offset gradients summed over the elements each covers and
@@ -156,8 +156,8 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
     z = ops.round(ops.divide(ops.negative(_f32(b)), sc)) if has_offset else ops.zeros_like(sc)
     rv = ops.round(v)
     u = ops.add(v, z)
-    below = ops.less_equal(u, qmin)
-    above = ops.greater_equal(u, qmax)
+    below = ops.less(u, qmin)  # the inclusive range, as the core
+    above = ops.greater(u, qmax)
     q = ops.clip(ops.add(rv, z), qmin, qmax)
     y = ops.cast(ops.multiply(ops.subtract(q, z), sc), dtype)
 
