@@ -301,22 +301,18 @@ class _Weight:
     self.name, self.wq, self.aq, self.own, self.rank = name, wq, aq, own, rank
 
 
-def _weights_of(self) -> tuple[dict, list]:
-  """``{param parts: _Weight}`` and the quantizer paths to keep out of the traced state."""
+def _weights_of(self) -> dict:
+  """``{param parts: _Weight}``: own weights and those of quantized layers inside."""
   out = {}
   for name, parts in self.jaxqat_params:
     wq = self.jaxqat_weight_quant.get(name) if self.jaxqat_weight_quant is not None else None
     aq = self.jaxqat_input_quant.get(name) if self.jaxqat_input_quant is not None else None
     rank = _get_param(self, parts).ndim - self.jaxqat_stack_ndim
     out[tuple(parts)] = _Weight(name, wq, aq, True, rank)
-  borrowed_quant_paths = []
-  paths = {}
   for path, node in nnx.iter_graph(self):
     path = tuple(path)
     if path and path[0] in (_W, _A):
       continue
-    if isinstance(node, Quantizer):
-      paths.setdefault(id(node), path)
     if not path or not isinstance(node, nnx.Module) or not hasattr(type(node), "jaxqat_weights"):
       continue
     for parts, wq, aq in node.jaxqat_weights():
@@ -324,24 +320,18 @@ def _weights_of(self) -> tuple[dict, list]:
         continue
       out.setdefault(path + tuple(parts),
                      _Weight(_key(path + tuple(parts)), wq, aq, False, len(wq.shape)))
-  for w in out.values():
-    if not w.own:
-      for q in (w.wq, w.aq):
-        if q is not None and id(q) in paths:
-          borrowed_quant_paths.append(paths[id(q)])
-  return out, borrowed_quant_paths
+  return out
 
 
 def _intercepted_call(self, method, args, kwargs):
   float_call = getattr(type(self).jaxqat_float_type, method)
-  weights, borrowed = _weights_of(self)
+  weights = _weights_of(self)
   quants = [q for w in weights.values() for q in (w.wq, w.aq) if q is not None]
   if all(q.mode == "float" for q in quants):
     return float_call(self, *args, **kwargs)
 
   def qfilter(path, value):
-    path = tuple(path)
-    return bool(path) and (path[0] in (_W, _A) or any(path[:len(b)] == b for b in borrowed))
+    return bool(path) and path[0] in (_W, _A)
 
   graphdef, qstate, rest = nnx.split(self, qfilter, ...)
   rest_leaves, rest_def = jax.tree_util.tree_flatten_with_path(rest)
@@ -371,7 +361,11 @@ def _intercepted_call(self, method, args, kwargs):
   interp = _Interpreter(f"layer '{self.jaxqat_path}'" if self.jaxqat_path else "<root>")
   outs = interp.run(closed.jaxpr, closed.consts, in_vals, labels)
   out, new_rest = jax.tree_util.tree_unflatten(out_def, outs)
-  nnx.update(self, new_rest)
+  # Write back only the state the call changed (batch statistics, observers, RNG counts):
+  # state it passed through may belong to another trace (captured by a closure).
+  for p, new, old in zip(rest_paths, jax.tree_util.tree_leaves(new_rest), rest_vals):
+    if new is not old:
+      _get_param(self, p)[...] = new
   unused = [w.name for w in weights.values() if w.own and w.name not in interp.used]
   if unused and method == "__call__":
     warnings.warn(

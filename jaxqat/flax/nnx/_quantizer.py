@@ -82,16 +82,28 @@ def _vmap_n(fn, n: int):
   return fn
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _weight_range(w, spec, k):
-  """``(scale, zero_point)`` of a (stacked, ``k`` leading axes) weight."""
-  return _vmap_n(lambda v: core.weight_range(v, spec), k)(w.astype(jnp.float32))
+def _state_values(scale, zp, spec, full):
+  """The quantizer state for a range: ``scale``/``zero_point`` or ``log_scale``/``offset``."""
+  scale = scale.astype(jnp.float32).reshape(full)
+  zp = zp.astype(jnp.float32).reshape(full)
+  if spec.learning == "fixed":
+    return {"scale": scale, "zero_point": zp}
+  return {"log_scale": core.step_size_to_param(scale), "offset": -zp * scale}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _observer_range(state, spec, k):
-  """``(scale, zero_point)`` from (stacked) observer statistics."""
-  return _vmap_n(core.observer(spec).compute, k)(state)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _weight_state(w, spec, k, full):
+  """State values from a (stacked, ``k`` leading axes) weight; one compile per (spec, shape)."""
+  scale, zp = _vmap_n(lambda v: core.weight_range(v, spec), k)(w.astype(jnp.float32))
+  return _state_values(scale, zp, spec, full)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _observer_state(stats, spec, k, full):
+  """State values from (stacked) observer statistics, and whether every range is valid."""
+  scale, zp = _vmap_n(core.observer(spec).compute, k)(stats)
+  ok = jnp.all(stats["count"] > 0) & jnp.all(jnp.isfinite(scale) & (scale > 0))
+  return _state_values(scale, zp, spec, full), ok
 
 
 class Quantizer(nnx.Module):
@@ -227,35 +239,26 @@ class Quantizer(nnx.Module):
       for k, v in stats.items():
         self.stats[k][...] = v[...]
 
-  def _set_range(self, scale, zp) -> None:
-    full = self.stack_shape + self.spec.scale_shape(self.shape)
-    scale = jnp.asarray(scale, jnp.float32).reshape(full)
-    zp = jnp.asarray(zp, jnp.float32).reshape(full)
-    if self.spec.learning == "fixed":
-      self.scale[...] = scale
-      if self.zero_point is not None:
-        self.zero_point[...] = zp
-      return
-    self.log_scale[...] = core.step_size_to_param(scale)
-    if self.offset is not None:
-      self.offset[...] = -zp * scale
+  def _full(self):
+    return self.stack_shape + self.spec.scale_shape(self.shape)
 
-  def weight_range(self, weight: jax.Array):
-    """The current ``(scale, zero_point)`` of a (stacked) weight, one compile per (spec, shape)."""
-    scale, zp = _weight_range(jnp.asarray(weight), self.spec, len(self.stack_shape))
-    return scale, zp
+  def _set(self, values: dict) -> None:
+    for name, v in values.items():
+      var = getattr(self, name)
+      if var is not None:
+        var[...] = v
 
   def init_from_weight(self, weight: jax.Array) -> None:
     """Initialises a learned weight step size (and LSQ+ offset) from ``weight``."""
     if self.spec.is_block or self.spec.learning == "fixed":
       return
-    self._set_range(*self.weight_range(weight))
+    self._set(_weight_state(jnp.asarray(weight), self.spec, len(self.stack_shape), self._full()))
 
   def store_weight_range(self, weight: jax.Array) -> None:
     """Stores a fixed-range weight quantizer's current range and stops tracking (freeze)."""
     if self.role != WEIGHT or self.spec.is_block or self.spec.learning != "fixed":
       return
-    self._set_range(*self.weight_range(weight))
+    self._set(_weight_state(jnp.asarray(weight), self.spec, len(self.stack_shape), self._full()))
     self.frozen = True
 
   def set_from_observer(self) -> bool:
@@ -272,10 +275,9 @@ class Quantizer(nnx.Module):
     """
     if not self.needs_range:
       return True
-    state = {key: v[...] for key, v in self.stats.items()}
-    scale, zp = _observer_range(state, self.spec, len(self.stack_shape))
-    seen = bool(jnp.all(state["count"] > 0))
-    ok = seen and bool(jnp.all(jnp.isfinite(scale) & (scale > 0)))
+    stats = {key: v[...] for key, v in self.stats.items()}
+    values, ok = _observer_state(stats, self.spec, len(self.stack_shape), self._full())
+    ok = bool(ok)
     if not ok:
       if self.optional:
         self.disabled = ("attend() was not called during calibration (lookup only); the query "
@@ -287,7 +289,7 @@ class Quantizer(nnx.Module):
                       core.QuantizationWarning, stacklevel=3)
       self.calibrated = False
       return False
-    self._set_range(scale, zp)
+    self._set(values)
     self.calibrated = True
     self.disabled = ""
     return True

@@ -1,0 +1,325 @@
+"""Real-model shapes that used to stay (partly) float in NNX now quantize completely (issue 8).
+
+One small model per failure seen on third-party code: a plain ``nnx.Embed``
+used only for lookup; a module holding a layer it never calls (it reads the
+kernel); a Gemma-style embedder with ``encode``/``decode`` and no
+``__call__`` (tied output head); a root module computing
+``h @ embed.embedding.T``; an attention projection written as an einsum on a
+``(D, heads, head_dim)`` kernel. Each passes the default W8A8 workflow and a
+few steps of W4A8 LSQ QAT, and the jaxpr shows that every matmul with a
+weight operand receives it through a fake-quant call.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.extend import core as jex_core
+
+from jaxqat import core
+from jaxqat.core import PerChannel
+from jaxqat.core import PerOutputChannel
+from jaxqat.core import QuantSpec
+from jaxqat.core import Rule
+from jaxqat.flax import nnx as qnnx
+
+pytestmark = pytest.mark.slow
+
+V, D, H, K = 11, 8, 2, 4
+
+
+def _p(key, shape):
+  return nnx.Param(jax.random.normal(jax.random.key(key), shape) / np.sqrt(shape[0]))
+
+
+class LookupEmbed(nnx.Module):
+  """A plain nnx.Embed used only for lookup, then a Linear head."""
+
+  def __init__(self):
+    self.emb = nnx.Embed(V, D, rngs=nnx.Rngs(0))
+    self.head = nnx.Linear(D, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, ids):
+    return self.head(self.emb(ids).mean(axis=1))
+
+
+class ReadsKernel(nnx.Module):
+  """Holds a Linear that it never calls: it reads the kernel and transposes it."""
+
+  def __init__(self):
+    self.inp = nnx.Linear(3, D, rngs=nnx.Rngs(0))
+    self.proj = nnx.Linear(D, D, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    h = nnx.relu(self.inp(x))
+    return h @ self.proj.kernel[...].T
+
+
+class Embedder(nnx.Module):
+  """Gemma-style tied embedding: encode/decode methods, no __call__."""
+
+  def __init__(self):
+    self.table = _p(2, (V, D))
+
+  def encode(self, ids):
+    return jnp.take(self.table[...], ids, axis=0) * np.sqrt(D)
+
+  def decode(self, h):
+    return jnp.einsum("btd,vd->btv", h, self.table[...])
+
+
+class TiedLM(nnx.Module):
+
+  def __init__(self):
+    self.embedder = Embedder()
+    self.mlp = nnx.Linear(D, D, rngs=nnx.Rngs(3))
+
+  def __call__(self, ids):
+    return self.embedder.decode(nnx.gelu(self.mlp(self.embedder.encode(ids))))
+
+
+class RootTied(nnx.Module):
+  """A root module computing h @ embedding.T with a plain nnx.Embed."""
+
+  def __init__(self):
+    self.embed = nnx.Embed(V, D, rngs=nnx.Rngs(4))
+    self.mlp = nnx.Linear(D, D, rngs=nnx.Rngs(5))
+
+  def __call__(self, ids):
+    h = nnx.gelu(self.mlp(self.embed(ids)))
+    return h @ self.embed.embedding[...].T
+
+
+class HeadsAttention(nnx.Module):
+  """Query/key/value projections as einsums on (D, heads, head_dim) kernels."""
+
+  def __init__(self):
+    self.wq, self.wk, self.wv = _p(6, (D, H, K)), _p(7, (D, H, K)), _p(8, (D, H, K))
+    self.wo = _p(9, (H, K, D))
+
+  def __call__(self, x):
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, w[...]) for w in (self.wq, self.wk, self.wv))
+    p = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K), axis=-1)
+    return jnp.einsum("bhts,bshk,hkd->btd", p, v, self.wo[...])
+
+
+_IDS = jnp.array([[0, 3, 5, 10], [2, 2, 7, 1]])
+_X3 = jax.random.normal(jax.random.key(10), (2, 4, 3))
+_XD = jax.random.normal(jax.random.key(11), (2, 4, D))
+
+# name -> (model factory, input, quantize keyword arguments, weights (paths), weight matmuls)
+MODELS = {
+    "lookup_embed": (LookupEmbed, _IDS, {}, ["emb/embedding", "head/kernel"], 1),
+    "reads_kernel": (ReadsKernel, _X3, {"methods": {"": "__call__"}},
+                     ["inp/kernel", "proj/kernel"], 2),
+    "embedder_encode_decode": (TiedLM, _IDS, {}, ["embedder/table", "mlp/kernel"], 2),
+    "root_tied_head": (RootTied, _IDS, {"methods": {"": "__call__"}},
+                       ["embed/embedding", "mlp/kernel"], 2),
+    "einsum_heads": (HeadsAttention, _XD, {}, ["wk", "wo", "wq", "wv"], 4),
+}
+
+# ---------------------------------------------------------------------------
+# The jaxpr check: every matmul with a weight operand gets it through fake quant.
+# ---------------------------------------------------------------------------
+
+_FQ = ("custom_vjp_call", "custom_vjp_call_jaxpr", "custom_jvp_call")
+_LAYOUT = ("reshape", "transpose", "convert_element_type", "broadcast_in_dim", "squeeze",
+           "expand_dims", "copy", "copy_p", "slice", "dynamic_slice", "rev")
+
+
+def _sub(eqn):
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      j = getattr(x, "jaxpr", x)
+      if hasattr(j, "eqns"):
+        yield j
+
+
+def _is_fq(eqn):
+  return eqn.primitive.name in _FQ or any(_is_fq(e) for j in _sub(eqn) for e in j.eqns)
+
+
+def _walk(jaxpr, tags, out):
+  """Tags values ``("w", name)`` (a weight, through layout ops) or ``("fq", name)``."""
+  tag = lambda v: None if isinstance(v, jex_core.Literal) else tags.get(v)
+  for eqn in jaxpr.eqns:
+    ins = [tag(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    res = [None] * len(eqn.outvars)
+    if _is_fq(eqn):
+      if ins and ins[0] is not None:
+        res = [("fq", ins[0][1])] * len(eqn.outvars)
+    elif name in _LAYOUT:
+      res = [ins[0]]
+    elif name in ("dot_general", "conv_general_dilated"):
+      out.append((name, ins[0], ins[1]))
+    else:
+      for j in _sub(eqn):
+        if len(j.invars) == len(eqn.invars):
+          sub_tags = {v: t for v, t in zip(j.invars, ins) if t is not None}
+          _walk(j, sub_tags, out)
+          if len(j.outvars) == len(eqn.outvars):
+            res = [sub_tags.get(v) if not isinstance(v, jex_core.Literal) else None
+                   for v in j.outvars]
+    for v, t in zip(eqn.outvars, res):
+      if t is not None:
+        tags[v] = t
+
+
+def weight_matmuls(model, x):
+  """``[(primitive, lhs tag, rhs tag)]`` of every matmul/conv that touches a weight."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp[:-1])
+           for kp, _ in leaves]
+  weights = [n for n, (_, v) in zip(names, leaves) if v.ndim >= 2]
+  closed = jax.make_jaxpr(
+      lambda p, x: nnx.merge(graphdef, p, rest)(x))(params, x)
+  invars = closed.jaxpr.invars[:len(leaves)]
+  tags = {v: ("w", n) for v, n in zip(invars, names) if n in weights}
+  out = []
+  _walk(closed.jaxpr, tags, out)
+  return [m for m in out if m[1] is not None or m[2] is not None], weights
+
+
+def _assert_every_weight_matmul_quantized(model, x, want_weights, n_matmuls):
+  mm, weights = weight_matmuls(model, x)
+  assert sorted(w for w in weights if not w.split("/")[-1].startswith(("log_scale", "offset"))
+                and "quant" not in w) == sorted(want_weights)
+  raw = [m for m in mm if (m[1] or ("",))[0] == "w" or (m[2] or ("",))[0] == "w"]
+  assert raw == [], f"matmuls with a float weight operand: {raw}"
+  assert len(mm) == n_matmuls
+  fed = {t[1] for m in mm for t in m[1:] if t is not None}
+  lookups = {w for w in want_weights if w.endswith("embedding") or w.endswith("table")}
+  assert fed | lookups >= set(want_weights)  # every weight (tied heads included) is quantized
+
+
+# ---------------------------------------------------------------------------
+
+
+def _w4a8_lsq():
+  w = QuantSpec(format="int4", granularity=PerOutputChannel(), learning="lsq")
+  a = QuantSpec(format="int8", symmetric=False, calibration="minmax", learning="lsq_plus")
+  return [Rule(pattern=".*", weight=w, act=a)]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_w8a8_workflow_quantizes_every_weight_matmul(name, recwarn):
+  make, x, kw, weights, n = MODELS[name]
+  model = make()
+  y_float = model(x)
+  qnnx.quantize(model, **kw)
+  qnnx.calibrate(model, [x])
+  assert not [w for w in recwarn.list if issubclass(w.category, core.QuantizationWarning)]
+  _assert_every_weight_matmul_quantized(model, x, weights, n)
+  y = model(x)
+  err = float(jnp.max(jnp.abs(y - y_float)))
+  assert 0.0 < err < 0.05 * float(jnp.max(jnp.abs(y_float)))  # W8A8: close, not equal
+  rep = qnnx.report(model)
+  assert rep.paths("failed") == [] and rep.paths("unmatched") == []
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_w4a8_lsq_qat_trains_with_every_weight_matmul_quantized(name):
+  make, x, kw, weights, n = MODELS[name]
+  model = make()
+  qnnx.quantize(model, _w4a8_lsq(), **kw)
+  qnnx.calibrate(model, [x])
+  _assert_every_weight_matmul_quantized(model, x, weights, n)
+  target = jax.random.normal(jax.random.key(0), model(x).shape)
+  opt = nnx.Optimizer(model, qnnx.qat_optimizer(model, optax.adam(1e-2), optax.adam(1e-2)),
+                      wrt=nnx.Param)
+  loss_fn = lambda m: jnp.mean((m(x) - target) ** 2)
+
+  @nnx.jit
+  def step(m, opt):
+    loss, grads = nnx.value_and_grad(loss_fn)(m)
+    with jax.numpy_dtype_promotion("standard"):
+      opt.update(m, grads)
+    return loss, grads
+
+  theta0 = {id(q): q.log_scale[...] for q in qnnx.quantizers(model) if q.log_scale is not None}
+  losses = [float(step(model, opt)[0]) for _ in range(5)]
+  assert losses[-1] < losses[0]
+  moved = [q for q in qnnx.quantizers(model) if q.log_scale is not None
+           and float(jnp.max(jnp.abs(q.log_scale[...] - theta0[id(q)]))) > 0]
+  assert len(moved) >= len(weights)  # the step sizes of every weight (at least) were trained
+
+
+def test_embed_lookup_only_keeps_the_attend_query_float_and_reports_it():
+  model = qnnx.quantize(LookupEmbed())
+  qnnx.calibrate(model, [_IDS])
+  layer = qnnx.report(model)["emb"]
+  assert layer.status == "quantized" and layer.act is None
+  assert "attend() was not called" in layer.reason
+  assert layer.weights[0].spec.granularity == PerChannel(0)
+
+
+def test_embedder_decode_gets_one_scale_per_vocabulary_row():
+  model = qnnx.quantize(TiedLM())
+  qnnx.calibrate(model, [_IDS])
+  wq = model.embedder.jaxqat_weight_quant["table"]
+  # decode contracts D: the output channels are the rows (vocabulary), resolved per op.
+  assert wq.spec.granularity == PerChannel(-2) and wq.scale.shape == (V, 1)
+  assert qnnx.report(model)["embedder"].reason == "intercepted decode, encode"
+
+
+# ---------------------------------------------------------------------------
+# Calibrate/freeze compile once per distinct (spec, shape), not once per quantizer.
+# ---------------------------------------------------------------------------
+
+
+class Deep(nnx.Module):
+
+  def __init__(self, n):
+    rngs = nnx.Rngs(0)
+    self.layers = nnx.List([nnx.Linear(D, D, rngs=rngs) for _ in range(n)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jnp.tanh(layer(x))
+    return x
+
+
+def _count_compiles(fn):
+  import logging  # pylint: disable=import-outside-toplevel
+  names = []
+
+  class Handler(logging.Handler):
+
+    def emit(self, record):
+      msg = record.getMessage()
+      if msg.startswith("Compiling "):
+        names.append(msg.split()[1])
+
+  handler = Handler()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  old = jax.config.jax_log_compiles
+  jax.config.update("jax_log_compiles", True)
+  try:
+    fn()
+  finally:
+    jax.config.update("jax_log_compiles", old)
+    logger.removeHandler(handler)
+  return names
+
+
+def test_calibrate_and_freeze_compile_once_per_spec_and_shape_on_24_layers():
+  w = QuantSpec(format="int4", granularity=PerChannel(-1), learning="lsq")
+  a = QuantSpec(format="int8", symmetric=False, calibration="minmax", learning="lsq_plus")
+  rules = [Rule(pattern=".*", weight=w.replace(learning="fixed"), act=a)]
+  x = jax.random.normal(jax.random.key(0), (4, D))
+  model = qnnx.quantize(Deep(24), rules)
+  qnnx.calibrate(qnnx.quantize(Deep(1), rules), [x])  # warms the caches for this spec/shape
+  calib = _count_compiles(lambda: qnnx.calibrate(model, [x]))
+  frz = _count_compiles(lambda: qnnx.freeze(model))
+  print(f"\ncompiles: calibrate {calib}, freeze {frz}")
+  assert calib == ["jit(step)"]  # the forward pass; the ranges were compiled by the warm-up
+  assert frz == ["jit(_weight_state)"]  # once for 24 quantizers of one (spec, shape)
+  # A model of other shapes compiles each function once, not 24 times.
+  rules2 = [Rule(pattern=".*", weight=w, act=a.replace(format="int4"))]
+  calib2 = _count_compiles(lambda: qnnx.calibrate(qnnx.quantize(Deep(24), rules2), [x]))
+  assert calib2.count("jit(_weight_state)") == 1 and calib2.count("jit(_observer_state)") == 1
