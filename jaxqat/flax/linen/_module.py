@@ -132,10 +132,12 @@ class QuantizedModule(nn.Module):
     return out
 
   @nn.nowrap
-  def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ
-    """``nn.Module.init``; also remembers the shapes of the example inputs."""
-    _remember(self, args, kwargs)
-    return super().init(rngs, *args, **kwargs)
+  def init_with_output(self, rngs, *args, method=None, **kwargs):  # pylint: disable=arguments-differ
+    """``nn.Module.init_with_output`` (and so ``init``); remembers the example inputs' shapes."""
+    if method is None:
+      model_kwargs = {k: v for k, v in kwargs.items() if k not in _FLAX_INIT_KWARGS}
+      _remember(self, args, model_kwargs)
+    return super().init_with_output(rngs, *args, method=method, **kwargs)
 
   @nn.nowrap
   def example(self) -> tuple[tuple, dict]:
@@ -153,6 +155,7 @@ class QuantizedModule(nn.Module):
     return jax.tree.map(zeros, ex[0]), jax.tree.map(zeros, ex[1])
 
 
+_FLAX_INIT_KWARGS = ("mutable", "capture_intermediates")
 _RUNS: list = []  # collectors of the Contexts of the runs in progress (report)
 
 
