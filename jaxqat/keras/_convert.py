@@ -112,10 +112,25 @@ class _Context:
     self.pairs = []      # (src, dst) for weight copies after the build
     self.in_place = []   # record entries of the layers converted in place
     self.in_place_layers = []
+    self.copied = []     # (src, dst, path): layers re-created from their config
+    self.paths = {}      # id(layer in the copy) -> its path in the original model
+
+  def path_of(self, layer, path):
+    """The path of ``layer`` in the model given to quantize (a copy's sublayers may have
+    other auto-generated names than the original's: the rules see the original's)."""
+    return self.paths.get(id(layer), path)
+
+  def map_paths(self):
+    """Maps every sublayer of a re-created layer to the path of its original."""
+    for src, dst, path in self.copied:
+      names = {repr(loc): p for loc, p, _ in _graph.walk(src)}
+      for loc, p, sub in _graph.walk(dst):
+        self.paths[id(sub)] = f"{path}/{names.get(repr(loc), p)}"
 
   def reset(self):
     self.how.clear()
     self.pairs.clear()
+    self.copied.clear()
 
   def specs_for(self, layer, path):
     """(weight_spec, act_spec) for a supported layer, or None to keep it float."""
@@ -192,6 +207,7 @@ def _clone_leaf(layer, ctx, prefix):
     except Exception as e:  # a derived key in a third-party config, say
       raise _NoCopy(f"layer {path!r} ({type(layer).__name__}) cannot be re-created from its "
                     f"config ({type(e).__name__}: {str(e)[:200]})") from e
+    ctx.copied.append((layer, new, path))
   ctx.pairs.append((layer, new))
   return new
 
@@ -283,6 +299,7 @@ def _target(model, ctx):
     for src, dst in ctx.pairs:
       if dst.built and src.built and src.weights:
         copy_weights(src, dst)
+    ctx.map_paths()
     for layer in quant_layers(new):
       layer.init_weight_ranges()
     return new, "copied"
@@ -307,6 +324,7 @@ def _convert_in_place(root, ctx, how):
   for loc, path, layer in _graph.walk(root, stop=lambda l: isinstance(l, _QUANT)):
     if isinstance(layer, _QUANT) or not _in_place_class(layer):
       continue
+    path = ctx.path_of(layer, path)
     specs = ctx.specs_for(layer, path)
     if specs is None:
       continue
@@ -357,6 +375,7 @@ def _statuses(root, ctx, how):
   items = [([], "", root)] if _graph.own_weights(root) else []
   items += list(_graph.walk(root, stop=lambda l: isinstance(l, _QUANT)))
   for loc, path, layer in items:
+    path = ctx.path_of(layer, path)
     rule = ctx.rules.match(path)
     if isinstance(layer, _QUANT):
       reason = ctx.how.get(id(layer), how)

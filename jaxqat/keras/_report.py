@@ -110,6 +110,7 @@ def report(model) -> QuantizationReport:
   layers = []
   for loc, path, layer in items:
     entry = entries.get(repr(loc), {})
+    path = entry.get("path", path)  # the path the rules saw (stable across save/load)
     if isinstance(layer, _fold.QuantConvBatchNorm):
       layers.append(_folded(layer, path, entry))
     elif isinstance(layer, _layers.QuantLayer):
