@@ -144,3 +144,27 @@ def test_per_channel_input_spec_is_rejected_for_intercepted_modules():
   with pytest.raises(ValueError, match=r"layer '<root>': intercepted modules quantize matmul "
                                        r"inputs per tensor"):
     qnnx.quantize(Ops("einsum"), [Rule(pattern=".*", act=QuantSpec(granularity=PerChannel(-1)))])
+
+
+def test_methods_argument_is_validated_and_reported():
+  with pytest.raises(TypeError, match="methods: expected a mapping"):
+    qnnx.quantize(Ops("einsum"), RULES, methods=["__call__"])
+  with pytest.raises(ValueError, match=r"methods: layer '<root>' \(Ops\) has no method 'decode'"):
+    qnnx.quantize(Ops("einsum"), RULES, methods={"": "decode"})
+  q = qnnx.quantize(Ops("einsum"), RULES, methods={"": ("__call__",)})
+  assert qnnx.report(q)[""].layer_type == "Ops"  # the class before conversion
+  lin = qnnx.quantize(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
+  assert qnnx.report(lin)["layers/0"].layer_type == "Linear"
+
+
+def test_module_with_weights_and_no_public_method_fails_with_a_warning():
+
+  class Bare(nnx.Module):
+
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones((2, 2)))
+
+  with pytest.warns(core.QuantizationWarning, match=r"layer '<root>' \(Bare\).*no __call__ "
+                    "and no public method"):
+    q = qnnx.quantize(Bare(), RULES)
+  assert qnnx.report(q)[""].status == "failed"

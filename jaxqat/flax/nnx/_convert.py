@@ -261,7 +261,9 @@ def quantize(
     return 0
 
   def entry(p, node, status, rule=None, reason=""):
-    entries.append((p, type(node).__name__, status, rule.pattern if rule else None, reason))
+    t = getattr(type(node), "jaxqat_float_type", None) or getattr(type(node), "float_type", None)
+    name = t.__name__ if t is not None and t is not nnx.Module else type(node).__name__
+    entries.append((p, name, status, rule.pattern if rule else None, reason))
 
   for path, node, kind, k, own in candidates:
     p = path_str(path)
