@@ -47,10 +47,10 @@ def _folded(layer, path, entry) -> LayerReport:
   folded = f"folded into the kernel and bias with {bn.name}"
   weights = [WeightReport("kernel", tuple(conv.kernel.shape), spec,
                           "" if spec is not None else "its rule keeps it float")]
-  for var in _graph.own_weights(conv) + _graph.own_weights(bn):
-    if var is not conv.kernel:
-      weights.append(WeightReport(_weight_name(var, conv if var in conv.weights else bn),
-                                  tuple(var.shape), None, folded))
+  for owner in (conv, bn):
+    for var in _graph.own_weights(owner):
+      if var is not conv.kernel:
+        weights.append(WeightReport(_weight_name(var, owner), tuple(var.shape), None, folded))
   act = layer.input_quantizer.spec if layer.input_quantizer is not None else None
   return LayerReport(path, f"{type(conv).__name__}+{type(bn).__name__}", "quantized", weights,
                      act, entry.get("rule"), entry.get("reason", f"folded with {bn.name}"))

@@ -158,6 +158,12 @@ def test_keras_file_round_trip_with_per_output_channel(tmp_path):
   q = jqk.quantize(_model())  # default_rules(): PerOutputChannel() weights
   assert [type(l).__name__ for l in q.layers] == ["QuantConvBatchNorm", "QuantDepthwiseConv2D",
                                                   "GlobalAveragePooling2D", "QuantEinsumDense"]
+  folded = jqk.report(q)["c1"]
+  assert (folded.status, folded.layer_type) == ("quantized", "Conv2D+BatchNormalization")
+  assert [(w.name, w.quantized) for w in folded.weights] == [
+      ("kernel", True), ("gamma", False), ("beta", False), ("moving_mean", False),
+      ("moving_variance", False)]
+  assert folded.weights[1].reason == "folded into the kernel and bias with bn1"
   for quantizer in jqk.quantizers(q):
     if quantizer.role == "act":
       quantizer.set_range(np.float32(0.05))  # cheaper than calibrate; any fixed range will do
