@@ -107,6 +107,7 @@ class _Context:
     self.rules = rules
     self.fold = fold_batchnorm
     self.observe = None
+    self.how_model = "copied"  # how the model to convert was obtained (see _target)
     self.how = {}        # id(layer) -> how it was quantized ("copied as ...", "folded with ...")
     self.notes = {}      # id(layer) -> why it stays float
     self.pairs = []      # (src, dst) for weight copies after the build
@@ -362,8 +363,13 @@ def _float_status(root, loc, path, layer, ctx):
           f"not folded: it sits inside {type(parent).__name__} {parent.name!r}, whose call graph "
           "jaxqat cannot see (Conv+BatchNorm pairs are folded in Sequential/Functional graphs); "
           "the convolution before it is quantized unfolded"), pattern
+    if not ctx.fold:
+      return "unsupported", "normalization (no matmul), not folded: fold_batchnorm=False", pattern
+    if ctx.how_model != "copied":
+      return "unsupported", ("normalization (no matmul), not folded: the model was converted in "
+                             "place, and folding rewires the graph (done only in copies)"), pattern
     return "unsupported", ("normalization (no matmul), not folded: its input is not the only "
-                           "output of a foldable convolution, or folding is off"), pattern
+                           "output of a foldable convolution"), pattern
   if "Normalization" in name:
     return "unsupported", "normalization (no matmul): kept float", pattern
   return "unsupported", f"{name} has no quantized version", pattern
@@ -484,6 +490,7 @@ def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], ru
   ruleset = rules_lib.as_ruleset(rules, _defaults.default_rules())
   ctx = _Context(ruleset, fold_batchnorm)
   target, how = _target(model, ctx)
+  ctx.how_model = how
   if target is model and _is_plain_graph(model):
     warnings.warn(f"jaxqat.keras.quantize: model {model.name!r} was {how}: the float model is "
                   "now the quantized one", QuantizationWarning, stacklevel=2)
