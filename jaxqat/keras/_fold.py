@@ -49,10 +49,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from jaxqat.core._serialize import spec_from_dict
 from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
+from jaxqat.keras._backend import to_numpy
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
 
@@ -235,9 +238,21 @@ class QuantConvBatchNorm(keras.layers.Layer):
     return ops.add(beta, ops.multiply(ops.subtract(b, mmean), inv))
 
   def init_weight_ranges(self):
-    """Sets the kernel quantizer's range from the folded float kernel."""
-    if self.kernel_quantizer is not None:
-      self.kernel_quantizer.calibrate_from([self.folded_kernel()])
+    """Sets the kernel quantizer's range from the folded float kernel.
+
+    The fold is computed eagerly in NumPy (float32; no compilation per
+    kernel shape), as :meth:`folded_kernel` does in ``keras.ops``.
+    """
+    if self.kernel_quantizer is None:
+      return
+    bn = self.bn
+    f32 = lambda v: np.asarray(to_numpy(v), np.float32)
+    kernel = f32(self.conv.kernel)
+    var = f32(bn.moving_variance)
+    gamma = f32(bn.gamma) if bn.scale else np.ones_like(var)
+    factor = gamma / np.sqrt(var + np.float32(bn.epsilon))
+    self.kernel_quantizer.calibrate_from([kernel * factor.reshape(
+        self._channel_shape(kernel.shape))])
 
   def call(self, inputs, training=None):
     x = inputs

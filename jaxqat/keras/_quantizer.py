@@ -179,6 +179,61 @@ def _finite_min_max(x, axes, scale_shape):
           ops.reshape(cnt, scale_shape))
 
 
+def _np_min_max_update(state, x, scale_shape, ema_decay):
+  """The core's min/max statistics (:func:`jaxqat.core.observer`), in NumPy.
+
+  Same rules as the core: per group (one per step size) the count, min and
+  max of the finite entries; a group without a finite entry keeps its state;
+  ``ema`` averages the batch min/max with ``ema_decay``. Used for the
+  absmax/minmax/ema methods of integer specs, where it is exact and needs no
+  compilation per tensor shape.
+  """
+  x = np.asarray(x, np.float32)
+  axes = _reduce_axes(x.shape, scale_shape)
+  fin = np.isfinite(x)
+  cnt = np.sum(fin, axis=axes, keepdims=True, dtype=np.float32).reshape(scale_shape)
+  mn = np.min(np.where(fin, x, np.inf), axis=axes, keepdims=True).reshape(scale_shape)
+  mx = np.max(np.where(fin, x, -np.inf), axis=axes, keepdims=True).reshape(scale_shape)
+  if state is None:
+    state = {k: np.zeros(scale_shape, np.float32) for k in ("count", "min", "max")}
+  seen, has = state["count"] > 0, cnt > 0
+  if ema_decay is None:
+    new_min = np.where(seen, np.minimum(state["min"], mn), mn)
+    new_max = np.where(seen, np.maximum(state["max"], mx), mx)
+  else:
+    d, e = np.float32(ema_decay), np.float32(1.0 - ema_decay)
+    new_min = np.where(seen, d * state["min"] + e * mn, mn)
+    new_max = np.where(seen, d * state["max"] + e * mx, mx)
+  return {"count": (state["count"] + cnt).astype(np.float32),
+          "min": np.where(has, new_min, state["min"]).astype(np.float32),
+          "max": np.where(has, new_max, state["max"]).astype(np.float32)}
+
+
+def _np_range(spec, state):
+  """Step size and zero point of a min/max state, as the core computes them (float32, exact)."""
+  lo, hi = state["min"].astype(np.float32), state["max"].astype(np.float32)
+  seen = state["count"] > 0
+  one = np.float32(1.0)
+  with np.errstate(all="ignore"):
+    if spec.symmetric:
+      s = np.maximum(np.abs(lo), np.abs(hi)) / np.float32(spec.qmax)
+      good = np.isfinite(s) & (s > 0)
+      s = np.where(good, np.maximum(s, np.float32(_ops.SCALE_EPS)), one)
+      z = np.zeros_like(s)
+    else:
+      lo0, hi0 = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
+      n = np.float32(spec.qmax - spec.qmin)
+      width = hi0 - lo0
+      s = np.where(np.isfinite(width), width / n, hi0 / n - lo0 / n)
+      good = np.isfinite(s) & (s > 0)
+      s = np.where(good, np.maximum(s, np.float32(_ops.SCALE_EPS)), one)
+      z = np.clip(np.round(np.float32(spec.qmin) - lo0 / s), spec.qmin, spec.qmax)
+      z = np.where(good, z, np.float32(min(max(0, spec.qmin), spec.qmax)))
+  fallback = 0.0 if spec.symmetric else float(min(max(0, spec.qmin), spec.qmax))
+  return (np.where(seen, s, one).astype(np.float32),
+          np.where(seen, z, np.float32(fallback)).astype(np.float32))
+
+
 @keras.saving.register_keras_serializable(package="jaxqat")
 class Quantizer(keras.layers.Layer):
   """Fake-quantizes one tensor (an activation or a weight) with its own range state.
@@ -446,8 +501,20 @@ class Quantizer(keras.layers.Layer):
     self.calibrating = True
     object.__setattr__(self, "_calib_state", None)
 
+  @property
+  def _numpy_stats(self) -> bool:
+    """Whether calibration runs the core's min/max statistics in NumPy (exact, no compile)."""
+    return (self.spec.is_int and self.spec.calibration.method in _OBSERVABLE
+            and not isinstance(self.spec.granularity, spec_lib.PerBlock))
+
   def _collect(self, x):
     """Feeds one batch to the core observer (eager)."""
+    if self._numpy_stats:
+      cal = self.spec.calibration
+      state = _np_min_max_update(self._calib_state, to_numpy(x), self.scale_shape,
+                                 cal.ema_decay if cal.method == "ema" else None)
+      object.__setattr__(self, "_calib_state", state)
+      return
     from jaxqat.core import observer
     import jax.numpy as jnp
     xj = jnp.asarray(to_numpy(x), jnp.float32)
@@ -481,8 +548,11 @@ class Quantizer(keras.layers.Layer):
       warnings.warn(f"Quantizer {self.where!r}: {int(np.sum(count <= 0))} of {count.size} "
                     "channels saw no finite value during calibration; they use step size 1",
                     QuantizationWarning, stacklevel=3)
-    from jaxqat.core import observer
-    s, z = observer(self.spec).compute(dict(state))
+    if self._numpy_stats:
+      s, z = _np_range(self.spec, state)
+    else:
+      from jaxqat.core import observer
+      s, z = observer(self.spec).compute(dict(state))
     self.set_range(np.asarray(s), None if self.spec.symmetric else np.asarray(z))
     return True
 
@@ -527,16 +597,18 @@ class Quantizer(keras.layers.Layer):
     axes = _reduce_axes(tuple(x.shape), self.scale_shape)
     bmin, bmax, cnt = _finite_min_max(x, axes, self.scale_shape)
     has = cnt > 0
-    seen = self.observed > 0
+    old_min = ops.convert_to_tensor(self.range_min)
+    old_max = ops.convert_to_tensor(self.range_max)
+    seen = ops.convert_to_tensor(self.observed) > 0
     if spec.calibration.method == "ema":
       d = float(spec.calibration.ema_decay)
-      mn = ops.where(seen, d * self.range_min + (1.0 - d) * bmin, bmin)
-      mx = ops.where(seen, d * self.range_max + (1.0 - d) * bmax, bmax)
+      mn = ops.where(seen, d * old_min + (1.0 - d) * bmin, bmin)
+      mx = ops.where(seen, d * old_max + (1.0 - d) * bmax, bmax)
     else:
-      mn = ops.where(seen, ops.minimum(self.range_min, bmin), bmin)
-      mx = ops.where(seen, ops.maximum(self.range_max, bmax), bmax)
-    new_min = ops.stop_gradient(ops.where(has, mn, self.range_min))
-    new_max = ops.stop_gradient(ops.where(has, mx, self.range_max))
+      mn = ops.where(seen, ops.minimum(old_min, bmin), bmin)
+      mx = ops.where(seen, ops.maximum(old_max, bmax), bmax)
+    new_min = ops.stop_gradient(ops.where(has, mn, old_min))
+    new_max = ops.stop_gradient(ops.where(has, mx, old_max))
     new_seen = ops.where(ops.logical_or(seen, has), ops.ones_like(cnt), ops.zeros_like(cnt))
     s, z = _ops_range(spec, new_min, new_max)
     self.range_min.assign(new_min)
@@ -602,8 +674,7 @@ class Quantizer(keras.layers.Layer):
     if self.role == "weight" and self.has_scale and not self.learned and not self.frozen:
       if weight is None:
         raise ValueError(f"Quantizer {self.where!r}: freeze needs the current weight")
-      s, z = self.tracked_range(ops.convert_to_tensor(weight))
-      self.set_range(to_numpy(s), None if z is None else to_numpy(z))
+      self.calibrate_from([weight])  # = jaxqat.core.weight_range(weight, spec)
       self.frozen = True
     self.observe = False
 
