@@ -125,3 +125,14 @@ def test_float_model_refuses_a_quantized_checkpoint(saved):
   path, _ = saved
   with pytest.raises(ValueError, match=r"quantizers missing from the model: \['conv/input_quant'"):
     qnnx.restore(path, Net(1))
+
+
+def test_invalid_mode_in_the_metadata_names_the_quantizer(saved, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  path = _copy(saved[0], tmp_path)
+  meta = json.loads((path / "jaxqat.json").read_text())
+  meta["quantizers"]["head/kernel_quant"]["mode"] = "calibrate"
+  (path / "jaxqat.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"quantizer 'head/kernel_quant': the checkpoint's "
+                     r"mode/flags are invalid \(mode 'calibrate'"):
+    qnnx.restore(path, qnnx.quantize(Net(1), RULES))

@@ -190,6 +190,12 @@ def restore(path: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
     problems.append(f"quantizers missing from the model: {sorted(set(qsaved) - set(qmodel))}")
   for p in sorted(set(qsaved) & set(qmodel)):
     s, m = qsaved[p], qmodel[p]
+    if s.get("mode") not in ("quant", "float") or not all(
+        isinstance(s.get(k), bool) for k in ("frozen", "calibrated")):
+      problems.append(f"quantizer '{p}': the checkpoint's mode/flags are invalid (mode "
+                      f"{s.get('mode')!r}, frozen {s.get('frozen')!r}, calibrated "
+                      f"{s.get('calibrated')!r}; expected mode 'quant' or 'float' and booleans)")
+      continue
     if s.get("fingerprint") != m["fingerprint"] or s.get("role") != m["role"]:
       try:
         shown = describe_spec(core.spec_from_dict(s["spec"]))
