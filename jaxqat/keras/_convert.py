@@ -267,12 +267,14 @@ def _convert_model(model, ctx, prefix):
     return _convert_sequential(model, ctx, prefix)
   if _is_plain_graph(model):
     return _convert_functional(model, ctx, prefix)
+  why = "a subclassed model is converted in place"
   try:
     new = _rebuild(model) if _graph.is_functional(model) else None
-  except Exception as e:  # noqa: BLE001
-    new = None
+  except Exception as e:  # noqa: BLE001 - any failure of a foreign class: no copy
+    new, why = None, f"{type(e).__name__}: {str(e)[:200]}"
   if new is None:
-    raise _NoCopy(f"nested model {prefix[:-1]!r} ({type(model).__name__}) cannot be copied")
+    raise _NoCopy(f"nested model {prefix[:-1]!r} ({type(model).__name__}) cannot be copied "
+                  f"({why})")
   ctx.how[id(new)] = f"rebuilt as {type(model).__name__}"
   return new
 
