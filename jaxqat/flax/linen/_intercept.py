@@ -13,18 +13,17 @@ How an unmodified Linen model gets quantized:
    unless the current thread is inside a module matched by a rule.
 3. Inside a matched module, an operand of one of those ops that *is* one of
    the module's own parameters (identity check against the leaves of
-   ``module.variables["params"]``, or an array derived from one by
+   ``module.variables["params"]``), or an array derived from one by
    ``jax.numpy.asarray`` (how Flax's ``promote_dtype`` casts) or by a
-   transpose (``kernel.T``, ``kernel.transpose()``, ``jnp.transpose``; the
-   weight is quantized in the parameter's own layout)) is a weight: it is fake-quantized with the rule's ``weight`` spec, the other
-   floating operand with the rule's ``act`` spec, in that order (input, then
-   weight, then the float op). This covers Flax's ``Dense``,
-   ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed`` (``__call__`` and
-   ``attend``) and the attention built on them, and modules from other
-   libraries that call those functions on their own parameters. For Flax's
-   own layers the kernel is also recognised by position when a cast hid it
-   (a masked ``Conv``).
-
+   transpose (``kernel.T``, ``kernel.transpose()``, ``jnp.transpose``), is a
+   weight. It is fake-quantized, in the parameter's own layout, with the
+   rule's ``weight`` spec, and the other floating operand with the rule's
+   ``act`` spec, in that order (input, then weight, then the float op). This
+   covers Flax's ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed``
+   (``__call__`` and ``attend``) and the attention built on them, and modules
+   from other libraries that call those functions on their own parameters
+   (GPT-2's Conv1D). For Flax's own layers the kernel is also recognised by
+   position when a cast hid it (a masked ``Conv``).
 4. A layer run through a nested ``Module.apply`` inside the model (the tied
    output head ``nn.Dense(V).apply({"params": {"kernel": emb.T}}, h)``) is
    quantized too: its path is the enclosing layer's path plus its name, and
@@ -33,7 +32,7 @@ How an unmodified Linen model gets quantized:
 Functions imported by name before the model runs
 (``from jax.lax import dot_general``) and the ``@`` operator are not
 intercepted: such a module gets a :class:`~jaxqat.core.QuantizationWarning`
-at ``init`` naming it, and stays float (and :func:`report` says why).
+at ``init`` naming it, and stays float (and ``report`` says why).
 """
 
 from __future__ import annotations
