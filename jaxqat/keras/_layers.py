@@ -19,7 +19,7 @@ input gradient of ``x @ Q(W)`` is ``g @ Q(W)^T`` (the quantized weight).
 
 Per-output-channel weight specs: a weight spec with granularity
 :class:`~jaxqat.core.PerOutputChannel` (the default of
-:func:`jaxqat.keras.quantize_model`) is resolved, per layer and weight, to
+:func:`jaxqat.keras.quantize`) is resolved, per layer and weight, to
 ``PerChannel(axes)`` with ``axes`` the weight axes the layer does not
 contract: the last kernel axis for Dense/Conv/pointwise kernels, the last two
 (input channel x multiplier) for depthwise kernels, the kernel axes that
