@@ -152,45 +152,6 @@ def check_scale(scale, x_shape, spec: spec_lib.QuantSpec, name: str = "scale") -
                    f"shape {tuple(x_shape)}; expected {want}")
 
 
-def _neg_add(a, b):
-  return a - (-b)  # == a + b for every pair of floats; see _fused_sum
-
-
-def _fused_sum(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """``jnp.sum(g, axes)`` kept away from XLA:CPU's library reduction kernel.
-
-  XLA:CPU (jaxlib 0.10) hands a reduction whose reducer is a bare ``add`` to
-  a YNNPACK kernel. In the LSQ backward the summed expression (the
-  step-size derivative times the incoming gradient) is as large as the
-  weight; with the library kernel that backward, inside a whole training
-  step, cost about twice as much as with XLA's own reduction code (W4A4 LSQ
-  MLP step in ``benchmarks/bench_qat_step.py``: 1.46x float before, about
-  1.2x after). Spelling the reducer ``a - (-b)`` -- exactly ``a + b`` for
-  every pair of floats, signed zeros, infinities and NaN included -- is not
-  a bare ``add``, so XLA keeps the reduction. Other platforms get a plain
-  ``jnp.sum``. (The order in which the elements are added is XLA's choice
-  either way.)
-  """
-  def cpu(v):
-    return jax.lax.reduce(v, jnp.zeros((), v.dtype), _neg_add, axes)
-
-  def other(v):
-    return jnp.sum(v, axis=axes)
-
-  return jax.lax.platform_dependent(g, cpu=cpu, default=other)
-
-
-def sum_to_shape(g: jax.Array, shape) -> jax.Array:
-  """Sums ``g`` over the axes that were broadcast to reach its shape."""
-  shape = tuple(shape)
-  if g.shape == shape:
-    return g
-  lead = g.ndim - len(shape)
-  axes = tuple(range(lead)) + tuple(
-      lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
-  return _fused_sum(g, axes).reshape(shape)
-
-
 def reduce_axes(x_shape, spec: spec_lib.QuantSpec) -> tuple[int, ...]:
   """Axes of the (layout-reshaped) input reduced to reach one value per scale."""
   g = spec.granularity

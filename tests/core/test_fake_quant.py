@@ -495,31 +495,3 @@ def test_bad_input_errors_name_the_argument():
     core.quant_dequant(x, QuantSpec(learning="lsq"), 0.1, 1.0)
   with pytest.raises(ValueError, match="step_size: shape"):
     core.lsq_fake_quant(x, jnp.ones(3), spec=QuantSpec(learning="lsq", granularity=PerChannel(0)))
-
-
-# ---------------------------------------------------------------------------
-# The fused reduction used by the LSQ backward.
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape,target", [((64, 48), (1, 48)), ((64, 48), (64, 1)),
-                                          ((5, 64, 48), (1, 48)), ((64, 48), ())])
-def test_sum_to_shape_matches_numpy_sum(shape, target):
-  from jaxqat.core import _grid  # pylint: disable=g-import-not-at-top
-  g = np.asarray(_x(shape, seed=3), np.float64)
-  got = jax.jit(lambda v: _grid.sum_to_shape(v, target))(jnp.asarray(g, jnp.float32))
-  assert got.shape == target
-  lead = g.ndim - len(target)
-  axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(target) if d == 1)
-  want = g.sum(axis=axes, keepdims=True).reshape(target)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
-
-
-def test_sum_to_shape_keeps_ieee_special_values():
-  from jaxqat.core import _grid  # pylint: disable=g-import-not-at-top
-  v = jnp.array([[-0.0, jnp.inf, jnp.nan, 1.0], [-0.0, 1.0, 2.0, -jnp.inf]])
-  got = np.asarray(jax.jit(lambda v: _grid.sum_to_shape(v, (1, 4)))(v))[0]
-  assert got[0] == 0.0 and not np.signbit(got[0])  # the sum starts at +0, as jnp.sum does
-  assert got[1] == np.inf
-  assert np.isnan(got[2])
-  assert got[3] == -np.inf
