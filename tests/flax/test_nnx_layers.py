@@ -181,6 +181,25 @@ def test_act_quant_point():
   np.testing.assert_array_equal(aq(x), core.fake_quant(x, 2.0 / 127, None, QuantSpec()))
 
 
+def test_model_with_a_hand_placed_act_quant_converts_and_names_it():
+
+  class Res(nnx.Module):
+
+    def __init__(self):
+      self.dense = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      self.res_quant = qnnx.ActQuant()
+
+    def __call__(self, x):
+      return self.res_quant(x + self.dense(x))
+
+  model = qnnx.quantize(Res())  # the ActQuant does not make it "quantized already"
+  assert model.res_quant.quantizer.path == "res_quant"
+  with pytest.raises(ValueError, match="layer 'dense'"):
+    model(jnp.ones((1, 2)))
+  qnnx.calibrate(model, [jnp.ones((1, 2))])
+  assert model.res_quant.quantizer.calibrated
+
+
 def test_lsq_plus_offset_initialized_from_zero_point():
   q = qnnx.quantize(nnx.Linear(2, 2, rngs=nnx.Rngs(0)),
                     Rule(pattern=".*", act=A8.replace(learning="lsq_plus")))

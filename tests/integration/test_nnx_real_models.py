@@ -273,9 +273,9 @@ def test_embedder_decode_gets_one_scale_per_vocabulary_row():
 
 class Deep(nnx.Module):
 
-  def __init__(self, n):
+  def __init__(self, n, width=D):
     rngs = nnx.Rngs(0)
-    self.layers = nnx.List([nnx.Linear(D, D, rngs=rngs) for _ in range(n)])
+    self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(n)])
 
   def __call__(self, x):
     for layer in self.layers:
@@ -319,7 +319,8 @@ def test_calibrate_and_freeze_compile_once_per_spec_and_shape_on_24_layers():
   print(f"\ncompiles: calibrate {calib}, freeze {frz}")
   assert calib == ["jit(step)"]  # the forward pass; the ranges were compiled by the warm-up
   assert frz == ["jit(_weight_state)"]  # once for 24 quantizers of one (spec, shape)
-  # A model of other shapes compiles each function once, not 24 times.
-  rules2 = [Rule(pattern=".*", weight=w, act=a.replace(format="int4"))]
-  calib2 = _count_compiles(lambda: qnnx.calibrate(qnnx.quantize(Deep(24), rules2), [x]))
+  # A (spec, shape) seen for the first time compiles each function once, not 24 times.
+  rules2 = [Rule(pattern=".*", weight=w.replace(format="int3"), act=a.replace(format="int3"))]
+  x5 = jax.random.normal(jax.random.key(0), (4, 5))
+  calib2 = _count_compiles(lambda: qnnx.calibrate(qnnx.quantize(Deep(24, 5), rules2), [x5]))
   assert calib2.count("jit(_weight_state)") == 1 and calib2.count("jit(_observer_state)") == 1

@@ -53,7 +53,6 @@ from jaxqat import core
 from jaxqat.core import _rules as rules_lib
 from jaxqat.flax.nnx import _intercept
 from jaxqat.flax.nnx import _layers
-from jaxqat.flax.nnx._quantizer import Quantizer
 
 __all__ = ["quantize", "path_str"]
 
@@ -134,10 +133,10 @@ def _match_methods(methods, path: str) -> Optional[tuple[str, ...]]:
 
 def is_quantized(model: nnx.Module) -> bool:
   """Whether ``model`` went through :func:`quantize` (or holds quantized layers)."""
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, (_layers._QuantMixin, _intercept.InterceptMixin, Quantizer)):  # pylint: disable=protected-access
-      return True
-  return hasattr(model, "jaxqat_layers")
+  if hasattr(model, "jaxqat_layers"):
+    return True
+  return any(isinstance(node, (_layers._QuantMixin, _intercept.InterceptMixin))  # pylint: disable=protected-access
+             for _, node in nnx.iter_graph(model))
 
 
 def quantize(

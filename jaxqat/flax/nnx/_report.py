@@ -44,7 +44,7 @@ def report(model: nnx.Module) -> core.QuantizationReport:
     >>> r.quantized_paths(), r["layers/1"].status
     (['layers/0'], 'unsupported')
     >>> [(w.path, w.name, w.reason) for w in r.float_weights()][:2]
-    [('layers/0', 'bias', 'bias'), ('layers/1', 'scale', 'no matmul weight (parameters of rank < 2)')]
+    [('layers/0', 'bias', 'bias'), ('layers/1', 'bias', 'no matmul weight (parameters of rank < 2)')]
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
