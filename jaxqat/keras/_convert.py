@@ -48,7 +48,6 @@ from jaxqat.keras import _layers
 from jaxqat.keras import _saving
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import to_numpy
-from jaxqat.keras._quantizer import Quantizer
 
 __all__ = ["quantize", "quant_layers", "copy_weights"]
 
@@ -418,7 +417,7 @@ def _check_float(model):
                      "quantize the float model instead (jaxqat.keras.set_mode(model, 'float') "
                      "runs this one in float)")
   for _, path, layer in _graph.walk(model, stop=lambda l: isinstance(l, _QUANT)):
-    if isinstance(layer, _QUANT + (Quantizer,)):
+    if isinstance(layer, _QUANT):  # a standalone Quantizer layer is the user's, not ours
       raise ValueError(f"model: {model.name!r} is quantized already (layer {path!r} is a "
                        f"{type(layer).__name__}); quantize the float model instead")
 

@@ -345,3 +345,11 @@ def test_a_saved_record_that_does_not_match_the_model_is_a_clear_error(tmp_path)
     _saving.reapply(model, {"version": 99, "in_place": []})
   with pytest.raises(ValueError, match=r"path: must end in '.keras'"):
     jqk.save(os.path.join(str(tmp_path), "q.h5"), jqk.quantize(model))
+
+
+def test_a_users_own_quantizer_layer_does_not_make_a_model_quantized():
+  from jaxqat.core import QuantSpec
+  model = keras.Sequential([keras.Input((4,)), jqk.Quantizer(QuantSpec(), name="act_q"),
+                            keras.layers.Dense(3, name="d")])
+  q = jqk.quantize(model)
+  assert type(q.get_layer("d")) is jqk.QuantDense and type(q.get_layer("act_q")) is jqk.Quantizer
