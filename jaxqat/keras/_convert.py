@@ -462,8 +462,9 @@ def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], ru
   Warns:
     QuantizationWarning: for rules that matched no layer, layers with
       weights left float for want of a quantized version, a model in which
-      nothing was quantized, and a Sequential/Functional model converted in
-      place because it could not be copied.
+      nothing was quantized, and a Sequential/Functional model (or
+      Functional subclass) converted in place because it could not be
+      copied (the float model given is then the quantized one).
 
   Examples:
     >>> import keras
@@ -492,7 +493,7 @@ def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], ru
   ctx = _Context(ruleset, fold_batchnorm)
   target, how = _target(model, ctx)
   ctx.how_model = how
-  if target is model and _is_plain_graph(model):
+  if target is model and (_is_plain_graph(model) or _graph.is_functional(model)):
     warnings.warn(f"jaxqat.keras.quantize: model {model.name!r} was {how}: the float model is "
                   "now the quantized one", QuantizationWarning, stacklevel=2)
   _convert_in_place(target, ctx, "converted in place, inside the copy" if how == "copied" else how)

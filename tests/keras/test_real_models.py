@@ -353,3 +353,23 @@ def test_a_users_own_quantizer_layer_does_not_make_a_model_quantized():
                             keras.layers.Dense(3, name="d")])
   q = jqk.quantize(model)
   assert type(q.get_layer("d")) is jqk.QuantDense and type(q.get_layer("act_q")) is jqk.Quantizer
+
+
+class UnrebuildableBackbone(keras.Model):
+  """A Functional subclass whose config cannot rebuild it (its __init__ needs an argument)."""
+
+  def __init__(self, width):
+    inp = keras.Input((4,))
+    super().__init__(inp, keras.layers.Dense(width, name="proj")(inp))
+
+
+def test_functional_subclass_that_cannot_be_rebuilt_is_converted_in_place():
+  keras.utils.set_random_seed(0)
+  model = UnrebuildableBackbone(3)
+  with pytest.warns(QuantizationWarning, match="the float model is now the quantized one"):
+    q = jqk.quantize(model)
+  assert q is model and isinstance(q, UnrebuildableBackbone)
+  assert isinstance(q.get_layer("proj"), jqk.QuantDense)
+  rep = jqk.report(q)
+  assert rep["proj"].reason.startswith("converted in place: UnrebuildableBackbone could not be "
+                                       "rebuilt from its config")
