@@ -87,6 +87,8 @@ def _batches(data, batch_size, steps):
     adapter = data_adapters.get_data_adapter(x=data, batch_size=batch_size,
                                              steps_per_epoch=steps, shuffle=False)
   except ValueError as e:
+    if "at least one batch" in str(e) or "empty" in str(e).lower():
+      raise ValueError("data: yielded no batch to calibrate on") from None
     raise TypeError(f"data: expected what model.predict accepts (an array, a dict or list of "
                     f"arrays, a PyDataset, a generator...): {e}") from None
   adapter.on_epoch_begin()

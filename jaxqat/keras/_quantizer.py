@@ -676,7 +676,24 @@ class Quantizer(keras.layers.Layer):
         raise ValueError(f"Quantizer {self.where!r}: freeze needs the current weight")
       self.calibrate_from([weight])  # = jaxqat.core.weight_range(weight, spec)
       self.frozen = True
+    if self.observe and np.all(to_numpy(self.observed) > 0):
+      self.calibrated = True  # the range observed in training is the calibrated one
     self.observe = False
+
+  def set_observe(self, observe: bool):
+    """Switches running range statistics in training calls on or off (activations only).
+
+    Args:
+      observe: whether to observe (see the ``observe`` argument).
+
+    Raises:
+      ValueError: if ``observe`` is asked for a quantizer that cannot observe.
+    """
+    if observe and not self.can_observe:
+      raise ValueError(f"Quantizer {self.where!r}: observe=True needs an activation quantizer "
+                       f"with learning='fixed', a non-block format and calibration method in "
+                       f"{_OBSERVABLE}")
+    self.observe_requested = self.observe = bool(observe)
 
   def unfreeze(self):
     """Resumes weight tracking (and observing, for activations created with ``observe=True``)."""

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from jaxqat.core import PerChannel, PerOutputChannel, QuantSpec
+from jaxqat.core import PerChannel, PerOutputChannel, QuantSpec, param_to_step_size
 from jaxqat.core import quant_dequant as core_qd
 import jaxqat.keras as jqk
 from jaxqat.keras._convert import copy_weights
@@ -48,7 +48,7 @@ def _make(name, weight_spec=W4, act_spec=A8, seed=0):
   qcls = jqk.quantized_class(type(float_layer))
   cfg = float_layer.get_config()
   q = qcls.from_config({**cfg, "weight_spec": weight_spec, "act_spec": act_spec})
-  q(x)
+  q.build(x.shape)  # calling it first would be an error: the input range is not set yet
   copy_weights(float_layer, q)
   q.init_weight_ranges()
   if q.input_quantizer is not None:
@@ -80,25 +80,28 @@ def test_quant_dense_gradients_match_core():
   # Move the weight range off the exact absmax: an element sitting exactly on the clip
   # boundary (w / s == qmax) is masked or not depending on a 1-ulp division difference
   # (XLA may divide by multiplying with the reciprocal).
-  q.kernel_quantizer.set_range(to_np(q.kernel_quantizer.scale) * 0.93)
+  q.kernel_quantizer.set_range(to_np(q.kernel_quantizer.step_size()) * 0.93)
   r = np.random.RandomState(3).randn(3, 5).astype(np.float32)
   out, gx, gvars = layer_value_and_grads(q, x, r, training=True)
   k, b = to_np(q._kernel), to_np(q.bias)
-  sw, sa = to_np(q.kernel_quantizer.scale), to_np(q.input_quantizer.scale)
+  # Learned step sizes are stored as log_scale = log s (jaxqat.core.param_to_step_size).
+  tw, ta = to_np(q.kernel_quantizer.log_scale), to_np(q.input_quantizer.log_scale)
 
-  def ref(x, k, b, sa, sw):
-    y = core_qd(x, a_spec, sa) @ core_qd(k, w_spec, sw) + b
+  def ref(x, k, b, ta, tw):
+    y = (core_qd(x, a_spec, param_to_step_size(ta))
+         @ core_qd(k, w_spec, param_to_step_size(tw)) + b)
     return jnp.sum(y * r), y
 
   (_, y_ref), grads = jax.value_and_grad(ref, argnums=(0, 1, 2, 3, 4), has_aux=True)(
-      jnp.asarray(x), k, b, sa, sw)
+      jnp.asarray(x), k, b, ta, tw)
   assert_close(out, np.asarray(y_ref), what="output")
   assert_close(gx, np.asarray(grads[0]), what="d/dx")
   by_name = {p.split("/")[-2] + "/" + p.split("/")[-1]: g for p, g in gvars.items()}
   assert_close(by_name["l/kernel"], np.asarray(grads[1]), what="d/dkernel")
   assert_close(by_name["l/bias"], np.asarray(grads[2]), what="d/dbias")
-  assert_close(by_name["input_quantizer/scale"], np.asarray(grads[3]), what="d/ds_act")
-  assert_close(by_name["kernel_quantizer/scale"], np.asarray(grads[4]), what="d/ds_weight")
+  assert_close(by_name["input_quantizer/log_scale"], np.asarray(grads[3]), what="d/dlog_s_act")
+  assert_close(by_name["kernel_quantizer/log_scale"], np.asarray(grads[4]),
+               what="d/dlog_s_weight")
   assert np.abs(np.asarray(grads[4])).sum() > 0
 
 
@@ -130,9 +133,14 @@ def test_quant_layer_config_round_trip(name):
 def test_quantizer_layer_rejects_bad_arguments():
   with pytest.raises(ValueError, match="role must be 'act' or 'weight'"):
     jqk.Quantizer(A8, role="bias")
-  with pytest.raises(ValueError, match="observe=True needs learning='fixed'"):
+  with pytest.raises(ValueError, match="observe=True needs an activation quantizer with "
+                                       "learning='fixed'"):
     jqk.Quantizer(QuantSpec(learning="lsq"), observe=True)
+  config = {"format": "int8", "symmetric": True, "calibration": "absmax", "learning": "fixed",
+            "rounding": "nearest_even"}
+  with pytest.raises(ValueError, match=r"QuantDense 'd' weight_spec: missing key 'granularity'"):
+    jqk.QuantDense(3, name="d", weight_spec=config)
   q = jqk.Quantizer(A8, name="q")
   q.build((None, 4))
-  with pytest.raises(ValueError, match="finite and > 0"):
+  with pytest.raises(ValueError, match="Quantizer 'q': step size must be finite and > 0"):
     q.set_range(np.float32(0.0))

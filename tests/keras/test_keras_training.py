@@ -113,11 +113,10 @@ def test_calibrate_matches_core_observers_for_each_layer_input():
   x = np.random.RandomState(0).randn(64, 5).astype(np.float32)
   spec = QuantSpec(format="int8", symmetric=False, calibration="percentile")
   q = jqk.quantize(model, [Rule(pattern=".*", weight=QuantSpec(), act=spec)])
-  assert jqk.calibrate(q, x, steps=3, batch_size=16, verbose=0) == 3
-  # Activations are calibrated with the weights already quantized (as deployed).
+  assert jqk.calibrate(q, x, steps=3, batch_size=16) is q
+  # Activations are calibrated on the float model (the contract's calibrate).
   a = q.get_layer("a")
-  wq = core_qd(jnp.asarray(to_np(a.kernel)), a.kernel_quantizer.spec, to_np(a.kernel_quantizer.scale))
-  h = np.maximum(np.asarray(x @ wq) + to_np(a.bias), 0)
+  h = np.maximum(x @ to_np(a.kernel) + to_np(a.bias), 0)
   for layer, inputs in ((q.get_layer("a"), x), (q.get_layer("b"), h)):
     s, z = core_calibrate(spec, [inputs[i * 16:(i + 1) * 16] for i in range(3)])
     assert_close(to_np(layer.input_quantizer.scale), np.asarray(s), what=layer.name)
@@ -126,14 +125,16 @@ def test_calibrate_matches_core_observers_for_each_layer_input():
 
 def test_calibrate_bad_input():
   q = jqk.quantize(_mlp())
+  with pytest.raises(ValueError, match="data: empty"):
+    jqk.calibrate(q, [])
   with pytest.raises(ValueError, match="yielded no batch"):
-    jqk.calibrate(q, [], verbose=0)
+    jqk.calibrate(q, (b for b in []))
   with pytest.raises(ValueError, match="steps: must be a positive int"):
     jqk.calibrate(q, np.zeros((4, 5), np.float32), steps=0)
   with pytest.raises(ValueError, match="no quantized layers"):
     jqk.calibrate(_mlp(), np.zeros((4, 5), np.float32))
-  with pytest.raises(TypeError, match="data: expected an array"):
-    jqk.calibrate(q, 3, verbose=0)
+  with pytest.raises(TypeError, match="data: expected what model.predict accepts"):
+    jqk.calibrate(q, 3)
 
 
 def _data(n=64, seed=0):
@@ -164,12 +165,15 @@ def test_ema_ranges_observe_in_fit_then_freeze():
   spec = QuantSpec(calibration="ema")
   q = jqk.quantize(_mlp(), [Rule(pattern=".*", weight=QuantSpec(), act=spec)])
   quantizer = q.get_layer("a").input_quantizer
-  assert quantizer.observe and to_np(quantizer.initialized) == 0
+  assert not quantizer.observe  # calibrated, then fixed, unless asked for
+  for act in (l.input_quantizer for l in jqk.quant_layers(q)):
+    act.set_observe(True)
+  assert not quantizer.calibrated and to_np(quantizer.observed) == 0
   _compile(q)
   rec = _Record(lambda: to_np(q.get_layer("b").input_quantizer.scale))
   q.fit(x, y, epochs=3, batch_size=16, verbose=0, shuffle=False,
         callbacks=[jqk.FreezeQuantizers(freeze_after=2), rec])
-  assert to_np(quantizer.initialized) == 1
+  assert to_np(quantizer.observed) == 1  # first-batch initialisation (observe=True)
   # Layer a's input is the data itself: its EMA range matches the core ema observer.
   s_ref, _ = core_calibrate(spec, [x[i:i + 16] for i in range(0, 64, 16)] * 2)
   assert_close(to_np(quantizer.scale), np.asarray(s_ref), 1e-5, "ema scale")
@@ -183,15 +187,16 @@ def test_lsq_step_sizes_train_with_fit():
   spec = QuantSpec(format="int4", learning="lsq")
   wspec = QuantSpec(format="int4", granularity=PerChannel(-1), learning="lsq")
   q = jqk.quantize(_mlp(), [Rule(pattern=".*", weight=wspec, act=spec)])
-  jqk.calibrate(q, x, verbose=0)
+  jqk.calibrate(q, x)
   layer = q.get_layer("a")
-  assert any(v is layer.kernel_quantizer.scale for v in q.trainable_weights)
-  before = to_np(layer.kernel_quantizer.scale).copy(), to_np(layer.input_quantizer.scale).copy()
+  assert any(v is layer.kernel_quantizer.log_scale for v in q.trainable_weights)
+  before = (to_np(layer.kernel_quantizer.log_scale).copy(),
+            to_np(layer.input_quantizer.log_scale).copy())
   _compile(q)
   hist = q.fit(x, y, epochs=3, batch_size=16, verbose=0, shuffle=False)
   assert hist.history["loss"][-1] < hist.history["loss"][0]
-  assert np.abs(to_np(layer.kernel_quantizer.scale) - before[0]).max() > 1e-5
-  assert np.abs(to_np(layer.input_quantizer.scale) - before[1]).max() > 1e-6
+  assert np.abs(to_np(layer.kernel_quantizer.log_scale) - before[0]).max() > 1e-5
+  assert np.abs(to_np(layer.input_quantizer.log_scale) - before[1]).max() > 1e-6
 
 
 def _cnn(seed=0):
@@ -218,7 +223,7 @@ def test_keras_file_round_trip_is_exact_and_keeps_training(tmp_path):
   q = jqk.quantize(_cnn(), rules)
   assert [type(l).__name__ for l in q.layers[1:4]] == ["QuantConvBatchNorm", "ReLU",
                                                        "QuantConvBatchNorm"]
-  jqk.calibrate(q, x, verbose=0)
+  jqk.calibrate(q, x)
   _compile(q)
   q.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[jqk.FreezeQuantizers(1, 1)])
   out = to_np(q.predict(x, verbose=0))
@@ -226,7 +231,7 @@ def test_keras_file_round_trip_is_exact_and_keeps_training(tmp_path):
   q.save(path)
   r = keras.saving.load_model(path)  # default safe_mode
   np.testing.assert_array_equal(to_np(r.predict(x, verbose=0)), out)
-  assert r.get_layer("c1").freeze_bn and not r.get_layer("c1").observe
+  assert r.get_layer("c1").freeze_bn and r.get_layer("c1").kernel_quantizer.frozen
   _compile(r)
   loss = r.fit(x, y, epochs=1, batch_size=8, verbose=0).history["loss"][0]
   assert np.isfinite(loss)
@@ -242,7 +247,7 @@ def test_generated_subclass_layers_round_trip(tmp_path):
   model = keras.Sequential([keras.Input((4,)), TwiceDense(3, name="t")])
   q = jqk.quantize(model)
   x = np.random.RandomState(0).randn(5, 4).astype(np.float32)
-  jqk.calibrate(q, x, verbose=0)
+  jqk.calibrate(q, x)
   path = os.path.join(tmp_path, "t.keras")
   q.save(path)
   r = keras.saving.load_model(path)
