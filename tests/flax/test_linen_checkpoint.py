@@ -16,6 +16,10 @@ FIXED = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerChann
               act=QuantSpec(format="int8", symmetric=False))]
 
 
+def _key(seed):
+  return jax.random.key(seed, impl="rbg")  # compiles much faster than threefry on CPU
+
+
 def _model(width=8):
   return nn.Sequential([nn.Dense(width), nn.relu, nn.Dense(3)])
 
@@ -28,7 +32,7 @@ def _trained(rules, width=8):
   """A calibrated model, one SGD step into QAT (so nothing equals its init)."""
   qmodel = ql.quantize(_model(width), rules)
   x = _x()
-  v = jax.jit(qmodel.init)(jax.random.key(0), x)
+  v = jax.jit(qmodel.init)(_key(0), x)
   v = ql.calibrate(qmodel, v, [x])
   t = {k: v[k] for k in ("params", "quant_params") if k in v}
   g = jax.grad(lambda t: jnp.sum(qmodel.apply({**v, **t}, x) ** 2))(t)
@@ -40,7 +44,7 @@ def test_round_trip_is_bit_identical(tmp_path):
   qmodel, v = _trained(LSQ)
   path = tmp_path / "ckpt"
   ql.save(path, v)
-  fresh = jax.jit(qmodel.init)(jax.random.key(7), _x())  # another init: other values
+  fresh = jax.jit(qmodel.init)(_key(7), _x())  # another init: other values
   restored = ql.restore(path, fresh)
   assert jax.tree.structure(restored) == jax.tree.structure(v)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(v)):
@@ -52,7 +56,7 @@ def test_restore_into_other_structure_names_the_entry(tmp_path):
   _, v = _trained(FIXED, width=8)
   ql.save(tmp_path / "ckpt", v)
   qmodel = ql.quantize(_model(width=6), FIXED)
-  target = qmodel.init(jax.random.key(0), _x())
+  target = jax.jit(qmodel.init)(_key(0), _x())
   with pytest.raises(ValueError, match=r"entry 'params/layers_0/bias' is \(8,\) float32 in the "
                                        r"checkpoint but \(6,\) float32 in the model"):
     ql.restore(tmp_path / "ckpt", target)
@@ -62,7 +66,7 @@ def test_restore_with_missing_quantizer_names_the_entry(tmp_path):
   _, v = _trained(FIXED)
   ql.save(tmp_path / "ckpt", v)
   rules = [Rule(pattern="layers_2", skip=True)] + FIXED
-  target = ql.quantize(_model(), rules).init(jax.random.key(0), _x())
+  target = jax.jit(ql.quantize(_model(), rules).init)(_key(0), _x())
   with pytest.raises(ValueError, match=r"checkpoint entry 'quant_stats/layers_2/input/count' has "
                                        r"no counterpart"):
     ql.restore(tmp_path / "ckpt", target)
@@ -73,7 +77,7 @@ def test_restore_with_other_spec_same_shapes_names_the_entry(tmp_path):
   ql.save(tmp_path / "ckpt", v)
   int8 = [Rule(pattern=".*", weight=QuantSpec(format="int8", granularity=PerChannel(-1)),
                act=FIXED[0].act)]  # same shapes as int4, other grid
-  target = ql.quantize(_model(), int8).init(jax.random.key(0), _x())
+  target = jax.jit(ql.quantize(_model(), int8).init)(_key(0), _x())
   with pytest.raises(ValueError, match=r"'quant_stats/layers_0/kernel/fingerprint'.*another QuantSpec"):
     ql.restore(tmp_path / "ckpt", target)
 
@@ -82,7 +86,7 @@ def test_frozen_mark_round_trips_into_an_init_target(tmp_path):
   qmodel, v = _trained(FIXED)
   v = ql.freeze(qmodel, v)
   ql.save(tmp_path / "ckpt", v)
-  target = qmodel.init(jax.random.key(3), _x())  # not calibrated, not frozen
+  target = jax.jit(qmodel.init)(_key(3), _x())  # not calibrated, not frozen
   restored = ql.restore(tmp_path / "ckpt", target)
   assert "frozen" in restored["quant_stats"]["layers_0"]["kernel"]
   np.testing.assert_array_equal(qmodel.apply(restored, _x()), qmodel.apply(v, _x()))
@@ -90,7 +94,7 @@ def test_frozen_mark_round_trips_into_an_init_target(tmp_path):
 
 def test_restore_from_missing_directory_names_the_path(tmp_path):
   qmodel = ql.quantize(_model(), FIXED)
-  target = qmodel.init(jax.random.key(0), _x())
+  target = jax.jit(qmodel.init)(_key(0), _x())
   with pytest.raises(FileNotFoundError, match=r"no checkpoint directory at .*nowhere"):
     ql.restore(tmp_path / "nowhere", target)
 

@@ -161,6 +161,7 @@ class Context:
     self.mode = mode
     self.root = tuple(root)
     self.layers: dict[str, LayerRecord] = {}
+    self.order: dict[str, int] = {}  # path -> order of first call (model order)
     self._rules: dict[str, Optional[core.Rule]] = {}
 
   def path_of(self, module: nn.Module) -> str:
@@ -189,6 +190,7 @@ class Context:
     rule = self.match(path)
     active = rule is not None and not rule.skip and (rule.weight is not None or rule.act is not None)
     frame = Frame(module, path, rule if active else None, self, store, key)
+    self.order.setdefault(path, len(self.order))
     _STATE.frames.append(frame)
     try:
       out = next_fun(*args, **kwargs)

@@ -366,7 +366,8 @@ def report(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> cor
   finally:
     _module._RUNS.pop()  # pylint: disable=protected-access
   ctx = runs[-1]
-  layers = [_layer_report(path, rec) for path, rec in ctx.layers.items()]
+  paths = sorted(ctx.layers, key=lambda p: ctx.order.get(p, len(ctx.order)))
+  layers = [_layer_report(path, ctx.layers[path]) for path in paths]
   float_inputs = {"/".join(p[:-1]) for p, e in _quantizer.quantizer_entries(
       variables.get(STATS, {})) if _quantizer.STAYS_FLOAT in e}
   layers = [dataclasses.replace(l, act=None, reason=f"{l.reason}; input stays float: "
