@@ -119,8 +119,17 @@ def quantize(
   Returns:
     A :class:`QTensor`.
 
+  Block formats store what :func:`~jaxqat.core.block_fake_quant` computes: an
+  all-zero MX block stores the e8m0 scale :math:`2^{-127}` (code 0), a block
+  holding NaN or inf stores a NaN scale (e8m0 code 255, e4m3 NaN) and codes
+  0, so it decodes to NaN; an NVFP4 block whose e4m3 scale underflows stores
+  scale 0 and decodes to 0.
+
   Raises:
-    TypeError, ValueError: as :func:`fake_quant`.
+    TypeError, ValueError: as :func:`fake_quant` (including a concrete NaN or
+      infinite ``scale``, a concrete ``zero_point`` outside ``[qmin, qmax]``
+      or not an integer, and, for NVFP4, a concrete tensor scale that is not
+      finite and positive).
 
   Examples:
     >>> import jax.numpy as jnp
