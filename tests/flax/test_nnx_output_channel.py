@@ -292,3 +292,26 @@ def test_nnx_and_linen_agree_per_output_channel(name):
   y_linen, y_nnx = qlinen.apply(v, x), model(x)
   assert float(jnp.abs(y_linen - float_out).max()) > 1e-3  # quantization did something
   np.testing.assert_allclose(y_linen, y_nnx, atol=1e-6, rtol=0)
+
+
+def test_intercepted_torch_layout_conv_gets_one_scale_per_output_feature():
+
+  class TorchConv(nnx.Module):
+    """A PyTorch-layout convolution: kernel (out, in, width), NCW activations."""
+
+    def __init__(self):
+      self.weight = nnx.Param(_x(3, (4, 3, 3)))
+
+    def __call__(self, x):
+      return jax.lax.conv_general_dilated(x, self.weight[...], (1,), "SAME",
+                                          dimension_numbers=("NCW", "OIW", "NCW"))
+
+  m = qnnx.quantize(TorchConv(), Rule(pattern=".*", weight=W4))
+  x = _x(4, (2, 3, 7))
+  w = m.weight[...]
+  s = jnp.max(jnp.abs(w), axis=(1, 2), keepdims=True) / 7  # per output feature (axis 0)
+  ref = jax.lax.conv_general_dilated(x, core.fake_quant(w, s, None, W4.replace(
+      granularity=PerChannel(0))), (1,), "SAME", dimension_numbers=("NCW", "OIW", "NCW"))
+  np.testing.assert_allclose(m(x), ref, rtol=0, atol=1e-5)
+  qnnx.calibrate(m, [x])
+  assert m.jaxqat_weight_quant["weight"].scale.shape == (4, 1, 1)
