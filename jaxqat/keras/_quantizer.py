@@ -264,7 +264,7 @@ class Quantizer(keras.layers.Layer):
     >>> from jaxqat.core import QuantSpec
     >>> q = Quantizer(QuantSpec(format="int4"), name="q")
     >>> q.build((None, 3))
-    >>> q(np.zeros((1, 3), "float32"))
+    >>> q.call(np.zeros((1, 3), "float32"))  # q(x) raises the same, wrapped by Keras
     Traceback (most recent call last):
     ...
     ValueError: Quantizer 'q' (act, int4, learning='fixed') has no range yet: call ...
