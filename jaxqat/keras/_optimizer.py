@@ -53,8 +53,8 @@ class QATOptimizer(keras.optimizers.Optimizer):
 
   Built by :func:`qat_optimizer`; see there. ``learning_rate`` reads and sets
   the rate of ``optimizer`` (so Keras' learning-rate callbacks drive the
-  model's weights); ``quant_optimizer`` keeps its own. Quantizer parameters
-  are excluded from ``quant_optimizer``'s weight decay.
+  model's weights); ``quant_optimizer`` keeps its own. ``quant_optimizer``'s
+  weight decay is switched off (quantizer parameters get none).
 
   Args:
     optimizer: the optimizer (or its config) of every other trainable variable.
@@ -98,7 +98,7 @@ class QATOptimizer(keras.optimizers.Optimizer):
     rest = [v for v in variables if not is_quant_param(v)]
     if self.quant_optimizer.built or self.optimizer.built:
       raise ValueError("QATOptimizer: give qat_optimizer fresh (unbuilt) optimizers")
-    self.quant_optimizer.exclude_from_weight_decay(var_list=quant)
+    self.quant_optimizer.weight_decay = None  # no weight decay on quantizer parameters
     self.optimizer.build(rest)
     self.quant_optimizer.build(quant)
     super().build(variables)
