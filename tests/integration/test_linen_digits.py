@@ -119,7 +119,9 @@ def test_digits_float_ptq_qat():
   t2 = time.time()
   trainable = {"params": v["params"], "quant_params": v["quant_params"]}
   lr = optax.cosine_decay_schedule(1e-3, 4 * 28)
-  tx = ql.qat_optimizer(qmodel, optax.adamw(lr, weight_decay=1e-3), optax.adam(lr))  # no decay on steps
+  # Step sizes are learned as log s: Adam's lr is a relative change per step, 10x the weights'.
+  qlr = optax.cosine_decay_schedule(1e-2, 4 * 28)
+  tx = ql.qat_optimizer(qmodel, optax.adamw(lr, weight_decay=1e-3), optax.adam(qlr))  # no decay
   trainable = _train(lambda t, x: qmodel.apply({**v, **t}, x), trainable, tx, xtr, ytr,
                      epochs=4, seed=2)
   acc_w4_qat = _accuracy(qmodel.apply, {**v, **trainable}, xte, yte)
