@@ -8,10 +8,15 @@ Hessian) all follow the STE. The forward pass is the exact arithmetic of
 clip to the grid's range, round half to even, scale back.
 
 Gradient convention ("textbook STE"): the gradient that reaches ``x`` is the
-incoming gradient masked to zero where ``x`` was clipped, that is strictly
-outside the grid's range: a value exactly on ``qmin`` or ``qmax`` (after
-scaling and shifting) passes the gradient, in every primitive (an inclusive
-range). A layer computing
+incoming gradient masked to zero where clipping changed ``x``'s value. For
+integer grids that is where the *rounded* code ``round(x / s) + z`` falls
+outside ``[qmin, qmax]`` (the rule of PyTorch's fake-quantize operators): a
+value that rounds onto ``qmin`` or ``qmax`` -- such as a channel's absolute
+maximum ``amax`` with ``s = amax / qmax``, where ``x / s`` may come out a few
+ulp above ``qmax`` -- is not clipped and passes the gradient; LSQ's step-size
+derivative there is the inside one, ``round(u) - u``. For float grids the
+mask is ``|x / s| <= max``. The same rule holds in every primitive. A layer
+computing
 ``x @ fake_quant(w)`` therefore back-propagates ``g @ w_q^T`` to ``x`` -- the
 *quantized* operand -- and ``x^T g`` masked by the clip range to ``w``.
 
@@ -63,14 +68,14 @@ def _fq_forward(x, scale, zero_point, noise, fmt):
   v = x32 / s
   if isinstance(fmt, formats_lib.IntFormat):
     z = zero_point.astype(cdt)
-    q = jnp.clip(_grid.grid_round(v, fmt, noise) + z, fmt.qmin, fmt.qmax)
+    code = _grid.grid_round(v, fmt, noise) + z  # the integer code before clipping
+    q = jnp.clip(code, fmt.qmin, fmt.qmax)
     y = (q - z) * s
-    lo, hi = fmt.qmin - z, fmt.qmax - z
+    inside = (code >= fmt.qmin) & (code <= fmt.qmax)  # clipping did not change the code
   else:
     q = _grid.float_round(jnp.clip(v, -fmt.max, fmt.max), fmt)
     y = q * s
-    lo, hi = -fmt.max, fmt.max
-  inside = (v >= lo) & (v <= hi)
+    inside = (v >= -fmt.max) & (v <= fmt.max)
   return y.astype(x.dtype), inside
 
 
@@ -238,12 +243,15 @@ def _lsq_forward(x, step, offset, noise, fmt):
   else:
     z = _grid.round_half_even(-offset.astype(cdt) / s)
   rv = _grid.grid_round(v, fmt, noise)
-  u = v + z  # position on the (shifted) grid before rounding
-  below = u < fmt.qmin  # clipped: outside the inclusive range [qmin, qmax]
-  above = u > fmt.qmax
   if isinstance(fmt, formats_lib.IntFormat):
-    q = jnp.clip(rv + z, fmt.qmin, fmt.qmax)
+    code = rv + z  # the integer code before clipping
+    below = code < fmt.qmin  # clipped: clipping changed the code
+    above = code > fmt.qmax
+    q = jnp.clip(code, fmt.qmin, fmt.qmax)
   else:
+    u = v + z
+    below = u < -fmt.max
+    above = u > fmt.max
     q = _grid.float_round(jnp.clip(v, -fmt.max, fmt.max), fmt)
     rv = q
   y = ((q - z) * s).astype(x.dtype)

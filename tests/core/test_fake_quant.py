@@ -194,7 +194,8 @@ def test_block_format_along_axis0_and_grad():
 
 def _ste_reference(x, s, z, qmin, qmax):
   v = x / s
-  inside = (v >= qmin - z) & (v <= qmax - z)
+  code = jnp.round(v) + z  # masked where clipping changes the rounded code (PyTorch's rule)
+  inside = (code >= qmin) & (code <= qmax)
   fq = (jnp.clip(jnp.round(v) + z, qmin, qmax) - z) * s
   return jnp.where(inside, x + jax.lax.stop_gradient(fq - x), jax.lax.stop_gradient(fq))
 
@@ -213,6 +214,28 @@ def test_ste_gradient_equals_stop_gradient_reference(fmt):
   g_ref = jax.grad(lambda v: jnp.sum(w * _ste_reference(v, s, z, spec.qmin, spec.qmax)))(x)
   np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
   assert float(g[0]) == float(w[0]) and float(g[1]) == float(w[1])  # boundaries pass the gradient
+
+
+def test_values_rounding_onto_the_range_end_pass_the_gradient():
+  # int4, s = 0.25: qmax 7 covers x up to 1.875 (7.5 steps, a tie that rounds to 8: clipped).
+  spec = QuantSpec(format="int4")
+  x = jnp.array([1.75, 1.8, 1.87, 1.9, -2.0, -2.1, -2.2], jnp.float32)
+  g = jax.grad(lambda v: jnp.sum(core.fake_quant(v, 0.25, spec=spec)))(x)
+  np.testing.assert_array_equal(np.asarray(g), [1, 1, 1, 0, 1, 1, 0])
+  gl = jax.grad(lambda v: jnp.sum(core.lsq_fake_quant(v, 0.25, spec=spec.replace(
+      learning="lsq"))))(x)
+  np.testing.assert_array_equal(np.asarray(gl), np.asarray(g))  # one convention
+
+
+def test_absmax_entry_of_each_channel_passes_the_gradient():
+  # s = amax / qmax can put amax / s a few ulp above qmax; that entry is not clipped.
+  w = _x((64, 32), seed=11)
+  spec = QuantSpec(granularity=PerChannel(-1))
+  s, _ = core.calibrate(spec, [w])
+  g = jax.grad(lambda v: jnp.sum(core.fake_quant(v, s, spec=spec)))(w)
+  assert bool(jnp.all(g == 1.0))
+  gl = jax.grad(lambda v: jnp.sum(core.lsq_fake_quant(v, s, spec=spec.replace(learning="lsq"))))(w)
+  assert bool(jnp.all(gl == 1.0))
 
 
 def test_matmul_backward_uses_quantized_operand():
@@ -239,9 +262,10 @@ def _lsq_paper_grads(x, s, beta, qn, qp, g_scale, upstream):
   """Esser et al. 2020 eq. 3/5 and Bhalgat et al. 2020, elementwise, in numpy float64."""
   x = np.asarray(x, np.float64)
   u = (x - beta) / s
-  dx = np.where((u >= -qn) & (u <= qp), 1.0, 0.0)  # the inclusive range, as fake_quant
-  ds = np.where(u < -qn, -qn, np.where(u > qp, qp, np.round(u) - u))
-  db = np.where((u >= -qn) & (u <= qp), 0.0, 1.0)
+  r = np.round(u)  # half to even; clipped where the rounded code leaves [-qn, qp]
+  dx = np.where((r >= -qn) & (r <= qp), 1.0, 0.0)
+  ds = np.where(r < -qn, -qn, np.where(r > qp, qp, r - u))
+  db = np.where((r >= -qn) & (r <= qp), 0.0, 1.0)
   up = np.asarray(upstream, np.float64)
   return up * dx, up * ds * g_scale, up * db * g_scale
 
