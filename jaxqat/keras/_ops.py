@@ -55,7 +55,7 @@ def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
 
   .. math::
      \partial L / \partial x = \partial L / \partial y \cdot
-       \mathbb{1}[q_{min} - z \le x/s \le q_{max} - z]
+       \mathbb{1}[q_{min} \le \lfloor x/s \rceil + z \le q_{max}]
 
   and zero gradients to ``scale`` and ``zero_point``.
 
@@ -86,10 +86,10 @@ def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
     sc = ops.maximum(_f32(s), SCALE_EPS)
     zc = _f32(z)
     v = ops.divide(xc, sc)
-    q = ops.clip(ops.add(ops.round(v), zc), qmin, qmax)
+    code = ops.add(ops.round(v), zc)  # clipped where clipping changes the rounded code
+    q = ops.clip(code, qmin, qmax)
     y = ops.cast(ops.multiply(ops.subtract(q, zc), sc), dtype)
-    inside = ops.logical_and(ops.greater_equal(v, ops.subtract(qmin, zc)),
-                             ops.less_equal(v, ops.subtract(qmax, zc)))
+    inside = ops.logical_and(ops.greater_equal(code, qmin), ops.less_equal(code, qmax))
 
     def grad(*args, upstream=None):
       if upstream is None:
@@ -109,7 +109,7 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
   Forward as :func:`jaxqat.core.lsq_fake_quant`: :math:`s=\max(s, 10^{-12})`,
   :math:`z = \lfloor -\beta/s \rceil` (0 without offset), :math:`v = x/s`,
   output :math:`s(\mathrm{clip}(\lfloor v \rceil + z, q_{min}, q_{max}) - z)`.
-  Backward with :math:`u = v + z`:
+  Backward with :math:`u = \lfloor v \rceil + z` (the code before clipping):
 
   .. math::
      \frac{\partial \hat{x}}{\partial x} = \mathbb{1}[q_{min} \le u \le q_{max}],
@@ -155,10 +155,10 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
     v = ops.divide(xc, sc)
     z = ops.round(ops.divide(ops.negative(_f32(b)), sc)) if has_offset else ops.zeros_like(sc)
     rv = ops.round(v)
-    u = ops.add(v, z)
-    below = ops.less(u, qmin)  # the inclusive range, as the core
-    above = ops.greater(u, qmax)
-    q = ops.clip(ops.add(rv, z), qmin, qmax)
+    code = ops.add(rv, z)  # clipped where clipping changes the rounded code, as the core
+    below = ops.less(code, qmin)
+    above = ops.greater(code, qmax)
+    q = ops.clip(code, qmin, qmax)
     y = ops.cast(ops.multiply(ops.subtract(q, z), sc), dtype)
 
     def grad(*args, upstream=None):
