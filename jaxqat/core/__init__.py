@@ -18,6 +18,7 @@ from jaxqat.core._report import WeightReport as WeightReport
 from jaxqat.core._serialize import spec_fingerprint as spec_fingerprint
 from jaxqat.core._serialize import spec_from_dict as spec_from_dict
 from jaxqat.core._serialize import spec_to_dict as spec_to_dict
+from jaxqat.core._step_size import init_step_size as init_step_size
 from jaxqat.core._step_size import param_to_step_size as param_to_step_size
 from jaxqat.core._step_size import step_size_to_param as step_size_to_param
 from jaxqat.core._distill import distillation_loss as distillation_loss
@@ -79,6 +80,7 @@ __all__ = [
     "fake_quant",
     "feature_distillation",
     "get_format",
+    "init_step_size",
     "kl_distillation",
     "lsq_fake_quant",
     "lsq_grad_scale",

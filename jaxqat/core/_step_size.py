@@ -24,10 +24,14 @@ import jax.numpy as jnp
 
 from jaxqat.core._typing import Array, ArrayLike
 
-__all__ = ["STEP_SIZE_MIN", "STEP_SIZE_MAX", "step_size_to_param", "param_to_step_size"]
+__all__ = ["STEP_SIZE_MIN", "STEP_SIZE_MAX", "REL_STEP_FLOOR", "ACT_STEP_FLOOR", "init_step_size",
+           "step_size_to_param", "param_to_step_size"]
 
 STEP_SIZE_MIN = 1e-12
 STEP_SIZE_MAX = 1e12
+# Initial learned step sizes are floored (see init_step_size).
+REL_STEP_FLOOR = 1e-3
+ACT_STEP_FLOOR = 1e-6
 _LOG_MIN = math.log(STEP_SIZE_MIN)
 _LOG_MAX = math.log(STEP_SIZE_MAX)
 
@@ -85,3 +89,40 @@ def param_to_step_size(param: ArrayLike) -> Array:
   """
   p = jnp.asarray(param)
   return jnp.exp(jnp.clip(p, _LOG_MIN, _LOG_MAX))
+
+
+def init_step_size(step_size: ArrayLike, role: str = "act") -> Array:
+  """The initial learned (LSQ) step size for a calibrated step size.
+
+  A calibrated range of about 0 (activations calibrated on near-zero inputs,
+  a dead channel) gives a step size of 1e-8 or less, which the first updates
+  on real data cannot recover from. Every front end therefore starts a
+  learned step size at no less than :data:`REL_STEP_FLOOR` (1e-3) times the
+  largest step size of the same tensor, and, for activations, no less than
+  :data:`ACT_STEP_FLOOR` (1e-6). Traceable.
+
+  Args:
+    step_size: the calibrated step sizes (positive).
+    role: ``"act"`` or ``"weight"``.
+
+  Returns:
+    The floored step sizes, float32, same shape.
+
+  Raises:
+    ValueError: if ``role`` is not ``"act"`` or ``"weight"``.
+
+  Examples:
+    >>> init_step_size([1e-9, 0.5, 0.2]).tolist()
+    [0.0005000000237487257, 0.5, 0.20000000298023224]
+    >>> float(init_step_size(1e-9))
+    1e-06
+    >>> float(init_step_size(1e-9, "weight"))
+    1e-09
+  """
+  if role not in ("act", "weight"):
+    raise ValueError(f"role: must be 'act' or 'weight', got {role!r}")
+  s = jnp.asarray(step_size, jnp.float32)
+  floor = jnp.float32(REL_STEP_FLOOR) * jnp.max(s) if s.size else jnp.float32(0.0)
+  if role == "act":
+    floor = jnp.maximum(floor, jnp.float32(ACT_STEP_FLOOR))
+  return jnp.maximum(s, floor)

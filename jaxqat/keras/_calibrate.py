@@ -111,7 +111,7 @@ def calibrate(model, data, *, steps: Optional[int] = None, batch_size: int = 32,
   core observer of its spec (absmax, minmax, ema, percentile, mse or
   entropy; non-finite values are ignored), then stores the ranges: fixed
   specs get ``scale``/``zero_point``, learned ones ``log_scale`` (from
-  :func:`~jaxqat.keras._quantizer.init_step_size`, which floors a ~0 range)
+  :func:`jaxqat.core.init_step_size`, which floors a ~0 range)
   and the LSQ+ ``offset = -z·s``. Weight quantizers are initialised from the
   current weights. The model is left quantized, ready for inference or QAT.
 

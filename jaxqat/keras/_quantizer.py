@@ -65,16 +65,11 @@ from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import restore_purged_state
 from jaxqat.keras._backend import to_numpy
 
-__all__ = ["Quantizer", "check_act_spec", "init_step_size", "MODES"]
+__all__ = ["Quantizer", "check_act_spec", "MODES"]
 
 _OBSERVABLE = ("absmax", "minmax", "ema")
 MODES = ("quant", "float")
 
-# Learned step sizes initialised from an observed range are floored (see
-# :func:`init_step_size`): relative to the largest step size of the same
-# tensor, and, for activations, absolutely.
-REL_STEP_FLOOR = 1e-3
-ACT_STEP_FLOOR = 1e-6
 _LOG_MIN = math.log(STEP_SIZE_MIN)
 _LOG_MAX = math.log(STEP_SIZE_MAX)
 
@@ -83,35 +78,6 @@ def _in_symbolic_scope() -> bool:
   """Whether Keras is only inferring shapes (building a Functional graph)."""
   from keras.src.backend.common import global_state  # no public accessor in Keras 3
   return global_state.get_global_attribute("symbolic_scope") is not None
-
-
-def init_step_size(step_size, role: str = "act") -> np.ndarray:
-  """The initial learned (LSQ) step size for an observed step size.
-
-  A calibrated range of about 0 (activations calibrated on near-zero inputs,
-  a dead channel) gives a step size of 1e-8 or less, which the first updates
-  on real data cannot recover from. The initial step size is therefore at
-  least ``REL_STEP_FLOOR`` (1e-3) times the largest step size of the same
-  tensor, and for activations at least ``ACT_STEP_FLOOR`` (1e-6).
-
-  Args:
-    step_size: the observed step sizes (positive).
-    role: ``"act"`` or ``"weight"``.
-
-  Returns:
-    The floored step sizes, float32.
-
-  Examples:
-    >>> init_step_size([1e-9, 0.5, 0.2]).tolist()
-    [0.0005000000237487257, 0.5, 0.20000000298023224]
-    >>> float(init_step_size(1e-9))
-    1e-06
-  """
-  s = np.asarray(step_size, np.float32)
-  floor = REL_STEP_FLOOR * float(np.max(s)) if s.size else 0.0
-  if role == "act":
-    floor = max(floor, ACT_STEP_FLOOR)
-  return np.maximum(s, np.float32(floor)).astype(np.float32)
 
 
 def check_act_spec(spec: Optional[spec_lib.QuantSpec], where: str, arg: str = "act_spec"):
@@ -434,7 +400,7 @@ class Quantizer(keras.layers.Layer):
     """Stores a range: the step size ``scale`` and the integer ``zero_point``.
 
     Fixed specs store them (``scale``, ``zero_point``). Learned specs
-    initialise ``log_scale = log(init_step_size(scale))`` and, for LSQ+, the
+    initialise ``log_scale = log(jaxqat.core.init_step_size(scale))`` and, for LSQ+, the
     offset ``β = -z·s``. The quantizer counts as calibrated afterwards.
 
     Args:
@@ -459,8 +425,9 @@ class Quantizer(keras.layers.Layer):
     if not np.all(np.isfinite(z)):
       raise ValueError(f"Quantizer {self.where!r}: zero point must be finite, got {z}")
     if self.learned:
-      s_init = init_step_size(s, self.role)
-      self.log_scale.assign(np.log(s_init).astype("float32"))
+      from jaxqat.core import init_step_size, step_size_to_param  # pylint: disable=import-outside-toplevel
+      s_init = np.asarray(init_step_size(s, self.role))
+      self.log_scale.assign(np.asarray(step_size_to_param(s_init)))  # the core's log, as NNX/Linen
       if self.has_offset:
         self.offset.assign((-z * s_init).astype("float32"))
     else:

@@ -139,8 +139,9 @@ def _set_in(tree: dict, keys: tuple, value) -> dict:
   return tree
 
 
-def _learned(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array) -> dict:
-  """LSQ ``log_scale`` (and LSQ+ offset ``β = -z s``) from a range."""
+def _learned(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array, role: str) -> dict:
+  """LSQ ``log_scale`` (and LSQ+ offset ``β = -z s``) from a range (floored: init_step_size)."""
+  scale = core.init_step_size(scale, role)
   qp = {"log_scale": core.step_size_to_param(scale)}
   if spec.learning == "lsq_plus":
     qp["offset"] = (-zp * scale).astype(jnp.float32)
@@ -225,7 +226,7 @@ def quantize_activation(store: Store, name: str, x: jax.Array, spec: core.QuantS
     if spec.learning == "fixed":
       store.put(STATS, name, dict(stats, scale=scale, zero_point=zp), where, "calibration")
     else:
-      store.put(PARAMS, name, _learned(spec, scale, zp), where, "calibration")
+      store.put(PARAMS, name, _learned(spec, scale, zp, "act"), where, "calibration")
     return x
   # mode == "quant"
   if spec.learning == "fixed":
@@ -287,7 +288,7 @@ def quantize_weight(store: Store, name: str, w: jax.Array, spec: core.QuantSpec,
     if not spec.is_block:
       scale, zp = core.weight_range(w, spec)
       if learned:
-        store.put(PARAMS, name, _learned(spec, scale, zp), where, "init")
+        store.put(PARAMS, name, _learned(spec, scale, zp, "weight"), where, "init")
       else:
         stats.update(scale=scale, zero_point=zp)
     store.put(STATS, name, stats, where, "init")
@@ -298,7 +299,7 @@ def quantize_weight(store: Store, name: str, w: jax.Array, spec: core.QuantSpec,
   if mode in ("set", "freeze") and not store.initializing:
     scale, zp = core.weight_range(w, spec)
     if learned and mode == "set":
-      store.put(PARAMS, name, _learned(spec, scale, zp), where, "calibration")
+      store.put(PARAMS, name, _learned(spec, scale, zp, "weight"), where, "calibration")
     elif not learned:
       new = dict(stats, scale=scale, zero_point=zp)
       if mode == "freeze":

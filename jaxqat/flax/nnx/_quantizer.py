@@ -82,12 +82,13 @@ def _vmap_n(fn, n: int):
   return fn
 
 
-def _state_values(scale, zp, spec, full):
+def _state_values(scale, zp, spec, full, role):
   """The quantizer state for a range: ``scale``/``zero_point`` or ``log_scale``/``offset``."""
   scale = scale.astype(jnp.float32).reshape(full)
   zp = zp.astype(jnp.float32).reshape(full)
   if spec.learning == "fixed":
     return {"scale": scale, "zero_point": zp}
+  scale = core.init_step_size(scale, role)
   return {"log_scale": core.step_size_to_param(scale), "offset": -zp * scale}
 
 
@@ -95,7 +96,7 @@ def _state_values(scale, zp, spec, full):
 def _weight_state(w, spec, k, full):
   """State values from a (stacked, ``k`` leading axes) weight; one compile per (spec, shape)."""
   scale, zp = _vmap_n(lambda v: core.weight_range(v, spec), k)(w.astype(jnp.float32))
-  return _state_values(scale, zp, spec, full)
+  return _state_values(scale, zp, spec, full, WEIGHT)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -103,7 +104,7 @@ def _observer_state(stats, spec, k, full):
   """State values from (stacked) observer statistics, and whether every range is valid."""
   scale, zp = _vmap_n(core.observer(spec).compute, k)(stats)
   ok = jnp.all(stats["count"] > 0) & jnp.all(jnp.isfinite(scale) & (scale > 0))
-  return _state_values(scale, zp, spec, full), ok
+  return _state_values(scale, zp, spec, full, ACT), ok
 
 
 class Quantizer(nnx.Module):

@@ -1,0 +1,235 @@
+"""One contract, three front ends: NNX, Linen and Keras-on-JAX agree.
+
+The same two-layer MLP (same float weights), the same rules, the same
+calibration data and the same optimizer steps give the same outputs, the
+same gradients and the same trained values -- weights and quantizer state --
+in Flax NNX, Flax Linen and Keras 3 on the JAX backend.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxqat  # noqa: E402
+from jaxqat import PerOutputChannel, QuantSpec, Rule  # noqa: E402
+from jaxqat.flax import linen as ql  # noqa: E402
+from jaxqat.flax import nnx as qnnx  # noqa: E402
+
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "jax":
+  pytest.skip("the Keras half of this test runs on the JAX backend", allow_module_level=True)
+import jaxqat.keras as jqk  # noqa: E402
+
+LR, QLR, STEPS = 0.05, 0.01, 4
+RULES = {
+    # fixed ranges: int4 weights tracking the current weights, int8 affine inputs (calibrated)
+    "w4a8_fixed": [Rule(pattern=".*",
+                        weight=QuantSpec(format="int4", granularity=PerOutputChannel()),
+                        act=jaxqat.default_act_spec())],
+    # range learning: LSQ weights, LSQ+ inputs
+    "w4a8_lsq": [Rule(pattern=".*",
+                      weight=QuantSpec(format="int4", granularity=PerOutputChannel(),
+                                       learning="lsq"),
+                      act=QuantSpec(format="int8", symmetric=False, learning="lsq_plus",
+                                    calibration="minmax"))],
+    "default_w8a8": None,
+}
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  w = {"hidden": (rng.normal(size=(16, 32)).astype("float32") * 0.3,
+                  rng.normal(size=(32,)).astype("float32") * 0.1),
+       "head": (rng.normal(size=(32, 4)).astype("float32") * 0.3,
+                rng.normal(size=(4,)).astype("float32") * 0.1)}
+  x = rng.normal(size=(64, 16)).astype("float32")
+  y = rng.integers(0, 4, size=(64,)).astype("int32")
+  return w, x, y
+
+
+def _loss(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+# ---------------------------------------------------------------- NNX
+
+
+class _NnxMLP(nnx.Module):
+
+  def __init__(self, w):
+    self.hidden = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
+    self.head = nnx.Linear(32, 4, rngs=nnx.Rngs(1))
+    for name in ("hidden", "head"):
+      layer = getattr(self, name)
+      layer.kernel[...] = jnp.asarray(w[name][0])
+      layer.bias[...] = jnp.asarray(w[name][1])
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.hidden(x)))
+
+
+def _nnx_quant_state(model):
+  out = {}
+  for name in ("hidden", "head"):
+    layer = getattr(model, name)
+    for role, q in (("kernel", layer.kernel_quant), ("input", layer.input_quant)):
+      for attr in ("log_scale", "offset"):
+        v = getattr(q, attr, None)
+        if v is not None:
+          out[f"{name}/{role}/{attr}"] = np.asarray(v[...])
+  return out
+
+
+def _run_nnx(w, x, y, rules):
+  model = _NnxMLP(w)
+  qnnx.quantize(model, rules)
+  qnnx.calibrate(model, [x[:32], x[32:]])
+  out0 = np.asarray(model(x))
+  grads = nnx.grad(lambda m: _loss(m(x), y))(model)
+  g = {f"{n}/kernel": np.asarray(getattr(grads, n).kernel[...]) for n in ("hidden", "head")}
+  opt = nnx.Optimizer(model, qnnx.qat_optimizer(model, optax.sgd(LR), optax.sgd(QLR)),
+                      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    loss, grads = nnx.value_and_grad(lambda m: _loss(m(x), y))(model)
+    opt.update(model, grads)
+    return loss
+
+  for _ in range(STEPS):
+    step(model, opt)
+  trained = {f"{n}/kernel": np.asarray(getattr(model, n).kernel[...]) for n in ("hidden", "head")}
+  trained.update(_nnx_quant_state(model))
+  return out0, g, trained, np.asarray(model(x))
+
+
+# ---------------------------------------------------------------- Linen
+
+
+class _LinenMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="head")(nn.relu(nn.Dense(32, name="hidden")(x)))
+
+
+def _linen_quant_state(qp):
+  out = {}
+  for name in ("hidden", "head"):
+    for role, key in (("kernel", "kernel"), ("input", "input")):
+      for attr in ("log_scale", "offset"):
+        v = qp.get(name, {}).get(key, {}).get(attr)
+        if v is not None:
+          out[f"{name}/{role}/{attr}"] = np.asarray(v)
+  return out
+
+
+def _run_linen(w, x, y, rules):
+  qmodel = ql.quantize(_LinenMLP(), rules)
+  variables = qmodel.init(jax.random.key(0), x)
+  variables = {**variables, "params": {n: {"kernel": jnp.asarray(w[n][0]),
+                                           "bias": jnp.asarray(w[n][1])} for n in w}}
+  variables = ql.calibrate(qmodel, variables, [x[:32], x[32:]])
+  out0 = np.asarray(qmodel.apply(variables, x))
+  trainable = {k: variables[k] for k in ("params", "quant_params") if k in variables}
+  rest = {k: v for k, v in variables.items() if k not in trainable}
+
+  def loss_fn(t):
+    return _loss(qmodel.apply({**rest, **t}, x), y)
+
+  grads = jax.grad(loss_fn)(trainable)
+  g = {f"{n}/kernel": np.asarray(grads["params"][n]["kernel"]) for n in ("hidden", "head")}
+  tx = ql.qat_optimizer(qmodel, optax.sgd(LR), optax.sgd(QLR))
+  opt_state = tx.init(trainable)
+
+  @jax.jit
+  def step(t, s):
+    grads = jax.grad(loss_fn)(t)
+    updates, s = tx.update(grads, s, t)
+    return optax.apply_updates(t, updates), s
+
+  for _ in range(STEPS):
+    trainable, opt_state = step(trainable, opt_state)
+  trained = {f"{n}/kernel": np.asarray(trainable["params"][n]["kernel"]) for n in ("hidden", "head")}
+  trained.update(_linen_quant_state(trainable.get("quant_params", {})))
+  return out0, g, trained, np.asarray(qmodel.apply({**rest, **trainable}, x))
+
+
+# ---------------------------------------------------------------- Keras
+
+
+def _keras_quant_state(model):
+  out = {}
+  for name in ("hidden", "head"):
+    layer = model.get_layer(name)
+    for role, q in (("kernel", layer.kernel_quantizer), ("input", layer.input_quantizer)):
+      for attr in ("log_scale", "offset"):
+        v = getattr(q, attr, None)
+        if v is not None:
+          out[f"{name}/{role}/{attr}"] = keras.ops.convert_to_numpy(v.value)
+  return out
+
+
+def _run_keras(w, x, y, rules):
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((16,))
+  h = keras.layers.Dense(32, activation="relu", name="hidden")(inp)
+  model = keras.Model(inp, keras.layers.Dense(4, name="head")(h))
+  for n in ("hidden", "head"):
+    model.get_layer(n).set_weights(list(w[n]))
+  q = jqk.quantize(model, rules)
+  jqk.calibrate(q, x, batch_size=32)
+  out0 = keras.ops.convert_to_numpy(q(x))
+  # Gradients of the same loss, through Keras' stateless call.
+  tv = [v.value for v in q.trainable_variables]
+  ntv = [v.value for v in q.non_trainable_variables]
+
+  def loss_fn(tv):
+    logits, _ = q.stateless_call(tv, ntv, x, training=True)
+    return _loss(logits, y)
+
+  gl = jax.grad(loss_fn)(tv)
+  by_path = {v.path: g for v, g in zip(q.trainable_variables, gl)}
+  g = {f"{n}/kernel": np.asarray(by_path[q.get_layer(n).kernel.path]) for n in ("hidden", "head")}
+  q.compile(optimizer=jqk.qat_optimizer(q, keras.optimizers.SGD(LR), keras.optimizers.SGD(QLR)),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  q.fit(x, y, batch_size=64, epochs=STEPS, shuffle=False, verbose=0)
+  trained = {f"{n}/kernel": keras.ops.convert_to_numpy(q.get_layer(n).kernel.value)
+             for n in ("hidden", "head")}
+  trained.update(_keras_quant_state(q))
+  return out0, g, trained, keras.ops.convert_to_numpy(q(x))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_nnx_linen_keras_agree(name):
+  w, x, y = _data()
+  rules = RULES[name]
+  results = {"nnx": _run_nnx(w, x, y, rules), "linen": _run_linen(w, x, y, rules),
+             "keras": _run_keras(w, x, y, rules)}
+  ref_out, ref_g, ref_trained, ref_final = results["nnx"]
+  assert set(ref_trained) >= {"hidden/kernel", "head/kernel"}
+  if name == "w4a8_lsq":  # quantizer state is compared too
+    assert {"hidden/kernel/log_scale", "hidden/input/log_scale", "hidden/input/offset"} <= set(
+        ref_trained)
+  for fe in ("linen", "keras"):
+    out, g, trained, final = results[fe]
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5, err_msg=f"{fe}: outputs")
+    for k in ref_g:
+      np.testing.assert_allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-6, err_msg=f"{fe}: grad {k}")
+    assert set(trained) == set(ref_trained), fe
+    for k in ref_trained:
+      np.testing.assert_allclose(trained[k], np.reshape(ref_trained[k], np.shape(trained[k])),
+                                 rtol=1e-4, atol=1e-5, err_msg=f"{fe}: trained {k}")
+    np.testing.assert_allclose(final, ref_final, rtol=1e-4, atol=1e-4,
+                               err_msg=f"{fe}: outputs after training")
+  # Training changed something: the comparison is not between untouched models.
+  w0 = w["hidden"][0]
+  assert np.abs(ref_trained["hidden/kernel"] - w0).max() > 1e-4
