@@ -318,8 +318,8 @@ def test_collections_separate_and_optax_per_collection():
   assert _shapes(v["params"]) == _shapes(jax.eval_shape(model.init, KEY, x)["params"])
   trainable = {"params": v["params"], "quant_params": v["quant_params"]}
 
-  def loss(t):
-    return jnp.mean(qmodel.apply({**v, **t}, x) ** 2)
+  def loss(t):  # 2x: beyond the calibrated range, so the LSQ+ offset gets a gradient (clipped inputs)
+    return jnp.mean(qmodel.apply({**v, **t}, 2.0 * x) ** 2)
 
   tx = ql.qat_optimizer(qmodel, optax.sgd(0.1), optax.set_to_zero())  # quantizer ranges frozen
   g = jax.jit(jax.grad(loss))(trainable)
@@ -346,10 +346,12 @@ def test_grad_is_textbook_ste_under_jit():
   ones = jnp.ones((4, 5))
   # STE: the gradient uses the quantized other operand, masked where clipped
   # (calibrated on the tensor itself, only an extreme value can round outside).
-  sx, _ = core.calibrate(A8, [x])
-  sk, _ = core.calibrate(W8, [k])
-  x_in = (x / sx >= -128) & (x / sx <= 127)
-  k_in = (k / sk >= -128) & (k / sk <= 127)
+  def inside(t, spec):  # clipping does not change the rounded code
+    s, z = core.calibrate(spec, [t])
+    code = jnp.round(t / s) + z
+    return (code >= spec.qmin) & (code <= spec.qmax)
+
+  x_in, k_in = inside(x, A8), inside(k, W8.resolve_output_channel([-1]))
   np.testing.assert_allclose(gx, jnp.where(x_in, ones @ wq.T, 0.0), atol=1e-5, rtol=0)
   np.testing.assert_allclose(gp["kernel"], jnp.where(k_in, xq.T @ ones, 0.0), atol=1e-5, rtol=0)
   np.testing.assert_allclose(gp["bias"], jnp.full((5,), 4.0), atol=0, rtol=0)
