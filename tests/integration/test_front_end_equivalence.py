@@ -40,7 +40,6 @@ RULES = {
                                        learning="lsq"),
                       act=QuantSpec(format="int8", symmetric=False, learning="lsq_plus",
                                     calibration="minmax"))],
-    "default_w8a8": None,
 }
 
 

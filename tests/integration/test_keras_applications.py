@@ -1,9 +1,8 @@
-"""keras.applications MobileNetV2 and ResNet50: convert, train (MobileNetV2), exact .keras round trip.
+"""keras.applications MobileNetV2: convert, calibrate, exact .keras round trip.
 
-MobileNetV2 covers depthwise and pointwise Conv+BN folding, residual adds and a
-jitted fit step; ResNet50 checks the conversion of a deeper residual network and
-its .keras round trip in inference (its training step adds nothing new but
-minutes of CPU compilation).
+MobileNetV2 covers depthwise and pointwise Conv+BN folding (every BatchNorm
+folded) and residual adds on a published model. (ResNet50 was checked the same
+way before; it added minutes of CPU compilation and no new layer pattern.)
 """
 
 import os
@@ -18,7 +17,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs on the JAX backend")]
 
 
-def _check(model, tmp_path, expect_depthwise, train=True):
+def _check(model, tmp_path, expect_depthwise):
   n_bn = sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
   n_conv = sum(type(l) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
                for l in model.layers)
@@ -31,16 +30,10 @@ def _check(model, tmp_path, expect_depthwise, train=True):
   assert any(isinstance(l, keras.layers.Add) for l in q.layers)  # residual adds kept
   rng = np.random.RandomState(0)
   x = rng.rand(4, 32, 32, 3).astype(np.float32)
-  y = rng.randint(0, 10, 4)
   jqk.calibrate(q, x, batch_size=4)  # one batch: activation ranges
   assert all(l.input_quantizer.calibrated for l in fused)
   rep = jqk.report(q)
   assert len(rep.quantized_paths()) == n_conv + 1 and not rep.paths("unsupported")
-  if train:
-    q.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=True,
-              loss=keras.losses.SparseCategoricalCrossentropy())
-    loss = q.fit(x, y, epochs=1, batch_size=4, verbose=0).history["loss"][0]
-    assert np.isfinite(loss)
   out = q.predict(x, verbose=0)
   assert np.all(np.isfinite(out))
   path = os.path.join(tmp_path, "m.keras")
@@ -50,13 +43,10 @@ def _check(model, tmp_path, expect_depthwise, train=True):
 
 
 def test_mobilenet_v2(tmp_path):
+  # Conversion, calibration, inference and the exact .keras round trip. The jitted training
+  # step through folded depthwise convolutions is covered, at a fraction of the compile time,
+  # by tests/keras/test_keras_deep.py (squeeze-excite, swish, 12+ folded Conv+BN).
   keras.utils.set_random_seed(0)
   model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                          classes=10)
   _check(model, tmp_path, expect_depthwise=True)
-
-
-def test_resnet50(tmp_path):
-  keras.utils.set_random_seed(0)
-  model = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10)
-  _check(model, tmp_path, expect_depthwise=False, train=False)
