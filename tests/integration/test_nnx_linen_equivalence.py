@@ -52,8 +52,7 @@ def _lsq_rules():
           Rule(pattern=".*", weight=w4, act=a4)]
 
 
-RULES = {
-    "default_w8a8": None,
+RULES = {  # the default W8A8 scheme is held equal across NNX, Linen and Keras elsewhere
     "w4a4_lsq": _lsq_rules(),
 }
 
