@@ -21,6 +21,18 @@ from jaxqat.core._serialize import spec_to_dict as spec_to_dict
 from jaxqat.core._step_size import init_step_size as init_step_size
 from jaxqat.core._step_size import param_to_step_size as param_to_step_size
 from jaxqat.core._step_size import step_size_to_param as step_size_to_param
+from jaxqat.core._encoding import Encoding as Encoding
+from jaxqat.core._encoding import encoding_from_state as encoding_from_state
+from jaxqat.core._encoding import encodings_from_dict as encodings_from_dict
+from jaxqat.core._encoding import encodings_to_dict as encodings_to_dict
+from jaxqat.core._integer import fake_quantize_input as fake_quantize_input
+from jaxqat.core._integer import integer_error_bound as integer_error_bound
+from jaxqat.core._integer import integer_reason as integer_reason
+from jaxqat.core._integer import quantize_weight as quantize_weight
+from jaxqat.core._integer import quantized_conv_general_dilated as quantized_conv_general_dilated
+from jaxqat.core._integer import quantized_dot_general as quantized_dot_general
+from jaxqat.core._integer import quantized_einsum as quantized_einsum
+from jaxqat.core._integer import quantized_take as quantized_take
 from jaxqat.core._distill import distillation_loss as distillation_loss
 from jaxqat.core._distill import feature_distillation as feature_distillation
 from jaxqat.core._distill import kl_distillation as kl_distillation
@@ -38,6 +50,7 @@ from jaxqat.core._formats import get_format as get_format
 from jaxqat.core._quantize import QTensor as QTensor
 from jaxqat.core._quantize import dequantize as dequantize
 from jaxqat.core._quantize import pack as pack
+from jaxqat.core._quantize import pack_qtensor as pack_qtensor
 from jaxqat.core._quantize import quantize as quantize
 from jaxqat.core._quantize import unpack as unpack
 from jaxqat.core._rules import Rule as Rule
@@ -53,6 +66,7 @@ from jaxqat.core._spec import normalize_axes as normalize_axes
 __all__ = [
     "BlockFormat",
     "Calibration",
+    "Encoding",
     "FloatFormat",
     "IntFormat",
     "LayerReport",
@@ -77,19 +91,31 @@ __all__ = [
     "default_weight_spec",
     "dequantize",
     "distillation_loss",
+    "encoding_from_state",
+    "encodings_from_dict",
+    "encodings_to_dict",
     "fake_quant",
+    "fake_quantize_input",
     "feature_distillation",
     "get_format",
     "init_step_size",
+    "integer_error_bound",
+    "integer_reason",
     "kl_distillation",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "normalize_axes",
     "observer",
     "pack",
+    "pack_qtensor",
     "param_to_step_size",
     "quant_dequant",
     "quantize",
+    "quantize_weight",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
+    "quantized_einsum",
+    "quantized_take",
     "spec_fingerprint",
     "spec_from_dict",
     "spec_to_dict",

@@ -21,7 +21,7 @@ from jaxqat.core import _fake_quant as fq
 from jaxqat.core import _spec as spec_lib
 from jaxqat.core._typing import Array, ArrayLike
 
-__all__ = ["QTensor", "quantize", "dequantize", "pack", "unpack"]
+__all__ = ["QTensor", "quantize", "dequantize", "pack", "unpack", "pack_qtensor"]
 
 
 @jax.tree_util.register_dataclass
@@ -41,6 +41,9 @@ class QTensor:
     tensor_scale: NVFP4's fp32 tensor scale, else ``None``.
     spec: the QuantSpec (static).
     dtype: the dtype :func:`dequantize` returns (static).
+    packed: 0 when ``values`` holds one code per element; 2 or 4 when
+      ``values`` holds that many bits per code, packed along the last axis
+      into ``int8`` bytes (:func:`pack`, :func:`pack_qtensor`) (static).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -56,10 +59,27 @@ class QTensor:
   tensor_scale: Optional[jax.Array] = None
   spec: spec_lib.QuantSpec = dataclasses.field(default=spec_lib.QuantSpec(), metadata=dict(static=True))
   dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
+  packed: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
+    """The logical shape (one entry per quantized element, packed or not)."""
+    if self.packed:
+      return self.values.shape[:-1] + (self.values.shape[-1] * (8 // self.packed),)
     return self.values.shape
+
+  @property
+  def codes(self) -> jax.Array:
+    """The codes, one per element (unpacked if ``packed``)."""
+    if self.packed:
+      return unpack(self.values, self.packed, signed=self.spec.format.signed)
+    return self.values
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held: codes, scales, zero points and tensor scale."""
+    leaves = (self.values, self.scale, self.zero_point, self.tensor_scale)
+    return int(sum(v.size * v.dtype.itemsize for v in leaves if v is not None))
 
   def dequantize(self) -> Array:
     """Same as :func:`dequantize` (self)."""
@@ -204,9 +224,10 @@ def dequantize(qt: QTensor) -> Array:
   if not isinstance(qt, QTensor):
     raise TypeError(f"qt: expected a QTensor, got {type(qt).__name__}")
   spec = qt.spec
-  shape = qt.values.shape
+  values = qt.codes
+  shape = values.shape
   cdt = _grid.compute_dtype(qt.dtype)
-  vl = _grid.to_layout(qt.values, spec).astype(cdt)
+  vl = _grid.to_layout(values, spec).astype(cdt)
   if spec.is_block:
     if spec.format.scale_format == "e8m0":
       block = fq._e8m0_to_float32(  # pylint: disable=protected-access
@@ -299,3 +320,39 @@ def unpack(packed: ArrayLike, bits: int, signed: bool = True) -> Array:
   v = v.reshape(packed.shape[:-1] + (packed.shape[-1] * per,))
   return v.astype(jnp.int8 if signed else jnp.uint8)
 
+
+
+def pack_qtensor(qt: QTensor) -> QTensor:
+  """Packs a 2- or 4-bit integer :class:`QTensor`'s codes along the last axis.
+
+  Codes of formats wider than 4 bits, non-integer formats, already packed
+  tensors and tensors whose last axis is not a multiple of ``8 // bits`` are
+  returned unchanged (a 3-bit format is stored as 4-bit codes).
+
+  Args:
+    qt: the quantized tensor.
+
+  Returns:
+    A :class:`QTensor` with ``packed`` set (2 or 4) whose ``values`` take
+    ``bits/8`` of the unpacked bytes, or ``qt`` itself.
+
+  Raises:
+    TypeError: if ``qt`` is not a QTensor.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, quantize, dequantize
+    >>> qt = quantize(jnp.array([[0.5, -1.0, 0.25, 0.75]]), 0.25, spec=QuantSpec(format="int4"))
+    >>> p = pack_qtensor(qt)
+    >>> p.values.shape, p.shape, bool((dequantize(p) == dequantize(qt)).all())
+    ((1, 2), (1, 4), True)
+  """
+  if not isinstance(qt, QTensor):
+    raise TypeError(f"qt: expected a QTensor, got {type(qt).__name__}")
+  fmt = qt.spec.format
+  if qt.packed or not qt.spec.is_int or fmt.bits > 4 or not qt.values.ndim:
+    return qt
+  bits = 2 if fmt.bits <= 2 else 4
+  if qt.values.shape[-1] % (8 // bits):
+    return qt
+  return dataclasses.replace(qt, values=pack(qt.values, bits), packed=bits)

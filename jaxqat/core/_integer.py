@@ -1,0 +1,608 @@
+r"""Integer-arithmetic kernels for converted (served) models.
+
+The front ends' ``convert`` turns a calibrated or QAT model into a serving
+model that holds weight codes (:class:`~jaxqat.core.QTensor`: int8, packed
+int4/int2, fp8, or block codes with their scales) and computes with these
+kernels. They are written once here and shared by Flax NNX, Flax Linen and
+Keras (JAX backend).
+
+Each kernel takes the float input ``x``, the weight's :class:`QTensor` ``w``
+and the input's serving :class:`~jaxqat.core.Encoding` ``act`` (``None``:
+weight-only quantization) and picks one of two paths:
+
+**Integer path.** When the input is statically quantized to an integer grid
+of at most 8 bits per tensor and the weight is an integer grid of at most 8
+bits per tensor or per channel on axes the op does not contract, the kernel
+quantizes ``x`` to int8 codes (with the fake-quant rounding rule), runs
+``lax.dot_general`` / ``lax.conv_general_dilated`` on int8 operands with
+``preferred_element_type=int32``, subtracts the zero-point terms in int32,
+and rescales once: ``y = float(acc) * (s_x * s_w)``. Unsigned input codes are
+shifted by 128 into int8 (``q - z`` is unchanged).
+
+**Dequantize path.** Otherwise (weight-only, float or block formats, per
+block or per input-channel scales, or ``integer=False``), the kernel
+dequantizes the weight on the fly and runs the float op on the
+fake-quantized input: the arithmetic of the fake-quant model, so the result
+equals it bit for bit. :func:`integer_reason` says which path a call takes
+and why.
+
+**Parity bound of the integer path.** With per-element exact integers
+:math:`a_k = q_{x,k} - z_x` and :math:`b_k = q_{w,k} - z_w`, the exact result
+is :math:`y^* = s_x s_w \sum_k a_k b_k`. The integer accumulator is exact
+(the kernel checks :math:`K \cdot \max|a| \max|b| < 2^{31}`); converting it to
+float32 and the two products :math:`s_x s_w` and :math:`acc \cdot (s_x s_w)`
+cost at most :math:`\gamma_3 = 3u/(1-3u)` relative (:math:`u = 2^{-24}`).
+The fake-quant path forms :math:`\hat{x}_k = s_x a_k` and
+:math:`\hat{w}_k = s_w b_k` (one rounding each) and a float sum of ``K``
+products, within :math:`\gamma_{K+2} \sum_k |\hat{x}_k \hat{w}_k|` of
+:math:`y^*` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2002,
+eq. 3.5). Hence
+
+.. math::
+   |y_{int} - y_{fq}| \le (\gamma_{K+2} + \gamma_3)\, s_x s_w \sum_k |a_k b_k|
+   \,(1 + u)^2,
+
+:func:`integer_error_bound` computes it. Whenever it is below half an output
+quantization step, the next quantizer's codes agree or differ by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxqat.core import _fake_quant as fq
+from jaxqat.core import _grid
+from jaxqat.core import _quantize
+from jaxqat.core import _spec as spec_lib
+from jaxqat.core._encoding import Encoding
+from jaxqat.core._typing import Array, ArrayLike
+
+__all__ = [
+    "quantize_weight",
+    "fake_quantize_input",
+    "integer_reason",
+    "quantized_dot_general",
+    "quantized_einsum",
+    "quantized_conv_general_dilated",
+    "quantized_take",
+    "integer_error_bound",
+]
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def quantize_weight(w: ArrayLike, enc: Encoding, *, pack: bool = True) -> _quantize.QTensor:
+  """Quantizes a weight to the :class:`QTensor` a served layer holds.
+
+  Args:
+    w: the float weight, in the dtype the fake-quant layer quantizes it in.
+    enc: its :class:`Encoding` (``encoding_from_state``); block formats
+      derive their block scales from ``w``.
+    pack: store 2- and 4-bit integer codes packed two or four to a byte
+      along the last axis (when it divides).
+
+  Returns:
+    The QTensor; ``dequantize`` of it equals the fake-quant weight bit for
+    bit.
+
+  Raises:
+    TypeError: if ``enc`` is not an Encoding.
+    ValueError: as :func:`~jaxqat.core.quantize`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding
+    >>> qt = quantize_weight(jnp.array([[0.5, -1.0]]), Encoding(jnp.float32(0.25), None,
+    ...                      QuantSpec(format="int4")))
+    >>> qt.packed, qt.codes
+    (4, Array([[ 2, -4]], dtype=int8))
+  """
+  if not isinstance(enc, Encoding):
+    raise TypeError(f"enc: expected an Encoding, got {type(enc).__name__}")
+  qt = _quantize.quantize(w, enc.scale, enc.zero_point, enc.spec)
+  return _quantize.pack_qtensor(qt) if pack else qt
+
+
+def fake_quantize_input(x: ArrayLike, act: Optional[Encoding]) -> Array:
+  """The fake-quantized input (``x`` itself when ``act`` is None).
+
+  Args:
+    x: the float input.
+    act: its serving Encoding, or None.
+
+  Returns:
+    ``x`` fake-quantized with the encoding's fixed range: the forward value
+    of the QAT model's input quantizer.
+
+  Raises:
+    TypeError: if ``act`` is neither None nor an Encoding.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding
+    >>> fake_quantize_input(jnp.array([0.26]), Encoding(jnp.float32(0.1), None, QuantSpec()))
+    Array([0.3], dtype=float32)
+  """
+  if act is None:
+    return x
+  if not isinstance(act, Encoding):
+    raise TypeError(f"act: expected an Encoding or None, got {type(act).__name__}")
+  return fq.quant_dequant(x, act.spec, act.scale, act.zero_point)
+
+
+def _weight_float(w: _quantize.QTensor, dtype) -> Array:
+  return _quantize.dequantize(w).astype(dtype)
+
+
+def _check_w(w) -> _quantize.QTensor:
+  if not isinstance(w, _quantize.QTensor):
+    raise TypeError(f"w: expected a QTensor (jaxqat.core.quantize_weight), got "
+                    f"{type(w).__name__}")
+  return w
+
+
+def _w_channel_axes(w: _quantize.QTensor) -> tuple[int, ...]:
+  g = w.spec.granularity
+  if isinstance(g, spec_lib.PerTensor):
+    return ()
+  return spec_lib.normalize_axes(g.axes, len(w.shape), "granularity.axis")
+
+
+def integer_reason(w: _quantize.QTensor, act: Optional[Encoding],
+                   contracting: Sequence[int] = ()) -> Optional[str]:
+  """Why a kernel cannot take the integer path (``None`` when it can).
+
+  Args:
+    w: the weight's QTensor.
+    act: the input's Encoding, or None (weight-only).
+    contracting: the weight axes the op contracts (sums over).
+
+  Returns:
+    ``None`` or a sentence naming what rules the integer path out.
+
+  Raises:
+    TypeError: if ``w`` is not a QTensor.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding, quantize
+    >>> w = quantize(jnp.ones((4, 2)), 0.1, spec=QuantSpec())
+    >>> integer_reason(w, None)
+    'the input is not quantized (weight-only)'
+    >>> integer_reason(w, Encoding(jnp.float32(0.1), None, QuantSpec()), (0,)) is None
+    True
+  """
+  _check_w(w)
+  if act is None:
+    return "the input is not quantized (weight-only)"
+  if not act.spec.is_int or act.spec.format.bits > 8:
+    return f"the input format {act.spec.format.name} is not an integer format of <= 8 bits"
+  if not isinstance(act.spec.granularity, spec_lib.PerTensor):
+    return "the input is quantized per channel (the integer path needs one input scale)"
+  if not w.spec.is_int or w.spec.format.bits > 8:
+    return f"the weight format {w.spec.format.name} is not an integer format of <= 8 bits"
+  if isinstance(w.spec.granularity, spec_lib.PerBlock):
+    return "the weight is quantized per block"
+  contracting = set(a % len(w.shape) for a in contracting)
+  if set(_w_channel_axes(w)) & contracting:
+    return "the weight's scales vary along a contracted axis"
+  return None
+
+
+def _input_codes(x: Array, act: Encoding) -> tuple[Array, Array]:
+  """int8 codes of ``x`` and the int32 zero point (unsigned grids shifted by 128)."""
+  fmt = act.spec.format
+  cdt = _grid.compute_dtype(x.dtype)
+  s = jnp.maximum(act.scale.astype(cdt), _grid.SCALE_EPS)
+  z = jnp.zeros((), jnp.int32) if act.zero_point is None else act.zero_point.astype(jnp.int32)
+  code = jnp.clip(_grid.round_half_even(x.astype(cdt) / s) + z.astype(cdt), fmt.qmin, fmt.qmax)
+  code = code.astype(jnp.int32)
+  if fmt.qmax > 127:
+    code, z = code - 128, z - 128
+  return code.astype(jnp.int8), z
+
+
+def _weight_codes(w: _quantize.QTensor) -> tuple[Array, Optional[Array]]:
+  """int8 weight codes and zero point (or None), unsigned grids shifted by 128."""
+  codes = w.codes.astype(jnp.int32)
+  z = None if w.zero_point is None else w.zero_point.astype(jnp.int32)
+  if w.spec.format.qmax > 127:
+    codes = codes - 128
+    z = (jnp.zeros((), jnp.int32) if z is None else z) - 128
+  return codes.astype(jnp.int8), z
+
+
+def _check_overflow(k: int, a_max: int, b_max: int, what: str) -> None:
+  if k * a_max * b_max >= _INT32_LIMIT:
+    raise ValueError(f"{what}: a contraction of {k} elements could overflow the int32 "
+                     "accumulator; use integer=False")
+
+
+def _out_dtype(x, w, preferred_element_type):
+  if preferred_element_type is not None:
+    return jnp.dtype(preferred_element_type)
+  return jnp.result_type(x.dtype, w.dtype)
+
+
+def _rhs_to_out(t: Array, rc, rb, n_lhs_free: int) -> Array:
+  """A tensor laid out like the rhs (size 1 on contracted axes) in dot_general's output order."""
+  nd = t.ndim
+  free = [d for d in range(nd) if d not in rc and d not in rb]
+  t = jnp.transpose(t, list(rb) + free + list(rc))
+  shape = [t.shape[i] for i in range(len(rb))] + [1] * n_lhs_free + [
+      t.shape[len(rb) + i] for i in range(len(free))]
+  return t.reshape(shape)
+
+
+def _lhs_to_out(t: Array, lc, lb, n_rhs_free: int) -> Array:
+  nd = t.ndim
+  free = [d for d in range(nd) if d not in lc and d not in lb]
+  t = jnp.transpose(t, list(lb) + free + list(lc))
+  shape = [t.shape[i] for i in range(len(lb) + len(free))] + [1] * n_rhs_free
+  return t.reshape(shape)
+
+
+def quantized_dot_general(
+    x: ArrayLike,
+    w: _quantize.QTensor,
+    dimension_numbers,
+    *,
+    act: Optional[Encoding] = None,
+    precision=None,
+    preferred_element_type=None,
+    integer: bool = True,
+) -> Array:
+  """``lax.dot_general(x, w)`` of a float input and a quantized weight.
+
+  Args:
+    x: the float input (the left operand).
+    w: the weight's QTensor (the right operand).
+    dimension_numbers: as :func:`jax.lax.dot_general`.
+    act: the input's Encoding (static activation quantization) or None.
+    precision: passed to the float op.
+    preferred_element_type: the output dtype (default: ``x``'s and the
+      weight's float dtypes combined).
+    integer: allow the integer path (see the module docstring).
+
+  Returns:
+    The float result.
+
+  Raises:
+    TypeError: if ``w`` is not a QTensor or ``act`` not an Encoding.
+    ValueError: if the contraction could overflow int32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding, quantize_weight
+    >>> w = quantize_weight(jnp.array([[0.5], [-0.25]]), Encoding(jnp.float32(0.25), None,
+    ...                     QuantSpec()))
+    >>> act = Encoding(jnp.float32(0.5), None, QuantSpec())
+    >>> quantized_dot_general(jnp.array([[1.0, 2.0]]), w, (((1,), (0,)), ((), ())), act=act)
+    Array([[0.]], dtype=float32)
+  """
+  _check_w(w)
+  x = jnp.asarray(x)
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc, lb, rb = (tuple(int(a) % n for a in t) for t, n in (
+      (lc, x.ndim), (rc, len(w.shape)), (lb, x.ndim), (rb, len(w.shape))))
+  out_dtype = _out_dtype(x, w, preferred_element_type)
+  reason = integer_reason(w, act, rc) if integer else "integer=False"
+  if reason is not None:
+    xq = fake_quantize_input(x, act)
+    return lax.dot_general(xq, _weight_float(w, w.dtype), ((lc, rc), (lb, rb)),
+                           precision=precision, preferred_element_type=preferred_element_type)
+  k = math.prod(x.shape[a] for a in lc)
+  _check_overflow(k, 255, 255, "quantized_dot_general")
+  qx, zx = _input_codes(x, act)
+  qw, zw = _weight_codes(w)
+  acc = lax.dot_general(qx, qw, ((lc, rc), (lb, rb)), preferred_element_type=jnp.int32)
+  n_lhs_free = x.ndim - len(lc) - len(lb)
+  n_rhs_free = len(w.shape) - len(rc) - len(rb)
+  w32 = qw.astype(jnp.int32)
+  col = _rhs_to_out(jnp.sum(w32, axis=rc, keepdims=True), rc, rb, n_lhs_free)
+  acc = acc - zx * col
+  sw = _grid.scale_to_layout(w.scale.astype(jnp.float32), w.shape, w.spec)
+  if sw.ndim:
+    sw = _rhs_to_out(sw, rc, rb, n_lhs_free)
+  if zw is not None:
+    zw_out = _rhs_to_out(zw, rc, rb, n_lhs_free) if zw.ndim else zw
+    row = _lhs_to_out(jnp.sum(qx.astype(jnp.int32), axis=lc, keepdims=True), lc, lb, n_rhs_free)
+    acc = acc - zw_out * row + (k * zx) * zw_out
+  sx = jnp.maximum(act.scale.astype(jnp.float32), _grid.SCALE_EPS)
+  y = acc.astype(jnp.float32) * (sx * sw)
+  return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------
+# einsum: two operands, as one dot_general and a transpose.
+# --------------------------------------------------------------------------
+
+
+def _expand_ellipsis(subs: str, ndim: int, fill: str) -> str:
+  if "..." not in subs:
+    return subs
+  n = ndim - (len(subs) - 3)
+  return subs.replace("...", fill[len(fill) - n:] if n > 0 else "")
+
+
+def _einsum_plan(subscripts: str, x_ndim: int, w_ndim: int):
+  """dot_general dimension numbers and output permutation, or a reason string."""
+  s = subscripts.replace(" ", "")
+  if "->" not in s:
+    return "the einsum has no explicit output ('->')"
+  ins, out = s.split("->")
+  parts = ins.split(",")
+  if len(parts) != 2:
+    return "the einsum does not have two operands"
+  used = set(c for c in s if c.isalpha())
+  fill = "".join(c for c in string.ascii_letters if c not in used)
+  n_ell = max(x_ndim - (len(parts[0]) - 3) if "..." in parts[0] else 0,
+              w_ndim - (len(parts[1]) - 3) if "..." in parts[1] else 0)
+  fill = fill[:n_ell]
+  a = _expand_ellipsis(parts[0], x_ndim, fill)
+  b = _expand_ellipsis(parts[1], w_ndim, fill)
+  o = out.replace("...", fill)
+  if len(a) != x_ndim or len(b) != w_ndim or len(set(a)) != len(a) or len(set(b)) != len(b):
+    return "the einsum repeats a letter within an operand or does not match the ranks"
+  for c in a:
+    if c not in b and c not in o:
+      return f"the einsum sums over input-only axis '{c}'"
+  for c in b:
+    if c not in a and c not in o:
+      return f"the einsum sums over weight-only axis '{c}'"
+  batch = [c for c in a if c in b and c in o]
+  contract = [c for c in a if c in b and c not in o]
+  a_free = [c for c in a if c not in b]
+  b_free = [c for c in b if c not in a]
+  dims = ((tuple(a.index(c) for c in contract), tuple(b.index(c) for c in contract)),
+          (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+  produced = batch + a_free + b_free
+  if sorted(produced) != sorted(o):
+    return "the einsum output does not list every free axis exactly once"
+  perm = tuple(produced.index(c) for c in o)
+  return dims, perm
+
+
+def quantized_einsum(
+    subscripts: str,
+    x: ArrayLike,
+    w: _quantize.QTensor,
+    *,
+    act: Optional[Encoding] = None,
+    precision=None,
+    preferred_element_type=None,
+    integer: bool = True,
+) -> Array:
+  """``jnp.einsum(subscripts, x, w)`` of a float input and a quantized weight.
+
+  The integer path needs a two-operand einsum that is one ``dot_general``
+  (every summed letter in both operands); otherwise, and on the dequantize
+  path, the kernel calls ``jnp.einsum`` on the fake-quantized input and the
+  dequantized weight, as the fake-quant layer does.
+
+  Args:
+    subscripts: the einsum string, input first (``"...d,dhk->...hk"``).
+    x: the float input.
+    w: the weight's QTensor.
+    act: the input's Encoding or None.
+    precision: passed to the float op.
+    preferred_element_type: the output dtype.
+    integer: allow the integer path.
+
+  Returns:
+    The float result.
+
+  Raises:
+    TypeError: if ``w`` is not a QTensor.
+    ValueError: if the contraction could overflow int32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding, quantize_weight
+    >>> w = quantize_weight(jnp.ones((2, 3)), Encoding(jnp.float32(0.5), None, QuantSpec()))
+    >>> act = Encoding(jnp.float32(0.5), None, QuantSpec())
+    >>> quantized_einsum("bd,dk->bk", jnp.ones((1, 2)), w, act=act)
+    Array([[2., 2., 2.]], dtype=float32)
+  """
+  _check_w(w)
+  x = jnp.asarray(x)
+  plan = _einsum_plan(subscripts, x.ndim, len(w.shape))
+  reason = plan if isinstance(plan, str) else None
+  if reason is None and integer:
+    dims, perm = plan
+    reason = integer_reason(w, act, dims[0][1])
+  if reason is not None or not integer:
+    xq = fake_quantize_input(x, act)
+    return jnp.einsum(subscripts, xq, _weight_float(w, w.dtype), precision=precision,
+                      preferred_element_type=preferred_element_type)
+  y = quantized_dot_general(x, w, dims, act=act, preferred_element_type=preferred_element_type)
+  return jnp.transpose(y, perm)
+
+
+# --------------------------------------------------------------------------
+# Convolution.
+# --------------------------------------------------------------------------
+
+
+def quantized_conv_general_dilated(
+    x: ArrayLike,
+    w: _quantize.QTensor,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Optional[Sequence[int]] = None,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    *,
+    act: Optional[Encoding] = None,
+    precision=None,
+    preferred_element_type=None,
+    integer: bool = True,
+) -> Array:
+  """``lax.conv_general_dilated(x, w, ...)`` of a float input and a quantized kernel.
+
+  On the integer path an affine input's zero point is removed with one more
+  convolution, of a batch-1 tensor of ones with the kernel codes, so the
+  zero padding of the float model (``0.0``, the code ``z_x``) is reproduced
+  exactly. Affine kernels (a weight zero point) take the dequantize path.
+
+  Args:
+    x: the float input.
+    w: the kernel's QTensor.
+    window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count: as
+      :func:`jax.lax.conv_general_dilated`.
+    act: the input's Encoding or None.
+    precision: passed to the float op.
+    preferred_element_type: the output dtype.
+    integer: allow the integer path.
+
+  Returns:
+    The float result.
+
+  Raises:
+    TypeError: if ``w`` is not a QTensor.
+    ValueError: if the contraction could overflow int32.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding, quantize_weight
+    >>> w = quantize_weight(jnp.ones((3, 1, 1)), Encoding(jnp.float32(1.0), None, QuantSpec()))
+    >>> act = Encoding(jnp.float32(1.0), jnp.int32(1), QuantSpec(symmetric=False))
+    >>> quantized_conv_general_dilated(jnp.ones((1, 4, 1)), w, (1,), "SAME",
+    ...     dimension_numbers=("NWC", "WIO", "NWC"), act=act)[0, :, 0]
+    Array([2., 3., 3., 2.], dtype=float32)
+  """
+  _check_w(w)
+  x = jnp.asarray(x)
+  nd = x.ndim
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+  lhs_spec, rhs_spec, out_spec = dn
+  out_dtype = _out_dtype(x, w, preferred_element_type)
+  contracting = tuple(rhs_spec[1:])  # input feature and spatial axes
+  reason = integer_reason(w, act, contracting) if integer else "integer=False"
+  if reason is None and w.zero_point is not None:
+    reason = "the kernel is affine (has a zero point)"
+  if reason is None and batch_group_count != 1:
+    reason = "batch_group_count != 1"
+  kw = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dn,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count)
+  if reason is not None:
+    xq = fake_quantize_input(x, act)
+    return lax.conv_general_dilated(xq, _weight_float(w, w.dtype), precision=precision,
+                                    preferred_element_type=preferred_element_type, **kw)
+  k = math.prod(w.shape[a] for a in contracting)
+  _check_overflow(k, 255, 255, "quantized_conv_general_dilated")
+  qx, zx = _input_codes(x, act)
+  qw, _ = _weight_codes(w)
+  acc = lax.conv_general_dilated(qx, qw, preferred_element_type=jnp.int32, **kw)
+  if act.zero_point is not None or act.spec.format.qmax > 127:
+    one_shape = list(x.shape)
+    one_shape[lhs_spec[0]] = 1
+    ones = jnp.ones(one_shape, jnp.int8)
+    acc = acc - zx * lax.conv_general_dilated(ones, qw, preferred_element_type=jnp.int32, **kw)
+  sw = w.scale.astype(jnp.float32)
+  if sw.ndim:
+    o = rhs_spec[0]
+    shape = [1] * nd
+    shape[out_spec[1]] = w.shape[o]
+    sw = sw.reshape(shape)
+  sx = jnp.maximum(act.scale.astype(jnp.float32), _grid.SCALE_EPS)
+  return (acc.astype(jnp.float32) * (sx * sw)).astype(out_dtype)
+
+
+def quantized_take(w: _quantize.QTensor, indices: ArrayLike, axis: int = 0) -> Array:
+  """Rows of a quantized table (an embedding lookup), dequantized.
+
+  Only the looked-up codes are dequantized; the values equal
+  ``jnp.take(dequantize(w), indices, axis)`` bit for bit.
+
+  Args:
+    w: the table's QTensor, quantized per tensor or per channel along
+      ``axis`` (per row).
+    indices: integer indices.
+    axis: the lookup axis.
+
+  Returns:
+    The float rows, in ``w.dtype``.
+
+  Raises:
+    TypeError: if ``w`` is not a QTensor.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, quantize
+    >>> w = quantize(jnp.array([[0.1, 0.2], [0.3, 0.4]]), 0.1, spec=QuantSpec())
+    >>> quantized_take(w, jnp.array([1]))
+    Array([[0.3, 0.4]], dtype=float32)
+  """
+  _check_w(w)
+  axis = axis % len(w.shape)
+  chan = _w_channel_axes(w)
+  if w.spec.is_block or w.packed or (chan and tuple(chan) != (axis,)):
+    return jnp.take(_quantize.dequantize(w), indices, axis=axis)
+  codes = jnp.take(w.values, indices, axis=axis)
+  idx = jnp.asarray(indices)
+
+  def rows(t):
+    if t is None or not t.ndim:
+      return t
+    return jnp.take(t, idx, axis=axis)
+
+  sub = dataclasses.replace(w, values=codes, scale=rows(w.scale), zero_point=rows(w.zero_point))
+  return _quantize.dequantize(sub)
+
+
+def integer_error_bound(x: ArrayLike, w: _quantize.QTensor, act: Encoding,
+                        dimension_numbers) -> Array:
+  """The bound of the module docstring on ``|integer path - fake-quant path|``.
+
+  Args:
+    x: the float input.
+    w: the weight's QTensor.
+    act: the input's Encoding (integer, per tensor).
+    dimension_numbers: as :func:`jax.lax.dot_general`.
+
+  Returns:
+    An array shaped like the op's output:
+    :math:`(\\gamma_{K+2} + \\gamma_3)(1+u)^2 s_x s_w \\sum_k |a_k b_k|`.
+
+  Raises:
+    TypeError: if ``w`` is not a QTensor.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding, quantize_weight
+    >>> w = quantize_weight(jnp.ones((2, 1)), Encoding(jnp.float32(0.5), None, QuantSpec()))
+    >>> act = Encoding(jnp.float32(0.5), None, QuantSpec())
+    >>> b = integer_error_bound(jnp.ones((1, 2)), w, act, (((1,), (0,)), ((), ())))
+    >>> bool(0 < float(b[0, 0]) < 1e-6)
+    True
+  """
+  _check_w(w)
+  x = jnp.asarray(x)
+  (lc, rc), (lb, rb) = dimension_numbers
+  qx, zx = _input_codes(x, act)
+  qw, zw = _weight_codes(w)
+  a = jnp.abs(qx.astype(jnp.int32) - zx).astype(jnp.float32)
+  b = jnp.abs(qw.astype(jnp.int32) - (0 if zw is None else zw)).astype(jnp.float32)
+  s = lax.dot_general(a, b, ((lc, rc), (lb, rb)), precision=lax.Precision.HIGHEST)
+  k = math.prod(x.shape[i] for i in lc)
+  u = 2.0**-24
+  gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
+  sw = w.scale.astype(jnp.float32)
+  if sw.ndim:
+    n_lhs_free = x.ndim - len(lc) - len(lb)
+    sw = _rhs_to_out(sw, tuple(a % len(w.shape) for a in rc),
+                     tuple(a % len(w.shape) for a in rb), n_lhs_free)
+  return (gamma(k + 2) + gamma(3)) * (1 + u)**2 * act.scale.astype(jnp.float32) * sw * s
+

@@ -1,0 +1,218 @@
+"""Integer kernels and encodings (jaxqat.core._integer, _encoding): parity with fake quant."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxqat import core
+from jaxqat.core import Encoding, PerChannel, QuantSpec
+
+W8 = QuantSpec(format="int8", granularity=PerChannel(-1))
+W4 = QuantSpec(format="int4", granularity=PerChannel(-1))
+A8 = QuantSpec(format="int8", symmetric=False)
+AU8 = QuantSpec(format="uint8", symmetric=False)
+DOT = (((1,), (0,)), ((), ()))
+
+
+def _enc_w(w, spec):
+  scale, zp = core.weight_range(w, spec)
+  return core.encoding_from_state(spec, {"scale": scale, "zero_point": zp})
+
+
+def _enc_x(x, spec):
+  scale, zp = core.calibrate(spec.replace(calibration="minmax"), [x])
+  return core.encoding_from_state(spec, {"scale": scale, "zero_point": zp})
+
+
+def _fake(x, act, w, wenc):
+  xq = core.fake_quantize_input(x, act)
+  return xq, core.quant_dequant(w, wenc.spec, wenc.scale, wenc.zero_point)
+
+
+def _int_ops(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  ops = []
+  for eqn in jaxpr.jaxpr.eqns:
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      ops.append((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars),
+                  str(eqn.outvars[0].aval.dtype)))
+  return ops
+
+
+@pytest.mark.parametrize("wspec,aspec", [(W8, A8), (W4, AU8), (W8, QuantSpec(format="int8"))])
+def test_dot_general_integer_path_within_bound_and_dequant_path_exact(wspec, aspec):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (16, 96)) + 0.3
+  w = jax.random.normal(kw, (96, 24)) * 0.1
+  wenc, act = _enc_w(w, wspec), _enc_x(x, aspec)
+  qt = core.quantize_weight(w, wenc)
+  xq, wq = _fake(x, act, w, wenc)
+  ref = lax.dot_general(xq, wq, DOT)
+  y = jax.jit(lambda x: core.quantized_dot_general(x, qt, DOT, act=act))(x)
+  bound = core.integer_error_bound(x, qt, act, DOT)
+  assert float(jnp.max(jnp.abs(y - ref) - bound)) <= 0.0
+  y_float = core.quantized_dot_general(x, qt, DOT, act=act, integer=False)
+  np.testing.assert_array_equal(np.asarray(y_float), np.asarray(ref))
+  ops = _int_ops(lambda x: core.quantized_dot_general(x, qt, DOT, act=act), x)
+  assert ops == [("dot_general", ("int8", "int8"), "int32")]
+  # Weight-only: bit for bit, one float dot on the dequantized kernel.
+  np.testing.assert_array_equal(np.asarray(core.quantized_dot_general(x, qt, DOT)),
+                                np.asarray(lax.dot_general(x, wq, DOT)))
+
+
+def test_dot_general_affine_weight_and_transposed_kernel():
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.uniform(kx, (8, 32))
+  w = jax.random.normal(kw, (12, 32)) + 0.5  # (out, in): contract axis 1 of both
+  wspec = QuantSpec(format="int8", symmetric=False, granularity=PerChannel(0))
+  wenc, act = _enc_w(w, wspec), _enc_x(x, A8)
+  assert wenc.zero_point is not None and bool(jnp.any(wenc.zero_point != 0))
+  qt = core.quantize_weight(w, wenc)
+  dims = (((1,), (1,)), ((), ()))
+  xq, wq = _fake(x, act, w, wenc)
+  ref = lax.dot_general(xq, wq, dims)
+  y = core.quantized_dot_general(x, qt, dims, act=act)
+  assert float(jnp.max(jnp.abs(y - ref) - core.integer_error_bound(x, qt, act, dims))) <= 0
+  # Codes and zero points are exact integers: the error is float rounding only.
+  assert float(jnp.max(jnp.abs(y - ref))) < 1e-4 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_reason_per_block_and_contracted_channel_fall_back_exactly():
+  w = jax.random.normal(jax.random.key(2), (64, 8))
+  x = jax.random.normal(jax.random.key(3), (4, 64))
+  act = _enc_x(x, A8)
+  for spec in (QuantSpec(format="int8", granularity=PerChannel(0)),
+               QuantSpec(format="fp8_e4m3", granularity=PerChannel(-1))):
+    wenc = _enc_w(w, spec)
+    qt = core.quantize_weight(w, wenc)
+    assert core.integer_reason(qt, act, (0,)) is not None
+    xq, wq = _fake(x, act, w, wenc)
+    np.testing.assert_array_equal(np.asarray(core.quantized_dot_general(x, qt, DOT, act=act)),
+                                  np.asarray(lax.dot_general(xq, wq, DOT)))
+  fp8 = core.quantize_weight(w, _enc_w(w, QuantSpec(format="fp8_e4m3",
+                                                       granularity=PerChannel(-1))))
+  assert fp8.values.dtype == jnp.float8_e4m3fn
+  nv = core.quantize_weight(w, core.encoding_from_state(QuantSpec(format="nvfp4",
+                                                                  granularity=core.PerBlock(16, 0)),
+                                                        {}))
+  assert nv.values.dtype == jnp.float4_e2m1fn
+  np.testing.assert_array_equal(
+      np.asarray(core.quantized_dot_general(x, nv, DOT)),
+      np.asarray(x @ core.block_fake_quant(w, QuantSpec(format="nvfp4",
+                                                        granularity=core.PerBlock(16, 0)))))
+
+
+@pytest.mark.parametrize("subs,xs,ws", [("btd,dnh->btnh", (2, 5, 16), (16, 3, 4)),
+                                        ("...d,dk->...k", (2, 5, 16), (16, 6)),
+                                        ("btnh,nhd->btd", (2, 5, 3, 4), (3, 4, 8))])
+def test_einsum_integer_and_dequant_paths(subs, xs, ws):
+  kx, kw = jax.random.split(jax.random.key(4))
+  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws) * 0.2
+  out_axes = tuple(i for i, c in enumerate(subs.split(",")[1].split("->")[0])
+                   if c in subs.split("->")[1])
+  wspec = QuantSpec(format="int8", granularity=PerChannel(out_axes))
+  wenc, act = _enc_w(w, wspec), _enc_x(x, A8)
+  qt = core.quantize_weight(w, wenc)
+  xq, wq = _fake(x, act, w, wenc)
+  ref = jnp.einsum(subs, xq, wq)
+  y = core.quantized_einsum(subs, x, qt, act=act)
+  assert y.shape == ref.shape
+  scale = float(jnp.max(jnp.abs(ref)))
+  assert float(jnp.max(jnp.abs(y - ref))) <= 1e-5 * scale
+  ops = _int_ops(lambda x: core.quantized_einsum(subs, x, qt, act=act), x)
+  assert ops == [("dot_general", ("int8", "int8"), "int32")]
+  np.testing.assert_array_equal(np.asarray(core.quantized_einsum(subs, x, qt, act=act,
+                                                                 integer=False)),
+                                np.asarray(ref))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_integer_path_with_affine_input_and_padding(groups):
+  kx, kw = jax.random.split(jax.random.key(5))
+  x = jax.random.uniform(kx, (2, 9, 9, 4)) + 0.2  # positive: zero point far from 0
+  w = jax.random.normal(kw, (3, 3, 4 // groups, 8)) * 0.3
+  wenc, act = _enc_w(w, W8), _enc_x(x, AU8)
+  qt = core.quantize_weight(w, wenc)
+  kw_ = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+             feature_group_count=groups)
+  xq, wq = _fake(x, act, w, wenc)
+  ref = lax.conv_general_dilated(xq, wq, **kw_)
+  y = core.quantized_conv_general_dilated(x, qt, act=act, **kw_)
+  # Bound: exact integer sum of |a||b| (int32 conv), as in the dot_general case.
+  qx, zx = core._integer._input_codes(x, act)  # pylint: disable=protected-access
+  a = jnp.abs(qx.astype(jnp.int32) - zx)
+  b = jnp.abs(qt.codes.astype(jnp.int32))
+  sab = lax.conv_general_dilated(a, b, preferred_element_type=jnp.int32, **kw_)
+  k = 9 * 4 // groups
+  u = 2.0**-24
+  bound = ((k + 5) * u * 1.01) * act.scale * wenc.scale.reshape(1, 1, 1, -1) * sab.astype(jnp.float32)
+  assert float(jnp.max(jnp.abs(y - ref) - bound)) <= 0.0
+  ops = _int_ops(lambda x: core.quantized_conv_general_dilated(x, qt, act=act, **kw_), x)
+  assert ops[0] == ("conv_general_dilated", ("int8", "int8"), "int32")
+  np.testing.assert_array_equal(
+      np.asarray(core.quantized_conv_general_dilated(x, qt, act=act, integer=False, **kw_)),
+      np.asarray(ref))
+
+
+def test_take_bit_exact_and_packing_bytes():
+  table = jax.random.normal(jax.random.key(6), (256, 256))
+  rows = QuantSpec(format="int8", granularity=PerChannel(0))
+  qt = core.quantize_weight(table, _enc_w(table, rows))
+  idx = jnp.array([[3, 7], [255, 0]])
+  np.testing.assert_array_equal(np.asarray(core.quantized_take(qt, idx)),
+                                np.asarray(jnp.take(core.dequantize(qt), idx, axis=0)))
+  fbytes = table.size * 4
+  assert qt.nbytes / fbytes <= 0.27
+  q4 = core.quantize_weight(table, _enc_w(table, W4))
+  assert q4.packed == 4 and q4.values.shape == (256, 128)
+  assert q4.nbytes / fbytes <= 0.15
+  np.testing.assert_array_equal(np.asarray(core.dequantize(q4)),
+                                np.asarray(core.quant_dequant(table, W4, *core.weight_range(
+                                    table, W4)[:1], None)))
+
+
+def test_encoding_from_state_matches_lsq_forward():
+  x = jnp.linspace(-2.0, 3.0, 101)
+  spec = QuantSpec(format="uint8", symmetric=False, learning="lsq_plus")
+  log_s, beta = jnp.log(jnp.float32(0.021)), jnp.float32(-1.237)
+  enc = core.encoding_from_state(spec, {"log_scale": log_s, "offset": beta})
+  want = core.lsq_fake_quant(x, jnp.exp(log_s), beta, spec)
+  np.testing.assert_array_equal(np.asarray(core.fake_quantize_input(x, enc)), np.asarray(want))
+  with pytest.raises(ValueError, match="dense.input: no range"):
+    core.encoding_from_state(A8, {}, name="dense.input")
+  with pytest.raises(ValueError, match="non-finite"):
+    core.encoding_from_state(A8, {"scale": jnp.nan, "zero_point": 0.0}, name="d")
+
+
+def test_encodings_json_round_trip_and_errors():
+  w = jax.random.normal(jax.random.key(7), (8, 4))
+  penc = _enc_w(w, W4)
+  aenc = core.encoding_from_state(A8, {"scale": jnp.float32(0.05), "zero_point": 7.0})
+  data = json.dumps(core.encodings_to_dict({"fc/kernel": penc}, {"fc/input": aenc}))
+  expected = {"fc/kernel": ("param", W4, (1, 4)), "fc/input": ("activation", A8, ())}
+  back = core.encodings_from_dict(data, expected)
+  np.testing.assert_array_equal(np.asarray(back["fc/kernel"].scale), np.asarray(penc.scale))
+  assert int(back["fc/input"].zero_point) == 7
+  row = json.loads(data)["activation_encodings"][0]
+  assert (row["enc_type"], row["bw"], row["is_sym"], row["offset"]) == ("PER_TENSOR", 8, False,
+                                                                        [-7])
+  with pytest.raises(ValueError, match="truncated"):
+    core.encodings_from_dict(data[:-20], expected)
+  bad = json.loads(data)
+  bad["param_encodings"][0]["bw"] = 8
+  with pytest.raises(ValueError, match="entry 'fc/kernel': bw is 8 but"):
+    core.encodings_from_dict(bad, expected)
+  bad = json.loads(data)
+  bad["param_encodings"][0]["scale"] = [0.1, 0.2]
+  with pytest.raises(ValueError, match="entry 'fc/kernel': 'scale' has 2 values"):
+    core.encodings_from_dict(bad, expected)
+  with pytest.raises(ValueError, match=r"no entry for the model's quantizer\(s\) \['fc2/kernel'\]"):
+    core.encodings_from_dict(data, {**expected, "fc2/kernel": ("param", W4, (1, 4))})
+  back = core.encodings_from_dict(data, {"k": ("param", W4, (1, 4)),
+                                         "i": ("activation", A8, ())},
+                                  names={"fc/kernel": "k", "fc/input": "i"})
+  assert set(back) == {"k", "i"}
