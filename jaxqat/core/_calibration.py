@@ -134,6 +134,7 @@ import numpy as np
 from jaxqat.core import _fake_quant
 from jaxqat.core import _formats as formats_lib
 from jaxqat.core import _grid
+from jaxqat.core import _sharding
 from jaxqat.core import _spec as spec_lib
 from jaxqat.core._typing import Array, ArrayLike
 
@@ -358,12 +359,16 @@ def _scale_zp(lo: Array, hi: Array, cfg: _Config) -> tuple[Array, Array]:
 # --------------------------------------------------------------------------
 
 
-def _batch_stats(xg: Array):
-  """Count, min and max of the finite entries of each group (row)."""
+def _batch_stats(xg: Array, axis_name=None):
+  """Count, min and max of the finite entries of each group (row), across ``axis_name``."""
   fin = jnp.isfinite(xg)
   cnt = jnp.sum(fin, axis=1).astype(_F32)
   mn = jnp.min(jnp.where(fin, xg, jnp.inf), axis=1, initial=jnp.inf)
   mx = jnp.max(jnp.where(fin, xg, -jnp.inf), axis=1, initial=-jnp.inf)
+  if axis_name is not None:
+    cnt = jax.lax.psum(cnt, axis_name)
+    mn = jax.lax.pmin(mn, axis_name)
+    mx = jax.lax.pmax(mx, axis_name)
   return fin, cnt, mn, mx
 
 
@@ -420,12 +425,15 @@ def _hist_grid(need_lo: Array, need_hi: Array, b: int) -> tuple[Array, Array]:
   return lo, lo + b * w
 
 
-def _update_hist(state, new_range, xg, fin, symmetric: bool, num_bins: int, skip_zeros: bool):
+def _update_hist(state, new_range, xg, fin, symmetric: bool, num_bins: int, skip_zeros: bool,
+                 axis_name=None):
   """Folds the values of xg into the per-group histograms, growing their range.
 
   ``new_range`` is the merged state (count, running min and max, this batch
   included); the histogram grid is a function of that range alone (see
-  ``_hist_grid``) and old counts move to the bins of the new grid.
+  ``_hist_grid``) and old counts move to the bins of the new grid. With
+  ``axis_name`` (under ``shard_map``) the range is global already and the
+  counts of this batch are summed across the axis.
   """
   b = num_bins
   g = xg.shape[0]
@@ -460,8 +468,11 @@ def _update_hist(state, new_range, xg, fin, symmetric: bool, num_bins: int, skip
   flat = flat.at[(bin_of(centers) + offsets).reshape(-1)].add(hist.reshape(-1))
   counted = fin & (v != 0) if skip_zeros else fin
   new_idx = bin_of(jnp.where(fin, v, 0.0))
-  flat = flat.at[(new_idx + offsets).reshape(-1)].add(counted.astype(_F32).reshape(-1))
-  return {"hist": flat.reshape(g, b), "lo": new_lo, "hi": new_hi}
+  batch = jnp.zeros((g * b,), _F32)
+  batch = batch.at[(new_idx + offsets).reshape(-1)].add(counted.astype(_F32).reshape(-1))
+  if axis_name is not None:
+    batch = jax.lax.psum(batch, axis_name)
+  return {"hist": (flat + batch).reshape(g, b), "lo": new_lo, "hi": new_hi}
 
 
 # --------------------------------------------------------------------------
@@ -611,6 +622,45 @@ def _entropy_one(hist, lo, hi, mn, mx, cfg: _Config):
 # --------------------------------------------------------------------------
 
 
+def _spec_of(a) -> Optional[jax.sharding.PartitionSpec]:
+  """The partition spec of an array (traced or not) or ShapeDtypeStruct, if it has one."""
+  try:
+    sh = jax.typeof(a).sharding if isinstance(a, jax.Array) else getattr(a, "sharding", None)
+  except (TypeError, AttributeError):  # pragma: no cover - exotic inputs
+    sh = None
+  return getattr(sh, "spec", None)
+
+
+def _follow(x, sshape, stats: _Stats) -> Optional[jax.sharding.PartitionSpec]:
+  """Under explicit sharding: the spec of statistics that follow x's channel sharding."""
+  if not _sharding.explicit_axes() or stats.tensor_scale or not sshape:
+    return None
+  xs = _spec_of(x)
+  if xs is None or all(e is None for e in xs):
+    return None
+  try:
+    return _sharding.scale_partition_spec(xs, tuple(x.shape), stats.shape_spec)
+  except ValueError:
+    return None  # cannot follow: replicated statistics are still correct
+
+
+def _sharding_safe(fn, out_specs):
+  """``fn`` as is, or under explicit sharding run in auto mode with outputs ``out_specs``.
+
+  The observers reshape x into (groups, elements), which explicit sharding
+  refuses for sharded axes; inside ``jax.sharding.auto_axes`` the compiler
+  partitions the reductions itself (local statistics, then one small
+  all-reduce), so statistics of a globally sharded batch are those of the
+  whole batch, and the outputs keep the given shardings.
+  """
+  axes = _sharding.explicit_axes()
+  if not axes:
+    return fn
+  specs = jax.tree.map(lambda p: jax.sharding.PartitionSpec() if p is None else p, out_specs,
+                       is_leaf=lambda p: p is None or isinstance(p, jax.sharding.PartitionSpec))
+  return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)
+
+
 def _check_state(state, keys) -> None:
   if not isinstance(state, Mapping) or set(state) != set(keys):
     got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
@@ -618,7 +668,7 @@ def _check_state(state, keys) -> None:
                      f"init), got {got}")
 
 
-def observer(spec: spec_lib.QuantSpec) -> Observer:
+def observer(spec: spec_lib.QuantSpec, *, axis_name: Any = None) -> Observer:
   r"""Builds the calibration observer that ``spec.calibration`` asks for.
 
   See the module docstring for the formulas of each method (absmax, minmax,
@@ -639,8 +689,22 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
   ``init`` example (per tensor: any shape; per channel: any shape with the
   same channel sizes; per block: the same block layout).
 
+  Sharding: inside ``jit`` on globally sharded arrays (``jax.sharding``,
+  auto or explicit axis types) the statistics are those of the whole global
+  batch, with no code of ours communicating: the compiler reduces the
+  per-device statistics. Under explicit sharding the state keeps the
+  shardings it was given (``init`` of a channel-sharded array gives
+  statistics sharded like its channels, otherwise replicated). Under
+  ``shard_map``, where each device sees only its shard, pass ``axis_name``:
+  ``update`` then reduces the batch statistics across that mesh axis
+  (``psum`` of counts and histogram counts, ``pmin``/``pmax`` of the range)
+  and every device holds the global state.
+
   Args:
     spec: the :class:`~jaxqat.core.QuantSpec`.
+    axis_name: under ``shard_map``: the mesh axis name (or tuple of names)
+      that shards the batch; statistics are reduced across it. None (the
+      default): the batch is global (or unsharded).
 
   Returns:
     An :class:`Observer` ``(init, update, compute)``.
@@ -664,11 +728,11 @@ def observer(spec: spec_lib.QuantSpec) -> Observer:
     >>> float(scale), float(zero_point)  # 2.55 / 255; round(-128 + 0.55 / 0.01)
     (0.01, -73.0)
   """
-  return _build(_grid.check_spec(spec))
+  return _build(_grid.check_spec(spec), axis_name)
 
 
 @functools.lru_cache(maxsize=256)
-def _stats_fns(stats: _Stats):
+def _stats_fns(stats: _Stats, axis_name: Any = None):
   """``init`` and jitted ``update`` for a statistics key (shared across specs)."""
   keys = stats.keys
   hist = stats.kind == "hist"
@@ -676,42 +740,54 @@ def _stats_fns(stats: _Stats):
   def init(x) -> State:
     shape, _ = _input_info(x)
     s = _scale_shape(shape, stats)
-    state = {k: jnp.zeros(s, _F32) for k in ("count", "min", "max")}
+    follow = _follow(x, s, stats)
+    sh = None if follow is None else follow
+    hsh = None if follow is None else jax.sharding.PartitionSpec(
+        *(tuple(follow) + (None,) * (len(s) - len(follow)) + (None,)))
+    state = {k: jnp.zeros(s, _F32, out_sharding=sh) for k in ("count", "min", "max")}
     if hist:
-      state.update(hist=jnp.zeros(s + (stats.num_bins,), _F32), lo=jnp.zeros(s, _F32),
-                   hi=jnp.zeros(s, _F32))
+      state.update(hist=jnp.zeros(s + (stats.num_bins,), _F32, out_sharding=hsh),
+                   lo=jnp.zeros(s, _F32, out_sharding=sh), hi=jnp.zeros(s, _F32, out_sharding=sh))
     return state
+
+  def body(state: State, x: Array) -> State:
+    sshape = state["count"].shape
+    xg = _to_groups(x.astype(_F32), stats.granularity)
+    flat = {k: v.reshape((-1,) + v.shape[len(sshape):]) for k, v in state.items()}
+    fin, cnt, mn, mx = _batch_stats(xg, axis_name)
+    decay = stats.ema_decay if stats.kind == "ema" else None
+    new = _merge_range(flat, cnt, mn, mx, decay)
+    if hist:
+      new.update(_update_hist(flat, new, xg, fin, stats.hist_abs, stats.num_bins,
+                              stats.skip_zeros, axis_name))
+    return {k: new[k].reshape(state[k].shape).astype(_F32) for k in keys}
 
   def update(state: State, x: ArrayLike) -> State:
     _check_state(state, keys)
     _input_info(x)
     x = jnp.asarray(x)
-    sshape = state["count"].shape
-    _check_compatible(sshape, x.shape, stats)
-    xg = _to_groups(x.astype(_F32), stats.granularity)
-    flat = {k: v.reshape((-1,) + v.shape[len(sshape):]) for k, v in state.items()}
-    fin, cnt, mn, mx = _batch_stats(xg)
-    decay = stats.ema_decay if stats.kind == "ema" else None
-    new = _merge_range(flat, cnt, mn, mx, decay)
-    if hist:
-      new.update(_update_hist(flat, new, xg, fin, stats.hist_abs, stats.num_bins,
-                              stats.skip_zeros))
-    return {k: new[k].reshape(state[k].shape).astype(_F32) for k in keys}
+    _check_compatible(state["count"].shape, x.shape, stats)
+    out = {k: _spec_of(v) for k, v in state.items()}
+    return _sharding_safe(body, out)(dict(state), x)
 
   return init, jax.jit(update)
 
 
 @functools.lru_cache(maxsize=256)
-def _build(spec: spec_lib.QuantSpec) -> Observer:
+def _build(spec: spec_lib.QuantSpec, axis_name: Any = None) -> Observer:
   """The observer of ``spec``; cached so that equal specs share compiled code."""
   cfg = _config(spec)
   cal = cfg.spec.calibration
   keys = cfg.stats.keys
   nbins = cal.num_bins
-  init, update = _stats_fns(cfg.stats)
+  init, update = _stats_fns(cfg.stats, axis_name)
 
   def compute(state: State) -> tuple[Array, Array]:
     _check_state(state, keys)
+    out = _spec_of(state["count"])
+    return _sharding_safe(body, (out, out))(dict(state))
+
+  def body(state: State) -> tuple[Array, Array]:
     sshape = state["count"].shape
     flat = {k: v.reshape((-1,) + v.shape[len(sshape):]).astype(_F32) for k, v in state.items()}
     mn, mx = flat["min"], flat["max"]
@@ -811,7 +887,8 @@ def calibrate(spec: spec_lib.QuantSpec, batches: Iterable[ArrayLike]) -> tuple[A
   return compute(state)
 
 
-def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec) -> tuple[Array, Array]:
+def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec, *,
+                 axis_name: Any = None) -> tuple[Array, Array]:
   """The range of one tensor by ``spec``'s calibration method, traceable.
 
   What every front end uses for a fixed-range (``learning="fixed"``) weight
@@ -819,9 +896,16 @@ def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec) -> tuple[Array, Array]:
   (no gradient flows through it), until the model is frozen. Equivalent to
   ``calibrate(spec, [w])`` but usable inside ``jit``/``grad``/``vmap``.
 
+  Under explicit sharding the range of a channel-sharded weight is sharded
+  like its channels (each device reduces its own columns: no gather of the
+  weight).
+
   Args:
     w: the weight (floating point).
     spec: its :class:`~jaxqat.core.QuantSpec` (granularity resolved).
+    axis_name: under ``shard_map``, the mesh axis (or axes) that shards the
+      weight's *reduced* axes (FSDP); the range is reduced across it. Not for
+      an axis that shards the channels (each device has its channels whole).
 
   Returns:
     ``(scale, zero_point)`` of shape ``spec.scale_shape(w.shape)``, float32.
@@ -836,6 +920,6 @@ def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec) -> tuple[Array, Array]:
     >>> jax.jit(weight_range, static_argnums=1)(jnp.array([[1.4, -0.7], [-3.5, 1.75]]), spec)[0]
     Array([[0.5 , 0.25]], dtype=float32)
   """
-  init, update, compute = observer(spec)
+  init, update, compute = observer(spec, axis_name=axis_name)
   w = jax.lax.stop_gradient(jnp.asarray(w))
   return compute(update(init(w), w))
