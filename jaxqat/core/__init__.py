@@ -25,6 +25,11 @@ from jaxqat.core._encoding import Encoding as Encoding
 from jaxqat.core._encoding import encoding_from_state as encoding_from_state
 from jaxqat.core._encoding import encodings_from_dict as encodings_from_dict
 from jaxqat.core._encoding import encodings_to_dict as encodings_to_dict
+from jaxqat.core._export import SizeReport as SizeReport
+from jaxqat.core._export import SizeRow as SizeRow
+from jaxqat.core._export import export_serving as export_serving
+from jaxqat.core._export import load_serving as load_serving
+from jaxqat.core._export import size_row as size_row
 from jaxqat.core._integer import fake_quantize_input as fake_quantize_input
 from jaxqat.core._integer import integer_error_bound as integer_error_bound
 from jaxqat.core._integer import integer_reason as integer_reason
@@ -82,6 +87,8 @@ __all__ = [
     "QuantizationWarning",
     "Rule",
     "RuleSet",
+    "SizeReport",
+    "SizeRow",
     "WeightReport",
     "block_fake_quant",
     "block_scales",
@@ -94,6 +101,7 @@ __all__ = [
     "encoding_from_state",
     "encodings_from_dict",
     "encodings_to_dict",
+    "export_serving",
     "fake_quant",
     "fake_quantize_input",
     "feature_distillation",
@@ -102,6 +110,7 @@ __all__ = [
     "integer_error_bound",
     "integer_reason",
     "kl_distillation",
+    "load_serving",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "normalize_axes",
@@ -116,6 +125,7 @@ __all__ = [
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_take",
+    "size_row",
     "spec_fingerprint",
     "spec_from_dict",
     "spec_to_dict",
