@@ -6,10 +6,14 @@ A checkpoint holds the whole variables dict: ``params``, ``quant_params`` and
 :func:`restore` refuses a checkpoint that does not match the model: a missing
 or unreadable directory, an entry missing on either side, another shape or
 dtype, or a quantizer saved with another spec, each named in the error.
+
+:func:`save_served` / :func:`restore_served` do the same for a converted
+(served) model: its integer codes and scales, with each QTensor's spec.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -160,3 +164,152 @@ def restore(path, variables: Mapping[str, Any]) -> dict:
         raise ValueError(f"restore: {path}: entry '{k}': the checkpoint was quantized with "
                          f"another QuantSpec than the model's for '{k[:-len('/fingerprint')]}'")
   return restored
+
+
+# --------------------------------------------------------------------------
+# The served (converted) model.
+# --------------------------------------------------------------------------
+
+_SERVED_META = "jaxqat_served.json"
+_SERVED_ARRAYS = "arrays"
+_SERVED_FORMAT = "jaxqat.flax.linen served variables"
+_QT_FIELDS = ("values", "scale", "zero_point", "tensor_scale")
+_ENC_FIELDS = ("scale", "zero_point")
+
+
+def _served_leaves(tree, prefix=()):
+  """``(key, value)`` of every value of a served variables tree; QTensors and Encodings whole."""
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      yield from _served_leaves(v, prefix + (str(k),))
+  else:
+    yield "/".join(prefix), tree
+
+
+def save_served(path, served_module, served_variables: Mapping[str, Any]) -> None:
+  """Saves a converted model (from ``convert``) with orbax: integer codes, scales, flags.
+
+  The directory holds an orbax checkpoint of the arrays (``arrays/``: the
+  QTensors' codes, scales and zero points, the input Encodings' scales, the
+  float parameters left) and ``jaxqat_served.json`` (each QTensor's and
+  Encoding's spec, dtype and packing, and the served module's ``integer`` /
+  ``pack`` flags). No float copy of a quantized weight is written.
+
+  Args:
+    path: a directory that does not exist yet.
+    served_module: the served module returned by ``convert``.
+    served_variables: its variables.
+
+  Raises:
+    TypeError: if ``served_module`` is not a served module or
+      ``served_variables`` not a dict.
+    ValueError: if ``path`` exists already.
+
+  Examples:
+    >>> import os, tempfile, jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxqat.flax.linen import quantize, calibrate
+    >>> from jaxqat.flax.linen._serve import convert
+    >>> qmodel = quantize(nn.Dense(3))
+    >>> x = jnp.ones((2, 4))
+    >>> served, sv = convert(qmodel, calibrate(qmodel, qmodel.init(jax.random.key(0), x), [x]))
+    >>> d = os.path.join(tempfile.mkdtemp(), "served")
+    >>> save_served(d, served, sv)
+    >>> served2, sv2 = restore_served(d, qmodel)
+    >>> bool((served2.apply(sv2, x) == served.apply(sv, x)).all())
+    True
+  """
+  from jaxqat import core  # pylint: disable=import-outside-toplevel
+  from jaxqat.flax.linen import _serve  # pylint: disable=import-outside-toplevel
+  _serve._check_served(served_module)  # pylint: disable=protected-access
+  if not isinstance(served_variables, Mapping):
+    raise TypeError("served_variables: expected a dict of collections, got "
+                    f"{type(served_variables).__name__}")
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path):
+    raise ValueError(f"path: {path} exists already; save to a new directory")
+  arrays, leaves = {}, {}
+  for key, v in _served_leaves(served_variables):
+    if isinstance(v, core.QTensor):
+      fields = [f for f in _QT_FIELDS if getattr(v, f) is not None]
+      leaves[key] = {"type": "qtensor", "spec": core.spec_to_dict(v.spec),
+                     "dtype": np.dtype(v.dtype).name, "packed": int(v.packed), "fields": fields}
+    elif isinstance(v, core.Encoding):
+      fields = [f for f in _ENC_FIELDS if getattr(v, f) is not None]
+      leaves[key] = {"type": "encoding", "spec": core.spec_to_dict(v.spec), "fields": fields}
+    else:
+      arrays[key] = v
+      continue
+    for f in fields:
+      arrays[f"{key}/{f}"] = getattr(v, f)
+  os.makedirs(path)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, _SERVED_ARRAYS), _unflatten(arrays))
+  ckptr.wait_until_finished()
+  meta = {"format": _SERVED_FORMAT, "version": 1, "integer": bool(served_module.integer),
+          "pack": bool(served_module.pack), "leaves": leaves}
+  with open(os.path.join(path, _SERVED_META), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1)
+
+
+def restore_served(path, qmodel) -> tuple[Any, dict]:
+  """Restores a converted model saved by :func:`save_served`.
+
+  Args:
+    path: the directory written by :func:`save_served`.
+    qmodel: the quantized model it was converted from (``quantize(model,
+      rules)`` with the same model and rules; it need not be initialised or
+      calibrated).
+
+  Returns:
+    ``(served_module, served_variables)``, as ``convert`` returned them.
+
+  Raises:
+    TypeError: if ``qmodel`` is not a QuantizedModule.
+    FileNotFoundError: if ``path`` is not a directory.
+    ValueError: if ``path`` is not a served checkpoint (missing or
+      corrupted files, another format), naming what is wrong.
+  """
+  from jaxqat import core  # pylint: disable=import-outside-toplevel
+  from jaxqat.flax.linen import _intercept  # pylint: disable=import-outside-toplevel
+  from jaxqat.flax.linen import _module  # pylint: disable=import-outside-toplevel
+  _module.check_qmodel(qmodel)
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"restore_served: no directory at {path}")
+  meta_file = os.path.join(path, _SERVED_META)
+  try:
+    with open(meta_file, "r", encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"restore_served: cannot read {meta_file} ({type(e).__name__}: {e}); {path} "
+                     "is not a complete checkpoint written by save_served()") from None
+  if not isinstance(meta, dict) or meta.get("format") != _SERVED_FORMAT:
+    raise ValueError(f"restore_served: {meta_file} is not a jaxqat served-model file")
+  arrays_dir = os.path.join(path, _SERVED_ARRAYS)
+  saved = _metadata(arrays_dir)
+  abstract = _unflatten({k: jax.ShapeDtypeStruct(tuple(s.shape), np.dtype(s.dtype))
+                         for k, s in saved.items()})
+  try:
+    flat = _flat(ocp.StandardCheckpointer().restore(arrays_dir, abstract))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"restore_served: cannot read the arrays of {arrays_dir} "
+                     f"({type(e).__name__}: {e}); a data file is missing or corrupted") from e
+  out = {}
+  try:
+    for key, info in meta["leaves"].items():
+      fields = {f: flat.pop(f"{key}/{f}") for f in info["fields"]}
+      spec = core.spec_from_dict(info["spec"])
+      if info["type"] == "qtensor":
+        out[key] = core.QTensor(spec=spec, dtype=np.dtype(jax.numpy.dtype(info["dtype"])),
+                                packed=int(info["packed"]), **fields)
+      else:
+        out[key] = core.Encoding(fields.get("scale"), fields.get("zero_point"), spec)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"restore_served: {meta_file} does not match the arrays in {arrays_dir} "
+                     f"({type(e).__name__}: {e})") from None
+  out.update(flat)
+  variables = _unflatten(out)
+  variables.setdefault("params", {})
+  served_module = _module.with_mode(qmodel, _intercept.SERVED, integer=bool(meta["integer"]),
+                                    pack=bool(meta["pack"]))
+  return served_module, variables

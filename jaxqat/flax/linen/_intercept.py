@@ -29,6 +29,24 @@ How an unmodified Linen model gets quantized:
    quantized too: its path is the enclosing layer's path plus its name, and
    its quantizer state lives in the enclosing layer's scope under that name.
 
+5. Conversion (:mod:`jaxqat.flax.linen._serve`) runs the same machinery in
+   three more modes: ``inspect`` records every quantizer's spec and scale
+   shape, ``convert`` resolves each quantizer's serving
+   :class:`~jaxqat.core.Encoding` and quantizes each weight operand (in the
+   op's dtype and the parameter's layout) to a :class:`~jaxqat.core.QTensor`
+   in the ``served`` collection, and ``served`` runs the converted model: a
+   quantized weight is no longer in ``params``; ``Module.param`` hands the
+   layer a stand-in (its dequantized codes, only used if the layer reads the
+   weight outside an intercepted op, and removed by XLA otherwise) and the
+   intercepted op is replaced by the core's integer kernel
+   (:func:`jaxqat.core.quantized_dot_general`, ``quantized_einsum``,
+   ``quantized_conv_general_dilated``, ``quantized_take``) with the input as
+   the left operand (dimension numbers and output axes remapped when the
+   weight is the left operand or transposed), or, where the integer path does
+   not apply, by the fake-quant arithmetic of the core (the fake-quantized
+   input and the dequantized weight in the original op): bit for bit the
+   fake-quant model.
+
 Functions imported by name before the model runs
 (``from jax.lax import dot_general``) and the ``@`` operator are not
 intercepted: such a module gets a :class:`~jaxqat.core.QuantizationWarning`
@@ -91,9 +109,10 @@ class Frame:
   def own_params(self) -> list[tuple[str, Any]]:
     """The module's direct parameter arrays (not its children's), unboxed."""
     params = self.module.variables.get("params", {})
-    out = []
+    served = self.context.placeholders.get(self.path, {})
+    out = list(served.items())
     for k, v in params.items():
-      if isinstance(v, collections.abc.Mapping):
+      if isinstance(v, collections.abc.Mapping) or k in served:
         continue
       out.append((k, nn.meta.unbox(v)))
     return out
@@ -156,10 +175,14 @@ class Context:
     root: the Linen path of the wrapped model (layer paths are relative to it).
   """
 
-  def __init__(self, ruleset: core.RuleSet, mode: str, root: tuple[str, ...]):
+  def __init__(self, ruleset: core.RuleSet, mode: str, root: tuple[str, ...], *,
+               integer: bool = True, pack: bool = True):
     self.ruleset = ruleset
     self.mode = mode
     self.root = tuple(root)
+    self.integer = integer  # served mode: allow the integer kernels
+    self.pack = pack  # convert mode: pack 2/4-bit codes
+    self.placeholders: dict[str, dict] = {}  # served mode: path -> {param name: stand-in}
     self.layers: dict[str, LayerRecord] = {}
     self.order: dict[str, int] = {}  # path -> order of first call (model order)
     self._rules: dict[str, Optional[core.Rule]] = {}
@@ -275,6 +298,9 @@ def _quantize_operands(frame: Frame, ops: list, weights: dict, act_index: Option
   mode = ctx.mode
   kind = type(frame.module).__name__
   ops = list(ops)
+  if mode in (CONVERT, INSPECT):
+    _record_operands(frame, ops, weights, act_index)
+    return ops
   act = None
   if act_index is not None and rule.act is not None and len(weights) == 1:
     (wname, _, _), = weights.values()
@@ -345,7 +371,15 @@ def _dot_general(frame, orig, bound):
   weights = _binary(frame, a, b, ca, cb)
   if not weights:
     return None
-  a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
+  act_index = _act_index(weights, [a, b])
+  if frame.context.mode == SERVED:
+    kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
+    call = lambda ops: orig(*ops, **kw)  # noqa: E731
+    dn = ((ca, cb), tuple(bound.arguments["dimension_numbers"][1]))
+    return _Done(_served(frame, [a, b], weights, act_index, call,
+                         _int_dot_general(dn, bound.arguments.get("precision"),
+                                          bound.arguments.get("preferred_element_type"))))
+  a, b = _quantize_operands(frame, [a, b], weights, act_index)
   bound.arguments["lhs"], bound.arguments["rhs"] = a, b
   return bound
 
@@ -360,7 +394,13 @@ def _conv(frame, orig, bound):
   if w is None:
     return None
   weights = {1: w}
-  lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, _act_index(weights, [lhs, rhs]))
+  act_index = _act_index(weights, [lhs, rhs])
+  if frame.context.mode == SERVED:
+    bound.apply_defaults()
+    kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
+    call = lambda ops: orig(*ops, **kw)  # noqa: E731
+    return _Done(_served(frame, [lhs, rhs], weights, act_index, call, _int_conv(kw)))
+  lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, act_index)
   bound.arguments["lhs"], bound.arguments["rhs"] = lhs, rhs
   return bound
 
@@ -376,7 +416,17 @@ def _dot(frame, orig, bound):
       weights[1] = ("embedding", (0,), (1, 0))  # Embed.attend: query @ embedding.T
   if not weights:
     return None
-  a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
+  act_index = _act_index(weights, [a, b])
+  if frame.context.mode == SERVED:
+    kw = {k: v for k, v in bound.arguments.items() if k not in names[:2]}
+    call = lambda ops: orig(*ops, **kw)  # noqa: E731
+    dn = None
+    if jnp.ndim(a) >= 1 and nb >= 1 and (orig.__name__ == "dot" or nb <= 2 or jnp.ndim(a) == 1):
+      dn = (((jnp.ndim(a) - 1,), (nb - 2 if nb >= 2 else 0,)), ((), ()))
+    fn = None if dn is None else _int_dot_general(dn, kw.get("precision"),
+                                                  kw.get("preferred_element_type"))
+    return _Done(_served(frame, [a, b], weights, act_index, call, fn))
+  a, b = _quantize_operands(frame, [a, b], weights, act_index)
   bound.arguments[names[0]], bound.arguments[names[1]] = a, b
   return bound
 
@@ -389,6 +439,11 @@ def _take(frame, orig, bound):
   w = _weight(frame, a, (axis % jnp.ndim(a),))
   if w is None:
     return None
+  if frame.context.mode == SERVED:
+    kw = {k: v for k, v in bound.arguments.items() if k not in ("a", "indices")}
+    indices = bound.arguments["indices"]
+    call = lambda ops: orig(ops[0], ops[1], **kw)  # noqa: E731
+    return _Done(_served(frame, [a, indices], {0: w}, None, call, _direct_take(indices, kw)))
   (a, _) = _quantize_operands(frame, [a, bound.arguments["indices"]], {0: w}, None)
   bound.arguments["a"] = a
   return bound
@@ -413,8 +468,335 @@ def _einsum(frame, orig, args, kwargs):
       weights[i] = w
   if not weights:
     return None
-  a, b = _quantize_operands(frame, [a, b], weights, _act_index(weights, [a, b]))
+  act_index = _act_index(weights, [a, b])
+  if frame.context.mode == SERVED:
+    call = lambda ops: orig(subscripts, *ops, **kwargs)  # noqa: E731
+    return _Done(_served(frame, [a, b], weights, act_index, call,
+                         _int_einsum(subscripts, kwargs.get("precision"),
+                                     kwargs.get("preferred_element_type"))))
+  a, b = _quantize_operands(frame, [a, b], weights, act_index)
   return (subscripts, a, b), kwargs
+
+
+# --------------------------------------------------------------------------
+# Conversion (inspect / convert modes) and the served model (served mode).
+# --------------------------------------------------------------------------
+
+SERVED = "served"  # the converted model's collection: QTensors and input Encodings
+ENCODINGS = "quant_encodings"  # convert / inspect output: every quantizer's Encoding
+CONVERT, INSPECT = "convert", "inspect"
+SERVING_MODES = (CONVERT, INSPECT, SERVED)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizerEncoding:
+  """One quantizer's encoding as ``convert`` / ``inspect`` record it.
+
+  Attributes:
+    encoding: the :class:`~jaxqat.core.Encoding` (``inspect``: a zero scale
+      of the right shape), or ``None`` for an input that stays float.
+    kind: ``"param"`` or ``"activation"``.
+    spec: the quantizer's resolved QuantSpec (as the model holds it).
+  """
+
+  encoding: Optional[core.Encoding]
+  kind: str = dataclasses.field(metadata=dict(static=True))
+  spec: core.QuantSpec = dataclasses.field(metadata=dict(static=True))
+
+
+class _Done:
+  """A handler's final result (served mode): the wrapper returns it as is."""
+
+  def __init__(self, value):
+    self.value = value
+
+
+def _nearest(spec: core.QuantSpec) -> core.QuantSpec:
+  """Serving rounds half to even, as the fake-quant model does without a ``quant`` RNG."""
+  return spec.replace(rounding="nearest_even") if spec.rounding == "stochastic" else spec
+
+
+def _serving(enc: core.Encoding) -> core.Encoding:
+  return dataclasses.replace(enc, spec=_nearest(enc.spec))
+
+
+def _zero_encoding(spec: core.QuantSpec, shape) -> core.Encoding:
+  scale = None if spec.is_block else jnp.zeros(spec.scale_shape(shape), jnp.float32)
+  return core.Encoding(scale, None, spec)
+
+
+def _resolve(spec, state, where, weight=None) -> core.Encoding:
+  try:
+    return core.encoding_from_state(spec, state, weight=weight, name=where)
+  except ValueError as e:
+    raise ValueError(f"jaxqat: convert: {e}") from None
+
+
+def record_activation(store: _quantizer.Store, name: str, x, spec: core.QuantSpec, mode: str,
+                      where: str) -> None:
+  """``inspect`` / ``convert`` of an input quantizer (the input passes through).
+
+  ``convert`` stores the serving Encoding in ``served`` (none for an input
+  that calibration found no data for: it stays float) and every quantizer's
+  in ``quant_encodings``.
+
+  Raises:
+    ValueError: naming ``where`` if the quantizer has no state or was never
+      calibrated.
+  """
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    return
+  _quantizer.check_shape(spec, jnp.shape(x), where)
+  if mode == INSPECT:
+    store.put(ENCODINGS, name, QuantizerEncoding(_zero_encoding(spec, jnp.shape(x)), "activation",
+                                                 spec), where, "inspect")
+    return
+  stats = store.get(_quantizer.STATS, name)
+  if stats is None:
+    raise _quantizer._missing(where, name)  # pylint: disable=protected-access
+  if spec.is_block:
+    enc = _resolve(spec, {}, where)
+  elif _quantizer.STAYS_FLOAT in stats:
+    enc = None
+  elif spec.learning == "fixed":
+    enc = _resolve(spec, {"scale": stats.get("scale"), "zero_point": stats.get("zero_point")},
+                   where)
+  else:
+    qp = store.get(_quantizer.PARAMS, name) or {}
+    enc = _resolve(spec, {"log_scale": qp.get("log_scale"), "offset": qp.get("offset")}, where)
+  store.put(ENCODINGS, name, QuantizerEncoding(enc, "activation", spec), where, "convert")
+  if enc is not None:
+    store.put(SERVED, name, _serving(enc), where, "convert")
+
+
+def record_weight(store: _quantizer.Store, name: str, w, spec: core.QuantSpec, mode: str,
+                  where: str, pack: bool = True) -> None:
+  """``inspect`` / ``convert`` of a weight quantizer; ``w`` in the parameter's layout.
+
+  ``convert`` resolves the weight's Encoding as the fake-quant model uses it
+  now (a fixed range that is not frozen: the current weight's range) and
+  stores ``core.quantize_weight(w, enc)`` in ``served``.
+
+  Raises:
+    ValueError: naming ``where`` if the quantizer has no state.
+  """
+  _quantizer.check_shape(spec, jnp.shape(w), where)
+  if mode == INSPECT:
+    store.put(ENCODINGS, name, QuantizerEncoding(_zero_encoding(spec, jnp.shape(w)), "param", spec),
+              where, "inspect")
+    return
+  stats = store.get(_quantizer.STATS, name)
+  if stats is None:
+    raise _quantizer._missing(where, name)  # pylint: disable=protected-access
+  weight = None
+  if spec.is_block:
+    state = {}
+  elif spec.learning == "fixed":
+    frozen = _quantizer.FROZEN in stats
+    state = {"scale": stats["scale"], "zero_point": stats["zero_point"]} if frozen else {}
+    weight = None if frozen else w
+  else:
+    qp = store.get(_quantizer.PARAMS, name)
+    if qp is None:
+      raise ValueError(f"jaxqat: convert: {where} has no '{_quantizer.PARAMS}/{name}' variable; "
+                       "convert the variables of the model's init() and calibrate()")
+    state = {"log_scale": qp.get("log_scale"), "offset": qp.get("offset")}
+  enc = _resolve(spec, state, where, weight)
+  store.put(ENCODINGS, name, QuantizerEncoding(enc, "param", spec), where, "convert")
+  store.put(SERVED, name, core.quantize_weight(w, _serving(enc), pack=pack), where, "convert")
+
+
+def _record_operands(frame: Frame, ops: list, weights: dict, act_index: Optional[int]) -> None:
+  """``inspect`` / ``convert`` of an op's quantizers (see :func:`_quantize_operands`)."""
+  rule, ctx = frame.rule, frame.context
+  kind = type(frame.module).__name__
+  act = None
+  if act_index is not None and rule.act is not None and len(weights) == 1:
+    (wname, _, _), = weights.values()
+    name = _act_name(wname)
+    where = f"layer {_quantizer.describe(frame.path)} ({kind}) input activation '{name}'"
+    act = rule.act
+    record_activation(frame.store, name, ops[act_index], act, ctx.mode, where)
+  for i, (wname, out_axes, perm) in weights.items():
+    spec = None
+    if rule.weight is not None:
+      spec = rule.weight.resolve_output_channel(out_axes)
+      where = f"layer {_quantizer.describe(frame.path)} ({kind}) weight '{wname}'"
+      w = ops[i] if perm is None else jnp.transpose(ops[i], _inverse(perm))
+      record_weight(frame.store, wname, w, spec, ctx.mode, where, ctx.pack)
+    ctx.record(frame, wname if spec is not None else None, spec, act)
+
+
+def _served(frame: Frame, ops: list, weights: dict, act_index: Optional[int], call: Callable,
+            kernel: Optional[Callable]):
+  """An intercepted op of the served model.
+
+  Args:
+    frame: the matched module's frame.
+    ops: the op's two operands (a weight operand is the stand-in of
+      ``Module.param``, maybe cast or transposed).
+    weights: operand index -> (param name, out axes, perm).
+    act_index: the input operand's index, or None.
+    call: runs the original op on new operands (same other arguments).
+    kernel: ``kernel(x, qt, enc, weight index, perm)`` -> the core kernel's
+      result, or None where it does not apply.
+
+  Returns:
+    The op's result: the core kernel's, or the original op on the
+    fake-quantized input and the dequantized weight(s).
+  """
+  ctx = frame.context
+  qts = {}
+  for i, (wname, _, perm) in weights.items():
+    qt = frame.store.get(SERVED, wname)
+    if isinstance(qt, core.QTensor):
+      qts[i] = (qt, perm)
+  enc = None
+  if act_index is not None and len(weights) == 1:
+    (wname, _, _), = weights.values()
+    e = frame.store.get(SERVED, _act_name(wname))
+    enc = e if isinstance(e, core.Encoding) else None
+  if kernel is not None and len(qts) == 1:
+    (i, (qt, perm)), = qts.items()
+    x = None if act_index is None else ops[act_index]
+    y = kernel(x, qt, enc if ctx.integer else None, i, perm)
+    if y is not None:
+      return y
+  ops = list(ops)
+  if enc is not None:
+    ops[act_index] = core.fake_quantize_input(ops[act_index], enc)
+  for i, (qt, perm) in qts.items():
+    w = core.dequantize(qt)
+    ops[i] = w if perm is None else jnp.transpose(w, perm)
+  return call(ops)
+
+
+def _norm(axes, nd) -> tuple:
+  return tuple(int(a) % nd for a in axes)
+
+
+def _int_dot_general(dimension_numbers, precision, preferred_element_type) -> Callable:
+  """The integer kernel for ``dot_general(lhs, rhs, dimension_numbers)`` (either operand a weight)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+
+  def kernel(x, qt, enc, i, perm):
+    if enc is None:
+      return None
+    nw, nx = len(qt.shape), jnp.ndim(x)
+    wc, wb = (_norm(rc, nw), _norm(rb, nw)) if i == 1 else (_norm(lc, nw), _norm(lb, nw))
+    xc, xb = (_norm(lc, nx), _norm(lb, nx)) if i == 1 else (_norm(rc, nx), _norm(rb, nx))
+    p = tuple(range(nw)) if perm is None else perm
+    pc, pb = tuple(p[a] for a in wc), tuple(p[a] for a in wb)
+    if core.integer_reason(qt, enc, pc) is not None:
+      return None
+    y = core.quantized_dot_general(x, qt, ((xc, pc), (xb, pb)), act=enc, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    nb = len(xb)
+    x_free = [a for a in range(nx) if a not in xc and a not in xb]
+    p_free = [a for a in range(nw) if a not in pc and a not in pb]
+    w_pos = [nb + len(x_free) + p_free.index(p[a]) for a in range(nw)
+             if a not in wc and a not in wb]
+    x_pos = list(range(nb, nb + len(x_free)))
+    order = list(range(nb)) + (x_pos + w_pos if i == 1 else w_pos + x_pos)
+    return y if order == sorted(order) else jnp.transpose(y, order)
+
+  return kernel
+
+
+def _int_einsum(subscripts, precision, preferred_element_type) -> Callable:
+  """The integer kernel for a two-operand einsum with an explicit output."""
+
+  def kernel(x, qt, enc, i, perm):
+    if enc is None or not isinstance(subscripts, str):
+      return None
+    s = subscripts.replace(" ", "")
+    if "->" not in s or "..." in s:
+      return None
+    ins, out = s.split("->")
+    terms = ins.split(",")
+    nw = len(qt.shape)
+    if len(terms) != 2 or len(terms[i]) != nw:
+      return None
+    wt, xt = terms[i], terms[1 - i]
+    p = tuple(range(nw)) if perm is None else perm
+    pt = [""] * nw
+    for j, c in enumerate(wt):
+      pt[p[j]] = c
+    pt = "".join(pt)
+    if any(c not in out and (c not in xt or c not in pt) for c in xt + pt):
+      return None  # an axis summed within one operand: not one dot_general
+    contracting = tuple(k for k, c in enumerate(pt) if c in xt and c not in out)
+    if core.integer_reason(qt, enc, contracting) is not None:
+      return None
+    return core.quantized_einsum(f"{xt},{pt}->{out}", x, qt, act=enc, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+
+  return kernel
+
+
+def _int_conv(kw: dict) -> Callable:
+  """The integer kernel for ``conv_general_dilated(x, kernel, **kw)``."""
+
+  def kernel(x, qt, enc, i, perm):
+    if enc is None or i != 1 or perm is not None or kw.get("batch_group_count", 1) != 1:
+      return None
+    dn = jax.lax.conv_dimension_numbers(jnp.shape(x), qt.shape, kw.get("dimension_numbers"))
+    if core.integer_reason(qt, enc, tuple(dn.rhs_spec[1:])) is not None or qt.zero_point is not None:
+      return None
+    return core.quantized_conv_general_dilated(
+        x, qt, kw["window_strides"], kw["padding"], kw.get("lhs_dilation"),
+        kw.get("rhs_dilation"), kw.get("dimension_numbers"), kw.get("feature_group_count", 1), 1,
+        act=enc, precision=kw.get("precision"),
+        preferred_element_type=kw.get("preferred_element_type"))
+
+  return kernel
+
+
+def _direct_take(indices, kw: dict) -> Callable:
+  """``core.quantized_take`` (only the looked-up codes dequantized) for a plain ``take``."""
+
+  def kernel(x, qt, enc, i, perm):
+    axis = kw.get("axis")
+    plain = all(kw.get(k) is None for k in ("mode", "fill_value", "out"))
+    if perm is not None or axis is None or not plain:
+      return None
+    return core.quantized_take(qt, indices, axis=axis)
+
+  return kernel
+
+
+def _wrap_param(orig: Callable) -> Callable:
+  """Served mode: ``Module.param`` of a converted weight returns its stand-in (dequantized codes)."""
+
+  @functools.wraps(orig)
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    ctx = current_context()
+    if ctx is None or ctx.mode != SERVED or _STATE.in_op or not _STATE.frames:
+      return orig(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    with _guard():
+      path, store, _ = ctx.locate(self)
+      qt = store.get(SERVED, name)
+      if not isinstance(qt, core.QTensor):
+        qt = None
+      else:
+        if self.has_variable("params", name):
+          declared = nn.meta.unbox(self.get_variable("params", name))
+        else:
+          declared = jax.eval_shape(lambda: nn.meta.unbox(
+              init_fn(jax.random.key(0), *init_args, **init_kwargs)))
+        if tuple(declared.shape) != tuple(qt.shape):
+          raise ValueError(
+              f"jaxqat: served variables: layer {_quantizer.describe(path)} weight '{name}' is "
+              f"{tuple(qt.shape)} in the served variables but the layer declares "
+              f"{tuple(declared.shape)}; convert this model again")
+        stand_in = core.dequantize(qt).astype(declared.dtype)
+        ctx.placeholders.setdefault(path, {})[name] = stand_in
+    if qt is None:
+      return orig(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    return stand_in
+
+  return param
 
 
 # --------------------------------------------------------------------------
@@ -449,6 +831,8 @@ def _wrap_op(name: str, orig: Callable) -> Callable:
       if frame is not None:
         with _guard():
           new = _einsum(frame, orig, args, kwargs)
+          if isinstance(new, _Done):
+            return new.value
           if new is not None:
             return orig(*new[0], **new[1])
       return orig(*args, **kwargs)
@@ -469,6 +853,8 @@ def _wrap_op(name: str, orig: Callable) -> Callable:
           bound = None
         if bound is not None:
           bound = handler(frame, orig, bound)
+          if isinstance(bound, _Done):
+            return bound.value
           if bound is not None:
             return orig(*bound.args, **bound.kwargs)
     return orig(*args, **kwargs)
@@ -542,7 +928,7 @@ def _wrap_apply(orig: Callable) -> Callable:
 def _targets() -> list:
   out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
          (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
-         (nn.Module, "apply")]
+         (nn.Module, "apply"), (nn.Module, "param")]
   try:  # Array.T and Array.transpose() call this module's transpose
     from jax._src.numpy import lax_numpy  # pylint: disable=g-import-not-at-top
     if callable(getattr(lax_numpy, "transpose", None)):
@@ -559,6 +945,8 @@ def _wrapped(mod, name: str, orig: Callable) -> Callable:
     return _wrap_transpose(orig)
   if name == "apply":
     return _wrap_apply(orig)
+  if name == "param":
+    return _wrap_param(orig)
   return _wrap_op(name, orig)
 
 

@@ -27,7 +27,11 @@ from jaxqat.flax.linen import _quantizer
 RulesLike = Union[core.RuleSet, Sequence[core.Rule], core.Rule, None]
 
 
-def _check_mode(mode, allowed=_quantizer.MODES, name="mode") -> str:
+# The quantizer modes plus conversion's (inspect, convert) and the served model's.
+MODES = _quantizer.MODES + _intercept.SERVING_MODES
+
+
+def _check_mode(mode, allowed=MODES, name="mode") -> str:
   if mode not in allowed:
     raise ValueError(f"{name}: must be one of {allowed}, got {mode!r}")
   return mode
@@ -80,13 +84,19 @@ class QuantizedModule(nn.Module):
     (straight-through) and ``quant_params`` (LSQ). An activation quantizer
     that was never calibrated raises a ``ValueError`` naming its layer.
   * ``"float"``: every quantizer passes its input through (the float model).
+  * ``"served"``: the converted model of :func:`~jaxqat.flax.linen.convert`
+    (integer weight codes in the ``served`` collection, core integer
+    kernels).
 
   Attributes:
     model: the float Linen model (any ``nn.Module``; it is not modified).
     rules: the rules (first match wins), or ``None`` for
       :func:`jaxqat.core.default_rules` (W8A8).
     mode: ``"quant"`` or ``"float"`` (and internal modes used by
-      ``calibrate`` and ``freeze``).
+      ``calibrate``, ``freeze`` and ``convert``).
+    integer: served mode: use the integer kernels where they apply (else
+      the dequantize path everywhere).
+    pack: convert mode: pack 2- and 4-bit weight codes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -99,6 +109,8 @@ class QuantizedModule(nn.Module):
   model: nn.Module
   rules: Optional[tuple[core.Rule, ...]] = None
   mode: str = "quant"
+  integer: bool = True
+  pack: bool = True
 
   def __call__(self, *args, **kwargs):
     """Runs the wrapped model's ``__call__`` with quantization.
@@ -118,7 +130,8 @@ class QuantizedModule(nn.Module):
     """
     mode = _check_mode(self.mode)
     ruleset = rules_lib.as_ruleset(self.rules, core.default_rules())
-    context = _intercept.Context(ruleset, mode, self.scope.path)
+    context = _intercept.Context(ruleset, mode, self.scope.path, integer=self.integer,
+                                 pack=self.pack)
     # Bound to this module's own scope: the params tree is the model's, unprefixed.
     model = self.model.clone(parent=self.scope, _deep_clone=True)
     with _intercept.active(context):
@@ -188,9 +201,9 @@ def set_mode(qmodel: QuantizedModule, mode: str) -> QuantizedModule:
   return with_mode(qmodel, _check_mode(mode, _quantizer.PUBLIC_MODES))
 
 
-def with_mode(qmodel: QuantizedModule, mode: str) -> QuantizedModule:
+def with_mode(qmodel: QuantizedModule, mode: str, **attrs) -> QuantizedModule:
   """A copy of ``qmodel`` in any internal mode (keeps the example inputs)."""
-  out = qmodel.clone(mode=_check_mode(mode))
+  out = qmodel.clone(mode=_check_mode(mode), **attrs)
   ex = getattr(qmodel, "_jaxqat_example", None)
   if ex is not None:
     object.__setattr__(out, "_jaxqat_example", ex)
@@ -320,6 +333,12 @@ class ActQuant(nn.Module):
     where = f"ActQuant {_quantizer.describe(frame.path)} input"
     with _intercept._guard():  # pylint: disable=protected-access
       ctx.record(frame, None, None, act=spec)
+      if ctx.mode == _intercept.SERVED:
+        enc = frame.store.get(_intercept.SERVED, "input")
+        return core.fake_quantize_input(x, enc) if isinstance(enc, core.Encoding) else x
+      if ctx.mode in (_intercept.CONVERT, _intercept.INSPECT):
+        _intercept.record_activation(frame.store, "input", x, spec, ctx.mode, where)
+        return x
       return _quantizer.quantize_activation(frame.store, "input", x, spec, ctx.mode, where)
 
 
