@@ -49,6 +49,7 @@ quantization step, the next quantizer's codes agree or differ by one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import string
 from typing import Optional, Sequence
@@ -73,6 +74,7 @@ __all__ = [
     "quantized_conv_general_dilated",
     "quantized_take",
     "integer_error_bound",
+    "integer_forward",
 ]
 
 _INT32_LIMIT = 2**31 - 1
@@ -180,18 +182,24 @@ def integer_reason(w: _quantize.QTensor, act: Optional[Encoding],
     True
   """
   _check_w(w)
-  if act is None:
+  return _reason(w.spec, len(w.shape), None if act is None else act.spec, contracting)
+
+
+def _reason(wspec, w_ndim: int, aspec, contracting) -> Optional[str]:
+  if aspec is None:
     return "the input is not quantized (weight-only)"
-  if not act.spec.is_int or act.spec.format.bits > 8:
-    return f"the input format {act.spec.format.name} is not an integer format of <= 8 bits"
-  if not isinstance(act.spec.granularity, spec_lib.PerTensor):
+  if not aspec.is_int or aspec.format.bits > 8:
+    return f"the input format {aspec.format.name} is not an integer format of <= 8 bits"
+  if not isinstance(aspec.granularity, spec_lib.PerTensor):
     return "the input is quantized per channel (the integer path needs one input scale)"
-  if not w.spec.is_int or w.spec.format.bits > 8:
-    return f"the weight format {w.spec.format.name} is not an integer format of <= 8 bits"
-  if isinstance(w.spec.granularity, spec_lib.PerBlock):
+  if not wspec.is_int or wspec.format.bits > 8:
+    return f"the weight format {wspec.format.name} is not an integer format of <= 8 bits"
+  g = wspec.granularity
+  if isinstance(g, spec_lib.PerBlock):
     return "the weight is quantized per block"
-  contracting = set(a % len(w.shape) for a in contracting)
-  if set(_w_channel_axes(w)) & contracting:
+  axes = () if isinstance(g, spec_lib.PerTensor) else spec_lib.normalize_axes(
+      g.axes, w_ndim, "granularity.axis")
+  if set(axes) & set(a % w_ndim for a in contracting):
     return "the weight's scales vary along a contracted axis"
   return None
 
@@ -606,3 +614,151 @@ def integer_error_bound(x: ArrayLike, w: _quantize.QTensor, act: Encoding,
                      tuple(a % len(w.shape) for a in rb), n_lhs_free)
   return (gamma(k + 2) + gamma(3)) * (1 + u)**2 * act.scale.astype(jnp.float32) * sw * s
 
+
+
+# --------------------------------------------------------------------------
+# Integer forward for training (opt-in): int8 forward, textbook-STE backward.
+# --------------------------------------------------------------------------
+
+_OPS = {
+    "dot_general": lambda x, w, kw: lax.dot_general(x, w, **kw),
+    "einsum": lambda x, w, kw: jnp.einsum(kw["subscripts"], x, w, **{
+        k: v for k, v in kw.items() if k != "subscripts"}),
+    "conv_general_dilated": lambda x, w, kw: lax.conv_general_dilated(x, w, **kw),
+}
+
+
+def _train_encoding(spec, scale, zero_point, offset) -> Encoding:
+  fixed = spec.replace(learning="fixed")
+  s = jnp.maximum(jnp.asarray(scale, jnp.float32), _grid.SCALE_EPS)
+  if spec.learning == "lsq_plus" and offset is not None:
+    z = jnp.clip(_grid.round_half_even(-jnp.asarray(offset, jnp.float32) / s),
+                 spec.format.qmin, spec.format.qmax).astype(jnp.int32)
+  elif spec.learning == "fixed" and zero_point is not None and not spec.symmetric:
+    z = jnp.round(jnp.asarray(zero_point, jnp.float32)).astype(jnp.int32)
+  else:
+    z = None
+  return Encoding(s, z, fixed)
+
+
+def _fake_op(cfg, x, w, a, wq):
+  op, aspec, wspec, kw = cfg
+  xq = fq.quant_dequant(x, aspec, a[0], a[1], offset=a[2])
+  wqv = fq.quant_dequant(w, wspec, wq[0], wq[1], offset=wq[2])
+  return _OPS[op](xq, wqv, dict(kw))
+
+
+def _int_op(cfg, x, w, a, wq):
+  op, aspec, wspec, kw = cfg
+  kw = dict(kw)
+  aenc = _train_encoding(aspec, *a)
+  wenc = _train_encoding(wspec, *wq)
+  qt = _quantize.quantize(w, wenc.scale, wenc.zero_point, wenc.spec)
+  if op == "dot_general":
+    return quantized_dot_general(x, qt, kw.pop("dimension_numbers"), act=aenc, **kw)
+  if op == "einsum":
+    return quantized_einsum(kw.pop("subscripts"), x, qt, act=aenc, **kw)
+  return quantized_conv_general_dilated(x, qt, act=aenc, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _integer_forward(cfg, x, w, a, wq):
+  return _int_op(cfg, x, w, a, wq)
+
+
+def _integer_forward_fwd(cfg, x, w, a, wq):
+  return _int_op(cfg, x, w, a, wq), (x, w, a, wq)
+
+
+def _integer_forward_bwd(cfg, res, g):
+  _, pullback = jax.vjp(functools.partial(_fake_op, cfg), *res)
+  return pullback(g)
+
+
+_integer_forward.defvjp(_integer_forward_fwd, _integer_forward_bwd)
+
+
+def _freeze_kw(kw: dict) -> tuple:
+  def fix(v):
+    if isinstance(v, list):
+      return tuple(fix(e) for e in v)
+    if isinstance(v, tuple):
+      return tuple(fix(e) for e in v)
+    return v
+  return tuple(sorted((k, fix(v)) for k, v in kw.items() if v is not None))
+
+
+def integer_forward(
+    op: str,
+    x: ArrayLike,
+    w: ArrayLike,
+    *,
+    act: tuple,
+    weight: tuple,
+    **op_kwargs,
+) -> Array:
+  """A QAT op whose forward runs in integer arithmetic and whose backward is the STE.
+
+  The forward quantizes ``x`` and ``w`` with their current ranges and runs
+  the integer path of :func:`quantized_dot_general` /
+  :func:`quantized_einsum` / :func:`quantized_conv_general_dilated` (int8
+  operands, int32 accumulation, one rescale): the same values as the
+  fake-quant op up to float summation order (:func:`integer_error_bound`).
+  The backward is the gradient of the fake-quant op ``op(fq(x), fq(w))``
+  (the textbook STE with the quantized operands, LSQ/LSQ+ step-size and
+  offset gradients included), recomputed from the saved float inputs, so the
+  step keeps ``x``, ``w`` and the ranges, not fake-quantized copies.
+
+  Args:
+    op: ``"dot_general"``, ``"einsum"`` or ``"conv_general_dilated"``.
+    x: the float input (left operand).
+    w: the float weight (right operand).
+    act: ``(spec, scale, zero_point, offset)`` of the input quantizer, as
+      :func:`~jaxqat.core.quant_dequant` takes them (``scale`` the step size
+      ``s``, also for LSQ).
+    weight: the same for the weight quantizer.
+    **op_kwargs: the op's arguments: ``dimension_numbers`` (and
+      ``precision``, ``preferred_element_type``) for ``dot_general``;
+      ``subscripts`` for ``einsum``; ``window_strides``, ``padding``,
+      ``dimension_numbers``... for ``conv_general_dilated``.
+
+  Returns:
+    The op's float output.
+
+  Raises:
+    ValueError: if ``op`` is unknown, or the quantizers cannot take the
+      integer path (the message gives :func:`integer_reason`'s reason).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec
+    >>> a = (QuantSpec(learning="lsq"), jnp.float32(0.1), None, None)
+    >>> wq = (QuantSpec(), jnp.float32(0.05), None, None)
+    >>> f = lambda x, w: integer_forward("dot_general", x, w, act=a, weight=wq,
+    ...                                  dimension_numbers=(((1,), (0,)), ((), ()))).sum()
+    >>> jax.grad(f)(jnp.ones((2, 3)), jnp.ones((3, 4)))[0]
+    Array([4., 4., 4.], dtype=float32)
+  """
+  if op not in _OPS:
+    raise ValueError(f"op: expected one of {tuple(_OPS)}, got {op!r}")
+  aspec, wspec = act[0], weight[0]
+  if op == "einsum":
+    plan = _einsum_plan(op_kwargs["subscripts"], jnp.ndim(x), jnp.ndim(w))
+    reason = plan if isinstance(plan, str) else None
+    contracting = () if reason else plan[0][0][1]
+  elif op == "dot_general":
+    reason, contracting = None, op_kwargs["dimension_numbers"][0][1]
+  else:
+    dn = lax.conv_dimension_numbers(jnp.shape(x), jnp.shape(w),
+                                    op_kwargs.get("dimension_numbers"))
+    reason, contracting = None, tuple(dn.rhs_spec[1:])
+    if not wspec.symmetric:
+      reason = "the kernel is affine (has a zero point)"
+  if reason is None:
+    reason = _reason(wspec, jnp.ndim(w), aspec, contracting)
+  if reason is not None:
+    raise ValueError(f"integer_forward: this layer cannot run in integer arithmetic: {reason}")
+  cfg = (op, aspec, wspec, _freeze_kw(op_kwargs))
+  a = tuple(act[1:]) + (None,) * (4 - len(act))
+  wq = tuple(weight[1:]) + (None,) * (4 - len(weight))
+  return _integer_forward(cfg, x, w, a[:3], wq[:3])
