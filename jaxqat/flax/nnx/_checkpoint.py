@@ -23,6 +23,14 @@ checks, and refuses with a ``ValueError`` naming the file or entry:
 
 On success the quantizers take the modes and flags they were saved with
 (``mode``, ``frozen``, ``calibrated``, ``disabled``).
+
+**Served models** (:func:`jaxqat.flax.nnx.convert`) save and restore the
+same way: their state is the weight codes, scales and input encodings (no
+float copy of a quantized weight), and ``jaxqat.json`` records each served
+weight's spec fingerprint, dequantized dtype and packing (key ``"served"``);
+restore into a served model of the same structure (``convert`` of a QAT
+model built with the same rules) refuses a checkpoint whose served specs
+differ (an int4 served model refuses an int8 checkpoint).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from jaxqat import core
 from jaxqat.core._report import describe_spec
 from jaxqat.flax.nnx._convert import path_str
 from jaxqat.flax.nnx._quantizer import Quantizer
+from jaxqat.flax.nnx._serve import served_meta
 
 __all__ = ["save", "restore", "METADATA_FILE"]
 
@@ -98,7 +107,7 @@ def save(path: Union[str, os.PathLike], model: nnx.Module, *, force: bool = Fals
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory, state, force=force)
   ckptr.wait_until_finished()
-  meta = {"schema": _SCHEMA, "quantizers": _quant_meta(model)}
+  meta = {"schema": _SCHEMA, "quantizers": _quant_meta(model), "served": served_meta(model)}
   with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
 
@@ -204,6 +213,19 @@ def restore(path: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
       problems.append(f"quantizer '{p}': the checkpoint's spec is {shown}"
                       f"{'' if s.get('role') == m['role'] else ' (' + str(s.get('role')) + ')'}, "
                       f"the model's {describe_spec(core.spec_from_dict(m['spec']))}")
+  ssaved, smodel = meta.get("served", {}), served_meta(model)
+  if not isinstance(ssaved, dict):
+    ssaved = {}
+    problems.append("the checkpoint's 'served' metadata is not a JSON object")
+  if sorted(set(smodel) - set(ssaved)):
+    problems.append(f"served weights/encodings missing from the checkpoint: "
+                    f"{sorted(set(smodel) - set(ssaved))}")
+  if sorted(set(ssaved) - set(smodel)):
+    problems.append(f"served weights/encodings missing from the model: "
+                    f"{sorted(set(ssaved) - set(smodel))}")
+  for p in sorted(set(ssaved) & set(smodel)):
+    if ssaved[p] != smodel[p]:
+      problems.append(f"served '{p}': the checkpoint has {ssaved[p]}, the model {smodel[p]}")
   ckptr = ocp.StandardCheckpointer()
   item = ckptr.metadata(directory).item_metadata
   item = getattr(item, "tree", item)

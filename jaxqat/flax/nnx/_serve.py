@@ -1,0 +1,874 @@
+"""Serving NNX models: ``convert``, the size report, encodings files, ``jax.export``.
+
+:func:`convert` turns a calibrated (or QAT-trained) model into a **served
+model**: a new NNX model in which every quantized Flax layer holds its
+weight as integer codes and scales (a :class:`ServedWeight`, the leaves of
+a :class:`jaxqat.core.QTensor`) and its input range as a
+:class:`ServedEncoding`, and computes with the core kernels
+(:func:`jaxqat.core.quantized_dot_general` and friends). The QAT model is
+not modified.
+
+**Served layers keep Flax's logic.** ``ServedLinear`` subclasses
+``nnx.Linear`` (and so on for ``LinearGeneral``, ``Einsum``, ``Conv``,
+``Embed``): Flax's own ``__call__`` runs (padding modes, feature groups,
+batch axes, bias, masks), reading ``self.kernel[...]``, which returns the
+quantized weight; the layer's ``promote_dtype`` hook promotes the input as
+Flax does and attaches the input encoding, and the layer's ``dot_general``
+/ ``einsum_op`` / ``conv_general_dilated`` is the core kernel. A custom
+``dot_general`` of the float layer is therefore replaced.
+
+**State.** The codes, scales and zero points are :class:`ServedArray`
+variables (not ``nnx.Param``: optimizers and ``nnx.grad(wrt=nnx.Param)``
+skip them); the spec, the dequantized dtype and the packing are static
+(graph definition). ``nnx.state``, ``nnx.split``/``nnx.merge``, ``nnx.jit``
+and :func:`jaxqat.flax.nnx.save`/``restore`` work as for any model. The
+state paths are the float model's: ``layers/0/kernel/values``,
+``layers/0/kernel/scale``, ``layers/0/input_encoding/scale``.
+
+**Parity.** A weight is quantized in the dtype Flax promotes it to before
+the op (the layer's ``dtype``, else the parameter's), with the range the
+fake-quant model uses at this moment (a fixed-range weight quantizer that
+is not frozen: the current weight's range), so with weight-only
+quantization (or ``integer=False``) the served model computes the fake-quant
+model's arithmetic, bit for bit. With static integer input quantization
+(the default W8A8) matmuls and convolutions run on int8 codes with int32
+accumulation; the difference to the fake-quant model is bounded by
+:func:`jaxqat.core.integer_error_bound`.
+
+**Names.** A layer path joins attribute names and container keys with
+``/`` (the keys of ``nnx.state``, see :func:`jaxqat.flax.nnx.quantize`).
+Encodings are named ``"<layer path>/<weight name>"`` (``"fc/kernel"``,
+``"emb/embedding"``) for weights and ``"<layer path>/input"`` for input
+quantizers (also for an :class:`~jaxqat.flax.nnx.ActQuant`); for an
+intercepted module, whose weights each have an input quantizer,
+``"<layer path>/<param name>"`` and ``"<layer path>/<param name>/input"``
+(param names dotted: ``"layers.0"``). The root layer has path ``""``:
+``"kernel"``, ``"input"``.
+
+**Limits.** Intercepted modules (:func:`jaxqat.flax.nnx.intercept`) are not
+converted: :func:`convert` refuses them, naming the layer (quantize them
+with a skip rule to serve them in float). Stacked (``nnx.vmap``) layers are
+converted: their codes and scales carry the stacked leading axes and are
+sliced by ``nnx.scan`` like any variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxqat import core
+from jaxqat.flax.nnx import _intercept
+from jaxqat.flax.nnx import _layers
+from jaxqat.flax.nnx._convert import is_quantized
+from jaxqat.flax.nnx._convert import path_str
+from jaxqat.flax.nnx._quantizer import ACT
+from jaxqat.flax.nnx._quantizer import Quantizer
+from jaxqat.flax.nnx._quantizer import WEIGHT
+
+__all__ = [
+    "ServedArray",
+    "ServedWeight",
+    "ServedEncoding",
+    "ServedLinear",
+    "ServedLinearGeneral",
+    "ServedEinsum",
+    "ServedConv",
+    "ServedEmbed",
+    "ServedActQuant",
+    "convert",
+    "size_report",
+    "export_encodings",
+    "save_encodings",
+    "load_encodings",
+    "export_serving",
+    "served_meta",
+]
+
+
+def _vmap_n(fn, n: int):
+  for _ in range(n):
+    fn = jax.vmap(fn)
+  return fn
+
+
+# --------------------------------------------------------------------------
+# State of served layers.
+# --------------------------------------------------------------------------
+
+
+class ServedArray(nnx.Variable):
+  """A fixed array of a served model: weight codes, scales, zero points, input ranges.
+
+  Not an ``nnx.Param``: optimizers and ``nnx.grad(..., wrt=nnx.Param)`` leave
+  it alone.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> isinstance(ServedArray(jnp.zeros((2,), jnp.int8)), nnx.Param)
+    False
+  """
+
+
+def _var(x):
+  return nnx.data(None) if x is None else ServedArray(x)
+
+
+def _get(v):
+  return None if v is None else v[...]
+
+
+class ServedWeight(nnx.Module):
+  """A served layer's weight: the leaves of a :class:`jaxqat.core.QTensor`.
+
+  ``values`` (codes, packed or not), ``scale``, ``zero_point`` and
+  ``tensor_scale`` are :class:`ServedArray` variables (or ``None``);
+  ``spec``, ``dtype`` (what dequantization returns), ``packed`` and
+  ``float_dtype`` (the float model's parameter dtype, for
+  :func:`size_report`) are static. ``weight[...]`` returns the operand the
+  served layer's op takes.
+
+  Args:
+    qt: the quantized weight (with leading stacked axes for ``nnx.vmap``
+      layers).
+    float_dtype: the float parameter's dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, quantize
+    >>> w = ServedWeight(quantize(jnp.ones((2, 3)), 0.1, spec=QuantSpec()), jnp.float32)
+    >>> w.values[...].dtype, w.shape
+    (dtype('int8'), (2, 3))
+  """
+
+  def __init__(self, qt: core.QTensor, float_dtype):
+    self.values = ServedArray(qt.values)
+    self.scale = _var(qt.scale)
+    self.zero_point = _var(qt.zero_point)
+    self.tensor_scale = _var(qt.tensor_scale)
+    self.spec = qt.spec
+    self.dtype = np.dtype(qt.dtype)
+    self.packed = int(qt.packed)
+    self.float_dtype = np.dtype(float_dtype)
+
+  def qtensor(self) -> core.QTensor:
+    """The :class:`jaxqat.core.QTensor` (of the current, possibly scan-sliced, leaves)."""
+    return core.QTensor(self.values[...], _get(self.scale), _get(self.zero_point),
+                        _get(self.tensor_scale), spec=self.spec, dtype=self.dtype,
+                        packed=self.packed)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The logical shape (one entry per weight element)."""
+    return tuple(self.qtensor().shape)
+
+  def __getitem__(self, index):
+    if index is not Ellipsis:
+      raise TypeError("ServedWeight: only weight[...] is supported (a served weight holds "
+                      "codes; use .qtensor() or jaxqat.core.dequantize)")
+    return _Operand(self.qtensor())
+
+
+class ServedEncoding(nnx.Module):
+  """A served input range: a :class:`jaxqat.core.Encoding` as variables.
+
+  Args:
+    enc: the encoding (with leading stacked axes for ``nnx.vmap`` layers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import Encoding, QuantSpec
+    >>> e = ServedEncoding(Encoding(jnp.float32(0.5), None, QuantSpec()))
+    >>> float(e.encoding().scale)
+    0.5
+  """
+
+  def __init__(self, enc: core.Encoding):
+    self.scale = _var(enc.scale)
+    self.zero_point = _var(enc.zero_point)
+    self.spec = enc.spec
+
+  def encoding(self) -> core.Encoding:
+    """The :class:`jaxqat.core.Encoding`."""
+    return core.Encoding(_get(self.scale), _get(self.zero_point), self.spec)
+
+
+class _Operand:
+  """The weight operand a served layer's op receives (through Flax's code)."""
+
+  def __init__(self, qt: core.QTensor):
+    self.qt = qt
+    self.act = None
+    self.integer = True
+
+  @property
+  def shape(self):
+    return self.qt.shape
+
+  @property
+  def ndim(self):
+    return len(self.qt.shape)
+
+  @property
+  def dtype(self):
+    return self.qt.dtype
+
+  def __mul__(self, mask):
+    return self  # Conv's mask: applied to the weight before it was quantized
+
+  __imul__ = __mul__
+
+
+# --------------------------------------------------------------------------
+# Served layers.
+# --------------------------------------------------------------------------
+
+
+def _served_promote(args, /, **kwargs):
+  """``promote_dtype`` hook of served layers: Flax's promotion, then the input encoding."""
+  stack = _layers._stack()  # pylint: disable=protected-access
+  layer = stack[-1] if stack else None
+  if not isinstance(layer, _ServedMixin):
+    raise RuntimeError("jaxqat: a served layer's promote_dtype hook was called outside of the "
+                       "layer's __call__")
+  stand = tuple(jnp.zeros((), a.dtype) if isinstance(a, _Operand) else a for a in args)
+  out = list(layer.jaxqat_float_promote(stand, **kwargs))
+  act = layer.input_encoding.encoding() if layer.input_encoding is not None else None
+  op = None
+  for i, a in enumerate(args):
+    if isinstance(a, _Operand):
+      out[i] = op = a
+  if op is not None:
+    op.act, op.integer = act, layer.jaxqat_integer
+  elif act is not None and len(out) > 1:
+    out[0] = core.fake_quantize_input(out[0], act)
+  return tuple(out)
+
+
+def _reshard(y, out_sharding):
+  return y if out_sharding is None else jax.sharding.reshard(y, out_sharding)
+
+
+def _served_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
+                        out_sharding=None):
+  y = core.quantized_dot_general(x, w.qt, dimension_numbers, act=w.act, precision=precision,
+                                 preferred_element_type=preferred_element_type,
+                                 integer=w.integer)
+  return _reshard(y, out_sharding)
+
+
+def _served_einsum(subscripts, x, w, precision=None, preferred_element_type=None,
+                   out_sharding=None):
+  y = core.quantized_einsum(subscripts, x, w.qt, act=w.act, precision=precision,
+                            preferred_element_type=preferred_element_type, integer=w.integer)
+  return _reshard(y, out_sharding)
+
+
+def _served_conv(x, w, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                 precision=None, preferred_element_type=None, out_sharding=None):
+  y = core.quantized_conv_general_dilated(
+      x, w.qt, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, act=w.act, precision=precision,
+      preferred_element_type=preferred_element_type, integer=w.integer)
+  return _reshard(y, out_sharding)
+
+
+class _ServedMixin(nnx.Module):
+  """Served version of a quantized Flax layer (see the module docstring)."""
+
+  weight_attr = "kernel"
+  op_attr = "dot_general"
+  op_fn = staticmethod(_served_dot_general)
+
+  def __call__(self, *args, **kwargs):
+    with _layers._active(self):  # pylint: disable=protected-access
+      return super().__call__(*args, **kwargs)
+
+  def jaxqat_serve(self, qt, act, integer: bool, float_dtype) -> None:
+    """Turns this (cloned, quantized) layer into its served form, in place."""
+    if qt is not None:
+      setattr(self, self.weight_attr, ServedWeight(qt, float_dtype))
+      setattr(self, self.op_attr, self.op_fn)
+      if hasattr(self, "dot_general_cls"):
+        self.dot_general_cls = None
+    self.input_encoding = ServedEncoding(act) if act is not None else nnx.data(None)
+    self.jaxqat_integer = bool(integer)
+    self.promote_dtype = _served_promote
+
+
+class ServedLinear(_ServedMixin, nnx.Linear):
+  """A served ``nnx.Linear`` (made by :func:`convert`): integer kernel codes."""
+
+
+class ServedLinearGeneral(_ServedMixin, nnx.LinearGeneral):
+  """A served ``nnx.LinearGeneral`` (made by :func:`convert`)."""
+
+
+class ServedEinsum(_ServedMixin, nnx.Einsum):
+  """A served ``nnx.Einsum`` (made by :func:`convert`)."""
+
+  op_attr = "einsum_op"
+  op_fn = staticmethod(_served_einsum)
+
+
+class ServedConv(_ServedMixin, nnx.Conv):
+  """A served ``nnx.Conv`` (made by :func:`convert`), grouped and depthwise included."""
+
+  op_attr = "conv_general_dilated"
+  op_fn = staticmethod(_served_conv)
+
+
+class ServedEmbed(_ServedMixin, nnx.Embed):
+  """A served ``nnx.Embed`` (made by :func:`convert`).
+
+  Lookups gather the codes of the requested rows and dequantize only those
+  (:func:`jaxqat.core.quantized_take`); :meth:`attend` runs the integer
+  matmul when the query is statically quantized.
+  """
+
+  weight_attr = "embedding"
+
+  def jaxqat_serve(self, qt, act, integer, float_dtype):
+    super().jaxqat_serve(qt, act, integer, float_dtype)
+    self.op_attr = None
+
+  def __call__(self, inputs, out_sharding=None):
+    if not isinstance(self.embedding, ServedWeight):
+      return super().__call__(inputs, out_sharding=out_sharding)
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError("Input type must be an integer or unsigned integer.")
+    qt = self.embedding.qtensor()
+    if self.num_embeddings == 1:
+      return jnp.broadcast_to(core.dequantize(qt), inputs.shape + (self.features,))
+    return _reshard(core.quantized_take(qt, inputs, axis=0), out_sharding)
+
+  def attend(self, query, out_sharding=None):
+    with _layers._active(self):  # pylint: disable=protected-access
+      if not isinstance(self.embedding, ServedWeight):
+        return super().attend(query, out_sharding=out_sharding)
+      query, op = self.promote_dtype((query, self.embedding[...]), dtype=self.dtype)
+    dims = (((query.ndim - 1,), (1,)), ((), ()))
+    if op.integer and core.integer_reason(op.qt, op.act, (1,)) is None:
+      y = core.quantized_dot_general(query, op.qt, dims, act=op.act)
+    else:  # the fake-quant layer's arithmetic: jnp.dot(query, embedding.T)
+      y = jnp.dot(core.fake_quantize_input(query, op.act), core.dequantize(op.qt).T)
+    return _reshard(y, out_sharding)
+
+
+class ServedActQuant(nnx.Module):
+  """A served :class:`~jaxqat.flax.nnx.ActQuant`: fake-quantizes with a fixed encoding.
+
+  ``input_encoding`` is a :class:`ServedEncoding`, or ``None`` when the
+  quantizer saw no data during calibration (the input stays float).
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Returns ``x`` quantized and dequantized with the served range."""
+    if self.input_encoding is None:
+      return x
+    return core.fake_quantize_input(x, self.input_encoding.encoding())
+
+
+SERVED_LAYERS: dict[type, type] = {
+    _layers.QuantLinear: ServedLinear,
+    _layers.QuantLinearGeneral: ServedLinearGeneral,
+    _layers.QuantEinsum: ServedEinsum,
+    _layers.QuantConv: ServedConv,
+    _layers.QuantEmbed: ServedEmbed,
+}
+
+
+def is_served(model: nnx.Module) -> bool:
+  """Whether ``model`` holds served layers (made by :func:`convert`)."""
+  return any(isinstance(n, (ServedWeight, ServedEncoding, _ServedMixin, ServedActQuant))
+             for _, n in nnx.iter_graph(model))
+
+
+# --------------------------------------------------------------------------
+# Encodings of quantizers.
+# --------------------------------------------------------------------------
+
+
+def _where(q: Quantizer, fallback: str) -> str:
+  return q.path or fallback or "<root>"
+
+
+def _state_values(q: Quantizer) -> dict:
+  return {k: v[...] for k, v in q.state_variables().items()}
+
+
+def _weight_encoding(wq: Quantizer, w: jax.Array, where: str) -> core.Encoding:
+  """The encoding the fake-quant model uses now for weight ``w`` (stacked axes first)."""
+  spec = wq.spec
+  if spec.is_block or (spec.learning == "fixed" and not wq.frozen):
+    state = {}
+  else:
+    state = _state_values(wq)
+  fn = lambda w, st: core.encoding_from_state(spec, st, weight=w, name=where)  # noqa: E731
+  return _vmap_n(fn, len(wq.stack_shape))(w, state)
+
+
+def _act_encoding(aq: Optional[Quantizer], where: str, fn_name: str) -> Optional[core.Encoding]:
+  """The served input encoding; None when the input stays float."""
+  if aq is None:
+    return None
+  if aq.spec.is_block:
+    return core.encoding_from_state(aq.spec, {}, name=where)
+  if not aq.calibrated:
+    if aq.disabled:
+      return None
+    raise ValueError(f"{fn_name}: layer '{where}': the input quantizer was never calibrated (no "
+                     "activation range); run jaxqat.flax.nnx.calibrate(model, data) first")
+  fn = lambda st: core.encoding_from_state(aq.spec, st, name=where)  # noqa: E731
+  return _vmap_n(fn, len(aq.stack_shape))(_state_values(aq))
+
+
+def _check_modes(model, fn_name: str) -> None:
+  for p, node in nnx.iter_graph(model):
+    if isinstance(node, Quantizer) and node.mode != "quant":
+      raise ValueError(
+          f"{fn_name}: layer '{_where(node, path_str(p))}': the quantizer is in {node.mode!r} "
+          f"mode; {fn_name} serves the quantized model: call "
+          "jaxqat.flax.nnx.set_mode(model, 'quant') first")
+
+
+def _owners(model):
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(type(node), "jaxqat_weights"):
+      yield tuple(path), node
+
+
+def _param(owner, parts):
+  obj = owner
+  for p in parts:
+    obj = obj[p] if isinstance(obj, (nnx.List, nnx.Dict)) else getattr(obj, p)
+  return obj
+
+
+def _promoted_weight(layer) -> jax.Array:
+  """The weight as the layer's op sees it: masked (Conv), promoted as Flax promotes it."""
+  w = getattr(layer, layer.weight_attr)[...]
+  if getattr(layer, "mask", None) is not None:
+    w = w * layer.mask
+  dtype = getattr(layer, "dtype", None)
+  return w if dtype is None else w.astype(dtype)
+
+
+def _quantizer_names(model) -> list[tuple[str, str, Quantizer, Any]]:
+  """``[(name, kind, quantizer, weight or None)]`` for every quantizer (see the docstring)."""
+  out, seen = [], set()
+  for path, owner in _owners(model):
+    lp = path_str(path)
+    own = isinstance(owner, _intercept.InterceptMixin)
+    for parts, wq, aq in owner.jaxqat_weights():
+      pname = (".".join(str(p) for p in parts) if own else "/".join(str(p) for p in parts))
+      wname = f"{lp}/{pname}" if lp else pname
+      if wq is not None and id(wq) not in seen:
+        seen.add(id(wq))
+        w = _param(owner, parts)[...]
+        if isinstance(owner, _layers._QuantMixin):  # pylint: disable=protected-access
+          w = _promoted_weight(owner)
+        out.append((wname, "param", wq, w))
+      if aq is not None and id(aq) not in seen:
+        seen.add(id(aq))
+        base = wname if own else lp
+        out.append((f"{base}/input" if base else "input", "activation", aq, None))
+  return out
+
+
+# --------------------------------------------------------------------------
+# convert.
+# --------------------------------------------------------------------------
+
+
+def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nnx.Module:
+  """Converts a calibrated or QAT model into a served model (a new model).
+
+  Every quantized Flax layer becomes its served class (``ServedLinear`` ...):
+  its weight is replaced by integer codes and scales (:class:`ServedWeight`;
+  no float copy of the weight remains), its input quantizer by a fixed
+  :class:`ServedEncoding`. Skipped layers stay float. The weight's range is
+  the one the fake-quant model uses now: stored (frozen fixed range, LSQ
+  step size) or, for a fixed-range weight quantizer that is not frozen,
+  the current weight's. An input quantizer that saw no data during
+  calibration (``disabled``) leaves its input float. ``model`` is not
+  modified (the served model shares nothing mutable with it).
+
+  Args:
+    model: a quantized NNX model (:func:`jaxqat.flax.nnx.quantize`), with
+      its activation quantizers calibrated, every quantizer in ``"quant"``
+      mode.
+    integer: run matmuls and convolutions on int8 codes with int32
+      accumulation where the input is statically quantized to <= 8 bits per
+      tensor (see :mod:`jaxqat.core._integer`); ``False`` always dequantizes
+      the weight (bit for bit the fake-quant model).
+    pack: store int4/int2 codes packed along the weight's last axis.
+
+  Returns:
+    The served model (same structure and paths; call it as the QAT model).
+
+  Raises:
+    TypeError: if ``model`` is not an NNX module.
+    ValueError: if ``model`` is not quantized or is served already; if a
+      quantizer is not in ``"quant"`` mode; if an input quantizer was never
+      calibrated; if a module is intercepted (not supported: quantize it with
+      a skip rule to serve it in float). Each message names the layer;
+      nothing is modified.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.flax.nnx import quantize, calibrate
+    >>> x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+    >>> model = calibrate(quantize(nnx.Linear(4, 3, rngs=nnx.Rngs(0))), [x])
+    >>> served = convert(model)
+    >>> type(served).__name__, served.kernel.values[...].dtype
+    ('ServedLinear', dtype('int8'))
+    >>> bool(jnp.allclose(served(x), model(x), atol=1e-5))
+    True
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  if is_served(model):
+    raise ValueError("model: the model is served already (made by convert); convert the QAT "
+                     "model")
+  if not is_quantized(model):
+    raise ValueError("model: convert needs a quantized model; run "
+                     "jaxqat.flax.nnx.quantize(model, rules) (and calibrate) first")
+  _check_modes(model, "convert")
+  plans: dict[tuple, tuple] = {}
+  for path, node in _owners(model):
+    where = path_str(path) or "<root>"
+    if isinstance(node, _intercept.InterceptMixin):
+      raise ValueError(
+          f"convert: layer '{where}' ({type(node).jaxqat_float_type.__name__}) is an "
+          "intercepted module (jaxqat.flax.nnx.intercept), which convert does not support; "
+          "quantize it with a skip rule (Rule(pattern=..., skip=True)) to serve it in float, "
+          "or write it with Flax layers")
+    if isinstance(node, _layers.ActQuant):
+      plans[path] = ("act", _act_encoding(node.quantizer, where, "convert"))
+      continue
+    wq = getattr(node, node.quant_attr)
+    act = _act_encoding(node.input_quant, where, "convert")
+    qt, float_dtype = None, None
+    if wq is not None:
+      w = _promoted_weight(node)
+      float_dtype = getattr(node, node.weight_attr)[...].dtype
+      enc = _weight_encoding(wq, w, where)
+      qt = _vmap_n(lambda w, e: core.quantize_weight(w, e, pack=pack),
+                   len(wq.stack_shape))(w, enc)
+    plans[path] = ("layer", qt, act, float_dtype)
+  served = nnx.clone(model)
+  for path, node in list(_owners(served)):
+    plan = plans[path]
+    if plan[0] == "act":
+      del node.quantizer
+      node.__class__ = ServedActQuant
+      node.input_encoding = ServedEncoding(plan[1]) if plan[1] is not None else nnx.data(None)
+      continue
+    _, qt, act, float_dtype = plan
+    quant_attr = node.quant_attr
+    node.__class__ = SERVED_LAYERS[type(node)]
+    delattr(node, quant_attr)
+    del node.input_quant
+    if hasattr(node, "jaxqat_stack"):
+      del node.jaxqat_stack
+    node.jaxqat_serve(qt, act, integer, float_dtype)
+  for attr in ("jaxqat_layers", "jaxqat_unused_rules"):
+    if attr in vars(served):
+      delattr(served, attr)
+  return served
+
+
+# --------------------------------------------------------------------------
+# Size report, serving export, checkpoint metadata.
+# --------------------------------------------------------------------------
+
+
+def size_report(served: nnx.Module) -> core.SizeReport:
+  """The per-weight size table of a served model and its compression ratio.
+
+  One row per served weight (codes, scales and zero points against the
+  float parameter's bytes) and per float parameter of rank >= 2 other than
+  a ``bias`` (the weights of layers left float); biases and other vectors
+  are not listed.
+
+  Args:
+    served: a model made by :func:`convert` (a float or QAT model gives
+      its float weights).
+
+  Returns:
+    A :class:`jaxqat.core.SizeReport` (``str()`` prints the table).
+
+  Raises:
+    TypeError: if ``served`` is not an NNX module.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec, Rule
+    >>> from jaxqat.flax.nnx import quantize
+    >>> m = quantize(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), Rule(pattern=".*",
+    ...                                                      weight=QuantSpec()))
+    >>> r = size_report(convert(m))
+    >>> r.rows[0].layer, r.rows[0].format, round(r.ratio, 4)
+    ('kernel', 'int8', 0.2501)
+  """
+  if not isinstance(served, nnx.Module):
+    raise TypeError(f"served: expected a flax.nnx.Module, got {type(served).__name__}")
+  rows = []
+  for path, node in nnx.iter_graph(served):
+    if isinstance(node, ServedWeight):
+      rows.append(core.size_row(path_str(path), node.qtensor(), node.float_dtype))
+    elif (isinstance(node, nnx.Param) and node[...].ndim >= 2 and path
+          and str(path[-1]) != "bias"):
+      rows.append(core.size_row(path_str(path), node[...], node[...].dtype))
+  return core.SizeReport(rows)
+
+
+def export_serving(served: nnx.Module, *example_args: Any, batch_polymorphic: bool = False,
+                   platforms=None) -> bytes:
+  """Serializes the served model's forward pass with :mod:`jax.export`.
+
+  The model's state (codes, scales, float parameters of float layers) is
+  baked into the program as constants; reload it with
+  :func:`jaxqat.core.load_serving` and call it without the model's code.
+
+  Args:
+    served: a model made by :func:`convert` (any NNX model works).
+    *example_args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+    batch_polymorphic: make every input's leading axis symbolic.
+    platforms: target platforms (default: the current backend).
+
+  Returns:
+    The serialized program (bytes).
+
+  Raises:
+    TypeError: if ``served`` is not an NNX module.
+    ValueError: if no example argument is given.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.core import QuantSpec, Rule, load_serving
+    >>> from jaxqat.flax.nnx import quantize
+    >>> served = convert(quantize(nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+    ...                           Rule(pattern=".*", weight=QuantSpec())))
+    >>> x = jnp.ones((3, 4))
+    >>> bool((load_serving(export_serving(served, x))(x) == served(x)).all())
+    True
+  """
+  if not isinstance(served, nnx.Module):
+    raise TypeError(f"served: expected a flax.nnx.Module, got {type(served).__name__}")
+  graphdef, state = nnx.split(served)
+
+  def forward(*args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return core.export_serving(forward, *example_args, batch_polymorphic=batch_polymorphic,
+                             platforms=platforms)
+
+
+def served_meta(model: nnx.Module) -> dict:
+  """The static description of a model's served weights and encodings (for checkpoints)."""
+  out = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, ServedWeight):
+      out[path_str(path)] = {"kind": "weight", "fingerprint": core.spec_fingerprint(node.spec),
+                             "dtype": node.dtype.name, "packed": node.packed}
+    elif isinstance(node, ServedEncoding):
+      out[path_str(path)] = {"kind": "encoding", "fingerprint": core.spec_fingerprint(node.spec)}
+  return out
+
+
+# --------------------------------------------------------------------------
+# Encodings files.
+# --------------------------------------------------------------------------
+
+
+def _check_quantized(model, fn_name):
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}")
+  if not is_quantized(model) or is_served(model):
+    raise ValueError(f"model: {fn_name} needs a quantized (QAT) model, not "
+                     f"{'a served' if is_served(model) else 'a float'} one")
+
+
+def export_encodings(model: nnx.Module) -> dict:
+  """The encodings of every quantizer of a QAT model, in the AIMET 1.0.0 layout.
+
+  Weights get the range the fake-quant model uses now (a fixed-range weight
+  quantizer that is not frozen: the current weight's); input quantizers
+  their calibrated (or learned) range; an input quantizer that saw no data
+  (``disabled``) is left out. Names follow the module docstring.
+
+  Args:
+    model: a quantized, calibrated NNX model.
+
+  Returns:
+    A JSON-ready dict (:func:`jaxqat.core.encodings_to_dict`).
+
+  Raises:
+    TypeError: if ``model`` is not an NNX module.
+    ValueError: if it is not a QAT model, or an input quantizer was never
+      calibrated (naming the layer).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.flax.nnx import quantize, calibrate
+    >>> m = calibrate(quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0))), [jnp.ones((1, 2))])
+    >>> d = export_encodings(m)
+    >>> [e["name"] for e in d["param_encodings"]], [e["name"] for e in d["activation_encodings"]]
+    (['kernel'], ['input'])
+  """
+  _check_quantized(model, "export_encodings")
+  params, acts = {}, {}
+  for name, kind, q, w in _quantizer_names(model):
+    where = _where(q, name)
+    if kind == "param":
+      params[name] = _weight_encoding(q, w, where)
+    else:
+      enc = _act_encoding(q, where, "export_encodings")
+      if enc is not None:
+        acts[name] = enc
+  return core.encodings_to_dict(params, acts)
+
+
+def save_encodings(path: Union[str, os.PathLike], model: nnx.Module) -> None:
+  """Writes :func:`export_encodings` of ``model`` to a JSON file.
+
+  Args:
+    path: the file to write.
+    model: a quantized, calibrated NNX model.
+
+  Raises:
+    As :func:`export_encodings`; ``OSError`` if the file cannot be written.
+
+  Examples:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.flax.nnx import quantize, calibrate
+    >>> m = calibrate(quantize(nnx.Linear(2, 3, rngs=nnx.Rngs(0))), [jnp.ones((1, 2))])
+    >>> f = os.path.join(tempfile.mkdtemp(), "enc.json")
+    >>> save_encodings(f, m)
+    >>> load_encodings(m, f) is m
+    True
+  """
+  data = export_encodings(model)
+  with open(os.fspath(path), "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1)
+
+
+_SECTIONS = {"param": "param_encodings", "activation": "activation_encodings"}
+
+
+def _apply(q: Quantizer, enc: core.Encoding) -> None:
+  spec = q.spec
+  if spec.is_block:
+    return
+  full = q._full()  # pylint: disable=protected-access
+  s = jnp.asarray(enc.scale, jnp.float32).reshape(full)
+  z = (jnp.zeros(full, jnp.float32) if enc.zero_point is None
+       else jnp.asarray(enc.zero_point, jnp.float32).reshape(full))
+  if spec.learning == "fixed":
+    values = {"scale": s, "zero_point": z}
+  else:
+    values = {"log_scale": core.step_size_to_param(s), "offset": -z * s}
+  q._set({k: v for k, v in values.items() if getattr(q, k) is not None})  # pylint: disable=protected-access
+  if q.role == WEIGHT:
+    q.frozen = spec.learning == "fixed"
+  else:
+    q.calibrated, q.disabled = True, ""
+
+
+def load_encodings(model: nnx.Module, path_or_dict: Union[str, os.PathLike, Mapping], *,
+                   names: Optional[Mapping[str, str]] = None) -> nnx.Module:
+  """Sets a QAT model's ranges from an encodings file (all or nothing).
+
+  Fixed ranges take ``scale``/``zero_point`` (and the fixed-range weight
+  quantizers are **frozen**: they keep the loaded range instead of
+  tracking the weight); LSQ step sizes ``log_scale = log(s)``; LSQ+
+  offsets ``-z*s``. Activation quantizers become calibrated. An input
+  quantizer without an entry (the exporting model's saw no data) stays
+  float (``disabled`` says so). The whole file is checked before anything is
+  set.
+
+  Args:
+    model: a quantized NNX model of the same structure and specs.
+    path_or_dict: the JSON file's path, or the dict of
+      :func:`export_encodings`.
+    names: optional map from the file's names to this model's (to read a
+      file written by another front end).
+
+  Returns:
+    ``model`` (changed in place).
+
+  Raises:
+    TypeError: if ``model`` is not an NNX module or ``path_or_dict`` has
+      another type.
+    ValueError: if the file is malformed or truncated, an entry is unknown,
+      duplicated or does not fit its quantizer, or a weight has no entry;
+      the message names the entry and nothing is changed.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxqat.flax.nnx import quantize, calibrate
+    >>> qat = calibrate(quantize(nnx.Einsum("bi,io->bo", (2, 5), rngs=nnx.Rngs(1))),
+    ...                 [jnp.zeros((3, 2)), jnp.ones((3, 2))])
+    >>> enc = export_encodings(qat)
+    >>> enc["activation_encodings"][0]["bw"] = 4
+    >>> load_encodings(qat, enc)
+    Traceback (most recent call last):
+    ...
+    ValueError: encodings entry 'input': bw is 4 but the model's activation quantizer has 8
+  """
+  _check_quantized(model, "load_encodings")
+  if isinstance(path_or_dict, Mapping):
+    data = dict(path_or_dict)
+  elif isinstance(path_or_dict, (str, os.PathLike)):
+    with open(os.fspath(path_or_dict), encoding="utf-8") as f:
+      data = f.read()
+    try:
+      data = json.loads(data)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"encodings: {os.fspath(path_or_dict)} is not valid JSON ({e}); the file "
+                       "may be truncated") from None
+  else:
+    raise TypeError(f"path_or_dict: expected a file path or a dict, got "
+                    f"{type(path_or_dict).__name__}")
+  quants = {name: (kind, q) for name, kind, q, _ in _quantizer_names(model)}
+  expected = {}
+  for name, (kind, q) in quants.items():
+    shape = () if q.spec.is_block else q._full()  # pylint: disable=protected-access
+    expected[name] = (kind, q.spec, shape)
+  mapping = dict(names or {})
+  if isinstance(data, dict):  # unknown names (the core skips them when not strict)
+    for section in _SECTIONS.values():
+      rows = data.get(section)
+      for row in rows if isinstance(rows, list) else ():
+        if isinstance(row, dict) and isinstance(row.get("name"), str):
+          if mapping.get(row["name"], row["name"]) not in expected:
+            raise ValueError(f"encodings entry '{row['name']}': the model has no quantizer of "
+                             "that name")
+  encs = core.encodings_from_dict(data, expected, names=mapping, strict=False)
+  missing = [n for n, (kind, _) in quants.items() if kind == "param" and n not in encs]
+  if missing:
+    raise ValueError(f"encodings: no entry for the model's weight quantizer(s) {missing[:5]}")
+  for name, (kind, q) in quants.items():
+    if name in encs:
+      _apply(q, encs[name])
+    elif q.role == ACT and q.needs_range:
+      q.calibrated = False
+      q.disabled = "the encodings file has no entry for it; its input stays float"
+  return model
