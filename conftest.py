@@ -9,3 +9,18 @@ import jax  # noqa: E402
 
 # Catch silent dtype upcasts (equinox's habit).
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+# Long tests first: with pytest-xdist, a long test collected last would run alone at the
+# end while the other worker idles. Subprocess re-runs (other backends, simulated devices)
+# and tests marked slow are scheduled before the rest; the order within each group is kept.
+_LONG_FIRST = ("test_keras_backends.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  def rank(item):
+    if any(name in item.nodeid for name in _LONG_FIRST):
+      return 0
+    return 1 if item.get_closest_marker("slow") else 2
+
+  items.sort(key=rank)
