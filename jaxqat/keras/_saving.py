@@ -29,7 +29,8 @@ from jaxqat.keras import _graph
 from jaxqat.keras import _layers
 from jaxqat.keras._backend import keras
 
-__all__ = ["RECORD_VERSION", "mark", "record_of", "save", "restore"]
+__all__ = ["RECORD_VERSION", "mark", "record_of", "save", "restore", "export_encodings",
+           "save_encodings", "load_encodings"]
 
 RECORD_VERSION = 1
 _REGISTERED = "jaxqat>QuantizedModel"
@@ -184,3 +185,254 @@ def restore(path):
   if not os.path.exists(path):
     raise FileNotFoundError(f"path: no such file {str(path)!r}")
   return keras.saving.load_model(path, safe_mode=True)
+
+
+# -- encodings (AIMET 1.0.0 layout, jaxqat.core) ------------------------------------------
+#
+# Names: "<layer path>/<weight name>" for weights ("block/dense/kernel"; the
+# weight name is the quantizer's name without "_quantizer": "kernel",
+# "embeddings", "depthwise_kernel"; a folded Conv+BatchNorm's kernel is
+# "<conv name>/kernel", the folded kernel), "<layer path>/input" for input
+# quantizers. The layer path is the rule path of jaxqat.keras.quantize: the
+# layer's name prefixed by the names of the models/layers holding it, joined
+# by "/".
+
+
+def quant_entries(model) -> list:
+  """``(path, layer)`` of every quantized layer (QuantLayer, QuantConvBatchNorm) of ``model``."""
+  from jaxqat.keras import _fold  # pylint: disable=import-outside-toplevel
+  quant = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
+  return [(path, layer) for _, path, layer in _graph.walk(model, stop=lambda l: isinstance(l, quant))
+          if isinstance(layer, quant)]
+
+
+def weight_quantizers(layer) -> list:
+  """``(weight name, quantizer, current weight getter)`` for each weight quantizer of a layer."""
+  from jaxqat.keras import _fold  # pylint: disable=import-outside-toplevel
+  if isinstance(layer, _fold.QuantConvBatchNorm):
+    if layer.kernel_quantizer is None:
+      return []
+    return [("kernel", layer.kernel_quantizer, layer.folded_kernel)]
+  names = dict(layer.quant_weights or ())
+  out = []
+  for attr, q in getattr(layer, "weight_quantizers", {}).items():
+    name = names.get(attr, q.name)
+    name = name[:-len("_quantizer")] if name.endswith("_quantizer") else name
+    out.append((name, q, lambda layer=layer, attr=attr: getattr(layer, attr)))
+  return out
+
+
+def quantizer_state(q, weight, where: str) -> dict:
+  """A Keras quantizer's state by contract name (NumPy), for :func:`jaxqat.core.encoding_from_state`.
+
+  A fixed-range weight quantizer that is not frozen gives the range of
+  ``weight`` as it computes it now (:meth:`Quantizer.tracked_range`).
+
+  Raises:
+    ValueError: naming ``where``, if the quantizer is in ``"float"`` mode or
+      needs a range it does not have (never calibrated).
+  """
+  from jaxqat.keras._backend import ops, to_numpy  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if q.mode == "float":
+    raise ValueError(f"{where}: the quantizer is in 'float' mode (jaxqat.keras.set_mode); call "
+                     "set_mode(model, 'quant') first")
+  if not q.has_scale:
+    return {}
+  observed = q.can_observe and bool(np.all(to_numpy(q.observed) > 0))
+  if q.learned:
+    if not q.calibrated:
+      raise ValueError(f"{where}: no range: the quantizer was never calibrated; call "
+                       "jaxqat.keras.calibrate(model, data) first")
+    state = {"log_scale": to_numpy(q.log_scale)}
+    if q.has_offset:
+      state["offset"] = to_numpy(q.offset)
+    return state
+  if q.role == "weight" and not q.frozen:
+    s, z = q.tracked_range(ops.convert_to_tensor(weight))
+    return {"scale": to_numpy(s), "zero_point": None if z is None else to_numpy(z)}
+  if not (q.calibrated or observed):
+    raise ValueError(f"{where}: no range: the quantizer was never calibrated; call "
+                     "jaxqat.keras.calibrate(model, data) first")
+  return {"scale": to_numpy(q.scale),
+          "zero_point": to_numpy(q.zero_point) if q.has_zero_point else None}
+
+
+def quantizer_encoding(q, weight, where: str):
+  """The serving :class:`jaxqat.core.Encoding` of a Keras quantizer (see :func:`quantizer_state`)."""
+  from jaxqat.core import encoding_from_state  # pylint: disable=import-outside-toplevel
+  return encoding_from_state(q.spec, quantizer_state(q, weight, where), name=where)
+
+
+def _check_model(model, verb):
+  if not isinstance(model, keras.Model):
+    raise TypeError(f"model: expected a keras.Model, got {type(model).__name__}")
+  entries = quant_entries(model)
+  if not entries:
+    raise ValueError(f"model: {model.name!r} has no quantized layers; call "
+                     f"jaxqat.keras.quantize before {verb}")
+  return entries
+
+
+def export_encodings(model) -> dict:
+  """Every quantizer's encoding, in the AIMET 1.0.0 layout of :func:`jaxqat.core.encodings_to_dict`.
+
+  Names: ``"<layer path>/<weight name>"`` for weights (``"dense/kernel"``;
+  a folded Conv+BatchNorm's entry is its folded kernel) and
+  ``"<layer path>/input"`` for input quantizers; the layer path is the rule
+  path (layer names from the root, joined by ``/``). A fixed-range weight
+  quantizer that is not frozen gives the range of its current weight (what
+  the model computes now); an input quantizer left float (it saw no finite
+  value in calibration) has no entry.
+
+  Args:
+    model: a quantized Keras model (:func:`jaxqat.keras.quantize`).
+
+  Returns:
+    The JSON-ready dict.
+
+  Raises:
+    TypeError: if ``model`` is not a Keras model.
+    ValueError: if it has no quantized layers, or a quantizer has no range
+      (never calibrated) or is in ``"float"`` mode; the message names it.
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> q = jqk.quantize(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")]))
+    >>> _ = jqk.calibrate(q, np.ones((4, 3), "float32"))
+    >>> [e["name"] for e in export_encodings(q)["param_encodings"]]
+    ['fc/kernel']
+  """
+  from jaxqat.core import encodings_to_dict  # pylint: disable=import-outside-toplevel
+  params, acts = {}, {}
+  for path, layer in _check_model(model, "export_encodings"):
+    iq = layer.input_quantizer
+    if iq is not None and iq.float_reason is None:
+      acts[f"{path}/input"] = quantizer_encoding(iq, None, f"layer {path!r} input quantizer")
+    for name, q, get in weight_quantizers(layer):
+      params[f"{path}/{name}"] = quantizer_encoding(q, get(), f"layer {path!r} {name} quantizer")
+  return encodings_to_dict(params, acts)
+
+
+def save_encodings(path, model) -> None:
+  """Writes :func:`export_encodings` of ``model`` to a JSON file.
+
+  Args:
+    path: the file to write.
+    model: a quantized Keras model.
+
+  Raises:
+    As :func:`export_encodings`.
+
+  Examples:
+    >>> import keras, numpy as np, os, tempfile
+    >>> import jaxqat.keras as jqk
+    >>> q = jqk.quantize(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    >>> _ = jqk.calibrate(q, np.ones((4, 3), "float32"))
+    >>> p = os.path.join(tempfile.mkdtemp(), "enc.json")
+    >>> save_encodings(p, q); load_encodings(q, p) is q
+    True
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  data = export_encodings(model)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=1)
+
+
+def _read_encodings(path_or_dict):
+  import json  # pylint: disable=import-outside-toplevel
+  if isinstance(path_or_dict, dict):
+    return path_or_dict, path_or_dict
+  if isinstance(path_or_dict, (str, os.PathLike)):
+    text = str(path_or_dict)
+    if isinstance(path_or_dict, os.PathLike) or not text.lstrip().startswith("{"):
+      if not os.path.exists(text):
+        raise FileNotFoundError(f"path_or_dict: no such file {text!r}")
+      with open(text, encoding="utf-8") as f:
+        text = f.read()
+    try:
+      return text, json.loads(text)
+    except json.JSONDecodeError:
+      return text, None  # encodings_from_dict names the JSON error
+  raise TypeError(f"path_or_dict: expected a file path, a JSON string or a dict, got "
+                  f"{type(path_or_dict).__name__}")
+
+
+def load_encodings(model, path_or_dict, *, names=None):
+  """Sets the quantizer ranges of ``model`` from encodings (all or nothing).
+
+  The whole file is checked first (:func:`jaxqat.core.encodings_from_dict`:
+  version, layout, each entry's dtype/bw/is_sym/enc_type/number of scales
+  against its quantizer), then applied: a fixed-range quantizer gets
+  ``scale``/``zero_point`` (a weight quantizer is then **frozen**, so that it
+  keeps the loaded range instead of tracking its weight; ``unfreeze``
+  resumes tracking), an LSQ quantizer ``log_scale = log(s)``
+  (:func:`jaxqat.core.step_size_to_param`), an LSQ+ one also ``offset =
+  -z*s``. Every loaded quantizer counts as calibrated (an input quantizer
+  left float becomes quantized again).
+
+  Args:
+    model: a quantized Keras model.
+    path_or_dict: a JSON file path, a JSON string, or the dict of
+      :func:`export_encodings` (or of another front end's
+      ``export_encodings``).
+    names: optional map from the file's names to this model's names (see
+      :func:`export_encodings` for the names).
+
+  Returns:
+    ``model``.
+
+  Raises:
+    FileNotFoundError: if the path does not exist.
+    TypeError: if ``model`` or ``path_or_dict`` has the wrong type.
+    ValueError: if the file is malformed or truncated, has an entry the
+      model has no quantizer for, lacks an entry for a quantizer that holds
+      a range, or an entry does not match its quantizer; the message names
+      the entry and nothing is applied.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jaxqat.core import encodings_from_dict, step_size_to_param  # pylint: disable=import-outside-toplevel
+  entries = _check_model(model, "load_encodings")
+  if names is not None and not isinstance(names, dict):
+    raise TypeError(f"names: expected a dict from the file's names to the model's, got "
+                    f"{type(names).__name__}")
+  expected, targets = {}, {}
+  for path, layer in entries:
+    iq = layer.input_quantizer
+    if iq is not None and iq.has_scale:
+      expected[f"{path}/input"] = ("activation", iq.spec, tuple(iq.scale_shape))
+      targets[f"{path}/input"] = iq
+    for name, q, _ in weight_quantizers(layer):
+      if q.has_scale:
+        expected[f"{path}/{name}"] = ("param", q.spec, tuple(q.scale_shape))
+        targets[f"{path}/{name}"] = q
+  raw, data = _read_encodings(path_or_dict)
+  encs = encodings_from_dict(raw if data is None else data, expected, names=names, strict=False)
+  names = dict(names or {})
+  for section in ("activation_encodings", "param_encodings"):
+    for row in data.get(section, []):
+      if names.get(row["name"], row["name"]) not in expected:
+        raise ValueError(f"encodings entry '{row['name']}': the model has no quantizer of that "
+                         "name" + (f" (mapped to '{names[row['name']]}')" if row["name"] in names
+                                   else ""))
+  missing = [n for n in expected if n not in encs and targets[n].float_reason is None]
+  if missing:
+    raise ValueError(f"encodings: no entry for the model's quantizer(s) {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''}")
+  for name, enc in encs.items():
+    q = targets[name]
+    s = np.asarray(enc.scale, np.float32).reshape(q.scale_shape)
+    z = None if enc.zero_point is None else np.asarray(enc.zero_point, np.float32).reshape(
+        q.scale_shape)
+    if q.learned:
+      q.log_scale.assign(np.asarray(step_size_to_param(s), np.float32))
+      if q.has_offset:
+        q.offset.assign((-(np.zeros_like(s) if z is None else z) * s).astype(np.float32))
+      q.float_reason = None
+      q.calibrated = True
+    else:
+      q.set_range(s, z)
+      if q.role == "weight":
+        q.frozen = True
+  return model

@@ -1,0 +1,299 @@
+"""convert / size_report / encodings / export_serving of jaxqat.keras (issue 10).
+
+Parity of a served layer with its fake-quant layer:
+
+* weight-only (and ``integer=False``): bit for bit, on every backend;
+* static int8 input (the default W8A8), ``integer=True``: on JAX the
+  int8 x int8 -> int32 path, within the bound of
+  :mod:`jaxqat.core._integer` computed from the codes:
+  ``(gamma_{K+2} + gamma_3) (1+u)^2 s_x s_w op(|q_x - z_x|, |q_w|)`` with ``op``
+  the layer's own (float, exact on these small integers) op and ``K`` its
+  contraction length, plus ``2u|y|`` for the bias added after it. On torch
+  the served layer dequantizes (no integer path): bit for bit.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import keras
+
+from jaxqat.core import PerOutputChannel, QuantSpec, Rule, load_serving
+from jaxqat.keras import _serve
+from jaxqat.keras import _saving
+import jaxqat.keras as jqk
+from kutil import BACKEND, to_np
+
+convert, size_report, export_serving = _serve.convert, _serve.size_report, _serve.export_serving
+export_encodings, save_encodings, load_encodings = (
+    _saving.export_encodings, _saving.save_encodings, _saving.load_encodings)
+
+U = 2.0**-24
+INT4 = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerOutputChannel()))]
+RNG = np.random.default_rng(0)
+
+
+def _seq(input_shape, *layers, dtype="float32"):
+  return keras.Sequential([keras.Input(input_shape, dtype=dtype), *layers])
+
+
+def _bn():
+  bn = keras.layers.BatchNormalization(name="bn")
+  return bn
+
+
+LAYERS = {  # kind -> (float model builder, input)
+    "dense": (lambda: _seq((16,), keras.layers.Dense(8, activation="relu", name="l")),
+              RNG.normal(size=(4, 16))),
+    "einsum": (lambda: _seq((5, 16), keras.layers.EinsumDense("abc,cd->abd", (None, 8),
+                                                              bias_axes="d", name="l")),
+               RNG.normal(size=(3, 5, 16))),
+    "conv2d": (lambda: _seq((6, 6, 3), keras.layers.Conv2D(4, 3, padding="same", name="l")),
+               RNG.normal(size=(2, 6, 6, 3))),
+    "depthwise": (lambda: _seq((6, 6, 4), keras.layers.DepthwiseConv2D(
+        3, depth_multiplier=2, padding="same", name="l")), RNG.normal(size=(2, 6, 6, 4))),
+    "conv1d": (lambda: _seq((10, 4), keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2,
+                                                         name="l")), RNG.normal(size=(2, 10, 4))),
+    "embedding": (lambda: _seq((5,), keras.layers.Embedding(20, 8, name="l"), dtype="int32"),
+                  RNG.integers(0, 20, size=(3, 5))),
+    "conv_bn": (lambda: _seq((6, 6, 3), keras.layers.Conv2D(4, 3, name="l"), _bn()),
+                RNG.normal(size=(2, 6, 6, 3))),
+}
+
+
+def _float_model(kind):
+  build, x = LAYERS[kind]
+  model = build()
+  x = x.astype("int32" if kind == "embedding" else "float32")
+  for layer in model.layers:  # non-trivial BatchNormalization statistics
+    if isinstance(layer, keras.layers.BatchNormalization):
+      c = layer.moving_mean.shape[0]
+      layer.set_weights([RNG.uniform(0.5, 2, c), RNG.normal(size=c), RNG.normal(size=c),
+                         RNG.uniform(0.5, 2, c)])
+  return model, x
+
+
+def _qat(model, x, rules=None):
+  q = jqk.quantize(model, rules)
+  jqk.calibrate(q, x)
+  return q
+
+
+def _served_layer(served):
+  return [l for l in served.layers if isinstance(l, _serve.ServedLayer)][0]
+
+
+def _bound(layer, x, y):
+  """The integer-path bound of the module doc for one served layer."""
+  enc = layer.encoding()
+  s_x, z_x = float(np.asarray(enc.scale)), int(np.asarray(enc.zero_point))
+  spec = enc.spec
+  a = np.abs(np.clip(np.rint(x / np.float32(s_x)) + z_x, spec.qmin, spec.qmax) - z_x)
+  qt = layer.qtensor_numpy()
+  b = np.abs(np.asarray(qt.codes, np.float32))
+  config = {**layer._float.get_config(), "activation": None}
+  config.update({"bias_axes": None} if "equation" in config else {"use_bias": False})
+  fl = layer._float.__class__.from_config(config)
+  fl.build(x.shape)
+  fl.set_weights([b])
+  s = to_np(fl(a.astype("float32")))
+  k = b.size // (b.shape[-1] if not isinstance(layer, _serve.ServedDepthwiseConv) else b.size)
+  gamma = lambda n: n * U / (1 - n * U)  # noqa: E731
+  s_w = np.asarray(qt.scale).reshape(-1)
+  return (gamma(k + 2) + gamma(3)) * (1 + U)**2 * s_x * s_w * s + 2 * U * np.abs(y)
+
+
+def _no_float_kernel(served, shape):
+  """No float variable of the kernel's shape in the served model."""
+  return not any(tuple(v.shape) == tuple(shape) and "float" in str(v.dtype)
+                 for v in served.weights)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_served_layer_matches_fake_quant(kind):
+  model, x = _float_model(kind)
+  # Weight-only int4 (packed): bit for bit.
+  q4 = _qat(model, x, INT4)
+  s4 = convert(q4)
+  np.testing.assert_array_equal(to_np(s4(x)), to_np(q4(x)))
+  layer = _served_layer(s4)
+  shape = tuple(layer.weight_info["shape"])
+  assert str(layer.codes.dtype) == "int8" and layer.weight_info["packed"] in (0, 4)
+  assert _no_float_kernel(s4, shape)
+  if shape[-1] % 2 == 0:
+    assert layer.weight_info["packed"] == 4 and tuple(layer.codes.shape)[-1] == shape[-1] // 2
+  # Default W8A8: integer=False bit for bit, integer=True within the bound (JAX) / exact (torch).
+  q8 = _qat(model, x)
+  y_fq = to_np(q8(x))
+  np.testing.assert_array_equal(to_np(convert(q8, integer=False)(x)), y_fq)
+  s8 = convert(q8)
+  y = to_np(s8(x))
+  layer = _served_layer(s8)
+  assert _no_float_kernel(s8, layer.weight_info["shape"])
+  if BACKEND != "jax" or layer.encoding() is None:
+    np.testing.assert_array_equal(y, y_fq)
+  else:
+    bound = _bound(layer, x, y)
+    assert np.all(np.abs(y - y_fq) <= bound), float(np.max(np.abs(y - y_fq) - bound))
+  assert float(np.max(np.abs(y - y_fq))) <= 1e-5 * max(1.0, float(np.max(np.abs(y_fq))))
+
+
+def _functional():
+  inp = keras.Input((8, 8, 3))
+  h = keras.layers.Conv2D(8, 3, name="conv")(inp)
+  h = keras.layers.BatchNormalization(name="bn")(h)
+  h = keras.layers.ReLU()(h)
+  h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  h = keras.layers.Dense(16, activation="relu", name="fc")(h)
+  h = h * 2.0
+  out = keras.layers.Dense(4, name="head")(h)
+  model = keras.Model(inp, out, name="small")
+  bn = model.get_layer("bn")
+  bn.set_weights([RNG.uniform(0.5, 2, 8), RNG.normal(size=8), RNG.normal(size=8) * 0.1,
+                  RNG.uniform(0.5, 2, 8)])
+  return model
+
+
+def test_whole_model_parity_and_artefacts(tmp_path):
+  model = _functional()
+  x = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
+  q = _qat(model, x)
+  before = [to_np(v).copy() for v in q.weights]
+  y_fq = to_np(q(x))
+  served = convert(q)
+  assert [type(l).__name__ for l in served.layers if isinstance(l, _serve.ServedLayer)] == [
+      "ServedConv", "ServedDepthwiseConv", "ServedDense", "ServedDense"]
+  assert all(np.array_equal(a, to_np(v)) for a, v in zip(before, q.weights))  # QAT untouched
+  y = to_np(served(x))
+  np.testing.assert_array_equal(to_np(convert(q, integer=False)(x)), y_fq)
+  if BACKEND == "jax":
+    np.testing.assert_allclose(y, y_fq, rtol=0, atol=1e-5 * float(np.max(np.abs(y_fq))))
+  else:
+    np.testing.assert_array_equal(y, y_fq)
+  q4 = _qat(model, x, INT4)
+  np.testing.assert_array_equal(to_np(convert(q4)(x)), to_np(q4(x)))
+  # .keras round trip (safe_mode on): same outputs, int8 codes, no float kernel.
+  path = str(tmp_path / "served.keras")
+  served.save(path)
+  loaded = keras.saving.load_model(path, safe_mode=True)
+  np.testing.assert_array_equal(to_np(loaded(x)), y)
+  assert str(loaded.get_layer("fc").codes.dtype) == "int8"
+  assert _no_float_kernel(loaded, (3, 3, 3, 8)) and _no_float_kernel(loaded, (8, 16))
+  if BACKEND != "jax":
+    with pytest.raises(RuntimeError, match="jax.export needs the JAX backend"):
+      export_serving(served, x)
+    return
+  # jax.export round trip, fixed and polymorphic batch.
+  blob = export_serving(served, x)
+  np.testing.assert_array_equal(np.asarray(load_serving(blob)(x)), y)
+  poly = load_serving(export_serving(served, x, batch_polymorphic=True))
+  np.testing.assert_array_equal(np.asarray(poly(x[:2])), to_np(served(x[:2])))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the integer path and jaxpr exist on the JAX backend")
+def test_served_jaxpr_is_integer():
+  import jax
+  model = _seq((16,), keras.layers.Dense(32, name="a"), keras.layers.Dense(8, name="b"))
+  x = RNG.normal(size=(4, 16)).astype("float32")
+  served = convert(_qat(model, x))
+  tv = [v.value for v in served.trainable_variables]
+  ntv = [v.value for v in served.non_trainable_variables]
+  closed = jax.make_jaxpr(lambda x: served.stateless_call(tv, ntv, x)[0])(x)
+  dots = [e for e in closed.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2
+  for e in dots:
+    assert [str(v.aval.dtype) for v in e.invars] == ["int8", "int8"]
+    assert str(e.params["preferred_element_type"]) == "int32"
+  kernels = [c for c in closed.consts if getattr(c, "shape", ()) in ((16, 32), (32, 8))]
+  assert len(kernels) == 2 and all(str(c.dtype) == "int8" for c in kernels)
+  assert not tv  # a served model holds no trainable (float training) weights
+
+
+def test_size_report_ratios():
+  model = _seq((256,), keras.layers.Dense(256, name="a"), keras.layers.Dense(256, name="b"))
+  x = RNG.normal(size=(8, 256)).astype("float32")
+  r8 = size_report(convert(_qat(model, x)))
+  r4 = size_report(convert(_qat(model, x, INT4)))
+  assert r8.ratio <= 0.27 and r4.ratio <= 0.15, (r8.ratio, r4.ratio)
+  assert [(r.layer, r.format) for r in r4.rows] == [
+      ("a/kernel", "int4"), ("a/bias", "float32"), ("b/kernel", "int4"), ("b/bias", "float32")]
+  assert r8.rows[0].quant_bytes == 256 * 256 + 256 * 4  # int8 codes + one scale per channel
+  assert r4.rows[0].quant_bytes == 256 * 128 + 256 * 4  # two codes a byte
+  assert "compression" in str(r8)
+  with pytest.raises(ValueError, match="has no served layers"):
+    size_report(model)
+
+
+def _state(model):
+  return [to_np(v).copy() for v in model.weights] + [
+      (q.calibrated, q.frozen, q.float_reason) for q in jqk.quantizers(model)]
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(
+      np.array_equal(u, v) if isinstance(u, np.ndarray) else u == v for u, v in zip(a, b))
+
+
+def test_encodings_round_trip_and_bad_files(tmp_path):
+  model = _functional()
+  x = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
+  q = _qat(model, x)
+  data = export_encodings(q)
+  names = [e["name"] for e in data["param_encodings"]]
+  assert names == ["conv/kernel", "dw/kernel", "fc/kernel", "head/kernel"]
+  assert [e["name"] for e in data["activation_encodings"]] == [
+      "conv/input", "dw/input", "fc/input", "head/input"]
+  path = str(tmp_path / "enc.json")
+  save_encodings(path, q)
+  fresh = jqk.quantize(model)  # never calibrated
+  assert load_encodings(fresh, path) is fresh
+  np.testing.assert_array_equal(to_np(fresh(x)), to_np(q(x)))
+  assert export_encodings(fresh) == json.loads(json.dumps(data))
+  assert all(qq.frozen for qq in jqk.quantizers(fresh) if qq.role == "weight")
+  # Bad files: an error naming the entry, nothing applied.
+  other = jqk.quantize(model)
+  state = _state(other)
+  text = json.dumps(data)
+  bad_bw = json.loads(text)
+  bad_bw["param_encodings"][2]["bw"] = 4
+  unknown = json.loads(text)
+  unknown["activation_encodings"][1]["name"] = "nope/input"
+  missing = json.loads(text)
+  missing["param_encodings"].pop()
+  short = json.loads(text)
+  short["param_encodings"][0]["scale"] = short["param_encodings"][0]["scale"][:-1]
+  for bad, match in ((text[: len(text) // 2], "not valid JSON"),
+                     (bad_bw, "entry 'fc/kernel': bw is 4"),
+                     (unknown, "entry 'nope/input'"),
+                     (missing, r"no entry for .*head/kernel"),
+                     (short, "entry 'conv/kernel': 'scale' has 7 values")):
+    with pytest.raises(ValueError, match=match):
+      load_encodings(other, bad)
+    assert _same(_state(other), state)
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    load_encodings(other, str(tmp_path / "missing.json"))
+
+
+def test_convert_refuses_bad_models():
+  model = _functional()
+  x = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
+  q = jqk.quantize(model)  # not calibrated
+  state = _state(q)
+  with pytest.raises(ValueError, match=r"layer 'conv' input quantizer: no range"):
+    convert(q)
+  with pytest.raises(ValueError, match=r"layer 'conv' input quantizer: no range"):
+    export_encodings(q)
+  assert _same(_state(q), state)
+  jqk.calibrate(q, x)
+  jqk.set_mode(q, "float")
+  with pytest.raises(ValueError, match=r"layer 'conv' input quantizer: the quantizer is in "
+                     "'float' mode"):
+    convert(q)
+  with pytest.raises(TypeError, match="model: expected a keras.Model"):
+    convert("model")
+  with pytest.raises(TypeError, match="integer: expected a bool"):
+    convert(q, integer=1)
+  with pytest.raises(ValueError, match="has no quantized layers"):
+    convert(model)
