@@ -1,0 +1,108 @@
+"""QAT step time with the integer forward (``jaxqat.core.integer_forward``) vs fake quant.
+
+An MLP of four 1024x1024 layers, batch 256, W8A8 (int8 per-channel weights
+with per-step ranges, int8 per-tensor inputs), written directly on the core
+(no front end), trained with SGD. Three steps, jitted, interleaved round by
+round: the float step, the fake-quant QAT step (``x_q @ w_q`` in float), and
+the integer-forward QAT step (int8 x int8 -> int32 forward, STE backward).
+Also the XLA memory estimate of each compiled step.
+
+Run: ``python benchmarks/bench_integer_forward.py [--repeats 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxqat import core
+
+W = core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
+                   granularity=core.PerChannel(-1))
+A = core.QuantSpec(format="int8", symmetric=False)
+DOT = (((1,), (0,)), ((), ()))
+
+
+def _layer(mode, x, w, a_scale, a_zp):
+  if mode == "float":
+    return x @ w
+  w_scale, _ = core.weight_range(w, W)
+  if mode == "fake":
+    xq = core.quant_dequant(x, A, a_scale, a_zp)
+    return lax.dot_general(xq, core.quant_dequant(w, W, w_scale), DOT)
+  return core.integer_forward("dot_general", x, w, act=(A, a_scale, a_zp, None),
+                              weight=(W, w_scale, None, None), dimension_numbers=DOT)
+
+
+def _step(mode):
+  def loss(ws, x, y, ranges):
+    h = x
+    for i, w in enumerate(ws):
+      h = _layer(mode, h, w, *ranges[i])
+      if i < len(ws) - 1:
+        h = jax.nn.relu(h)
+    return jnp.mean((h - y) ** 2)
+
+  def step(ws, x, y, ranges):
+    g = jax.grad(loss)(ws, x, y, ranges)
+    return [w - 1e-3 * gw for w, gw in zip(ws, g)]
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def _memory(compiled):
+  try:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+            m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--warmup", type=int, default=3)
+  args = ap.parse_args()
+  keys = jax.random.split(jax.random.key(0), 6)
+  x = jax.random.normal(keys[0], (256, 1024))
+  y = jax.random.normal(keys[1], (256, 1024))
+  ws0 = [jax.random.normal(k, (1024, 1024)) / 32 for k in keys[2:]]
+  ranges = []
+  h = x
+  for i, w in enumerate(ws0):  # calibrate the input ranges once (min/max)
+    s, z = core.calibrate(A, [h])
+    ranges.append((s, z))
+    h = h @ w
+    h = jax.nn.relu(h) if i < 3 else h
+  runs = {}
+  for mode in ("float", "fake", "integer"):
+    ws = [jnp.array(w) for w in ws0]
+    compiled = _step(mode).lower(ws, x, y, ranges).compile()
+    for _ in range(args.warmup):
+      ws = compiled(ws, x, y, ranges)
+    jax.block_until_ready(ws)
+    runs[mode] = [compiled, ws, [], _memory(compiled)]
+  for _ in range(args.repeats):
+    for mode, r in runs.items():
+      t = time.perf_counter()
+      r[1] = r[0](r[1], x, y, ranges)
+      jax.block_until_ready(r[1])
+      r[2].append(time.perf_counter() - t)
+  base = statistics.median(runs["float"][2])
+  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), load "
+        f"{os.getloadavg()[0]:.1f}")
+  print(f"{'step':<10}{'median ms':>10}{'x float':>9}{'memory MiB':>12}")
+  for mode, r in runs.items():
+    med = statistics.median(r[2])
+    print(f"{mode:<10}{med * 1e3:>10.1f}{med / base:>9.2f}{r[3] / 2**20:>12.1f}")
+
+
+if __name__ == "__main__":
+  main()
