@@ -1,0 +1,75 @@
+"""Encodings cross front ends: a Flax NNX model's encodings load into the equivalent Keras model.
+
+The same MLP weights in Flax NNX and Keras (layers named differently, so the
+file's names are mapped with ``names=``), the default W8A8 rules; the NNX
+model is calibrated, its encodings (AIMET 1.0.0 layout) are loaded into the
+never-calibrated Keras model, and both give the same outputs.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxqat.flax import nnx as qnnx  # noqa: E402
+
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "jax":
+  pytest.skip("the Keras half of this test runs on the JAX backend", allow_module_level=True)
+from jaxqat.keras import _saving as keras_enc  # noqa: E402
+import jaxqat.keras as jqk  # noqa: E402
+
+try:  # the NNX verbs, exported or not yet
+  from jaxqat.flax.nnx import export_encodings as nnx_export
+except ImportError:  # pragma: no cover - depends on the NNX package's exports
+  from jaxqat.flax.nnx._serve import export_encodings as nnx_export
+
+NAMES = {"hidden/kernel": "fc1/kernel", "hidden/input": "fc1/input",
+         "head/kernel": "fc2/kernel", "head/input": "fc2/input"}
+
+
+class _NnxMLP(nnx.Module):
+
+  def __init__(self, w):
+    self.hidden = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
+    self.head = nnx.Linear(32, 4, rngs=nnx.Rngs(1))
+    for name in ("hidden", "head"):
+      layer = getattr(self, name)
+      layer.kernel[...] = jnp.asarray(w[name][0])
+      layer.bias[...] = jnp.asarray(w[name][1])
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.hidden(x)))
+
+
+def _keras_mlp(w):
+  inp = keras.Input((16,))
+  h = keras.layers.Dense(32, activation="relu", name="fc1")(inp)
+  model = keras.Model(inp, keras.layers.Dense(4, name="fc2")(h))
+  model.get_layer("fc1").set_weights(list(w["hidden"]))
+  model.get_layer("fc2").set_weights(list(w["head"]))
+  return jqk.quantize(model)
+
+
+def test_nnx_encodings_load_into_keras():
+  rng = np.random.default_rng(0)
+  w = {"hidden": (rng.normal(size=(16, 32)).astype("float32") * 0.3,
+                  rng.normal(size=(32,)).astype("float32") * 0.1),
+       "head": (rng.normal(size=(32, 4)).astype("float32") * 0.3,
+                rng.normal(size=(4,)).astype("float32") * 0.1)}
+  x = rng.normal(size=(64, 16)).astype("float32")
+  nmodel = _NnxMLP(w)
+  qnnx.quantize(nmodel)
+  qnnx.calibrate(nmodel, [x[:32], x[32:]])
+  data = nnx_export(nmodel)
+  assert sorted(e["name"] for e in data["activation_encodings"] + data["param_encodings"]) == \
+      sorted(NAMES)
+  kmodel = _keras_mlp(w)  # never calibrated: the file gives every range
+  keras_enc.load_encodings(kmodel, data, names=NAMES)
+  y_nnx = np.asarray(nmodel(x))
+  y_keras = keras.ops.convert_to_numpy(kmodel(x))
+  np.testing.assert_allclose(y_keras, y_nnx, rtol=0, atol=1e-6)
