@@ -75,6 +75,7 @@ def scale_partition_spec(
     stack_ndim: int = 0,
     mesh: Any = None,
     where: str = "",
+    check: bool = True,
 ) -> PartitionSpec:
   """The partition spec of a weight quantizer's scale, following the weight.
 
@@ -90,6 +91,8 @@ def scale_partition_spec(
       (default: the current mesh of ``jax.set_mesh``, if any; no check
       without one).
     where: the layer, for error messages.
+    check: whether to check divisibility against the mesh (False for
+      logical axis names, which are checked once resolved).
 
   Returns:
     A ``PartitionSpec`` for the scale of shape ``stack +
@@ -130,7 +133,7 @@ def scale_partition_spec(
   else:
     raise ValueError(f"{where}: the weight spec's granularity {g} is not resolved; resolve "
                      "PerOutputChannel() to the layer's output axes first")
-  if not isinstance(g, spec_lib.PerTensor):
+  if check and not isinstance(g, spec_lib.PerTensor):
     for ax, (kind, n) in kinds.items():
       size = _mesh_size(mesh, out[ax])
       if size is not None and n % size:

@@ -45,6 +45,17 @@ graph definition: an ``nnx.jit`` function traces once per combination; a
 ``nnx.scan``) carry ``stack_shape`` leading axes on every parameter; the
 quantizer state gets the same leading axes (one range per layer).
 
+**Sharding.** A weight quantizer's state follows its weight
+(:func:`jaxqat.core.scale_partition_spec`): built from a weight sharded with
+a ``NamedSharding``, its ``scale``/``zero_point``/``log_scale``/``offset``
+variables carry ``out_sharding`` metadata (per-channel: the weight's mesh
+axes on the channel axes; per-tensor: replicated) and are created sharded,
+so ``nnx.get_partition_spec``/``nnx.get_named_sharding`` and
+``nnx.Optimizer`` (whose state copies the metadata) shard them with the
+model. :func:`jaxqat.flax.nnx.follow_weight_shardings` does the same from
+the weights' annotations (logical names, abstract models). Activation
+quantizer state is per tensor or small: replicated.
+
 **Compilation.** Ranges are computed by module-level jitted functions whose
 static arguments are the spec and the number of stacked axes, so calibrating
 or freezing a deep model compiles once per distinct (spec, shape), not once
@@ -65,6 +76,7 @@ from flax import nnx
 
 from jaxqat import core
 from jaxqat.core import _report as report_lib
+from jaxqat.core import _sharding as sharding_lib
 from jaxqat.flax.nnx._variables import QuantParam
 from jaxqat.flax.nnx._variables import QuantStat
 
@@ -105,6 +117,25 @@ def _observer_state(stats, spec, k, full):
   scale, zp = _vmap_n(core.observer(spec).compute, k)(stats)
   ok = jnp.all(stats["count"] > 0) & jnp.all(jnp.isfinite(scale) & (scale > 0))
   return _state_values(scale, zp, spec, full, ACT), ok
+
+
+def _array_sharding(x) -> Optional[jax.sharding.NamedSharding]:
+  """The NamedSharding of a concrete or traced array, if it has a non-trivial one."""
+  if isinstance(x, jax.core.Tracer):
+    sh = jax.typeof(x).sharding
+  else:
+    sh = getattr(x, "sharding", None)
+  if not isinstance(sh, jax.sharding.NamedSharding) or all(e is None for e in sh.spec):
+    return None
+  return sh
+
+
+def _full_entries(pspec, ndim: int) -> tuple:
+  entries = tuple(pspec)
+  return entries + (None,) * (ndim - len(entries))
+
+
+_STATE_VARS = ("scale", "zero_point", "log_scale", "offset")
 
 
 class Quantizer(nnx.Module):
@@ -204,14 +235,26 @@ class Quantizer(nnx.Module):
     self.stats = nnx.data(None)
     if spec.is_block:
       return
+    meta = {}
+    wsh = _array_sharding(weight) if role == WEIGHT and weight is not None else None
+    if wsh is not None:
+      pspec = sharding_lib.scale_partition_spec(
+          wsh.spec, weight.shape, spec, stack_ndim=len(stack_shape), mesh=wsh.mesh, where=where)
+      meta["out_sharding"] = _full_entries(pspec, len(full))
+      if jax.sharding.get_abstract_mesh().empty and isinstance(wsh.mesh, jax.sharding.Mesh):
+        meta["mesh"] = wsh.mesh  # no jax.set_mesh context: flax shards with this one
+
+    def var(cls, value):
+      return cls(value, **meta)
+
     if spec.learning == "fixed":
-      self.scale = QuantStat(jnp.ones(full, jnp.float32))
+      self.scale = var(QuantStat, jnp.ones(full, jnp.float32))
       if spec.is_int and not spec.symmetric:
-        self.zero_point = QuantStat(jnp.zeros(full, jnp.float32))
+        self.zero_point = var(QuantStat, jnp.zeros(full, jnp.float32))
     else:
-      self.log_scale = QuantParam(jnp.zeros(full, jnp.float32))
+      self.log_scale = var(QuantParam, jnp.zeros(full, jnp.float32))
       if spec.learning == "lsq_plus":
-        self.offset = QuantParam(jnp.zeros(full, jnp.float32))
+        self.offset = var(QuantParam, jnp.zeros(full, jnp.float32))
       if role == WEIGHT and weight is not None:
         self.init_from_weight(weight)
     if role == ACT:
@@ -247,7 +290,16 @@ class Quantizer(nnx.Module):
     for name, v in values.items():
       var = getattr(self, name)
       if var is not None:
+        old = var[...]
+        sh = getattr(old, "sharding", None)
+        if (not isinstance(old, jax.core.Tracer) and not isinstance(v, jax.core.Tracer)
+            and isinstance(sh, jax.sharding.NamedSharding) and v.sharding != sh):
+          v = jax.device_put(v, sh)  # the state keeps its sharding (it follows the weight)
         var[...] = v
+
+  def state_variables(self) -> dict:
+    """The weight-range state variables (``scale``, ``zero_point``, ``log_scale``, ``offset``)."""
+    return {n: getattr(self, n) for n in _STATE_VARS if getattr(self, n) is not None}
 
   def init_from_weight(self, weight: jax.Array) -> None:
     """Initialises a learned weight step size (and LSQ+ offset) from ``weight``."""

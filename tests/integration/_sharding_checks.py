@@ -1,0 +1,334 @@
+"""Multi-device checks of sharded QAT, calibration and checkpoints (8 simulated CPU devices).
+
+Run by tests/integration/test_sharding.py in its own process, since
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX
+initialises. Prints ``SHARDING CHECKS PASSED`` on success; any failure is an
+AssertionError with its traceback. Usable alone:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax \\
+        python tests/integration/_sharding_checks.py [nnx linen keras calib ckpt error]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxqat import core  # noqa: E402
+from jaxqat.flax import nnx as qnnx  # noqa: E402
+from jaxqat.flax.nnx import _sharding as nnx_sharding  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+RTOL, ATOL = 2e-5, 2e-6
+D_IN, D_H, D_OUT, BATCH = 16, 32, 8, 32
+
+W8A8 = None  # default_rules(): int8 per-channel fixed weights, int8 affine minmax inputs
+W4A4 = core.Rule(pattern=".*",
+                 weight=core.QuantSpec(format="int4", granularity=core.PerOutputChannel(),
+                                       learning="lsq"),
+                 act=core.QuantSpec(format="int4", symmetric=False, learning="lsq"))
+SCHEMES = {"W8A8": W8A8, "W4A4-LSQ": W4A4}
+
+# (mesh shape, mesh axes, l1 kernel, l2 kernel, l3 kernel, batch spec)
+LAYOUTS = {
+    "dp": ((8,), ("data",), None, None, None, P("data")),
+    "fsdp": ((8,), ("data",), ("data", None), ("data", None), ("data", None), P("data")),
+    # Megatron MLP block: column- then row-parallel; the small head is replicated.
+    "tp": ((2, 4), ("data", "model"), (None, "model"), ("model", None), None, P("data")),
+}
+
+
+def _data():
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(k1, (BATCH, D_IN), jnp.float32)
+  y = jax.random.normal(k2, (BATCH, D_OUT), jnp.float32)
+  return np.asarray(x), np.asarray(y)
+
+
+class MLP(nnx.Module):
+  """Three Linear layers; ``shard``: the kernels' out_sharding (or None: not annotated)."""
+
+  def __init__(self, shard=None, *, rngs):
+    # Random biases: with both matmul operands on quantization grids, a pre-activation
+    # can cancel to exactly 0 in one summation order and to +-1 ulp in another (a
+    # row-parallel all-reduce), flipping ReLU's derivative; a bias moves it off the kink.
+    def meta(s):
+      m = {"bias_init": nnx.initializers.normal(0.1)}
+      return m if s is None else {**m, "kernel_metadata": {"out_sharding": s}}
+
+    s1, s2, s3 = shard or (None, None, None)
+    self.l1 = nnx.Linear(D_IN, D_H, **meta(s1), rngs=rngs)
+    self.l2 = nnx.Linear(D_H, D_H, **meta(s2), rngs=rngs)
+    self.l3 = nnx.Linear(D_H, D_OUT, **meta(s3), rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.l1(x))
+    h = jax.nn.relu(self.l2(h, out_sharding=_act_sharding()))
+    return self.l3(h, out_sharding=_act_sharding())
+
+
+def _act_sharding():
+  """Under explicit sharding a row-parallel matmul needs its output sharding (batch on data)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.explicit_axes:
+    return None
+  return P("data")
+
+
+def _tree_np(tree):
+  return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+def _close(a, b, what):
+  fa = dict(jax.tree_util.tree_flatten_with_path(a)[0])
+  fb = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  assert fa.keys() == fb.keys(), f"{what}: different entries"
+  for k in fa:
+    np.testing.assert_allclose(fa[k], fb[k], rtol=RTOL, atol=ATOL,
+                               err_msg=f"{what}: {jax.tree_util.keystr(k)}")
+
+
+def _nnx_train(layout, rules, x, y, axis_type=AxisType.Explicit):
+  """Quantize, calibrate, one QAT step; returns (loss, state, mesh-side objects)."""
+  if layout is None:
+    ctx, shard, dspec, mesh = _nullmesh(), None, None, None
+  else:
+    shape, names, s1, s2, s3, dspec = LAYOUTS[layout]
+    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+    ctx, shard = jax.set_mesh(mesh), (s1, s2, s3)
+  with ctx:
+    model = qnnx.quantize(MLP(shard, rngs=nnx.Rngs(0)), rules)
+    xs, ys = (x, y) if mesh is None else (
+        jax.device_put(x, NamedSharding(mesh, dspec)), jax.device_put(y, NamedSharding(mesh, dspec)))
+    qnnx.calibrate(model, [xs])
+    tx = qnnx.qat_optimizer(model, optax.sgd(0.1), optax.sgd(0.05))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+
+    def step(state, xb, yb):
+      m, o = nnx.merge(graphdef, state)
+
+      def loss_fn(m):
+        return jnp.mean(jnp.square(m(xb) - yb))
+
+      loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(m)
+      o.update(m, grads)
+      return loss, nnx.state((m, o))
+
+    if mesh is None:
+      jstep = jax.jit(step)
+    else:  # the helper's shardings: the updated state keeps the model's layout (auto mode too)
+      state_sh = nnx_sharding.shardings((model, opt), mesh)
+      jstep = jax.jit(step, in_shardings=(state_sh, NamedSharding(mesh, dspec),
+                                          NamedSharding(mesh, dspec)),
+                      out_shardings=(NamedSharding(mesh, P()), state_sh))
+    loss, new_state = jstep(state, xs, ys)
+    hlo = jstep.lower(state, xs, ys).compile().as_text() if layout == "tp" else ""
+    nnx.update((model, opt), new_state)
+  return float(loss), model, mesh, hlo
+
+
+class _nullmesh:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *a):
+    return False
+
+
+def _params(model):
+  return _tree_np(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def check_nnx():
+  x, y = _data()
+  for scheme, rules in SCHEMES.items():
+    ref_loss, ref_model, _, _ = _nnx_train(None, rules, x, y)
+    ref = _params(ref_model)
+    for layout in LAYOUTS:
+      for at in ((AxisType.Explicit, AxisType.Auto) if layout == "tp" else (AxisType.Explicit,)):
+        loss, model, mesh, hlo = _nnx_train(layout, rules, x, y, at)
+        what = f"nnx {scheme} {layout} {at}"
+        np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=what)
+        _close(_params(model), ref, what)
+        if layout == "tp":
+          _check_tp(model, mesh, hlo, scheme, what)
+    print(f"nnx {scheme}: dp/fsdp/tp == single device (loss {ref_loss:.6f})")
+
+
+def _check_tp(model, mesh, hlo, scheme, what):
+  """Kernels and their per-channel scales stay sharded; no all-gather of a full kernel."""
+  assert model.l1.kernel[...].sharding.spec == P(None, "model"), what
+  assert model.l2.kernel[...].sharding.spec == P("model", None), what
+  if scheme == "W4A4-LSQ":
+    s1 = model.l1.kernel_quant.log_scale[...]
+    assert s1.sharding.spec == P(None, "model"), (what, s1.sharding)
+    assert s1.addressable_shards[0].data.shape == (1, D_H // 4), what
+    s2 = model.l2.kernel_quant.log_scale[...]  # row-parallel: channels (columns) are whole
+    assert s2.sharding.spec in (P(), P(None, None), P(None)), (what, s2.sharding)
+    assert model.l1.input_quant.log_scale[...].sharding.is_fully_replicated, what
+  gathers = re.findall(r"= f32\[([0-9,]*)\][^=\n]* all-gather\(", hlo)
+  full = {f"{D_IN},{D_H}", f"{D_H},{D_H}"}
+  assert not full & set(gathers), f"{what}: all-gather of a full kernel: {gathers}"
+
+
+def check_calibration():
+  """Every observer: statistics of a batch sharded over 8 devices == one device."""
+  x = np.asarray(jax.random.normal(jax.random.key(3), (64, 16), jnp.float32)) * 3.0
+  x[0, 0] = np.inf
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  methods = ("absmax", "minmax", "ema", "percentile", "mse", "entropy")
+  for method in methods:
+    for gran in (core.PerTensor(), core.PerChannel(-1)):
+      for sym in (True, False):
+        spec = core.QuantSpec(format="int8", symmetric=sym, granularity=gran,
+                              calibration=core.Calibration(method=method, num_bins=256))
+        obs = core.observer(spec)
+        ref = obs.compute(obs.update(obs.update(obs.init(x), x[:32]), x[32:]))
+        with jax.set_mesh(mesh):
+          xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+          st = obs.init(xs)
+          st = obs.update(st, xs[:32])
+          st = obs.update(st, xs[32:])
+          got = obs.compute(st)
+          got_jit = jax.jit(lambda s, b: obs.compute(obs.update(obs.update(s, b[:32]), b[32:])))(
+              obs.init(xs), xs)
+        what = f"calibration {method} {gran} sym={sym}"
+        _close(_tree_np(got), _tree_np(ref), what)
+        _close(_tree_np(got_jit), _tree_np(ref), what + " (jit)")
+        # shard_map: each device sees its rows; the observer reduces across "data".
+        sobs = core.observer(spec, axis_name="data")
+        init = sobs.init(x)
+
+        def local(b, sobs=sobs, init=init):
+          return sobs.compute(sobs.update(sobs.update(init, b[:4]), b[4:]))
+
+        # rows [0:32] then [32:64] globally: device d holds rows 4d..4d+3 of each half
+        xx = np.concatenate([x[:32].reshape(8, 4, 16), x[32:].reshape(8, 4, 16)], 1)
+        xx = xx.reshape(64, 16)
+        got_sm = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P()))(xx)
+        _close(_tree_np(got_sm), _tree_np(ref), what + " (shard_map)")
+  print(f"calibration: {len(methods)} methods x per-tensor/channel x sym/affine: "
+        "sharded == shard_map == one device")
+
+
+def check_nnx_calibrate_explicit():
+  """Calibrating an NNX model on an explicit mesh == on one device (used to raise)."""
+  x, _ = _data()
+  ref = qnnx.calibrate(qnnx.quantize(MLP(None, rngs=nnx.Rngs(0))), [x, -2 * x])
+  shape, names, s1, s2, s3, dspec = LAYOUTS["tp"]
+  mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    m = qnnx.quantize(MLP((s1, s2, s3), rngs=nnx.Rngs(0)))
+    xs = jax.device_put(x, NamedSharding(mesh, dspec))
+    qnnx.calibrate(m, [xs, -2 * xs])
+    qnnx.freeze(m)
+    out = m(xs)
+  qnnx.freeze(ref)
+  _close(_tree_np(nnx.to_pure_dict(nnx.state(m))), _tree_np(nnx.to_pure_dict(nnx.state(ref))),
+         "nnx calibrate+freeze on explicit mesh")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref(x)), rtol=RTOL, atol=ATOL)
+  print("nnx: calibrate + freeze on an explicit 2x4 mesh == one device")
+
+
+def check_checkpoint():
+  """An orbax checkpoint saved from an 8-device FSDP mesh restores onto 4x2 and onto 1."""
+  import orbax.checkpoint as ocp
+  x, y = _data()
+  _, model, mesh, _ = _nnx_train("fsdp", W4A4, x, y)
+  with jax.set_mesh(mesh):
+    want = np.asarray(model(jax.device_put(x, NamedSharding(mesh, P("data")))))
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "ckpt")
+    qnnx.save(path, model)
+    # 8 -> 4x2 (tensor parallel): restore straight into the new shardings.
+    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    _, _, s1, s2, s3, _ = LAYOUTS["tp"]
+    with jax.set_mesh(mesh2):
+      m2 = qnnx.quantize(MLP((s1, s2, s3), rngs=nnx.Rngs(7)), W4A4)
+      qnnx.calibrate(m2, [jax.device_put(x, NamedSharding(mesh2, P("data")))])
+      state = nnx.state(m2)
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nnx.to_pure_dict(state),
+                            nnx.to_pure_dict(nnx_sharding.shardings(m2, mesh2)))
+      restored = ocp.StandardCheckpointer().restore(path, target)
+      nnx.replace_by_pure_dict(state, restored)
+      nnx.update(m2, state)
+      assert m2.l1.kernel_quant.log_scale[...].sharding.spec == P(None, "model")
+      got2 = np.asarray(m2(jax.device_put(x, NamedSharding(mesh2, P("data")))))
+    np.testing.assert_allclose(got2, want, rtol=RTOL, atol=ATOL, err_msg="8 -> 4x2")
+    # 8 -> 1: the front end's own restore into an unsharded model.
+    m1 = qnnx.quantize(MLP(None, rngs=nnx.Rngs(7)), W4A4)
+    qnnx.calibrate(m1, [x])
+    qnnx.restore(path, m1)
+    np.testing.assert_allclose(np.asarray(m1(x)), want, rtol=RTOL, atol=ATOL, err_msg="8 -> 1")
+  print("checkpoint: FSDP(8) -> TP(4x2) and -> 1 device give the same outputs")
+
+
+def check_errors():
+  """A scale that cannot follow its weight's sharding: error naming the layer and the axis."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  rule = core.Rule(pattern="l1", weight=core.QuantSpec(granularity=core.PerBlock(8, axis=0)))
+  with jax.set_mesh(mesh):
+    try:
+      qnnx.quantize(MLP((("data", None), None, None), rngs=nnx.Rngs(0)), rule)
+    except ValueError as e:
+      msg = str(e)
+    else:
+      raise AssertionError("no error for 2 blocks sharded over 8 devices")
+  assert "layer 'l1'" in msg and "axis 0" in msg and "'data'" in msg and "2 blocks" in msg, msg
+  # Annotations only (logical names / abstract models): follow_weight_shardings checks too.
+  m = qnnx.quantize(MLP(None, rngs=nnx.Rngs(0)), rule)
+  m.l1.kernel.set_metadata(out_sharding=("data", None))
+  with jax.set_mesh(mesh):
+    try:
+      qnnx_follow(m)
+    except ValueError as e:
+      msg = str(e)
+    else:
+      raise AssertionError("no error from follow_weight_shardings")
+  assert "layer 'l1'" in msg and "axis 0" in msg and "'data'" in msg, msg
+  print("errors: a scale that cannot follow its weight names the layer and the axis")
+
+
+def qnnx_follow(model):
+  return nnx_sharding.follow_weight_shardings(model)
+
+
+CHECKS = {
+    "nnx": check_nnx,
+    "calib": check_calibration,
+    "nnxcal": check_nnx_calibrate_explicit,
+    "ckpt": check_checkpoint,
+    "error": check_errors,
+}
+
+
+def main(argv):
+  assert jax.device_count() == 8, f"needs 8 devices, got {jax.device_count()}"
+  names = argv or list(CHECKS)
+  for name in names:
+    t = time.perf_counter()
+    CHECKS[name]()
+    print(f"  [{name}: {time.perf_counter() - t:.1f} s]", flush=True)
+  print("SHARDING CHECKS PASSED")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
