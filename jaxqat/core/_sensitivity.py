@@ -365,7 +365,8 @@ class SensitivityTable:
   def __str__(self) -> str:
     fmt = lambda v: "-" if v is None else (f"{v + 0.0:.4g}" if isinstance(v, float) else str(v))
     dicts = self.to_dicts()
-    heads = list(dicts[0]) if dicts else ["rank", "layer"]
+    heads = [h for h in (list(dicts[0]) if dicts else ["rank", "layer"])  # measured columns
+             if any(d[h] is not None for d in dicts)]
     rows = [[fmt(d[h]) for h in heads] for d in dicts]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()

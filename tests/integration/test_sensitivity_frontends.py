@@ -20,6 +20,7 @@ noise (see the comments).
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,9 +30,12 @@ from threadpoolctl import threadpool_limits
 
 from jaxqat.core import QuantSpec
 from jaxqat.core import Rule
+from jaxqat.core import default_rules
 from jaxqat.core import default_weight_spec
 from jaxqat.core._sensitivity import weight_bytes
 from jaxqat.flax.nnx import _convert as nnx_convert
+from jaxqat.flax.nnx import _report as nnx_report
+from jaxqat.flax.nnx._variables import QuantParam
 from jaxqat.flax.nnx import _sensitivity as nnx_sens
 
 SIZES = (64, 16, 128, 10)
@@ -86,11 +90,14 @@ def _accuracy(logits, y) -> float:
 
 
 def _nnx_model(params):
+  """The trained MLP in NNX (initialisers return the trained arrays: no random init to compile)."""
   layers = []
   for i, (w, b) in enumerate(params):
-    lin = nnx.Linear(w.shape[0], w.shape[1], rngs=nnx.Rngs(0))
-    lin.kernel.value, lin.bias.value = jnp.asarray(w), jnp.asarray(b)
-    layers += [lin, nnx.relu] if i < len(params) - 1 else [lin]
+    layers.append(nnx.Linear(w.shape[0], w.shape[1], rngs=nnx.Rngs(0),
+                             kernel_init=lambda *_, w=w: jnp.asarray(w),
+                             bias_init=lambda *_, b=b: jnp.asarray(b)))
+    if i < len(params) - 1:
+      layers.append(nnx.relu)
   return nnx.Sequential(*layers)
 
 
@@ -103,15 +110,15 @@ def test_nnx_fragile_head_ranks_first_and_mixed_precision_beats_uniform(digits):
   model = _nnx_model(digits["params"])
   nnx_acc = lambda m, d: _accuracy(m(d[0]), d[1])
   float_test = nnx_acc(model, digits["test"])
-  assert float_test > 0.93  # measured 0.955
+  assert float_test > 0.95  # measured 0.977 (validation 0.973)
 
   table = nnx_sens.sensitivity(model, nnx_acc, digits["val"], rules=_head_int2_rules("layers/4"),
                                mode="both", progress=False)
   assert table.layers[0] == "layers/4"
   head = table["layers/4"]
-  assert head.rank == 1 and head.damage > 0.2  # ternary head alone: measured ... points
-  assert head.recovery > 0.2  # keeping only the head float recovers as much
-  assert max(abs(table[l].damage) for l in ("layers/0", "layers/2")) < 0.03
+  assert head.rank == 1 and head.damage > 0.1  # the ternary head alone: measured 0.22
+  assert head.recovery > 0.1  # keeping only the head float: measured 0.23
+  assert max(abs(table[l].damage) for l in ("layers/0", "layers/2")) < 0.03  # measured 0.003
   assert not nnx_convert.is_quantized(model)  # every trial quantized its own clone
 
   # Mixed precision vs uniform int4 at the same weight size.
@@ -129,7 +136,17 @@ def test_nnx_fragile_head_ranks_first_and_mixed_precision_beats_uniform(digits):
   mixed_test, uniform_test = nnx_acc(mixed, digits["test"]), nnx_acc(uniform, digits["test"])
   print(f"float {float_test:.3f}  uniform int4 {uniform_test:.3f}  mixed {mixed_test:.3f} "
         f"{dict(mp.assignment)} {mp.bytes}/{budget} bytes")
-  assert mixed_test > uniform_test + 0.2
+  assert mixed_test > uniform_test + 0.2  # measured 0.952 vs 0.547 (float 0.977)
+
+  # The range-learning switch, through the front end: learned step sizes (and LSQ+ offsets)
+  # exist only with range_learning=True.
+  for learning, n_params in ((False, 0), (True, 3 + 3 * 2)):  # w log_scale; x log_scale, offset
+    qm = nnx_convert.quantize(nnx.clone(model), default_rules(weight_bits=4,
+                                                              range_learning=learning))
+    assert len(jax.tree.leaves(nnx.state(qm, QuantParam))) == n_params
+    r = nnx_report.report(qm)["layers/0"]
+    assert (r.weights[-1].spec.learning, r.act.learning) == (
+        ("lsq", "lsq_plus") if learning else ("fixed", "fixed"))
 
   with pytest.raises(ValueError, match=re.escape("layers: unknown layer 'layers/9'")):
     nnx_sens.sensitivity(model, nnx_acc, digits["val"], layers=["layers/9"], progress=False)
@@ -144,17 +161,22 @@ def test_nnx_fragile_head_ranks_first_and_mixed_precision_beats_uniform(digits):
 def test_linen_fragile_head_ranks_first_with_calibration(digits):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from jaxqat.flax.linen import _sensitivity as linen_sens  # pylint: disable=g-import-not-at-top
-  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(128), nn.relu, nn.Dense(10)])
+  # Zero initialisers: every trial inits a copy (the trained params are loaded after), and
+  # random initialisers would only add compiles.
+  dense = lambda n: nn.Dense(n, kernel_init=nn.initializers.zeros_init())
+  model = nn.Sequential([dense(16), nn.relu, dense(128), nn.relu, dense(10)])
   variables = {"params": {f"layers_{2 * i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
                           for i, (w, b) in enumerate(digits["params"])}}
   acc = lambda m, v, d: _accuracy(m.apply(v, d[0]), d[1])
   rules = [Rule(pattern="layers_4", weight=default_weight_spec(bits=2)),
            Rule(pattern=".*", weight=default_weight_spec(bits=8),
                 act=QuantSpec(format="int8", symmetric=False, calibration="minmax"))]
+  # Two of the three layers (a user's selection), to keep it to three trials with calibration.
   table = linen_sens.sensitivity(model, variables, acc, digits["val"], rules=rules,
-                                 calibration_data=digits["calib"], mode="quantize_one",
-                                 progress=False)
-  assert table.layers[0] == "layers_4" and table["layers_4"].damage > 0.2
+                                 calibration_data=digits["calib"], layers=["layers_4", "layers_2"],
+                                 mode="quantize_one", progress=False)
+  assert table.layers == ["layers_4", "layers_2"] and table["layers_4"].damage > 0.1
+  assert abs(table["layers_2"].damage) < 0.03  # int8 weights and inputs
   assert table.float_metric == pytest.approx(acc(model, variables, digits["val"]))
 
 
@@ -163,11 +185,12 @@ def test_keras_fragile_head_ranks_first(digits):
   from jaxqat.keras._backend import keras  # pylint: disable=import-outside-toplevel
   names = ["hidden1", "hidden2", "head"]
   model = keras.Sequential([keras.Input((64,))] + [
-      keras.layers.Dense(w.shape[1], activation="relu" if i < 2 else None, name=names[i])
+      keras.layers.Dense(w.shape[1], activation="relu" if i < 2 else None, name=names[i],
+                         kernel_initializer="zeros")  # the copies skip random init
       for i, (w, _) in enumerate(digits["params"])])
   model.set_weights([a for wb in digits["params"] for a in wb])
   acc = lambda m, d: _accuracy(m(d[0]), d[1])
   table = keras_sens.sensitivity(model, acc, digits["val"], rules=_head_int2_rules("head"),
                                  mode="quantize_one", progress=False)
-  assert table.layers[0] == "head" and table["head"].damage > 0.2
+  assert table.layers[0] == "head" and table["head"].damage > 0.1
   assert table.layers[1:] and max(abs(r.damage) for r in table.rows[1:]) < 0.03
