@@ -54,6 +54,7 @@ sliced by ``nnx.scan`` like any variable.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping, Optional, Union
@@ -405,15 +406,30 @@ def _state_values(q: Quantizer) -> dict:
   return {k: v[...] for k, v in q.state_variables().items()}
 
 
-def _weight_encoding(wq: Quantizer, w: jax.Array, where: str) -> core.Encoding:
-  """The encoding the fake-quant model uses now for weight ``w`` (stacked axes first)."""
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _jit_weight(w, state, spec, k, pack):
+  """The weight's encoding and, when ``pack`` is not None, its QTensor (stacked axes first)."""
+  enc = _vmap_n(lambda w, st: core.encoding_from_state(spec, st, weight=w), k)(w, state)
+  if pack is None:
+    return enc, None
+  return enc, _vmap_n(lambda w, e: core.quantize_weight(w, e, pack=pack), k)(w, enc)
+
+
+def _weight_encoding(wq: Quantizer, w: jax.Array, where: str, pack=None):
+  """``(encoding, QTensor or None)``: the range the fake-quant model uses now for ``w``.
+
+  Computed by one jitted function: one compile per distinct (spec, shape).
+  """
   spec = wq.spec
   if spec.is_block or (spec.learning == "fixed" and not wq.frozen):
     state = {}
   else:
     state = _state_values(wq)
-  fn = lambda w, st: core.encoding_from_state(spec, st, weight=w, name=where)  # noqa: E731
-  return _vmap_n(fn, len(wq.stack_shape))(w, state)
+  enc, qt = _jit_weight(w, state, spec, len(wq.stack_shape), pack)
+  if enc.scale is not None and not np.isfinite(np.asarray(enc.scale)).all():
+    raise ValueError(f"layer '{where}': the weight range holds non-finite values (a NaN or inf "
+                     "weight, or a diverged learned step size)")
+  return enc, qt
 
 
 def _act_encoding(aq: Optional[Quantizer], where: str, fn_name: str) -> Optional[core.Encoding]:
@@ -562,9 +578,7 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
     if wq is not None:
       w = _promoted_weight(node)
       float_dtype = getattr(node, node.weight_attr)[...].dtype
-      enc = _weight_encoding(wq, w, where)
-      qt = _vmap_n(lambda w, e: core.quantize_weight(w, e, pack=pack),
-                   len(wq.stack_shape))(w, enc)
+      _, qt = _weight_encoding(wq, w, where, bool(pack))
     plans[path] = ("layer", qt, act, float_dtype)
   served = nnx.clone(model)
   for path, node in list(_owners(served)):
@@ -735,7 +749,7 @@ def export_encodings(model: nnx.Module) -> dict:
   for name, kind, q, w in _quantizer_names(model):
     where = _where(q, name)
     if kind == "param":
-      params[name] = _weight_encoding(q, w, where)
+      params[name] = _weight_encoding(q, w, where)[0]
     else:
       enc = _act_encoding(q, where, "export_encodings")
       if enc is not None:
