@@ -81,6 +81,9 @@ def _unpack_ops(p, bits: int, signed: bool, shape):
   return ops.reshape(v, tuple(shape))
 
 
+_JITTED: dict = {}  # see ServedLayer._kernel
+
+
 def _traced(x) -> bool:
   import jax  # pylint: disable=import-outside-toplevel
   return isinstance(x, jax.core.Tracer)
@@ -122,31 +125,31 @@ class ServedLayer(keras.layers.Layer):
     self.aspec = None if act is None else spec_from_dict(act["spec"], where=f"{self.name} act")
     self.supports_masking = True
 
+  def _add(self, attr, name, shape, dtype, default):
+    """Creates ``self.<attr>``, initialised from convert's values when it gave them."""
+    value = (vars(self).get("_init_values") or {}).get(attr)
+    init = default if value is None else (lambda shape, dtype=None, v=value: v)
+    setattr(self, attr, self.add_weight(name=name, shape=tuple(shape), dtype=dtype,
+                                        initializer=init, trainable=False))
+
   def build(self, input_shape=None):
     w = self.weight_info
     name = w["name"]
     if self.wspec is None:
-      self.weight = self.add_weight(name=name, shape=tuple(w["shape"]), dtype=w["dtype"],
-                                    initializer="zeros", trainable=False)
+      self._add("weight", name, w["shape"], w["dtype"], "zeros")
     else:
-      self.codes = self.add_weight(name=f"{name}_codes", shape=tuple(w["stored_shape"]),
-                                   dtype=w["codes_dtype"], initializer="zeros", trainable=False)
-      self.scale = self.add_weight(name=f"{name}_scale", shape=tuple(w["scale_shape"]),
-                                   dtype="float32", initializer="ones", trainable=False)
+      self._add("codes", f"{name}_codes", w["stored_shape"], w["codes_dtype"], "zeros")
+      self._add("scale", f"{name}_scale", w["scale_shape"], "float32", "ones")
       if w["zero_point"]:
-        self.zero_point = self.add_weight(name=f"{name}_zero_point", shape=tuple(w["scale_shape"]),
-                                          dtype="int32", initializer="zeros", trainable=False)
+        self._add("zero_point", f"{name}_zero_point", w["scale_shape"], "int32", "zeros")
     a = self.act_info
     if a is not None and a.get("scale_shape") is not None:
-      self.input_scale = self.add_weight(name="input_scale", shape=tuple(a["scale_shape"]),
-                                         dtype="float32", initializer="ones", trainable=False)
+      self._add("input_scale", "input_scale", a["scale_shape"], "float32", "ones")
       if a["zero_point"]:
-        self.input_zero_point = self.add_weight(name="input_zero_point",
-                                                shape=tuple(a["scale_shape"]), dtype="int32",
-                                                initializer="zeros", trainable=False)
+        self._add("input_zero_point", "input_zero_point", a["scale_shape"], "int32", "zeros")
     if self.bias_shape is not None:
-      self.bias = self.add_weight(name="bias", shape=self.bias_shape, dtype=w["dtype"],
-                                  initializer="zeros", trainable=False)
+      self._add("bias", "bias", self.bias_shape, w["dtype"], "zeros")
+    object.__setattr__(self, "_init_values", None)
     self.built = True
 
   # -- the weight and the input range ------------------------------------------------
@@ -229,12 +232,14 @@ class ServedLayer(keras.layers.Layer):
     return ops.convert_to_tensor(self.bias)
 
   def _kernel(self):
-    """``_jax_op``, jitted when called eagerly (one compilation instead of one per op)."""
-    fn = vars(self).get("_jitted")
+    """``_jax_op``, jitted when called eagerly: one compilation per layer configuration
+    (shared by the layers of equal configurations, e.g. a reloaded model's) instead of one
+    per op."""
+    key = (type(self).__name__, repr(self.float_config), self.integer)
+    fn = _JITTED.get(key)
     if fn is None:
       import jax  # pylint: disable=import-outside-toplevel
-      fn = jax.jit(self._jax_op)
-      object.__setattr__(self, "_jitted", fn)
+      fn = _JITTED[key] = jax.jit(self._jax_op)
     return fn
 
   def call(self, inputs):
@@ -546,6 +551,7 @@ class _Cloner:
     if id(layer) in self.plans:
       cls, kwargs, values = self.plans[id(layer)]
       new = cls(**kwargs)
+      object.__setattr__(new, "_init_values", values)  # the variables start with these
       self.assign.append((new, values))
     elif isinstance(layer, keras.Sequential) or _graph.is_functional(layer):
       new = self.graph(layer)
@@ -568,8 +574,8 @@ class _Cloner:
 
   def fill(self):
     for layer, values in self.assign:
-      for key, value in values.items():
-        getattr(layer, key).assign(value)
+      if not layer.built:  # a layer the graph never called: build it from its config
+        layer.build()
     for src, dst in self.copies:
       if src.weights:
         dst.set_weights([to_numpy(v) for v in src.weights])

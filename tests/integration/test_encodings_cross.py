@@ -10,10 +10,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from jaxqat.flax import nnx as qnnx  # noqa: E402
 
@@ -28,22 +26,10 @@ try:  # the NNX verbs, exported or not yet
 except ImportError:  # pragma: no cover - depends on the NNX package's exports
   from jaxqat.flax.nnx._serve import export_encodings as nnx_export
 
+from test_front_end_equivalence import _NnxMLP, _data  # noqa: E402  (the same MLP and data)
+
 NAMES = {"hidden/kernel": "fc1/kernel", "hidden/input": "fc1/input",
          "head/kernel": "fc2/kernel", "head/input": "fc2/input"}
-
-
-class _NnxMLP(nnx.Module):
-
-  def __init__(self, w):
-    self.hidden = nnx.Linear(16, 32, rngs=nnx.Rngs(0))
-    self.head = nnx.Linear(32, 4, rngs=nnx.Rngs(1))
-    for name in ("hidden", "head"):
-      layer = getattr(self, name)
-      layer.kernel[...] = jnp.asarray(w[name][0])
-      layer.bias[...] = jnp.asarray(w[name][1])
-
-  def __call__(self, x):
-    return self.head(nnx.relu(self.hidden(x)))
 
 
 def _keras_mlp(w):
@@ -56,12 +42,7 @@ def _keras_mlp(w):
 
 
 def test_nnx_encodings_load_into_keras():
-  rng = np.random.default_rng(0)
-  w = {"hidden": (rng.normal(size=(16, 32)).astype("float32") * 0.3,
-                  rng.normal(size=(32,)).astype("float32") * 0.1),
-       "head": (rng.normal(size=(32, 4)).astype("float32") * 0.3,
-                rng.normal(size=(4,)).astype("float32") * 0.1)}
-  x = rng.normal(size=(64, 16)).astype("float32")
+  w, x, _ = _data()
   nmodel = _NnxMLP(w)
   qnnx.quantize(nmodel)
   qnnx.calibrate(nmodel, [x[:32], x[32:]])
