@@ -109,8 +109,9 @@ def sensitivity(
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="body"),
     ...                           keras.layers.Dense(2, name="head")])
     >>> x = np.linspace(-1, 1, 32, dtype="float32").reshape(8, 4)
-    >>> ref = np.asarray(model(x))
-    >>> err = lambda m, x: -float(np.mean((np.asarray(m(x)) - ref) ** 2))
+    >>> out = lambda m, x: keras.ops.convert_to_numpy(m(x))
+    >>> ref = out(model, x)
+    >>> err = lambda m, x: -float(np.mean((out(m, x) - ref) ** 2))
     >>> rules = [Rule(pattern="head", weight=QuantSpec(format="int2")),
     ...          Rule(pattern=".*", weight=QuantSpec(format="int8"))]
     >>> sensitivity(model, err, x, rules=rules, mode="quantize_one", progress=False).layers

@@ -150,16 +150,13 @@ def mixed_precision(
       meets (raised before any trial).
 
   Examples:
-    >>> import jax.numpy as jnp
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
-    >>> x = jnp.linspace(-1, 1, 32).reshape(8, 4)
-    >>> err = lambda m, x: -float(jnp.mean((m(x) - model(x)) ** 2))
-    >>> from jaxqat.core import default_rules
-    >>> mp = mixed_precision(model, err, x, budget_bytes=32, rules=default_rules(act_bits=None),
-    ...                      progress=False)
-    >>> mp.bytes <= 32, sorted(mp.assignment)
-    (True, ['layers/0', 'layers/2'])
+    >>> mixed_precision(model, lambda m, x: 0.0, None, budget_bytes=20, candidates=["int8", "int4"],
+    ...                 progress=False)  # 48 weights: 24 bytes at 4 bits
+    Traceback (most recent call last):
+    ...
+    ValueError: budget_bytes: no assignment fits 20 bytes; the smallest achievable size is 24 bytes (every layer in its smallest candidate format)
   """
   trials = _setup(model, metric, data, rules, calibration_data, calibration_steps, layers)
   return trials.mixed_precision(
