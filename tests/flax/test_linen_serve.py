@@ -27,7 +27,6 @@ from jaxqat.flax.linen import _checkpoint as ckpt
 from jaxqat.flax.linen import _serve as serve
 
 KEY = jax.random.key(0, impl="rbg")
-W_ONLY = [Rule(pattern=".*", weight=core.default_weight_spec())]
 W4 = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerChannel(-1)))]
 U = 2.0**-24
 
@@ -36,12 +35,14 @@ def _gamma(n):
   return n * U / (1 - n * U)
 
 
-class _Branches(nn.Module):
-  """One layer of each type, each on a model input (so each layer's input is known)."""
+class _Net(nn.Module):
+  """One layer of each type, each on a model input (so each layer's input is known), and a
+  chain of two 256-wide Dense layers (a whole model whose weights dominate the bytes)."""
 
   @nn.compact
-  def __call__(self, x, ids, img):
+  def __call__(self, x, ids, img, h):
     emb = nn.Embed(12, 8, name="embed")
+    h = nn.relu(nn.Dense(256, name="mlp_0")(h))
     return {
         "dense": nn.Dense(6, use_bias=False, name="dense")(x),
         "einsum": nn.Einsum((8, 2, 3), "bd,dhk->bhk", use_bias=False, name="einsum")(x),
@@ -50,18 +51,15 @@ class _Branches(nn.Module):
                              name="depthwise")(img),
         "embed": emb(ids),
         "attend": emb.attend(x),  # jnp.dot(x, embedding.T): a transposed weight
+        "mlp": nn.Dense(10, name="mlp_1")(h),
     }
 
 
-def _branch_inputs():
-  k1, k2 = jax.random.split(jax.random.key(3))
+def _inputs():
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(k1, (5, 8)) + 0.2
   img = jax.random.normal(k2, (2, 6, 6, 4))
-  return x, jnp.array([0, 3, 11]), img
-
-
-def _mlp(out=10):
-  return nn.Sequential([nn.Dense(256), nn.relu, nn.Dense(256), nn.relu, nn.Dense(out)])
+  return x, jnp.array([0, 3, 11]), img, jax.random.normal(k3, (4, 256))
 
 
 def _eqns(jaxpr):
@@ -97,13 +95,23 @@ def _conv_bound(x, qt, act, groups):
   return (_gamma(k + 2) + _gamma(3)) * (1 + U)**2 * act.scale * qt.scale.reshape(-1) * s
 
 
-def test_each_layer_type_w8a8_within_bound_integer_false_and_weight_only_exact():
-  x, ids, img = _branch_inputs()
-  qmodel = ql.quantize(_Branches())  # default W8A8
-  v = ql.calibrate(qmodel, jax.jit(qmodel.init)(KEY, x, ids, img), [(x, ids, img)])
-  fake = jax.jit(qmodel.apply)(v, x, ids, img)
-  served, sv = ql_convert(qmodel, v)
-  y = jax.jit(served.apply)(sv, x, ids, img)
+@pytest.fixture(scope="module")
+def net():
+  """The calibrated W8A8 (default rules) model, its served model and both outputs."""
+  inputs = _inputs()
+  qmodel = ql.quantize(_Net())
+  v0 = jax.jit(qmodel.init)(KEY, *inputs)
+  v = ql.calibrate(qmodel, v0, [inputs])
+  served, sv = serve.convert(qmodel, v)
+  apply_served = jax.jit(served.apply)
+  return dict(inputs=inputs, qmodel=qmodel, v0=v0, v=v, served=served, sv=sv,
+              apply_served=apply_served, fake=jax.jit(qmodel.apply)(v, *inputs),
+              y=apply_served(sv, *inputs))
+
+
+def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net):
+  inputs, served, sv, fake, y = net["inputs"], net["served"], net["sv"], net["fake"], net["y"]
+  x, _, img, _ = inputs
   s = sv["served"]
   dot = (((1,), (0,)), ((), ()))
   bounds = {
@@ -121,106 +129,88 @@ def test_each_layer_type_w8a8_within_bound_integer_false_and_weight_only_exact()
     assert float(jnp.max(jnp.abs(fake[name]))) > 0.1, name  # not a vacuous comparison
   # The embedding lookup has no input quantizer: bit for bit.
   np.testing.assert_array_equal(np.asarray(y["embed"]), np.asarray(fake["embed"]))
+  # The two-layer chain: the per-op bound plus the code flips it can cause in the second
+  # layer's input quantizer; within 1% of the output's range.
+  err = float(jnp.max(jnp.abs(y["mlp"] - fake["mlp"])))
+  assert err <= 1e-2 * float(jnp.max(jnp.abs(fake["mlp"]))), err
   # Every matmul / conv of the served model is int8 x int8 -> int32: dense, einsum, attend,
-  # and per conv the conv itself and the batch-1 conv that removes the input zero point.
-  ops = _ops(lambda a, b, c: served.apply(sv, a, b, c), x, ids, img)
+  # the chain's two, and per conv the conv and the batch-1 conv removing the input zero point.
+  ops = _ops(lambda *a: served.apply(sv, *a), *inputs)
   assert ops == sorted([("conv_general_dilated", ("int8", "int8"), "int32")] * 4
-                       + [("dot_general", ("int8", "int8"), "int32")] * 3), ops
-  # integer=False: the dequantize path, bit for bit the fake-quant model.
-  served_f, sv_f = ql_convert(qmodel, v, integer=False)
-  _assert_same(jax.jit(served_f.apply)(sv_f, x, ids, img), fake)
-  # Weight-only quantization: bit for bit.
-  qw = ql.quantize(_Branches(), W_ONLY)
-  vw = jax.jit(qw.init)(KEY, x, ids, img)
-  served_w, sv_w = ql_convert(qw, vw)
-  _assert_same(jax.jit(served_w.apply)(sv_w, x, ids, img), jax.jit(qw.apply)(vw, x, ids, img))
-  # No float copy of any quantized weight: every kernel left params.
-  assert sv["params"] == {} and sv_w["params"] == {}
-  assert sorted(s) == ["conv", "dense", "depthwise", "einsum", "embed"]
-
-
-def ql_convert(qmodel, v, **kw):
-  return serve.convert(qmodel, v, **kw)
-
-
-@pytest.fixture(scope="module")
-def mlp():
-  """A calibrated W8A8 MLP of 256-wide layers, its input and its served model."""
-  x = jax.random.normal(jax.random.key(5), (4, 256))
-  qmodel = ql.quantize(_mlp())
-  v0 = jax.jit(qmodel.init)(KEY, x)
-  v = ql.calibrate(qmodel, v0, [x])
-  served, sv = serve.convert(qmodel, v)
-  return dict(x=x, qmodel=qmodel, v0=v0, v=v, served=served, sv=sv,
-              fake=jax.jit(qmodel.apply)(v, x), y=jax.jit(served.apply)(sv, x))
-
-
-def test_whole_model_integer_jaxpr_sizes_and_int4(mlp):
-  x, served, sv = mlp["x"], mlp["served"], mlp["sv"]
-  # Whole model, integer path: the three int8 matmuls agree with fake quant to a few
-  # output steps of the layer inputs (the per-op bound plus code flips downstream).
-  err = float(jnp.max(jnp.abs(mlp["y"] - mlp["fake"])))
-  assert err <= 1e-2 * float(jnp.max(jnp.abs(mlp["fake"]))), err
-  fn = lambda a: served.apply(sv, a)  # noqa: E731
-  assert _ops(fn, x) == [("dot_general", ("int8", "int8"), "int32")] * 3
-  # No float copy of a kernel: not in the served variables, not in the compiled program.
-  leaves = jax.tree.leaves(sv)
-  assert not [l for l in leaves if l.dtype == jnp.float32 and l.ndim == 2 and min(l.shape) > 1]
-  hlo = jax.jit(fn).lower(x).as_text()
-  assert "tensor<256x256xf32>" not in hlo and "tensor<256x10xf32>" not in hlo
+                       + [("dot_general", ("int8", "int8"), "int32")] * 5), ops
+  # No float copy of any quantized weight: not in the served variables (only the chain's
+  # biases stay in params), not in the compiled program.
+  assert jax.tree.map(jnp.shape, sv["params"]) == {"mlp_0": {"bias": (256,)},
+                                                   "mlp_1": {"bias": (10,)}}
+  assert sorted(s) == ["conv", "dense", "depthwise", "einsum", "embed", "mlp_0", "mlp_1"]
+  hlo = jax.jit(lambda *a: served.apply(sv, *a)).lower(*inputs).as_text()
+  kernels = [l.shape for l in jax.tree.leaves(net["v"]["params"]) if l.ndim >= 2]
+  assert len(kernels) == 7
+  for shape in kernels:
+    assert f"tensor<{'x'.join(map(str, shape))}xf32>" not in hlo, shape
   assert "tensor<256x256xi8>" in hlo
+  # integer=False: the dequantize path, bit for bit the fake-quant model.
+  served_f, sv_f = serve.convert(net["qmodel"], net["v"], integer=False)
+  assert not served_f.integer
+  _assert_same(sv_f, sv)  # the flag is the module's; the variables are the same
+  _assert_same(jax.jit(served_f.apply)(sv, *inputs), fake)
+
+
+def test_int4_weight_only_bit_exact_and_sizes(net):
+  inputs, served, sv = net["inputs"], net["served"], net["sv"]
   r = serve.size_report(served, sv)
-  assert [row.layer for row in r.rows] == [
-      "layers_0/bias", "layers_0/kernel", "layers_2/bias", "layers_2/kernel", "layers_4/bias",
-      "layers_4/kernel"]
-  assert r.float_bytes == 4 * (2 * 256 * 256 + 256 * 10 + 2 * 256 + 10)
+  assert r.rows[0].layer == "conv/kernel" and r.rows[0].format == "int8_narrow"
+  assert r.float_bytes == 4 * sum(l.size for l in jax.tree.leaves(net["v"]["params"]))
   assert r.ratio <= 0.27, r.ratio
   assert "compression" in str(r)
-  # int4 packed, weight-only: <= 15% of float32, bit for bit with fake quant.
-  q4 = ql.quantize(_mlp(), W4)
-  v4 = jax.jit(q4.init)(KEY, x)
+  # int4, packed, weight only: bit for bit with fake quant, every layer type; <= 15% of f32.
+  q4 = ql.quantize(_Net(), W4)
+  v4 = jax.jit(q4.init)(KEY, *inputs)
   served4, sv4 = serve.convert(q4, v4)
-  assert sv4["served"]["layers_0"]["kernel"].values.shape == (256, 128)
+  assert sv4["served"]["mlp_0"]["kernel"].values.shape == (256, 128)
+  assert sv4["served"]["conv"]["kernel"].packed == 4
+  assert not [n for n in jax.tree.leaves(sv4["served"]) if isinstance(n, core.Encoding)]
   r4 = serve.size_report(served4, sv4)
   assert r4.ratio <= 0.15, r4.ratio
-  _assert_same(jax.jit(served4.apply)(sv4, x), jax.jit(q4.apply)(v4, x))
+  _assert_same(jax.jit(served4.apply)(sv4, *inputs), jax.jit(q4.apply)(v4, *inputs))
 
 
-def test_round_trips_encodings_orbax_and_jax_export(mlp, tmp_path):
-  x, qmodel, v, served, sv = mlp["x"], mlp["qmodel"], mlp["v"], mlp["served"], mlp["sv"]
+def test_round_trips_encodings_orbax_and_jax_export(net, tmp_path):
+  inputs, qmodel, v, served, sv = net["inputs"], net["qmodel"], net["v"], net["served"], net["sv"]
   # Encodings JSON: export, load into a fresh (uncalibrated) copy: same outputs exactly.
   f = tmp_path / "enc.json"
   serve.save_encodings(f, qmodel, v)
   data = json.loads(f.read_text())
   assert data["version"] == "1.0.0"
-  assert [e["name"] for e in data["param_encodings"]] == [
-      "layers_0/kernel", "layers_2/kernel", "layers_4/kernel"]
-  assert [e["name"] for e in data["activation_encodings"]] == [
-      "layers_0/input", "layers_2/input", "layers_4/input"]
-  fresh = ql.quantize(_mlp())
-  v_fresh = jax.jit(fresh.init)(KEY, x)
-  loaded = serve.load_encodings(fresh, v_fresh, f)
-  _assert_same(jax.jit(fresh.apply)(loaded, x), mlp["fake"])
-  assert "frozen" in loaded["quant_stats"]["layers_0"]["kernel"]
+  assert sorted(e["name"] for e in data["param_encodings"]) == [
+      "conv/kernel", "dense/kernel", "depthwise/kernel", "einsum/kernel", "embed/embedding",
+      "mlp_0/kernel", "mlp_1/kernel"]
+  assert sorted(e["name"] for e in data["activation_encodings"]) == [
+      "conv/input", "dense/input", "depthwise/input", "einsum/input", "embed/input",
+      "mlp_0/input", "mlp_1/input"]
+  fresh = ql.quantize(_Net())
+  jax.eval_shape(fresh.init, KEY, *inputs)  # example inputs; the variables: an uncalibrated init
+  loaded = serve.load_encodings(fresh, net["v0"], f)
+  assert "frozen" in loaded["quant_stats"]["dense"]["kernel"]
+  _assert_same(jax.jit(fresh.apply)(loaded, *inputs), net["fake"])
   # orbax: the served model.
   d = os.fspath(tmp_path / "served")
   ckpt.save_served(d, served, sv)
-  served2, sv2 = ckpt.restore_served(d, ql.quantize(_mlp()))
-  assert sv2["served"]["layers_2"]["kernel"].values.dtype == jnp.int8
-  _assert_same(jax.jit(served2.apply)(sv2, x), mlp["y"])
+  served2, sv2 = ckpt.restore_served(d, ql.quantize(_Net()))
+  assert served2 == served
+  assert sv2["served"]["mlp_0"]["kernel"].values.dtype == jnp.int8
+  _assert_same(net["apply_served"](sv2, *inputs), net["y"])
   with pytest.raises(ValueError, match="exists already"):
     ckpt.save_served(d, served, sv)
-  # jax.export: reloads without the model's code; any batch size.
-  blob = serve.export_serving(served, sv, x, batch_polymorphic=True)
-  run = core.load_serving(blob)
-  _assert_same(run(x), mlp["y"])
-  assert run(x[:1]).shape == (1, 10)
+  # jax.export: reloads without the model's code.
+  blob = serve.export_serving(served, sv, *inputs)
+  _assert_same(core.load_serving(blob)(*inputs), net["y"])
 
 
-def test_bad_input_names_the_layer_or_entry_and_changes_nothing(mlp, tmp_path):
-  qmodel, v0, v = mlp["qmodel"], mlp["v0"], mlp["v"]
+def test_bad_input_names_the_layer_or_entry_and_changes_nothing(net, tmp_path):
+  qmodel, v0, v = net["qmodel"], net["v0"], net["v"]
   before = jax.tree.map(np.asarray, v0)
-  with pytest.raises(ValueError, match=r"layer 'layers_0' \(Dense\) input activation 'input'"
+  with pytest.raises(ValueError, match=r"layer '\w+' \(\w+\) input activation 'input'"
                      r".*never calibrated"):
     serve.convert(qmodel, v0)
   _assert_same(v0, before)
@@ -232,19 +222,20 @@ def test_bad_input_names_the_layer_or_entry_and_changes_nothing(mlp, tmp_path):
   text = json.dumps(good)
   trunc = tmp_path / "trunc.json"
   trunc.write_text(text[:len(text) // 2])
+  names = [e["name"] for e in good["param_encodings"]]
   bad_bw = json.loads(text)
   bad_bw["param_encodings"][1]["bw"] = 4
   unknown = json.loads(text)
   unknown["activation_encodings"][0]["name"] = "layers_9/input"
   short = json.loads(text)
-  short["param_encodings"][2]["scale"] = short["param_encodings"][2]["scale"][:3]
+  short["param_encodings"][2]["scale"] = short["param_encodings"][2]["scale"][:1]
   missing = json.loads(text)
-  del missing["activation_encodings"][2]
+  gone = missing["activation_encodings"].pop()["name"]
   cases = [(trunc, "not valid JSON"),
-           (bad_bw, r"entry 'layers_2/kernel': bw is 4"),
+           (bad_bw, rf"entry '{names[1]}': bw is 4"),
            (unknown, r"entry 'layers_9/input': the model has no activation quantizer"),
-           (short, r"entry 'layers_4/kernel': 'scale' has 3 values"),
-           (missing, r"no entry for the model's quantizer\(s\) \['layers_4/input'\]")]
+           (short, rf"entry '{names[2]}': 'scale' has 1 values"),
+           (missing, rf"no entry for the model's quantizer\(s\) \['{gone}'\]")]
   for data, msg in cases:
     with pytest.raises(ValueError, match=msg):
       serve.load_encodings(qmodel, v0, data)

@@ -79,10 +79,18 @@ def _drop(tree, path: tuple):
   return out
 
 
+_RUNNERS: dict = {}  # (model, example inputs' structure) -> jitted convert run
+
+
 def _run(qmodel: _module.QuantizedModule, variables: dict, mode: str, pack: bool = True) -> dict:
-  """Runs ``qmodel`` in the ``convert`` or ``inspect`` mode on its example inputs."""
+  """Runs ``qmodel`` in the ``convert`` or ``inspect`` mode on its example inputs.
+
+  The jitted ``convert`` run is cached per (equal) model and example input
+  shapes, so ``convert(..., integer=False)`` and ``export_encodings`` after a
+  ``convert`` compile nothing new.
+  """
   args, kwargs = qmodel.example()
-  model = _module.with_mode(qmodel, mode, pack=pack)
+  model = _module.with_mode(qmodel, mode, pack=pack, integer=True)
   cols = [SERVED, ENCODINGS]
 
   def run(v):
@@ -90,7 +98,18 @@ def _run(qmodel: _module.QuantizedModule, variables: dict, mode: str, pack: bool
 
   if mode == _intercept.INSPECT:
     return jax.eval_shape(run, variables)
-  return jax.jit(run)(variables)
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  key = (model, tree, tuple((tuple(l.shape), str(l.dtype)) if hasattr(l, "shape") else l
+                            for l in leaves))
+  try:
+    hash(key)
+  except TypeError:
+    return jax.jit(run)(variables)
+  if key not in _RUNNERS:
+    if len(_RUNNERS) >= 16:
+      _RUNNERS.clear()
+    _RUNNERS[key] = jax.jit(run)
+  return _RUNNERS[key](variables)
 
 
 def _check_quant(qmodel) -> _module.QuantizedModule:
