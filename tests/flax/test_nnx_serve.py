@@ -272,3 +272,25 @@ def test_bad_input_names_layer_or_entry_and_changes_nothing(w8a8, tmp_path):
     with pytest.raises(ValueError, match=msg):
       _serve.load_encodings(target, data)
     assert _same(_state(target), before) and not target.fc.input_quant.calibrated
+
+
+def test_stacked_vmap_layers_convert_slice_by_slice():
+  """nnx.vmap-created layers run under nnx.scan: codes and scales keep the stacked axis."""
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return nnx.Linear(4, 4, rngs=rngs)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def run(x, layer):
+    return layer(x)
+
+  rules = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerChannel(-1)))]
+  qat = qnnx.quantize(make(nnx.Rngs(0)), rules)
+  served = _serve.convert(qat)
+  assert served.kernel.values.shape == (3, 4, 2) and served.kernel.scale.shape == (3, 1, 4)
+  x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+  np.testing.assert_array_equal(_np(run(x, served)), _np(run(x, qat)))
+  enc = _serve.export_encodings(qat)
+  assert enc["param_encodings"][0]["shape"] == [3, 1, 4]

@@ -406,26 +406,33 @@ def _state_values(q: Quantizer) -> dict:
   return {k: v[...] for k, v in q.state_variables().items()}
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _jit_weight(w, state, spec, k, pack):
-  """The weight's encoding and, when ``pack`` is not None, its QTensor (stacked axes first)."""
-  enc = _vmap_n(lambda w, st: core.encoding_from_state(spec, st, weight=w), k)(w, state)
-  if pack is None:
-    return enc, None
-  return enc, _vmap_n(lambda w, e: core.quantize_weight(w, e, pack=pack), k)(w, enc)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _jit_weight(w, state, spec, pack):
+  """The weight's encoding and, when ``pack`` is not None, its QTensor."""
+  enc = core.encoding_from_state(spec, state, weight=w)
+  return enc, (None if pack is None else core.quantize_weight(w, enc, pack=pack))
 
 
 def _weight_encoding(wq: Quantizer, w: jax.Array, where: str, pack=None):
   """``(encoding, QTensor or None)``: the range the fake-quant model uses now for ``w``.
 
-  Computed by one jitted function: one compile per distinct (spec, shape).
+  Computed by one jitted function (one compile per distinct spec and shape).
+  Stacked layers are converted slice by slice, not under ``jax.vmap``: the
+  fake-quant layer computes a tracking range on its slice inside
+  ``nnx.scan``, and a vmapped range can differ from it in the last bit.
   """
   spec = wq.spec
   if spec.is_block or (spec.learning == "fixed" and not wq.frozen):
     state = {}
   else:
     state = _state_values(wq)
-  enc, qt = _jit_weight(w, state, spec, len(wq.stack_shape), pack)
+  stack = tuple(wq.stack_shape)
+  if not stack:
+    enc, qt = _jit_weight(w, state, spec, pack)
+  else:
+    parts = [_jit_weight(w[i], {k: v[i] for k, v in state.items()}, spec, pack)
+             for i in np.ndindex(*stack)]
+    enc, qt = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape), *parts)
   if enc.scale is not None and not np.isfinite(np.asarray(enc.scale)).all():
     raise ValueError(f"layer '{where}': the weight range holds non-finite values (a NaN or inf "
                      "weight, or a diverged learned step size)")
