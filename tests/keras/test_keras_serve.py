@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import keras
 
-from jaxqat.core import PerOutputChannel, QuantSpec, Rule, load_serving
+from jaxqat.core import PerOutputChannel, QuantSpec, Rule, default_act_spec, load_serving
 from jaxqat.keras import _serve
 from jaxqat.keras import _saving
 import jaxqat.keras as jqk
@@ -31,6 +31,7 @@ export_encodings, save_encodings, load_encodings = (
 
 U = 2.0**-24
 INT4 = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerOutputChannel()))]
+W4A8 = [Rule(pattern=".*", weight=INT4[0].weight, act=default_act_spec())]
 RNG = np.random.default_rng(0)
 
 
@@ -119,30 +120,28 @@ def _no_float_kernel(served, shape):
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_served_layer_matches_fake_quant(kind):
   model, x = _float_model(kind)
-  # Weight-only int4 (packed): bit for bit.
-  q4 = _qat(model, x, INT4)
-  s4 = convert(q4)
-  np.testing.assert_array_equal(to_np(s4(x)), to_np(q4(x)))
-  layer = _served_layer(s4)
+  q = _qat(model, x, W4A8)
+  y_fq = to_np(q(x))
+  # Static int8 input: integer=False bit for bit; integer=True within the bound (JAX), exact (torch).
+  np.testing.assert_array_equal(to_np(convert(q, integer=False)(x)), y_fq)
+  served = convert(q)
+  y = to_np(served(x))
+  layer = _served_layer(served)
   shape = tuple(layer.weight_info["shape"])
-  assert str(layer.codes.dtype) == "int8" and layer.weight_info["packed"] in (0, 4)
-  assert _no_float_kernel(s4, shape)
-  if shape[-1] % 2 == 0:
+  assert str(layer.codes.dtype) == "int8" and _no_float_kernel(served, shape)
+  if shape[-1] % 2 == 0:  # int4 codes packed two to a byte along the last axis
     assert layer.weight_info["packed"] == 4 and tuple(layer.codes.shape)[-1] == shape[-1] // 2
-  # Default W8A8: integer=False bit for bit, integer=True within the bound (JAX) / exact (torch).
-  q8 = _qat(model, x)
-  y_fq = to_np(q8(x))
-  np.testing.assert_array_equal(to_np(convert(q8, integer=False)(x)), y_fq)
-  s8 = convert(q8)
-  y = to_np(s8(x))
-  layer = _served_layer(s8)
-  assert _no_float_kernel(s8, layer.weight_info["shape"])
   if BACKEND != "jax" or layer.encoding() is None:
     np.testing.assert_array_equal(y, y_fq)
   else:
     bound = _bound(layer, x, y)
     assert np.all(np.abs(y - y_fq) <= bound), float(np.max(np.abs(y - y_fq) - bound))
   assert float(np.max(np.abs(y - y_fq))) <= 1e-5 * max(1.0, float(np.max(np.abs(y_fq))))
+  # Weight-only (the input quantizers left float): bit for bit.
+  for iq in jqk.quantizers(q):
+    if iq.role == "act":
+      iq.float_reason = "weight-only check"
+  np.testing.assert_array_equal(to_np(convert(q)(x)), to_np(q(x)))
 
 
 def _functional():
