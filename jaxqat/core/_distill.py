@@ -12,6 +12,8 @@ students; an MSE on logits and on named intermediate features (Romero et al.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Mapping, Optional
 
 import jax
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxqat.core._typing import Array, ArrayLike
 
-__all__ = ["distillation_loss", "kl_distillation", "feature_distillation"]
+__all__ = ["QADLoss", "distillation_loss", "kl_distillation", "feature_distillation"]
 
 
 def _check_pair(student, teacher, name: str):
@@ -81,9 +83,9 @@ def feature_distillation(student: Mapping[str, ArrayLike], teacher: Mapping[str,
     A float32 scalar.
 
   Raises:
-    KeyError: naming a feature missing from ``student`` or ``teacher``, and
-      listing the names that exist.
-    ValueError: if a pair's shapes differ or ``names`` is empty.
+    ValueError: naming a feature missing from ``student`` or ``teacher`` (and
+      listing the names that exist), if a pair's shapes differ or if
+      ``names`` is empty.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -93,7 +95,7 @@ def feature_distillation(student: Mapping[str, ArrayLike], teacher: Mapping[str,
     >>> feature_distillation(f, f, ["block9"])
     Traceback (most recent call last):
     ...
-    KeyError: "features: 'block9' is not a feature of the student; it has ['block1']"
+    ValueError: features: 'block9' is not a feature of the student; it has ['block1']
   """
   names = list(names)
   if not names:
@@ -102,7 +104,7 @@ def feature_distillation(student: Mapping[str, ArrayLike], teacher: Mapping[str,
   for n in names:
     for side, feats in (("student", student), ("teacher", teacher)):
       if n not in feats:
-        raise KeyError(f"features: {n!r} is not a feature of the {side}; it has "
+        raise ValueError(f"features: {n!r} is not a feature of the {side}; it has "
                        f"{sorted(feats)}")
     s, t = _check_pair(student[n], teacher[n], f"features[{n!r}]")
     total = total + jnp.mean(jnp.square(s.astype(jnp.float32) - t.astype(jnp.float32)))
@@ -149,9 +151,9 @@ def distillation_loss(
     A float32 scalar.
 
   Raises:
-    ValueError: on mismatched shapes, a negative weight, all weights zero, or
-      ``label_weight > 0`` without labels.
-    KeyError: for a feature name that does not exist.
+    ValueError: on mismatched shapes, a negative weight, all weights zero,
+      ``label_weight > 0`` without labels, or a feature name that does not
+      exist.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -191,3 +193,100 @@ def distillation_loss(
     total = total + feature_weight * feature_distillation(student_features, teacher_features,
                                                           feature_names)
   return total
+
+
+def _weight(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+      math.isfinite(value) and value >= 0):
+    raise ValueError(f"QADLoss.{name}: must be a finite number >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QADLoss:
+  """The QAD loss mix, as a hashable config (a static argument of ``jax.jit``).
+
+  Every front end's QAD helper (``qad_train_step`` in NNX and Linen,
+  ``QADModel`` in Keras) takes one; calling it evaluates
+  :func:`distillation_loss` with these weights.
+
+  Attributes:
+    temperature: the KL softening temperature ``T`` (1.0).
+    kl_weight: weight of ``T² · KL(teacher ‖ student)`` (1.0).
+    mse_weight: weight of the MSE between the logits (0.0).
+    label_weight: weight of the cross-entropy with the hard labels (0.0).
+    feature_weight: weight of the mean feature MSE (0.0; set it with
+      ``features``).
+    features: names of intermediate features to match (front-end specific
+      names: NNX sown/method-output paths such as ``"block1.feat"``, Linen
+      intermediates paths such as ``"Dense_0/__call__"``, Keras layer names).
+
+  Raises:
+    ValueError: on a negative or non-finite weight, ``temperature <= 0``, all
+      weights 0, ``features`` without ``feature_weight`` or the reverse.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> loss = QADLoss(temperature=2.0, mse_weight=0.5)
+    >>> t = jnp.array([[1.0, 0.0]])
+    >>> float(loss(t, t))
+    0.0
+    >>> QADLoss(features=("block1",))
+    Traceback (most recent call last):
+    ...
+    ValueError: QADLoss.features: given ('block1',) but feature_weight is 0; set feature_weight > 0
+  """
+
+  temperature: float = 1.0
+  kl_weight: float = 1.0
+  mse_weight: float = 0.0
+  label_weight: float = 0.0
+  feature_weight: float = 0.0
+  features: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for name in ("kl_weight", "mse_weight", "label_weight", "feature_weight"):
+      _weight(name, getattr(self, name))
+    t = self.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+      raise ValueError(f"QADLoss.temperature: must be a finite number > 0, got {t!r}")
+    feats = self.features
+    if isinstance(feats, str):
+      feats = (feats,)
+    if not all(isinstance(f, str) for f in feats):
+      raise TypeError(f"QADLoss.features: expected a tuple of names (str), got {feats!r}")
+    object.__setattr__(self, "features", tuple(feats))
+    if self.features and not self.feature_weight:
+      raise ValueError(f"QADLoss.features: given {self.features} but feature_weight is 0; set "
+                       "feature_weight > 0")
+    if self.feature_weight and not self.features:
+      raise ValueError("QADLoss.feature_weight: > 0 but no features are named; set features")
+    if not (self.kl_weight or self.mse_weight or self.label_weight or self.feature_weight):
+      raise ValueError("QADLoss: every weight is 0; set kl_weight, mse_weight, label_weight or "
+                       "feature_weight")
+
+  def __call__(self, student_logits: ArrayLike, teacher_logits: ArrayLike,
+               labels: Optional[ArrayLike] = None, *,
+               student_features: Optional[Mapping[str, ArrayLike]] = None,
+               teacher_features: Optional[Mapping[str, ArrayLike]] = None) -> Array:
+    """:func:`distillation_loss` with this mix (see there for Args and Raises)."""
+    return distillation_loss(
+        student_logits, teacher_logits, labels, temperature=self.temperature,
+        kl_weight=self.kl_weight, mse_weight=self.mse_weight, label_weight=self.label_weight,
+        student_features=student_features, teacher_features=teacher_features,
+        feature_names=self.features, feature_weight=self.feature_weight)
+
+
+def check_qad_args(teacher, student, loss, model_type: type, type_name: str, hint: str) -> None:
+  """The front ends' shared QAD argument checks (models' types, identity, loss config).
+
+  Raises:
+    TypeError: if a model is not a ``model_type`` or ``loss`` not a :class:`QADLoss`.
+    ValueError: if the teacher is the student (``hint`` says what to pass).
+  """
+  for name, m in (("teacher", teacher), ("student", student)):
+    if not isinstance(m, model_type):
+      raise TypeError(f"{name}: expected a {type_name}, got {type(m).__name__}")
+  if teacher is student:
+    raise ValueError(f"teacher: is the student itself; pass the float model, {hint}")
+  if not isinstance(loss, QADLoss):
+    raise TypeError(f"loss: expected a jaxqat.core.QADLoss, got {type(loss).__name__}")

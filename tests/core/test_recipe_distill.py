@@ -108,7 +108,7 @@ def test_distillation_mix_and_errors():
   assert float(got) == pytest.approx(0.5)
   with pytest.raises(ValueError, match="teacher's output has shape"):
     distillation_loss(s, t[:, :2])
-  with pytest.raises(KeyError, match="'c' is not a feature"):
+  with pytest.raises(ValueError, match="'c' is not a feature"):
     feature_distillation(feats, feats, ["c"])
   with pytest.raises(ValueError, match="label_weight > 0 needs"):
     distillation_loss(s, t, label_weight=1.0)

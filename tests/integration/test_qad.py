@@ -1,0 +1,178 @@
+"""QAT recipes and QAD in every front end: NNX, Linen, Keras (JAX; torch in a subprocess).
+
+Digits (sklearn, 8x8) with small MLPs so that each front end compiles a few
+programs only. Seeds are fixed; measured numbers are in the comments next to
+the assertions.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxqat.core import IntFormat, PerOutputChannel, QuantSpec, Rule
+from jaxqat.core._distill import QADLoss, distillation_loss
+from jaxqat.core._recipe import QATRecipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits():
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  perm = np.random.RandomState(0).permutation(len(d.target))
+  x = (d.data / 16.0).astype(np.float32)[perm]
+  y = d.target.astype(np.int32)[perm]
+  return x[:1300], y[:1300], x[1300:], y[1300:]
+
+
+def _lsq_rules(bits):
+  """First and last layer W8A8 (fixed ranges); the rest ``bits``-bit LSQ weights and inputs."""
+  w8 = QuantSpec(format=IntFormat(bits=8, narrow=True), granularity=PerOutputChannel())
+  a8 = QuantSpec(format="int8", symmetric=False, calibration="minmax")
+  wq = QuantSpec(format=IntFormat(bits=bits, narrow=True), granularity=PerOutputChannel(),
+                 learning="lsq")
+  aq = QuantSpec(format=IntFormat(bits=bits, signed=False), calibration="minmax",
+                 learning="lsq")
+  return [Rule(pattern="^(fc1|head)$", weight=w8, act=a8), Rule(pattern=".*", weight=wq, act=aq)]
+
+
+# --------------------------------------------------------------------------
+# Keras
+# --------------------------------------------------------------------------
+
+def _keras_mlp(keras):
+  keras.utils.set_random_seed(0)
+  return keras.Sequential([
+      keras.Input((64,)),
+      keras.layers.Dense(64, activation="relu", name="fc1"),
+      keras.layers.Dense(64, activation="relu", name="fc2"),
+      keras.layers.Dense(64, activation="relu", name="fc3"),
+      keras.layers.Dense(10, name="head")])
+
+
+def test_keras_recipe_and_qad_with_fit(digits):
+  import keras  # pylint: disable=g-import-not-at-top
+  import jaxqat.keras as jqk  # pylint: disable=g-import-not-at-top
+  from jaxqat.keras._optimizer import is_quant_param  # pylint: disable=g-import-not-at-top
+  from jaxqat.keras._qad import QADModel, recipe_optimizers, recipe_schedules  # pylint: disable=g-import-not-at-top
+  if keras.backend.backend() != "jax":
+    pytest.skip("the JAX backend runs this; torch runs test_keras_qad_on_torch")
+  xtr, ytr, xte, yte = digits
+
+  # The Keras schedules equal the recipe's optax schedules (step 0, warmup end, last step).
+  recipe = QATRecipe(original_steps=2000, original_lr=0.1, optimizer="adamw",
+                     weight_decay=0.5, quant_lr=0.01)
+  ks, kq = recipe_schedules(recipe)
+  for step in (0, 7, recipe.warmup_steps, 111, recipe.steps):
+    assert float(ks(step)) == pytest.approx(float(recipe.schedule()(step)), abs=1e-9)
+    assert float(kq(step)) == pytest.approx(float(recipe.quant_schedule()(step)), abs=1e-9)
+  assert float(ks(recipe.warmup_steps)) == pytest.approx(0.001)
+
+  ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  teacher = _keras_mlp(keras)
+  teacher.compile(optimizer=keras.optimizers.Adam(3e-3), loss=ce, metrics=["accuracy"])
+  teacher.fit(xtr, ytr, epochs=20, batch_size=64, verbose=0)
+  float_acc = teacher.evaluate(xte, yte, verbose=0)[1] * 100
+
+  # Zero gradients: AdamW decays the kernels, the quantizer parameters get exactly no update.
+  probe = jqk.quantize(teacher, _lsq_rules(4))
+  jqk.calibrate(probe, xtr[:256])
+  opt = jqk.qat_optimizer(probe, *recipe_optimizers(recipe))
+  tv = probe.trainable_variables
+  opt.build(tv)
+  opt.optimizer.iterations.assign(recipe.warmup_steps)  # each inner optimizer counts its steps
+  opt.quant_optimizer.iterations.assign(recipe.warmup_steps)
+  before = [keras.ops.convert_to_numpy(v) for v in tv]
+  opt.apply([keras.ops.zeros(v.shape) for v in tv], tv)
+  kinds = [(is_quant_param(v), "kernel" in v.path, b, keras.ops.convert_to_numpy(v))
+           for v, b in zip(tv, before)]
+  assert any(q for q, *_ in kinds) and any(k for _, k, *_ in kinds)
+  for q, k, b, a in kinds:
+    if q:
+      np.testing.assert_array_equal(a, b)
+    elif k:  # lr(warmup end) * wd * w
+      np.testing.assert_allclose(a, b - 0.001 * 0.5 * b, rtol=1e-5, atol=1e-8)
+
+  # QAT and QAD at W2A2 (first/last layer 8-bit) from the same float weights, same recipe and data.
+  recipe = QATRecipe(original_steps=400, original_lr=3e-3, step_fraction=0.25, lr_fraction=0.3,
+                     optimizer="adam", quant_lr=3e-3)
+  epochs, batch = 5, 64
+  n = (len(xtr) // batch) * batch
+  assert recipe.steps == epochs * n // batch  # the schedule ends with the fit
+  accs = {}
+  for name in ("qat", "qad"):
+    keras.utils.set_random_seed(1)
+    student = jqk.quantize(teacher, _lsq_rules(2))
+    jqk.calibrate(student, xtr[:256])
+    accs["ptq"] = float(np.mean(np.argmax(student.predict(xte, verbose=0), -1) == yte) * 100)
+    opt = jqk.qat_optimizer(student, *recipe_optimizers(recipe))
+    if name == "qat":
+      model = student
+      model.compile(optimizer=opt, loss=ce)
+    else:
+      model = QADModel(student, teacher, loss=QADLoss(temperature=2.0))
+      model.compile(optimizer=opt)
+    model.fit(xtr[:n], ytr[:n], epochs=epochs, batch_size=batch, verbose=0, shuffle=False)
+    accs[name] = float(np.mean(np.argmax(student.predict(xte, verbose=0), -1) == yte) * 100)
+  print(f"\nKeras digits W2A2: float {float_acc:.2f}%, PTQ {accs['ptq']:.2f}%, "
+        f"QAT {accs['qat']:.2f}%, QAD {accs['qad']:.2f}%")
+  assert accs["qad"] >= accs["qat"]
+
+  # Bad input: a teacher with another output shape, a feature name that does not exist.
+  other = keras.Sequential([keras.Input((64,)), keras.layers.Dense(5)])
+  with pytest.raises(ValueError, match=r"teacher's output has shape \(None, 5\)"):
+    QADModel(student, other)
+  with pytest.raises(ValueError, match="'fc9' is not a layer of the student"):
+    QADModel(student, teacher, loss=QADLoss(features=("fc9",), feature_weight=1.0))
+  # Features: matching fc2's output adds its MSE to the KL.
+  qad = QADModel(student, teacher, loss=QADLoss(features=("fc2",), feature_weight=1.0))
+  s_all = keras.Model(student.inputs, [student.outputs[0], student.get_layer("fc2").output])
+  t_all = keras.Model(teacher.inputs, [teacher.outputs[0], teacher.get_layer("fc2").output])
+  (sl, sf), (tl, tf) = s_all.predict(xte[:64], verbose=0), t_all.predict(xte[:64], verbose=0)
+  want = distillation_loss(sl, tl, student_features={"f": sf}, teacher_features={"f": tf},
+                           feature_names=["f"], feature_weight=1.0)
+  got = qad.compute_loss(xte[:64], None, qad(xte[:64]))
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+_TORCH_SCRIPT = textwrap.dedent("""
+    import numpy as np, keras
+    import jaxqat.keras as jqk
+    from jaxqat.core._distill import QADLoss
+    from jaxqat.keras._qad import QADModel
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                keras.layers.Dense(4)])
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    student = jqk.quantize(teacher)
+    jqk.calibrate(student, x)
+    qad = QADModel(student, teacher, loss=QADLoss(temperature=2.0, mse_weight=0.5))
+    qad.compile(optimizer=keras.optimizers.Adam(1e-2))
+    w0 = [np.array(v) for v in teacher.weights]
+    h = qad.fit(x, epochs=4, batch_size=16, verbose=0).history["loss"]
+    same = all(np.array_equal(a, np.array(b)) for a, b in zip(w0, teacher.weights))
+    print("RESULT", keras.backend.backend(), h[0], h[-1], same)
+""")
+
+
+def test_keras_qad_on_torch():
+  """``QADModel.fit`` on the torch backend (a subprocess: the backend is fixed per process)."""
+  pytest.importorskip("torch")
+  env = dict(os.environ, KERAS_BACKEND="torch")
+  out = subprocess.run([sys.executable, "-c", _TORCH_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+  assert line, out.stderr[-3000:]
+  _, backend, first, last, same = line[0].split()
+  assert backend == "torch"
+  assert float(last) < float(first)  # the student learns
+  assert same == "True"  # the teacher does not
