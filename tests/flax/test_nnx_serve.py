@@ -240,15 +240,10 @@ def test_bad_input_names_layer_or_entry_and_changes_nothing(w8a8, tmp_path):
   with pytest.raises(ValueError, match=r"convert: layer 'fc': the quantizer is in 'float' mode"):
     _serve.convert(raw)
 
-  class Proj(nnx.Module):
-    def __init__(self):
-      self.w = nnx.Param(jnp.ones((4, 2)))
-
-    def __call__(self, x):
-      return x @ self.w[...]
-
-  with pytest.raises(ValueError, match=r"convert: layer '<root>' \(Proj\) is an intercepted"):
-    _serve.convert(qnnx.quantize(Proj(), Rule(pattern=".*", weight=QuantSpec())))
+  tied = qnnx.quantize(Tied(), methods={"": "__call__"})
+  with pytest.raises(ValueError, match=r"convert: layer '<root>' \(Tied\) is intercepted only "
+                     "to read the weights of its quantized layers"):
+    _serve.convert(qnnx.calibrate(tied, [jnp.ones((2, 4))]))
   # Encodings: malformed, truncated, mismatched -> error naming the entry, nothing applied.
   good = _serve.export_encodings(qat)
   target = qnnx.quantize(Net(seed=5))
@@ -272,6 +267,46 @@ def test_bad_input_names_layer_or_entry_and_changes_nothing(w8a8, tmp_path):
     with pytest.raises(ValueError, match=msg):
       _serve.load_encodings(target, data)
     assert _same(_state(target), before) and not target.fc.input_quant.calibrated
+
+
+class Proj(nnx.Module):
+  """A foreign module (intercepted): an einsum on its own weight, BatchNorm, a Flax layer."""
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.asarray(np.random.default_rng(0).normal(size=(4, 2, 3)), jnp.float32))
+    self.bn = nnx.BatchNorm(6, use_running_average=True, rngs=nnx.Rngs(0))
+    self.fc = nnx.Linear(6, 2, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    h = jnp.einsum("bi,ihk->bhk", x, self.w[...]).reshape(x.shape[0], 6)
+    return self.fc(self.bn(h))
+
+
+class Tied(nnx.Module):
+  """Reads its Linear's kernel directly (intercepted with methods=, no weight of its own)."""
+
+  def __init__(self):
+    self.fc = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    return self.fc(x) @ self.fc.kernel[...].T
+
+
+def test_intercepted_module_serves_codes_on_the_dequantize_path():
+  """Intercepted weights are stored as codes and dequantized at the call: bit for bit with the
+  fake-quant module (W8A8, integer=False, so the nested Linear is exact too)."""
+  x = jnp.linspace(-1.0, 1.0, 20).reshape(5, 4)
+  qat = qnnx.calibrate(qnnx.quantize(Proj()), [x])
+  served = _serve.convert(qat, integer=False)
+  assert served.w.dtype == jnp.int8 and not isinstance(served.w, nnx.Param)
+  assert type(served).__name__ == "ServedProj"
+  np.testing.assert_array_equal(_np(_fwd(served, x)), _np(_fwd(qat, x)))
+  np.testing.assert_array_equal(_np(served(x)), _np(_fwd(qat, x)))  # eager, twice: no
+  np.testing.assert_array_equal(_np(served(x)), _np(_fwd(qat, x)))  # state changed by a call
+  rows = {r.layer: r for r in _serve.size_report(served).rows}
+  assert rows["w"].format == "int8_narrow" and rows["w"].quant_bytes == 24 + 3 * 4 * 2
+  assert {e["name"] for e in _serve.export_encodings(qat)["activation_encodings"]} == {
+      "w/input", "fc/input"}
 
 
 def test_stacked_vmap_layers_convert_slice_by_slice():

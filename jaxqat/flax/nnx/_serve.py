@@ -45,11 +45,25 @@ intercepted module, whose weights each have an input quantizer,
 (param names dotted: ``"layers.0"``). The root layer has path ``""``:
 ``"kernel"``, ``"input"``.
 
-**Limits.** Intercepted modules (:func:`jaxqat.flax.nnx.intercept`) are not
-converted: :func:`convert` refuses them, naming the layer (quantize them
-with a skip rule to serve them in float). Stacked (``nnx.vmap``) layers are
-converted: their codes and scales carry the stacked leading axes and are
-sliced by ``nnx.scan`` like any variable.
+**Intercepted modules** (:func:`jaxqat.flax.nnx.intercept`) are converted on
+the dequantize path: each weight variable keeps its path and holds the
+unpacked codes (a :class:`ServedArray`), its scales live in
+``jaxqat_served_weights``, its input ranges in ``jaxqat_served_inputs``;
+the call dequantizes the codes in a copy of the module and replays the
+interception with the served input encodings, so it computes what the
+fake-quant module computes, bit for bit (a float copy of the weight exists
+only inside the call). Run :func:`~jaxqat.flax.nnx.calibrate` before
+converting a module whose ``PerOutputChannel()`` weights are resolved per
+op. A module intercepted only to read the weights of its quantized layers
+(``quantize(..., methods=...)`` without weights of its own, e.g. a tied
+head reading ``self.embed.embedding``) is refused, naming the layer: the
+served layers hold codes, not float weights. Code that reads a quantized
+layer's ``kernel`` directly outside of an intercepted method breaks
+likewise.
+
+**Stacked** (``nnx.vmap``) layers are converted slice by slice: their codes
+and scales carry the stacked leading axes and are sliced by ``nnx.scan``
+like any variable.
 """
 
 from __future__ import annotations
@@ -378,6 +392,109 @@ class ServedActQuant(nnx.Module):
     return core.fake_quantize_input(x, self.input_encoding.encoding())
 
 
+class _ServedWeightQuant(nnx.Module):
+  """A served intercepted weight's scales; as its "quantizer", the identity.
+
+  The served module's weight variable holds the (unpacked) codes; the call
+  dequantizes them and runs the interception of :mod:`._intercept` with this
+  object in place of the weight quantizer (the weight is quantized already).
+  """
+
+  def __init__(self, qt: core.QTensor, stack_shape):
+    self.scale = _var(qt.scale)
+    self.zero_point = _var(qt.zero_point)
+    self.tensor_scale = _var(qt.tensor_scale)
+    self.spec = qt.spec
+    self.dtype = np.dtype(qt.dtype)
+    self.stack_shape = tuple(stack_shape)
+    self.mode = "quant"
+    self.output_channel_spec = None
+
+  def qtensor(self, codes) -> core.QTensor:
+    return core.QTensor(codes, _get(self.scale), _get(self.zero_point), _get(self.tensor_scale),
+                        spec=self.spec, dtype=self.dtype, packed=0)
+
+  def __call__(self, x, *, spec=None):
+    return x
+
+
+class _ServedInputQuant(nnx.Module):
+  """A served intercepted weight's input range (fake-quantizes the other matmul operand)."""
+
+  def __init__(self, enc: core.Encoding):
+    self.input_encoding = ServedEncoding(enc)
+    self.mode = "quant"
+
+  def __call__(self, x):
+    return core.fake_quantize_input(x, self.input_encoding.encoding())
+
+
+class ServedInterceptMixin(nnx.Module):
+  """Mixed into a served intercepted module's class (see :func:`convert`)."""
+
+
+def _served_wrapper(method: str):
+  def call(self, *args, **kwargs):
+    return _served_intercepted_call(self, method, args, kwargs)
+
+  call.__name__ = method
+  return call
+
+
+_SERVED_CLASSES: dict[tuple, type] = {}
+
+
+def _served_intercept_class(cls: type, methods: tuple[str, ...]) -> type:
+  key = (cls, methods)
+  if key not in _SERVED_CLASSES:
+    ns = {m: _served_wrapper(m) for m in methods}
+    ns.update({"__module__": __name__, "jaxqat_float_type": cls, "jaxqat_methods": methods})
+    _SERVED_CLASSES[key] = type(f"Served{cls.__name__}", (ServedInterceptMixin, cls), ns)
+  return _SERVED_CLASSES[key]
+
+
+def _set_var(owner, parts, var) -> None:
+  parent = _param(owner, parts[:-1])
+  if isinstance(parent, (nnx.List, nnx.Dict)):
+    parent[parts[-1]] = var
+  else:
+    setattr(parent, parts[-1], var)
+
+
+def _served_intercepted_call(self, method, args, kwargs):
+  """Dequantizes the codes in a copy of the module and runs the interception on it.
+
+  The copy's weights are the dequantized codes (the fake-quant weights, bit
+  for bit), its weight "quantizers" the identity and its input quantizers
+  the served encodings, so the call computes what the fake-quant module
+  computes. State the call changes (batch statistics...) is written back.
+  """
+  cls = type(self)
+  graphdef, state = nnx.split(self)
+  tmp = nnx.merge(graphdef, state)
+  ws, ins = tmp.jaxqat_served_weights, tmp.jaxqat_served_inputs
+  own = set()
+  for name, parts in tmp.jaxqat_params:
+    own.add(tuple(parts))
+    if ws is not None and name in ws:
+      codes = _param(tmp, parts)[...]  # a new variable: merge may share the module's own
+      _set_var(tmp, tuple(parts), ServedArray(core.dequantize(ws[name].qtensor(codes))))
+  del tmp.jaxqat_served_weights, tmp.jaxqat_served_inputs
+  tmp.__class__ = _intercept._intercept_class(cls.jaxqat_float_type, cls.jaxqat_methods)  # pylint: disable=protected-access
+  tmp.jaxqat_weight_quant = ws
+  tmp.jaxqat_input_quant = ins
+  out = _intercept._intercepted_call(tmp, method, args, kwargs)  # pylint: disable=protected-access
+  new = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(tmp))}
+  for p, var in nnx.to_flat_state(nnx.state(self)):
+    p = tuple(p)
+    if p in own or not p or p[0] in ("jaxqat_served_weights", "jaxqat_served_inputs"):
+      continue
+    nv = new.get(p)
+    if nv is not None and nv[...] is not var[...]:
+      _param(self, p)[...] = nv[...]
+  return out
+
+
 SERVED_LAYERS: dict[type, type] = {
     _layers.QuantLinear: ServedLinear,
     _layers.QuantLinearGeneral: ServedLinearGeneral,
@@ -389,8 +506,8 @@ SERVED_LAYERS: dict[type, type] = {
 
 def is_served(model: nnx.Module) -> bool:
   """Whether ``model`` holds served layers (made by :func:`convert`)."""
-  return any(isinstance(n, (ServedWeight, ServedEncoding, _ServedMixin, ServedActQuant))
-             for _, n in nnx.iter_graph(model))
+  return any(isinstance(n, (ServedWeight, ServedEncoding, _ServedMixin, ServedActQuant,
+                            ServedInterceptMixin)) for _, n in nnx.iter_graph(model))
 
 
 # --------------------------------------------------------------------------
@@ -512,13 +629,46 @@ def _quantizer_names(model) -> list[tuple[str, str, Quantizer, Any]]:
 # --------------------------------------------------------------------------
 
 
+def _intercept_plan(node, where: str) -> dict:
+  """``{param name: (QTensor or None, input Encoding or None)}`` of an intercepted module."""
+  plan = {}
+  for name, parts in node.jaxqat_params:
+    wq = node.jaxqat_weight_quant.get(name) if node.jaxqat_weight_quant is not None else None
+    aq = node.jaxqat_input_quant.get(name) if node.jaxqat_input_quant is not None else None
+    qt = None
+    if wq is not None:  # unpacked: the codes keep the weight's shape and path
+      _, qt = _weight_encoding(wq, _param(node, parts)[...], f"{where}/{name}", False)
+    plan[name] = (qt, wq, _act_encoding(aq, f"{where}/{name}", "convert"))
+  return plan
+
+
+def _serve_intercepted(node, plan: dict) -> None:
+  """Turns a (cloned) intercepted module into its served form, in place."""
+  cls = type(node)
+  ws, ins = {}, {}
+  for name, parts in node.jaxqat_params:
+    qt, wq, act = plan[name]
+    if qt is not None:
+      _set_var(node, tuple(parts), ServedArray(qt.values))
+      ws[name] = _ServedWeightQuant(qt, wq.stack_shape)
+    if act is not None:
+      ins[name] = _ServedInputQuant(act)
+  del node.jaxqat_weight_quant, node.jaxqat_input_quant
+  node.__class__ = _served_intercept_class(cls.jaxqat_float_type, cls.jaxqat_methods)
+  node.jaxqat_served_weights = nnx.Dict(ws) if ws else nnx.data(None)
+  node.jaxqat_served_inputs = nnx.Dict(ins) if ins else nnx.data(None)
+
+
+
 def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nnx.Module:
   """Converts a calibrated or QAT model into a served model (a new model).
 
   Every quantized Flax layer becomes its served class (``ServedLinear`` ...):
   its weight is replaced by integer codes and scales (:class:`ServedWeight`;
   no float copy of the weight remains), its input quantizer by a fixed
-  :class:`ServedEncoding`. Skipped layers stay float. The weight's range is
+  :class:`ServedEncoding`; intercepted modules hold codes too and run on the
+  dequantize path; an :class:`~jaxqat.flax.nnx.ActQuant` becomes a
+  :class:`ServedActQuant`. Skipped layers stay float. The weight's range is
   the one the fake-quant model uses now: stored (frozen fixed range, LSQ
   step size) or, for a fixed-range weight quantizer that is not frozen,
   the current weight's. An input quantizer that saw no data during
@@ -542,9 +692,9 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
     TypeError: if ``model`` is not an NNX module.
     ValueError: if ``model`` is not quantized or is served already; if a
       quantizer is not in ``"quant"`` mode; if an input quantizer was never
-      calibrated; if a module is intercepted (not supported: quantize it with
-      a skip rule to serve it in float). Each message names the layer;
-      nothing is modified.
+      calibrated; if a module is intercepted only to read its quantized
+      layers' weights (see the module docstring). Each message names the
+      layer; nothing is modified.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -571,11 +721,13 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
   for path, node in _owners(model):
     where = path_str(path) or "<root>"
     if isinstance(node, _intercept.InterceptMixin):
-      raise ValueError(
-          f"convert: layer '{where}' ({type(node).jaxqat_float_type.__name__}) is an "
-          "intercepted module (jaxqat.flax.nnx.intercept), which convert does not support; "
-          "quantize it with a skip rule (Rule(pattern=..., skip=True)) to serve it in float, "
-          "or write it with Flax layers")
+      if not node.jaxqat_params:
+        raise ValueError(
+            f"convert: layer '{where}' ({type(node).jaxqat_float_type.__name__}) is intercepted "
+            "only to read the weights of its quantized layers (quantize(..., methods=...)); "
+            "convert does not support that (the served layers hold codes, not float weights)")
+      plans[path] = ("intercept", _intercept_plan(node, where))
+      continue
     if isinstance(node, _layers.ActQuant):
       plans[path] = ("act", _act_encoding(node.quantizer, where, "convert"))
       continue
@@ -590,6 +742,9 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
   served = nnx.clone(model)
   for path, node in list(_owners(served)):
     plan = plans[path]
+    if plan[0] == "intercept":
+      _serve_intercepted(node, plan[1])
+      continue
     if plan[0] == "act":
       del node.quantizer
       node.__class__ = ServedActQuant
@@ -649,6 +804,11 @@ def size_report(served: nnx.Module) -> core.SizeReport:
   for path, node in nnx.iter_graph(served):
     if isinstance(node, ServedWeight):
       rows.append(core.size_row(path_str(path), node.qtensor(), node.float_dtype))
+    elif isinstance(node, ServedInterceptMixin) and node.jaxqat_served_weights is not None:
+      for name, parts in node.jaxqat_params:
+        if name in node.jaxqat_served_weights:
+          qt = node.jaxqat_served_weights[name].qtensor(_param(node, parts)[...])
+          rows.append(core.size_row(path_str(tuple(path) + tuple(parts)), qt, qt.dtype))
     elif (isinstance(node, nnx.Param) and node[...].ndim >= 2 and path
           and str(path[-1]) != "bias"):
       rows.append(core.size_row(path_str(path), node[...], node[...].dtype))
@@ -705,6 +865,9 @@ def served_meta(model: nnx.Module) -> dict:
     if isinstance(node, ServedWeight):
       out[path_str(path)] = {"kind": "weight", "fingerprint": core.spec_fingerprint(node.spec),
                              "dtype": node.dtype.name, "packed": node.packed}
+    elif isinstance(node, _ServedWeightQuant):
+      out[path_str(path)] = {"kind": "intercepted weight", "dtype": node.dtype.name,
+                             "fingerprint": core.spec_fingerprint(node.spec)}
     elif isinstance(node, ServedEncoding):
       out[path_str(path)] = {"kind": "encoding", "fingerprint": core.spec_fingerprint(node.spec)}
   return out
