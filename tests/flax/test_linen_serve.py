@@ -35,24 +35,39 @@ def _gamma(n):
   return n * U / (1 - n * U)
 
 
+Z = nn.initializers.zeros_init()  # init compiles no RNG; _load puts the float weights in
+
+
 class _Net(nn.Module):
   """One layer of each type, each on a model input (so each layer's input is known), and a
   chain of two 256-wide Dense layers (a whole model whose weights dominate the bytes)."""
 
   @nn.compact
   def __call__(self, x, ids, img, h):
-    emb = nn.Embed(12, 8, name="embed")
-    h = nn.relu(nn.Dense(256, name="mlp_0")(h))
+    emb = nn.Embed(12, 8, embedding_init=Z, name="embed")
+    h = nn.relu(nn.Dense(256, kernel_init=Z, name="mlp_0")(h))
     return {
-        "dense": nn.Dense(6, use_bias=False, name="dense")(x),
-        "einsum": nn.Einsum((8, 2, 3), "bd,dhk->bhk", use_bias=False, name="einsum")(x),
-        "conv": nn.Conv(4, (3, 3), use_bias=False, name="conv")(img),
-        "depthwise": nn.Conv(4, (3, 3), feature_group_count=4, use_bias=False,
+        "dense": nn.Dense(6, use_bias=False, kernel_init=Z, name="dense")(x),
+        "einsum": nn.Einsum((8, 2, 3), "bd,dhk->bhk", use_bias=False, kernel_init=Z,
+                            name="einsum")(x),
+        "conv": nn.Conv(4, (3, 3), use_bias=False, kernel_init=Z, name="conv")(img),
+        "depthwise": nn.Conv(4, (3, 3), feature_group_count=4, use_bias=False, kernel_init=Z,
                              name="depthwise")(img),
         "embed": emb(ids),
         "attend": emb.attend(x),  # jnp.dot(x, embedding.T): a transposed weight
-        "mlp": nn.Dense(10, name="mlp_1")(h),
+        "mlp": nn.Dense(10, kernel_init=Z, name="mlp_1")(h),
     }
+
+
+def _load(variables):
+  """``variables`` with float weights loaded: normal, scaled by 1/sqrt(fan in)."""
+  rng = np.random.default_rng(0)
+
+  def one(p):
+    fan_in = int(np.prod(p.shape[:-1])) if p.ndim >= 2 else 100
+    return jnp.asarray(rng.normal(size=p.shape) / np.sqrt(fan_in), jnp.float32)
+
+  return dict(variables, params=jax.tree.map(one, variables["params"]))
 
 
 def _inputs():
@@ -100,7 +115,7 @@ def net():
   """The calibrated W8A8 (default rules) model, its served model and both outputs."""
   inputs = _inputs()
   qmodel = ql.quantize(_Net())
-  v0 = jax.jit(qmodel.init)(KEY, *inputs)
+  v0 = _load(jax.jit(qmodel.init)(KEY, *inputs))
   v = ql.calibrate(qmodel, v0, [inputs])
   served, sv = serve.convert(qmodel, v)
   apply_served = jax.jit(served.apply)
@@ -165,7 +180,7 @@ def test_int4_weight_only_bit_exact_and_sizes(net):
   assert "compression" in str(r)
   # int4, packed, weight only: bit for bit with fake quant, every layer type; <= 15% of f32.
   q4 = ql.quantize(_Net(), W4)
-  v4 = jax.jit(q4.init)(KEY, *inputs)
+  v4 = _load(jax.jit(q4.init)(KEY, *inputs))
   served4, sv4 = serve.convert(q4, v4)
   assert sv4["served"]["mlp_0"]["kernel"].values.shape == (256, 128)
   assert sv4["served"]["conv"]["kernel"].packed == 4
