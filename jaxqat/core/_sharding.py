@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec
 
 from jaxqat.core import _spec as spec_lib
 
-__all__ = ["scale_partition_spec", "state_shardings", "explicit_axes"]
+__all__ = ["scale_partition_spec", "follow_shape", "state_shardings", "explicit_axes"]
 
 MeshAxes = Union[None, str, tuple]
 
@@ -143,6 +143,67 @@ def scale_partition_spec(
             f"sharded over mesh axes {out[ax]!r} ({size} devices) but its {spec.granularity} "
             f"scale has {what} on that axis, not divisible by {size}; change the mesh, the "
             "sharding rule or the quantization granularity")
+  while out and out[-1] is None:
+    out.pop()
+  return PartitionSpec(*out)
+
+
+def follow_shape(
+    weight_spec: Optional[Sequence[MeshAxes]],
+    weight_shape: Sequence[int],
+    scale_shape: Sequence[int],
+    *,
+    mesh: Any = None,
+    where: str = "",
+) -> PartitionSpec:
+  """:func:`scale_partition_spec` read off the shapes, when the QuantSpec is not at hand.
+
+  A scale of the weight's rank follows it axis by axis: an axis of the
+  weight's size keeps the weight's mesh axes (a channel), an axis of size 1
+  is not sharded (reduced), an axis of another size (blocks) keeps them if
+  the mesh size divides it. Any other scale shape (per tensor, ``()``) is
+  replicated.
+
+  Args:
+    weight_spec: the weight's partition spec (entries), or None.
+    weight_shape: the weight's shape.
+    scale_shape: the shape of the scale (zero point, log step size...).
+    mesh: as :func:`scale_partition_spec`.
+    where: the layer, for error messages.
+
+  Returns:
+    The scale's ``PartitionSpec``.
+
+  Raises:
+    ValueError: as :func:`scale_partition_spec`.
+
+  Examples:
+    >>> follow_shape(("data", "model"), (8, 16), (1, 16))
+    P(None, 'model')
+  """
+  where = where or "weight"
+  wshape = tuple(int(d) for d in weight_shape)
+  sshape = tuple(int(d) for d in scale_shape)
+  if len(sshape) != len(wshape):
+    return PartitionSpec()
+  entries = _entries(weight_spec, len(wshape), where)
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  out = []
+  for ax, (w, n, e) in enumerate(zip(wshape, sshape, entries)):
+    if n == w:
+      out.append(e)
+    elif n == 1:
+      out.append(None)
+    else:
+      size = _mesh_size(mesh, e)
+      if size is not None and n % size:
+        raise ValueError(
+            f"{where}: the scale cannot follow the weight's sharding: weight axis {ax} is "
+            f"sharded over mesh axes {e!r} ({size} devices) but its scale has {n} blocks on "
+            f"that axis, not divisible by {size}; change the mesh, the sharding rule or the "
+            "quantization granularity")
+      out.append(e)
   while out and out[-1] is None:
     out.pop()
   return PartitionSpec(*out)

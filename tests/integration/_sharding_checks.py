@@ -189,43 +189,43 @@ def _check_tp(model, mesh, hlo, scheme, what):
 
 
 def check_calibration():
-  """Every observer: statistics of a batch sharded over 8 devices == one device."""
+  """Every observer: statistics of a batch sharded over 8 devices == one device.
+
+  Two batches (the second widens the range, so histograms regrid); inside jit
+  on an explicit mesh with the rows sharded, and under shard_map with
+  ``axis_name`` (each device sees its rows). Granularity and symmetry vary
+  across the methods to keep compiles few.
+  """
   x = np.asarray(jax.random.normal(jax.random.key(3), (64, 16), jnp.float32)) * 3.0
+  x[:32] *= 0.5
   x[0, 0] = np.inf
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
-  methods = ("absmax", "minmax", "ema", "percentile", "mse", "entropy")
-  for method in methods:
-    for gran in (core.PerTensor(), core.PerChannel(-1)):
-      for sym in (True, False):
-        spec = core.QuantSpec(format="int8", symmetric=sym, granularity=gran,
-                              calibration=core.Calibration(method=method, num_bins=256))
-        obs = core.observer(spec)
-        ref = obs.compute(obs.update(obs.update(obs.init(x), x[:32]), x[32:]))
-        with jax.set_mesh(mesh):
-          xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-          st = obs.init(xs)
-          st = obs.update(st, xs[:32])
-          st = obs.update(st, xs[32:])
-          got = obs.compute(st)
-          got_jit = jax.jit(lambda s, b: obs.compute(obs.update(obs.update(s, b[:32]), b[32:])))(
-              obs.init(xs), xs)
-        what = f"calibration {method} {gran} sym={sym}"
-        _close(_tree_np(got), _tree_np(ref), what)
-        _close(_tree_np(got_jit), _tree_np(ref), what + " (jit)")
-        # shard_map: each device sees its rows; the observer reduces across "data".
-        sobs = core.observer(spec, axis_name="data")
-        init = sobs.init(x)
+  cases = [("absmax", core.PerChannel(-1), True), ("minmax", core.PerTensor(), False),
+           ("ema", core.PerChannel(-1), False), ("percentile", core.PerTensor(), True),
+           ("mse", core.PerChannel(-1), True), ("entropy", core.PerTensor(), False)]
+  # rows [0:32] then [32:64] globally; under shard_map device d holds rows 4d..4d+3 of each
+  xx = np.concatenate([x[:32].reshape(8, 4, 16), x[32:].reshape(8, 4, 16)], 1).reshape(64, 16)
+  for method, gran, sym in cases:
+    spec = core.QuantSpec(format="int8", symmetric=sym, granularity=gran,
+                          calibration=core.Calibration(method=method, num_bins=256))
+    obs = core.observer(spec)
+    ref = obs.compute(obs.update(obs.update(obs.init(x), x[:32]), x[32:]))
+    with jax.set_mesh(mesh):
+      xa, xb = (jax.device_put(h, NamedSharding(mesh, P("data"))) for h in (x[:32], x[32:]))
+      got = jax.jit(lambda a, b: obs.compute(obs.update(obs.update(obs.init(a), a), b)))(xa, xb)
+    what = f"calibration {method} {gran} sym={sym}"
+    _close(_tree_np(got), _tree_np(ref), what)
+    sobs = core.observer(spec, axis_name="data")
+    init = sobs.init(x)
 
-        def local(b, sobs=sobs, init=init):
-          return sobs.compute(sobs.update(sobs.update(init, b[:4]), b[4:]))
+    def local(b, sobs=sobs, init=init):
+      return sobs.compute(sobs.update(sobs.update(init, b[:4]), b[4:]))
 
-        # rows [0:32] then [32:64] globally: device d holds rows 4d..4d+3 of each half
-        xx = np.concatenate([x[:32].reshape(8, 4, 16), x[32:].reshape(8, 4, 16)], 1)
-        xx = xx.reshape(64, 16)
-        got_sm = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P()))(xx)
-        _close(_tree_np(got_sm), _tree_np(ref), what + " (shard_map)")
-  print(f"calibration: {len(methods)} methods x per-tensor/channel x sym/affine: "
-        "sharded == shard_map == one device")
+    xs = jax.device_put(xx, NamedSharding(mesh, P("data")))
+    got_sm = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P()))(xs)
+    _close(_tree_np(got_sm), _tree_np(ref), what + " (shard_map)")
+  print("calibration: absmax, minmax, ema, percentile, mse, entropy: batch sharded over 8 "
+        "devices (jit) == shard_map(axis_name) == one device")
 
 
 def check_nnx_calibrate_explicit():
@@ -311,7 +311,93 @@ def qnnx_follow(model):
   return nnx_sharding.follow_weight_shardings(model)
 
 
+def _linen_mlp(shard):
+  import flax.linen as nn
+
+  class LMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      def dense(n, sh):
+        init = nn.initializers.lecun_normal()
+        return nn.Dense(n, kernel_init=init if sh is None else nn.with_partitioning(init, sh),
+                        bias_init=nn.initializers.normal(0.1))
+
+      s1, s2, s3 = shard or (None, None, None)
+      h = nn.relu(dense(D_H, s1)(x))
+      h = nn.relu(dense(D_H, s2)(h))
+      return dense(D_OUT, s3)(h)
+
+  return LMLP()
+
+
+def _linen_train(layout, rules, x, y):
+  """Linen: quantize, calibrate (on the sharded batch), one jitted QAT step (auto mode)."""
+  import flax.linen as nn
+  from jaxqat.core import _sharding as core_sharding
+  from jaxqat.flax import linen as ql
+  from jaxqat.flax.linen import _sharding as lsh
+  shard = mesh = None
+  if layout is not None:
+    shape, names, s1, s2, s3, dspec = LAYOUTS[layout]
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+    shard = (s1, s2, s3)
+  qm = ql.quantize(_linen_mlp(shard), rules)
+  boxed = qm.init(jax.random.key(0), x[:1])
+  v = nn.unbox(boxed)
+  tx = ql.qat_optimizer(qm, optax.sgd(0.1), optax.sgd(0.05, momentum=0.9))
+
+  def step(t, o, rest, xb, yb):
+    loss, g = jax.value_and_grad(lambda t: jnp.mean(jnp.square(qm.apply({**rest, **t}, xb) - yb)))(t)
+    u, o = tx.update(g, o, t)
+    return loss, optax.apply_updates(t, u), o
+
+  def split(v):
+    t = {k: v[k] for k in ("params", "quant_params") if k in v}
+    return t, {k: v[k] for k in v if k not in t}
+
+  if mesh is None:
+    v = ql.calibrate(qm, v, [x])
+    t, rest = split(v)
+    loss, t, _ = jax.jit(step)(t, tx.init(t), rest, x, y)
+    return float(loss), _tree_np(t), None
+  with jax.set_mesh(mesh):
+    v = jax.device_put(v, lsh.shardings(boxed, mesh))
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, dspec)) for a in (x, y))
+    v = ql.calibrate(qm, v, [xs])
+    sh = lsh.shardings({**v, "params": boxed["params"]}, mesh)  # calibrated structure
+    v = jax.device_put(v, sh)
+    t, rest = split(v)
+    tsh, rsh = split(sh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), t, tsh)
+    osh = core_sharding.state_shardings(jax.eval_shape(tx.init, t), abstract)
+    o = jax.jit(tx.init, out_shardings=osh)(t)
+    dsh = NamedSharding(mesh, dspec)
+    jstep = jax.jit(step, in_shardings=(tsh, osh, rsh, dsh, dsh),
+                    out_shardings=(NamedSharding(mesh, P()), tsh, osh))
+    loss, t, o = jstep(t, o, rest, xs, ys)
+    if layout == "tp" and "quant_params" in t:
+      assert t["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+      assert t["quant_params"]["Dense_0"]["kernel"]["log_scale"].sharding.spec == P(None, "model")
+      specs = {leaf.sharding.spec for path, leaf in jax.tree_util.tree_flatten_with_path(o)[0]
+               if "log_scale" in jax.tree_util.keystr(path) and leaf.shape == (1, D_H)}
+      assert P(None, "model") in specs, specs  # the optimizer state follows too
+  return float(loss), _tree_np(t), mesh
+
+
+def check_linen():
+  x, y = _data()
+  for scheme, rules in SCHEMES.items():
+    ref_loss, ref, _ = _linen_train(None, rules, x, y)
+    for layout in LAYOUTS:
+      loss, got, _ = _linen_train(layout, rules, x, y)
+      what = f"linen {scheme} {layout}"
+      np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=what)
+      _close(got, ref, what)
+    print(f"linen {scheme}: dp/fsdp/tp == single device (loss {ref_loss:.6f})")
+
+
 CHECKS = {
+    "linen": check_linen,
     "nnx": check_nnx,
     "calib": check_calibration,
     "nnxcal": check_nnx_calibrate_explicit,
