@@ -428,6 +428,15 @@ def load_encodings(model, path_or_dict, *, names=None):
       model has no quantizer for, lacks an entry for a quantizer that holds
       a range, or an entry does not match its quantizer; the message names
       the entry and nothing is applied.
+
+  Examples:
+    >>> import keras, numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
+    >>> data = export_encodings(jqk.calibrate(jqk.quantize(m), np.ones((4, 3), "float32")))
+    >>> fresh = load_encodings(jqk.quantize(m), data, names={"fc/kernel": "fc/kernel"})
+    >>> fresh.get_layer("fc").kernel_quantizer.frozen, fresh.get_layer("fc").input_quantizer.calibrated
+    (True, True)
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jaxqat.core import encodings_from_dict, step_size_to_param  # pylint: disable=import-outside-toplevel

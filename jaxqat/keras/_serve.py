@@ -61,6 +61,7 @@ from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
+from jaxqat.keras._quantizer import Quantizer
 
 __all__ = ["convert", "size_report", "export_serving", "ServedLayer", "ServedDense",
            "ServedEinsumDense", "ServedConv", "ServedDepthwiseConv", "ServedEmbedding"]
@@ -582,6 +583,9 @@ class _Cloner:
     for src, dst in self.copies:
       if src.weights:
         dst.set_weights([to_numpy(v) for v in src.weights])
+      if isinstance(src, Quantizer):  # a standalone activation quantizer: its Python state too
+        for attr in ("calibrated", "frozen", "mode", "float_reason", "observe"):
+          setattr(dst, attr, getattr(src, attr))
 
 
 def convert(model, *, integer: bool = True, pack: bool = True):

@@ -190,9 +190,28 @@ def test_whole_model_parity_and_artefacts(tmp_path):
   ntv = [v.value for v in served.non_trainable_variables]
   jitted = jax.jit(lambda x: served.stateless_call(tv, ntv, x, training=False)[0])
   np.testing.assert_allclose(np.asarray(jitted(x)), y, rtol=1e-6, atol=1e-6)
+  ints = {}  # the integer ops of the served forward: int8 operands, int32 accumulation
+  for e in _eqns(jax.make_jaxpr(jitted)(x).jaxpr):
+    if e.primitive.name in ("dot_general", "conv_general_dilated") and [
+        str(v.aval.dtype) for v in e.invars] == ["int8", "int8"]:
+      assert str(e.params["preferred_element_type"]) == "int32"
+      ints[e.primitive.name] = ints.get(e.primitive.name, 0) + 1
+  # Two convolutions, each with the core's zero-point correction conv of ones (affine input).
+  assert ints == {"conv_general_dilated": 4, "dot_general": 2}, ints
   poly = load_serving(export_serving(served, x, batch_polymorphic=True))
   np.testing.assert_array_equal(np.asarray(poly(x)), np.asarray(jitted(x)))
   np.testing.assert_array_equal(np.asarray(poly(x[:2])), np.asarray(jitted(x[:2])))
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (jit, custom_vjp...) included."""
+  for e in jaxpr.eqns:
+    yield e
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the integer path and jaxpr exist on the JAX backend")
@@ -204,7 +223,7 @@ def test_served_jaxpr_is_integer():
   tv = [v.value for v in served.trainable_variables]
   ntv = [v.value for v in served.non_trainable_variables]
   closed = jax.make_jaxpr(lambda x: served.stateless_call(tv, ntv, x)[0])(x)
-  dots = [e for e in closed.jaxpr.eqns if e.primitive.name == "dot_general"]
+  dots = [e for e in _eqns(closed.jaxpr) if e.primitive.name == "dot_general"]
   assert len(dots) == 2
   for e in dots:
     assert [str(v.aval.dtype) for v in e.invars] == ["int8", "int8"]
