@@ -68,6 +68,14 @@ from jaxqat.core._spec import PerChannel as PerChannel
 from jaxqat.core._spec import PerTensor as PerTensor
 from jaxqat.core._spec import QuantSpec as QuantSpec
 from jaxqat.core._spec import normalize_axes as normalize_axes
+from jaxqat.core._sensitivity import SensitivityTable as SensitivityTable
+from jaxqat.core._sensitivity import SensitivityRow as SensitivityRow
+from jaxqat.core._sensitivity import MixedPrecision as MixedPrecision
+from jaxqat.core._sensitivity import sensitivity as sensitivity
+from jaxqat.core._sensitivity import selective_rules as selective_rules
+from jaxqat.core._sensitivity import mixed_precision as mixed_precision
+from jaxqat.core._sensitivity import search_mixed_precision as search_mixed_precision
+from jaxqat.core._sensitivity import weight_bytes as weight_bytes
 
 __all__ = [
     "BlockFormat",
@@ -76,6 +84,7 @@ __all__ = [
     "FloatFormat",
     "IntFormat",
     "LayerReport",
+    "MixedPrecision",
     "Observer",
     "PerBlock",
     "PerChannel",
@@ -88,6 +97,8 @@ __all__ = [
     "QuantizationWarning",
     "Rule",
     "RuleSet",
+    "SensitivityRow",
+    "SensitivityTable",
     "SizeReport",
     "SizeRow",
     "WeightReport",
@@ -115,6 +126,7 @@ __all__ = [
     "load_serving",
     "lsq_fake_quant",
     "lsq_grad_scale",
+    "mixed_precision",
     "normalize_axes",
     "observer",
     "pack",
@@ -127,11 +139,15 @@ __all__ = [
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_take",
+    "search_mixed_precision",
+    "selective_rules",
+    "sensitivity",
     "size_row",
     "spec_fingerprint",
     "spec_from_dict",
     "spec_to_dict",
     "step_size_to_param",
     "unpack",
+    "weight_bytes",
     "weight_range",
 ]

@@ -50,10 +50,13 @@ from jaxqat.keras._quantizer import Quantizer as Quantizer
 from jaxqat.keras._report import report as report
 from jaxqat.keras._saving import restore as restore
 from jaxqat.keras._saving import save as save
+from jaxqat.keras._sensitivity import sensitivity as sensitivity
+from jaxqat.keras._sensitivity import mixed_precision as mixed_precision
 
 __all__ = [
     "CheckFinite",
     "FreezeQuantizers",
+    "QATOptimizer",
     "QuantConv1D",
     "QuantConv2D",
     "QuantConv3D",
@@ -66,11 +69,11 @@ __all__ = [
     "QuantLayer",
     "QuantSeparableConv1D",
     "QuantSeparableConv2D",
-    "QATOptimizer",
     "Quantizer",
     "calibrate",
     "check_finite",
     "freeze",
+    "mixed_precision",
     "qat_optimizer",
     "quant_dequant",
     "quant_layers",
@@ -80,6 +83,7 @@ __all__ = [
     "report",
     "restore",
     "save",
+    "sensitivity",
     "set_mode",
     "unfreeze",
 ]

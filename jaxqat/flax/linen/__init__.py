@@ -24,6 +24,8 @@ from jaxqat.flax.linen._workflow import freeze as freeze
 from jaxqat.flax.linen._workflow import qat_optimizer as qat_optimizer
 from jaxqat.flax.linen._workflow import report as report
 from jaxqat.flax.linen._workflow import unfreeze as unfreeze
+from jaxqat.flax.linen._sensitivity import sensitivity as sensitivity
+from jaxqat.flax.linen._sensitivity import mixed_precision as mixed_precision
 
 __all__ = [
     "ActQuant",
@@ -31,11 +33,13 @@ __all__ = [
     "calibrate",
     "freeze",
     "layer_paths",
+    "mixed_precision",
     "qat_optimizer",
     "quantize",
     "report",
     "restore",
     "save",
+    "sensitivity",
     "set_mode",
     "unfreeze",
 ]

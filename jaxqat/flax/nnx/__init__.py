@@ -33,6 +33,8 @@ from jaxqat.flax.nnx._workflow import qat_optimizer as qat_optimizer
 from jaxqat.flax.nnx._workflow import quantizers as quantizers
 from jaxqat.flax.nnx._workflow import set_mode as set_mode
 from jaxqat.flax.nnx._workflow import unfreeze as unfreeze
+from jaxqat.flax.nnx._sensitivity import sensitivity as sensitivity
+from jaxqat.flax.nnx._sensitivity import mixed_precision as mixed_precision
 
 __all__ = [
     "ActQuant",
@@ -47,12 +49,14 @@ __all__ = [
     "calibrate",
     "freeze",
     "intercept",
+    "mixed_precision",
     "qat_optimizer",
     "quantize",
     "quantizers",
     "report",
     "restore",
     "save",
+    "sensitivity",
     "set_mode",
     "unfreeze",
 ]
