@@ -14,6 +14,7 @@ from jaxqat.core import PerChannel
 from jaxqat.core import QuantSpec
 from jaxqat.core import Rule
 from jaxqat.flax import nnx as qnnx
+from jaxqat.flax.nnx import _encodings
 from jaxqat.flax.nnx import _serve
 
 U = 2.0**-24
@@ -197,17 +198,17 @@ def test_round_trips_encodings_orbax_jax_export(w8a8, tmp_path):
   ref = _fwd(served, IDS)
   # Encodings JSON -> a fresh quantized copy (same float weights, never calibrated).
   f = tmp_path / "enc.json"
-  _serve.save_encodings(f, qat)
+  _encodings.save_encodings(f, qat)
   data = json.loads(f.read_text())
   assert {e["name"] for e in data["param_encodings"]} == {
       "emb/embedding", "dw/kernel", "conv/kernel", "lg/kernel", "ein/kernel", "fc/kernel"}
   assert "fc/input" in {e["name"] for e in data["activation_encodings"]}
-  fresh = _serve.load_encodings(qnnx.quantize(Net()), f)
+  fresh = _encodings.load_encodings(qnnx.quantize(Net()), f)
   assert fresh.fc.kernel_quant.frozen and fresh.fc.input_quant.calibrated
   np.testing.assert_array_equal(_np(_fwd(fresh, IDS)), _np(_fwd(qat, IDS)))
   # Orbax: served model -> served model of another seed.
   qnnx.save(tmp_path / "ckpt", served)
-  other = _serve.convert(_serve.load_encodings(qnnx.quantize(Net(seed=3)), data))
+  other = _serve.convert(_encodings.load_encodings(qnnx.quantize(Net(seed=3)), data))
   assert not np.array_equal(_np(_fwd(other, IDS)), _np(ref))
   np.testing.assert_array_equal(_np(_fwd(qnnx.restore(tmp_path / "ckpt", other), IDS)), _np(ref))
   int4 = _serve.convert(qnnx.quantize(Net(), W4))
@@ -245,7 +246,7 @@ def test_bad_input_names_layer_or_entry_and_changes_nothing(w8a8, tmp_path):
                      "to read the weights of its quantized layers"):
     _serve.convert(qnnx.calibrate(tied, [jnp.ones((2, 4))]))
   # Encodings: malformed, truncated, mismatched -> error naming the entry, nothing applied.
-  good = _serve.export_encodings(qat)
+  good = _encodings.export_encodings(qat)
   target = qnnx.quantize(Net(seed=5))
   before = _state(target)
   bad_bw = json.loads(json.dumps(good))
@@ -265,7 +266,7 @@ def test_bad_input_names_layer_or_entry_and_changes_nothing(w8a8, tmp_path):
       (tmp_path / "truncated.json").write_text(data)
       data = tmp_path / "truncated.json"
     with pytest.raises(ValueError, match=msg):
-      _serve.load_encodings(target, data)
+      _encodings.load_encodings(target, data)
     assert _same(_state(target), before) and not target.fc.input_quant.calibrated
 
 
@@ -305,7 +306,7 @@ def test_intercepted_module_serves_codes_on_the_dequantize_path():
   np.testing.assert_array_equal(_np(served(x)), _np(_fwd(qat, x)))  # state changed by a call
   rows = {r.layer: r for r in _serve.size_report(served).rows}
   assert rows["w"].format == "int8_narrow" and rows["w"].quant_bytes == 24 + 3 * 4 * 2
-  assert {e["name"] for e in _serve.export_encodings(qat)["activation_encodings"]} == {
+  assert {e["name"] for e in _encodings.export_encodings(qat)["activation_encodings"]} == {
       "w/input", "fc/input"}
 
 
@@ -327,5 +328,5 @@ def test_stacked_vmap_layers_convert_slice_by_slice():
   assert served.kernel.values.shape == (3, 4, 2) and served.kernel.scale.shape == (3, 1, 4)
   x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
   np.testing.assert_array_equal(_np(run(x, served)), _np(run(x, qat)))
-  enc = _serve.export_encodings(qat)
+  enc = _encodings.export_encodings(qat)
   assert enc["param_encodings"][0]["shape"] == [3, 1, 4]

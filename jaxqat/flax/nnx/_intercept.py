@@ -126,20 +126,28 @@ class InterceptMixin(nnx.Module):
 _CLASSES: dict[tuple, type] = {}
 
 
-def _wrapper(method: str):
+def _wrapper(method: str, call_fn):
   def call(self, *args, **kwargs):
-    return _intercepted_call(self, method, args, kwargs)
+    return (call_fn or _intercepted_call)(self, method, args, kwargs)
 
   call.__name__ = method
   return call
 
 
-def _intercept_class(cls: type, methods: tuple[str, ...]) -> type:
-  key = (cls, methods)
+def _intercept_class(cls: type, methods: tuple[str, ...], *, mixin: Optional[type] = None,
+                     prefix: str = "Intercepted", call_fn=None) -> type:
+  """The subclass of ``cls`` whose ``methods`` call ``call_fn(self, method, args, kwargs)``.
+
+  Defaults: :class:`InterceptMixin` and the interception of this module; the
+  served form of an intercepted module (:mod:`._serve`) passes its own.
+  """
+  mixin = InterceptMixin if mixin is None else mixin
+  key = (cls, methods, mixin)
   if key not in _CLASSES:
-    ns = {m: _wrapper(m) for m in methods}
-    ns.update({"__module__": __name__, "jaxqat_float_type": cls, "jaxqat_methods": methods})
-    _CLASSES[key] = type(f"Intercepted{cls.__name__}", (InterceptMixin, cls), ns)
+    ns = {m: _wrapper(m, call_fn) for m in methods}
+    ns.update({"__module__": mixin.__module__, "jaxqat_float_type": cls,
+               "jaxqat_methods": methods})
+    _CLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), ns)
   return _CLASSES[key]
 
 
