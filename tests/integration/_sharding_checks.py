@@ -396,7 +396,39 @@ def check_linen():
     print(f"linen {scheme}: dp/fsdp/tp == single device (loss {ref_loss:.6f})")
 
 
+def check_keras():
+  """Keras fit under keras.distribution.DataParallel == fit on one device (W4A4 LSQ)."""
+  import keras
+  from jaxqat import keras as jqk
+  x, y = _data()
+
+  def build():
+    keras.utils.set_random_seed(0)
+    bias = keras.initializers.RandomNormal(stddev=0.1, seed=1)
+    m = keras.Sequential([keras.Input((D_IN,)),
+                          keras.layers.Dense(D_H, activation="relu", bias_initializer=bias),
+                          keras.layers.Dense(D_H, activation="relu", bias_initializer=bias),
+                          keras.layers.Dense(D_OUT, bias_initializer=bias)], name="net")
+    m = jqk.quantize(m, W4A4)
+    jqk.calibrate(m, x, batch_size=BATCH)
+    m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    hist = m.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    # the layers' auto names differ between the two builds: key by position and weight name
+    return hist.history["loss"][0], {f"{i}:{v.path.split('/', 2)[-1].split('/', 1)[-1]}":
+                                     np.asarray(v.value) for i, v in enumerate(m.weights)}
+
+  ref_loss, ref = build()
+  dp = keras.distribution.DataParallel(devices=jax.devices())
+  with dp.scope():
+    loss, got = build()
+  assert any("log_scale" in k for k in got), sorted(got)
+  np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg="keras DataParallel loss")
+  _close(got, ref, "keras DataParallel")
+  print(f"keras: fit under DataParallel(8) == one device (loss {ref_loss:.6f})")
+
+
 CHECKS = {
+    "keras": check_keras,
     "linen": check_linen,
     "nnx": check_nnx,
     "calib": check_calibration,
