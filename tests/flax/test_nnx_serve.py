@@ -335,21 +335,21 @@ def test_stacked_vmap_layers_convert_slice_by_slice():
 def test_act_quant_point_serves_its_encoding():
   """A hand-placed ActQuant becomes a ServedActQuant with the calibrated range (bit for bit)."""
 
-  class Res(nnx.Module):
+  class Head(nnx.Module):
 
     def __init__(self):
-      self.dense = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-      self.res_quant = qnnx.ActQuant()
+      self.proj = nnx.Linear(2, 3, rngs=nnx.Rngs(2))
+      self.out_quant = qnnx.ActQuant(QuantSpec(format="int4"))
 
     def __call__(self, x):
-      return self.res_quant(x + self.dense(x))
+      return self.out_quant(nnx.relu(self.proj(x)))
 
   x = jnp.array([[0.3, -1.2], [2.0, 0.7]])
-  qat = qnnx.calibrate(qnnx.quantize(Res()), [x])
+  qat = qnnx.calibrate(qnnx.quantize(Head()), [x])
   served = _serve.convert(qat, integer=False)
-  assert type(served.res_quant).__name__ == "ServedActQuant"
-  np.testing.assert_array_equal(_np(served.res_quant.input_encoding.scale[...]),
-                                _np(qat.res_quant.quantizer.scale[...]))
+  assert type(served.out_quant).__name__ == "ServedActQuant"
+  np.testing.assert_array_equal(_np(served.out_quant.input_encoding.scale[...]),
+                                _np(qat.out_quant.quantizer.scale[...]))
   np.testing.assert_array_equal(_np(served(x)), _np(qat(x)))
-  assert "res_quant/input" in {e["name"] for e in
+  assert "out_quant/input" in {e["name"] for e in
                                _encodings.export_encodings(qat)["activation_encodings"]}
