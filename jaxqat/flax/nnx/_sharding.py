@@ -74,9 +74,10 @@ def follow_weight_shardings(model: nnx.Module, mesh: Optional[Any] = None) -> nn
     >>> import jax
     >>> from flax import nnx
     >>> from jaxqat.flax.nnx import quantize
-    >>> layer = nnx.Linear(2, 4, kernel_metadata={"out_sharding": (None, "model")},
-    ...                    rngs=nnx.Rngs(0))  # annotated; no mesh: not placed
-    >>> m = follow_weight_shardings(quantize(layer))
+    >>> with jax.set_mesh(jax.make_mesh((1,), ("model",))):
+    ...   layer = nnx.Linear(2, 4, kernel_metadata={"out_sharding": (None, "model")},
+    ...                      rngs=nnx.Rngs(0))
+    ...   m = follow_weight_shardings(quantize(layer))
     >>> m.kernel_quant.scale.get_metadata("out_sharding")  # per output channel
     (None, 'model')
   """
@@ -145,9 +146,10 @@ def shardings(node: Any, mesh: Optional[Any] = None) -> Any:
     >>> from flax import nnx
     >>> from jaxqat.flax.nnx import quantize
     >>> mesh = jax.make_mesh((1,), ("model",))
-    >>> layer = nnx.Linear(2, 4, kernel_metadata={"out_sharding": (None, "model")},
-    ...                    rngs=nnx.Rngs(0))
-    >>> m = follow_weight_shardings(quantize(layer), mesh)
+    >>> with jax.set_mesh(mesh):
+    ...   layer = nnx.Linear(2, 4, kernel_metadata={"out_sharding": (None, "model")},
+    ...                      rngs=nnx.Rngs(0))
+    ...   m = quantize(layer)  # the quantizer reads its sharded kernel
     >>> shardings(m, mesh)["kernel_quant"]["scale"].get_value().spec
     P(None, 'model')
   """
