@@ -35,6 +35,21 @@ from jaxqat.flax.nnx._workflow import set_mode as set_mode
 from jaxqat.flax.nnx._workflow import unfreeze as unfreeze
 from jaxqat.flax.nnx._sensitivity import sensitivity as sensitivity
 from jaxqat.flax.nnx._sensitivity import mixed_precision as mixed_precision
+from jaxqat.flax.nnx._serve import convert as convert
+from jaxqat.flax.nnx._serve import size_report as size_report
+from jaxqat.flax.nnx._serve import export_serving as export_serving
+from jaxqat.flax.nnx._serve import ServedArray as ServedArray
+from jaxqat.flax.nnx._serve import ServedWeight as ServedWeight
+from jaxqat.flax.nnx._serve import ServedEncoding as ServedEncoding
+from jaxqat.flax.nnx._serve import ServedLinear as ServedLinear
+from jaxqat.flax.nnx._serve import ServedLinearGeneral as ServedLinearGeneral
+from jaxqat.flax.nnx._serve import ServedEinsum as ServedEinsum
+from jaxqat.flax.nnx._serve import ServedConv as ServedConv
+from jaxqat.flax.nnx._serve import ServedEmbed as ServedEmbed
+from jaxqat.flax.nnx._serve import ServedActQuant as ServedActQuant
+from jaxqat.flax.nnx._encodings import export_encodings as export_encodings
+from jaxqat.flax.nnx._encodings import save_encodings as save_encodings
+from jaxqat.flax.nnx._encodings import load_encodings as load_encodings
 
 __all__ = [
     "ActQuant",
@@ -46,9 +61,22 @@ __all__ = [
     "QuantParam",
     "QuantStat",
     "Quantizer",
+    "ServedActQuant",
+    "ServedArray",
+    "ServedConv",
+    "ServedEinsum",
+    "ServedEmbed",
+    "ServedEncoding",
+    "ServedLinear",
+    "ServedLinearGeneral",
+    "ServedWeight",
     "calibrate",
+    "convert",
+    "export_encodings",
+    "export_serving",
     "freeze",
     "intercept",
+    "load_encodings",
     "mixed_precision",
     "qat_optimizer",
     "quantize",
@@ -56,7 +84,9 @@ __all__ = [
     "report",
     "restore",
     "save",
+    "save_encodings",
     "sensitivity",
     "set_mode",
+    "size_report",
     "unfreeze",
 ]
