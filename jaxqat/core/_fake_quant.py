@@ -79,6 +79,17 @@ def _fq_forward(x, scale, zero_point, noise, fmt):
   return y.astype(x.dtype), inside
 
 
+def _masked(inside, x_dot):
+  """``where(inside, x_dot, 0)``: the STE tangent (and, transposed, gradient)."""
+  return jnp.where(inside, x_dot, jnp.zeros((), x_dot.dtype))
+
+
+# The masked tangent under ``jax.checkpoint``: reverse mode keeps the boolean
+# mask as its only residual (a zero array built outside would be kept as a
+# float copy of the input's size).
+_masked_tangent = jax.checkpoint(_masked, policy=jax.checkpoint_policies.nothing_saveable)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _fake_quant(x, scale, zero_point, noise, fmt):
   return _fq_forward(x, scale, zero_point, noise, fmt)[0]
@@ -96,7 +107,7 @@ def _fake_quant_jvp(fmt, primals, tangents):
   x_dot = tangents[0]
   y = _fake_quant(x, scale, zero_point, noise, fmt)
   inside = _fq_forward(x, scale, zero_point, noise, fmt)[1]
-  return y, jnp.where(inside, x_dot, jnp.zeros_like(x_dot))
+  return y, _masked_tangent(inside, x_dot)
 
 
 # Jitted entry points: eager calls compile one program instead of one per op.
@@ -263,21 +274,36 @@ def _lsq(x, step, offset, noise, fmt, grad_scale):
   return _lsq_forward(x, step, offset, noise, fmt)[0]
 
 
+def _lsq_tangent(x, step, offset, noise, x_dot, step_dot, offset_dot, *, fmt, grad_scale):
+  """The LSQ tangent, computed from the primal inputs.
+
+  Run under ``jax.checkpoint`` by ``_lsq_jvp``: reverse mode keeps only the
+  inputs (``x``, which a layer keeps anyway for a weight, and the step size)
+  and recomputes the masks and the step-size derivative in the backward pass,
+  instead of keeping two boolean masks and a float array of ``x``'s size.
+  """
+  below, above, round_err = _lsq_forward(x, step, offset, noise, fmt)[1]
+  ds = jnp.where(below, fmt.qmin, jnp.where(above, fmt.qmax, round_err))
+  outside = below | above
+  cdt = ds.dtype
+  t = jnp.where(outside, jnp.zeros((), x_dot.dtype), x_dot).astype(cdt)
+  t = t + ds * (step_dot.astype(cdt) * grad_scale)
+  if offset_dot is not None:
+    t = t + jnp.where(outside, jnp.ones((), cdt), jnp.zeros((), cdt)) * (
+        offset_dot.astype(cdt) * grad_scale)
+  return t.astype(x.dtype)
+
+
 @_lsq.defjvp
 def _lsq_jvp(fmt, grad_scale, primals, tangents):
   """The linear map whose transpose is the LSQ/LSQ+ gradient (see lsq_fake_quant)."""
   x, step, offset, noise = primals
   x_dot, step_dot, offset_dot, _ = tangents
   y = _lsq(x, step, offset, noise, fmt, grad_scale)
-  below, above, round_err = _lsq_forward(x, step, offset, noise, fmt)[1]
-  outside = below | above
-  cdt = round_err.dtype
-  ds = jnp.where(below, fmt.qmin, jnp.where(above, fmt.qmax, round_err))
-  t = jnp.where(outside, jnp.zeros_like(x_dot), x_dot).astype(cdt)
-  t = t + ds * (step_dot.astype(cdt) * grad_scale)
-  if offset is not None:
-    t = t + jnp.where(outside, 1.0, 0.0).astype(cdt) * (offset_dot.astype(cdt) * grad_scale)
-  return y, t.astype(x.dtype)
+  tangent = jax.checkpoint(functools.partial(_lsq_tangent, fmt=fmt, grad_scale=grad_scale),
+                           policy=jax.checkpoint_policies.nothing_saveable)
+  t = tangent(x, step, offset, noise, x_dot, step_dot, None if offset is None else offset_dot)
+  return y, t
 
 
 _lsq_jit = jax.jit(_lsq, static_argnums=(4, 5))
@@ -492,7 +518,7 @@ def _block_fq_jvp(fmt, axis, primals, tangents):
   x_dot = tangents[0]
   y = _block_fq(x, tensor_scale, fmt, axis)
   inside = _block_forward(x, fmt, axis, tensor_scale)[1]
-  return y, jnp.where(inside, x_dot, jnp.zeros_like(x_dot))
+  return y, _masked_tangent(inside, x_dot)
 
 
 _block_fq_jit = jax.jit(_block_fq, static_argnums=(2, 3))

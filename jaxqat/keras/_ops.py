@@ -47,6 +47,21 @@ def _sum_to_shape(g, shape):
   return ops.reshape(out, shape)
 
 
+def _clipped_code_and_mask(v, z, qmin, qmax):
+  """(clipped code, inside mask) of ``v = x / s`` for the clipped STE.
+
+  ``inside`` is where clipping left the rounded code unchanged (``code ==
+  clip(code)``): one comparison instead of two and a logical and, with the
+  same result (a NaN code is outside in both forms, as in the core's
+  :func:`~jaxqat.core.fake_quant`).
+  """
+  code = ops.round(v)
+  if z is not None:
+    code = ops.add(code, z)
+  q = ops.clip(code, qmin, qmax)
+  return q, ops.equal(code, q)
+
+
 def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
   r"""Fixed-range integer fake quant with the clipped straight-through estimator.
 
@@ -57,13 +72,16 @@ def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
      \partial L / \partial x = \partial L / \partial y \cdot
        \mathbb{1}[q_{min} \le \lfloor x/s \rceil + z \le q_{max}]
 
-  and zero gradients to ``scale`` and ``zero_point``.
+  and zero gradients to ``scale`` and ``zero_point``. Each step is one
+  elementwise op over ``x`` on eager backends (torch), so the forward pass
+  makes as few passes as the arithmetic allows: no zero point arithmetic
+  when ``zero_point`` is ``None``, the mask from one comparison.
 
   Args:
     x: a floating point tensor.
     scale: step size, broadcastable against ``x`` (keepdims layout).
     zero_point: integer-valued float zero point, broadcastable, same shape as
-      ``scale``.
+      ``scale``, or ``None`` for 0.
     qmin: the grid's lowest code.
     qmax: the grid's highest code.
 
@@ -79,27 +97,25 @@ def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
   """
   x = ops.convert_to_tensor(x)
   dtype = x.dtype
+  has_z = zero_point is not None
 
   @ops.custom_gradient
-  def _fq(x, s, z):
-    xc = _f32(x)
+  def _fq(x, s, *z):
     sc = ops.maximum(_f32(s), SCALE_EPS)
-    zc = _f32(z)
-    v = ops.divide(xc, sc)
-    code = ops.add(ops.round(v), zc)  # clipped where clipping changes the rounded code
-    q = ops.clip(code, qmin, qmax)
-    y = ops.cast(ops.multiply(ops.subtract(q, zc), sc), dtype)
-    inside = ops.logical_and(ops.greater_equal(code, qmin), ops.less_equal(code, qmax))
+    zc = _f32(z[0]) if has_z else None
+    q, inside = _clipped_code_and_mask(ops.divide(_f32(x), sc), zc, qmin, qmax)
+    y = ops.cast(ops.multiply(ops.subtract(q, zc) if has_z else q, sc), dtype)
 
     def grad(*args, upstream=None):
       if upstream is None:
         (upstream,) = args
-      gx = ops.where(inside, upstream, ops.zeros_like(upstream))
-      return gx, ops.zeros_like(s), ops.zeros_like(z)
+      gx = ops.where(inside, upstream, ops.zeros((), upstream.dtype))
+      return (gx, ops.zeros_like(s)) + tuple(ops.zeros_like(t) for t in z)
 
     return y, grad
 
-  return _fq(x, ops.convert_to_tensor(scale), ops.convert_to_tensor(zero_point))
+  z = (ops.convert_to_tensor(zero_point),) if has_z else ()
+  return _fq(x, ops.convert_to_tensor(scale), *z)
 
 
 def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
@@ -119,7 +135,10 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
      \quad \frac{\partial \hat{x}}{\partial \beta} = \mathbb{1}[\text{clipped}]
 
   step-size and offset gradients summed over the elements each covers and
-  multiplied by ``grad_scale`` (default :math:`1/\sqrt{N q_{max}}`).
+  multiplied by ``grad_scale`` (default :math:`1/\sqrt{N q_{max}}`). The
+  clipped case of :math:`\partial \hat{x}/\partial s` is the clipped code
+  itself (:math:`q_{min}` or :math:`q_{max}`), so one select gives it; the
+  masks are computed in the backward pass, so the forward keeps none.
 
   Args:
     x: a floating point tensor.
@@ -146,40 +165,37 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
     n_s = math.prod(int(d) for d in step_size.shape)
     grad_scale = 1.0 / math.sqrt(max(1, n_x // max(1, n_s)) * float(qmax))
   has_offset = offset is not None
-  beta = ops.convert_to_tensor(offset) if has_offset else ops.zeros_like(step_size)
 
   @ops.custom_gradient
-  def _lsq(x, s, b):
-    xc = _f32(x)
+  def _lsq(x, s, *b):
     sc = ops.maximum(_f32(s), SCALE_EPS)
-    v = ops.divide(xc, sc)
-    z = ops.round(ops.divide(ops.negative(_f32(b)), sc)) if has_offset else ops.zeros_like(sc)
-    rv = ops.round(v)
-    code = ops.add(rv, z)  # clipped where clipping changes the rounded code, as the core
-    below = ops.less(code, qmin)
-    above = ops.greater(code, qmax)
+    v = ops.divide(_f32(x), sc)
+    z = ops.round(ops.divide(ops.negative(_f32(b[0])), sc)) if has_offset else None
+    code = ops.round(v) if z is None else ops.add(ops.round(v), z)
     q = ops.clip(code, qmin, qmax)
-    y = ops.cast(ops.multiply(ops.subtract(q, z), sc), dtype)
+    y = ops.cast(ops.multiply(ops.subtract(q, z) if has_offset else q, sc), dtype)
 
     def grad(*args, upstream=None):
       if upstream is None:
         (upstream,) = args
-      outside = ops.logical_or(below, above)
+      # Clipped where clipping changed the rounded code (a NaN code is not clipped, as the
+      # core's LSQ); computed here, in the backward pass, so the forward keeps no masks.
+      outside = ops.logical_or(ops.less(code, qmin), ops.greater(code, qmax))
       g32 = _f32(upstream)
-      gx = ops.where(outside, ops.zeros_like(upstream), upstream)
-      ds = ops.where(below, float(qmin), ops.where(above, float(qmax), ops.subtract(rv, v)))
+      gx = ops.where(outside, ops.zeros((), upstream.dtype), upstream)
+      rv = ops.subtract(code, z) if has_offset else code  # round(v), exactly where inside
+      ds = ops.where(outside, q, ops.subtract(rv, v))  # q is qmin / qmax where clipped
       gs = ops.multiply(_sum_to_shape(ops.multiply(g32, ds), tuple(s.shape)), grad_scale)
-      gs = ops.cast(gs, s.dtype)
+      grads = (gx, ops.cast(gs, s.dtype))
       if has_offset:
-        gb = _sum_to_shape(ops.where(outside, g32, ops.zeros_like(g32)), tuple(b.shape))
-        gb = ops.cast(ops.multiply(gb, grad_scale), b.dtype)
-      else:
-        gb = ops.zeros_like(b)
-      return gx, gs, gb
+        gb = _sum_to_shape(ops.where(outside, g32, ops.zeros((), g32.dtype)), tuple(b[0].shape))
+        grads += (ops.cast(ops.multiply(gb, grad_scale), b[0].dtype),)
+      return grads
 
     return y, grad
 
-  return _lsq(x, step_size, beta)
+  b = (ops.convert_to_tensor(offset),) if has_offset else ()
+  return _lsq(x, step_size, *b)
 
 
 def _to_block_layout(x, scale, spec):
@@ -256,7 +272,7 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
     s = expand(s)
     z = None if z is None else expand(z)
   if spec.learning == "fixed":
-    y = ops_fake_quant(x, s, ops.zeros_like(s) if z is None else z, spec.qmin, spec.qmax)
+    y = ops_fake_quant(x, s, z, spec.qmin, spec.qmax)
   else:
     gs = None
     if blocked:  # N = elements per step size, as in the core

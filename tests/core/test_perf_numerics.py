@@ -1,0 +1,133 @@
+"""Performance changes that must not change numerics: residuals of the backward pass.
+
+The fake-quant primitives keep, for reverse mode, only what their backward
+pass needs in its narrowest form: a boolean mask for the clipped STE, the
+primal inputs (recomputing the masks and the step-size derivative) for LSQ.
+These tests hold the values and gradients equal to a straightforward
+``stop_gradient`` reference, and read the residuals the program keeps.
+"""
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import print_saved_residuals
+
+from jaxqat import core
+from jaxqat.core import PerChannel, QuantSpec
+
+_sg = jax.lax.stop_gradient
+
+
+def _ref_fake_quant(x, s, z, qmin, qmax):
+  """Clipped STE, written with stop_gradient (the textbook formulation)."""
+  v = x.astype(jnp.float32) / s
+  code = _sg(jnp.round(v)) + z
+  inside = (code >= qmin) & (code <= qmax)
+  y = (jnp.clip(code, qmin, qmax) - z) * s
+  ste = x.astype(jnp.float32) - _sg(x.astype(jnp.float32))  # value 0, gradient 1
+  return (_sg(y) + jnp.where(inside, ste, 0.0)).astype(x.dtype)
+
+
+def _ref_lsq(x, s, beta, g, qmin, qmax):
+  """LSQ/LSQ+ (Esser et al. 2020; Bhalgat et al. 2020) as value + gradient terms.
+
+  Value: ``s (clip(round(x/s) + z) - z)``; derivatives: 1 to ``x`` inside the
+  range, ``round(v) - v`` inside and ``qmin``/``qmax`` where clipped to ``s``,
+  1 where clipped to ``β``; the last two scaled by ``g``.
+  """
+  x32 = x.astype(jnp.float32)
+  v = _sg(x32 / s)
+  z = 0.0 if beta is None else _sg(jnp.round(-beta / s))
+  code = jnp.round(v) + z
+  inside = (code >= qmin) & (code <= qmax)
+  y = _sg((jnp.clip(code, qmin, qmax) - z) * s)
+  ds = _sg(jnp.where(inside, jnp.round(v) - v, jnp.clip(code, qmin, qmax)))
+  y = y + jnp.where(inside, x32 - _sg(x32), 0.0) + g * ds * (s - _sg(s))
+  if beta is not None:
+    y = y + jnp.where(inside, 0.0, g * (beta - _sg(beta)))
+  return y.astype(x.dtype)
+
+
+def _residuals(f, *args) -> list[str]:
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(f, *args)
+  return out.getvalue().strip().splitlines()
+
+
+def test_values_and_gradients_match_reference():
+  x = jax.random.normal(jax.random.key(0), (6, 16)) * 2.0
+  x = x.at[0, :4].set(jnp.array([0.25, -0.75, 1.25, 3.5]))  # ties and a clipped value
+  s_c = jnp.linspace(0.05, 0.4, 16).reshape(1, 16)
+  fixed = QuantSpec(format="int4", granularity=PerChannel(-1), symmetric=False)
+  lsq = QuantSpec(format="int4", learning="lsq", granularity=PerChannel(-1))
+  plus = QuantSpec(format="uint8", learning="lsq_plus", symmetric=False)
+  z = jnp.full((1, 16), 3.0)
+  n = x.size // 16
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xd = x.astype(dtype)
+    # Fixed range: values bit-exact, gradient the same mask.
+    f = lambda x, s: core.fake_quant(x, s, z, fixed)
+    r = jax.jit(lambda x, s: _ref_fake_quant(x, s, z, -8, 7))
+    np.testing.assert_array_equal(np.asarray(f(xd, s_c)), np.asarray(r(xd, s_c)))
+    gf = jax.grad(lambda x: jnp.sum(f(x, s_c).astype(jnp.float32) ** 2))(xd)
+    gr = jax.grad(lambda x: jnp.sum(r(x, s_c).astype(jnp.float32) ** 2))(xd)
+    np.testing.assert_array_equal(np.asarray(gf), np.asarray(gr))
+    # LSQ per channel and LSQ+ per tensor: values, x / step / offset gradients, jvp.
+    cases = (
+        (lambda x, s, b: core.lsq_fake_quant(x, s, None, lsq),
+         lambda x, s, b: _ref_lsq(x, s, None, 1 / np.sqrt(n * 7), -8, 7), s_c, None),
+        (lambda x, s, b: core.lsq_fake_quant(x, s, b, plus),
+         lambda x, s, b: _ref_lsq(x, s, b, 1 / np.sqrt(x.size * 255), 0, 255),
+         jnp.float32(0.03), jnp.float32(-0.5)),
+    )
+    for fq, ref, s, b in cases:
+      ref = jax.jit(ref)  # the primitive runs jitted: XLA divides by a scale the same way
+      np.testing.assert_array_equal(np.asarray(fq(xd, s, b)), np.asarray(ref(xd, s, b)))
+      loss = lambda fn: lambda x, s, b: jnp.sum(jnp.sin(fn(x, s, b).astype(jnp.float32)))
+      argnums = (0, 1) if b is None else (0, 1, 2)
+      got = jax.grad(loss(fq), argnums)(xd, s, b)
+      want = jax.grad(loss(ref), argnums)(xd, s, b)
+      np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+      for a, e in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=1e-6)
+      tx = jnp.ones_like(xd)
+      ts = jnp.ones_like(s)
+      _, jf = jax.jvp(lambda x, s: fq(x, s, b), (xd, s), (tx, ts))
+      _, jr = jax.jvp(lambda x, s: ref(x, s, b), (xd, s), (tx, ts))
+      np.testing.assert_allclose(np.asarray(jf, np.float32), np.asarray(jr, np.float32),
+                                 rtol=1e-5, atol=1e-6)
+
+
+def test_backward_keeps_narrow_residuals():
+  x = jnp.ones((8, 16))
+  w = jnp.ones((16, 32))
+  wspec = QuantSpec(format="int8_narrow", granularity=PerChannel(-1))
+
+  def fixed(x, w, sx, sw):
+    return jnp.sum(core.fake_quant(x, sx, None, QuantSpec()) @ core.fake_quant(w, sw, None, wspec))
+
+  lines = _residuals(fixed, x, w, jnp.float32(0.1), jnp.full((32,), 0.1))
+  fq_lines = [l for l in lines if "_fake_quant" in l]
+  # Per fake quant: the output (the matmul needs it) and one boolean mask, nothing else.
+  assert sorted(l.split()[0] for l in fq_lines) == ["bool[16,32]", "bool[8,16]", "f32[16,32]",
+                                                    "f32[8,16]"], lines
+  assert not any("argument" in l for l in lines), lines  # no input kept for the backward
+
+  lspec = QuantSpec(format="int4", learning="lsq")
+  lwspec = QuantSpec(format="int4", learning="lsq", granularity=PerChannel(-1))
+
+  def learned(x, w, sx, sw):
+    return jnp.sum(core.lsq_fake_quant(x, sx, spec=lspec) @ core.lsq_fake_quant(w, sw, spec=lwspec))
+
+  lines = _residuals(learned, x, w, jnp.float32(0.1), jnp.full((32,), 0.1))
+  # LSQ keeps its inputs (x, w and the step sizes) and its outputs for the matmul; the masks
+  # and the step-size derivative are recomputed in the backward pass.
+  assert not any(l.startswith("bool") for l in lines), lines
+  lsq_outputs = sorted(l.split()[0] for l in lines if "_lsq" in l)
+  assert lsq_outputs == ["f32[16,32]", "f32[8,16]"], lines
+  assert sum("from the argument" in l for l in lines) == 3, lines  # x, w, sx (sw: reshaped)
+  assert len(lines) == 6, lines
