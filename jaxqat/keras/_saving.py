@@ -21,6 +21,8 @@ model needs, and ``safe_mode`` stays on.
 
 from __future__ import annotations
 
+# pylint: disable=import-outside-toplevel
+
 import contextlib
 import os
 
@@ -200,15 +202,16 @@ def restore(path):
 
 def quant_entries(model) -> list:
   """``(path, layer)`` of every quantized layer (QuantLayer, QuantConvBatchNorm) of ``model``."""
-  from jaxqat.keras import _fold  # pylint: disable=import-outside-toplevel
+  from jaxqat.keras import _fold
   quant = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
-  return [(path, layer) for _, path, layer in _graph.walk(model, stop=lambda l: isinstance(l, quant))
+  walk = _graph.walk(model, stop=lambda l: isinstance(l, quant))
+  return [(path, layer) for _, path, layer in walk
           if isinstance(layer, quant)]
 
 
 def weight_quantizers(layer) -> list:
   """``(weight name, quantizer, current weight getter)`` for each weight quantizer of a layer."""
-  from jaxqat.keras import _fold  # pylint: disable=import-outside-toplevel
+  from jaxqat.keras import _fold
   if isinstance(layer, _fold.QuantConvBatchNorm):
     if layer.kernel_quantizer is None:
       return []
@@ -223,7 +226,7 @@ def weight_quantizers(layer) -> list:
 
 
 def quantizer_state(q, weight, where: str) -> dict:
-  """A Keras quantizer's state by contract name (NumPy), for :func:`jaxqat.core.encoding_from_state`.
+  """A Keras quantizer's state by contract name (NumPy), for ``encoding_from_state``.
 
   A fixed-range weight quantizer that is not frozen gives the range of
   ``weight`` as it computes it now (:meth:`Quantizer.tracked_range`).
@@ -232,8 +235,8 @@ def quantizer_state(q, weight, where: str) -> dict:
     ValueError: naming ``where``, if the quantizer is in ``"float"`` mode or
       needs a range it does not have (never calibrated).
   """
-  from jaxqat.keras._backend import ops, to_numpy  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jaxqat.keras._backend import ops, to_numpy
+  import numpy as np
   if q.mode == "float":
     raise ValueError(f"{where}: the quantizer is in 'float' mode (jaxqat.keras.set_mode); call "
                      "set_mode(model, 'quant') first")
@@ -259,8 +262,8 @@ def quantizer_state(q, weight, where: str) -> dict:
 
 
 def quantizer_encoding(q, weight, where: str):
-  """The serving :class:`jaxqat.core.Encoding` of a Keras quantizer (see :func:`quantizer_state`)."""
-  from jaxqat.core import encoding_from_state  # pylint: disable=import-outside-toplevel
+  """The serving :class:`jaxqat.core.Encoding` of a Keras quantizer (:func:`quantizer_state`)."""
+  from jaxqat.core import encoding_from_state
   return encoding_from_state(q.spec, quantizer_state(q, weight, where), name=where)
 
 
@@ -304,7 +307,7 @@ def export_encodings(model) -> dict:
     >>> [e["name"] for e in export_encodings(q)["param_encodings"]]
     ['fc/kernel']
   """
-  from jaxqat.core import encodings_to_dict  # pylint: disable=import-outside-toplevel
+  from jaxqat.core import encodings_to_dict
   params, acts = {}, {}
   for path, layer in _check_model(model, "export_encodings"):
     iq = layer.input_quantizer
@@ -334,14 +337,14 @@ def save_encodings(path, model) -> None:
     >>> save_encodings(p, q); load_encodings(q, p) is q
     True
   """
-  import json  # pylint: disable=import-outside-toplevel
+  import json
   data = export_encodings(model)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=1)
 
 
 def _read_encodings(path_or_dict):
-  import json  # pylint: disable=import-outside-toplevel
+  import json
   if isinstance(path_or_dict, dict):
     return path_or_dict, path_or_dict
   if isinstance(path_or_dict, (str, os.PathLike)):
@@ -368,8 +371,8 @@ def _same_axes_as_model(data, expected, names):
   two differ only by how the axes are written (normalized against the
   scale's rank).
   """
-  from jaxqat.core import _spec as spec_lib  # pylint: disable=import-outside-toplevel
-  from jaxqat.core._serialize import spec_to_dict  # pylint: disable=import-outside-toplevel
+  from jaxqat.core import _spec as spec_lib
+  from jaxqat.core._serialize import spec_to_dict
 
   def fix(row):
     if not isinstance(row, dict) or not isinstance(row.get("name"), str):
@@ -384,7 +387,8 @@ def _same_axes_as_model(data, expected, names):
       if not (isinstance(g, spec_lib.PerChannel) and isinstance(h, spec_lib.PerChannel)):
         return row
       n = len(shape)
-      same = (spec_lib.normalize_axes(g.axes, n, "axis") == spec_lib.normalize_axes(h.axes, n, "axis")
+      axes = lambda gr: spec_lib.normalize_axes(gr.axes, n, "axis")  # noqa: E731
+      same = (axes(g) == axes(h)
               and got.replace(granularity=h, learning="fixed") == spec.replace(learning="fixed"))
     except (TypeError, ValueError, KeyError):
       return row  # the core reports it
@@ -435,11 +439,12 @@ def load_encodings(model, path_or_dict, *, names=None):
     >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
     >>> data = export_encodings(jqk.calibrate(jqk.quantize(m), np.ones((4, 3), "float32")))
     >>> fresh = load_encodings(jqk.quantize(m), data, names={"fc/kernel": "fc/kernel"})
-    >>> fresh.get_layer("fc").kernel_quantizer.frozen, fresh.get_layer("fc").input_quantizer.calibrated
+    >>> fc = fresh.get_layer("fc")
+    >>> fc.kernel_quantizer.frozen, fc.input_quantizer.calibrated
     (True, True)
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jaxqat.core import encodings_from_dict, step_size_to_param  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  from jaxqat.core import encodings_from_dict, step_size_to_param
   entries = _check_model(model, "load_encodings")
   if names is not None and not isinstance(names, dict):
     raise TypeError(f"names: expected a dict from the file's names to the model's, got "

@@ -44,6 +44,8 @@ ends).
 
 from __future__ import annotations
 
+# pylint: disable=import-outside-toplevel,protected-access
+
 import json
 
 import numpy as np
@@ -88,7 +90,7 @@ _JITTED: dict = {}  # see ServedLayer._kernel
 
 
 def _traced(x) -> bool:
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   return isinstance(x, jax.core.Tracer)
 
 
@@ -165,22 +167,24 @@ class ServedLayer(keras.layers.Layer):
     """The weight as a :class:`jaxqat.core.QTensor` (JAX arrays), or ``None`` if float."""
     if self.wspec is None:
       return None
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from jaxqat.core import QTensor  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp
+    from jaxqat.core import QTensor
     val = lambda v: v.value if isinstance(v, keras.Variable) else jnp.asarray(v)  # noqa: E731
     zp = val(self.zero_point) if self.weight_info["zero_point"] else None
     return QTensor(values=val(self.codes), scale=val(self.scale), zero_point=zp, spec=self.wspec,
-                   dtype=jnp.dtype(self.weight_info["dtype"]), packed=int(self.weight_info["packed"]))
+                   dtype=jnp.dtype(self.weight_info["dtype"]),
+                   packed=int(self.weight_info["packed"]))
 
   def qtensor_numpy(self):
     """The weight as a :class:`jaxqat.core.QTensor` read from the variables (any backend)."""
     if self.wspec is None:
       return None
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from jaxqat.core import QTensor  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp
+    from jaxqat.core import QTensor
     w = self.weight_info
     zp = jnp.asarray(to_numpy(self.zero_point)) if w["zero_point"] else None
-    return QTensor(values=jnp.asarray(to_numpy(self.codes)), scale=jnp.asarray(to_numpy(self.scale)),
+    return QTensor(values=jnp.asarray(to_numpy(self.codes)),
+                   scale=jnp.asarray(to_numpy(self.scale)),
                    zero_point=zp, spec=self.wspec, dtype=jnp.dtype(w["dtype"]),
                    packed=int(w["packed"]))
 
@@ -188,7 +192,7 @@ class ServedLayer(keras.layers.Layer):
     """The input's :class:`jaxqat.core.Encoding` (JAX arrays), or ``None`` (float input)."""
     if self.aspec is None:
       return None
-    from jaxqat.core import Encoding  # pylint: disable=import-outside-toplevel
+    from jaxqat.core import Encoding
     if not hasattr(self, "input_scale"):
       return Encoding(None, None, self.aspec)
     zp = self.input_zero_point.value if self.act_info["zero_point"] else None
@@ -217,7 +221,7 @@ class ServedLayer(keras.layers.Layer):
     z = ops.cast(ops.convert_to_tensor(self.zero_point), "float32") if w["zero_point"] else None
     blocked = isinstance(self.wspec.granularity, spec_lib.PerBlock)
     if blocked:
-      q, expand, shape = _ops._to_block_layout(q, s, self.wspec)  # pylint: disable=protected-access
+      q, expand, shape = _ops._to_block_layout(q, s, self.wspec)
       s = expand(s)
       z = None if z is None else expand(z)
     y = ops.multiply(q if z is None else ops.subtract(q, z), s)
@@ -242,7 +246,7 @@ class ServedLayer(keras.layers.Layer):
            self.integer)
     fn = _JITTED.get(key)
     if fn is None:
-      import jax  # pylint: disable=import-outside-toplevel
+      import jax
       fn = _JITTED[key] = jax.jit(self._jax_op)
     return fn
 
@@ -251,7 +255,7 @@ class ServedLayer(keras.layers.Layer):
       op = self._jax_op if _traced(inputs) else self._kernel()
       return self._finish(op(inputs, self.qtensor(), self.encoding()))
     if is_jax():
-      from jaxqat.core import fake_quantize_input  # pylint: disable=import-outside-toplevel
+      from jaxqat.core import fake_quantize_input
       x = fake_quantize_input(inputs, self.encoding())
     else:
       x = self._ops_input(inputs)
@@ -273,7 +277,7 @@ class ServedDense(ServedLayer):
   """A served :class:`keras.layers.Dense` (see :class:`ServedLayer`)."""
 
   def _jax_op(self, x, w, act):
-    from jaxqat.core import quantized_dot_general  # pylint: disable=import-outside-toplevel
+    from jaxqat.core import quantized_dot_general
     x = ops.convert_to_tensor(x)
     return quantized_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), act=act,
                                  integer=self.integer)
@@ -287,7 +291,7 @@ class ServedEinsumDense(ServedLayer):
   """A served :class:`keras.layers.EinsumDense` (see :class:`ServedLayer`)."""
 
   def _jax_op(self, x, w, act):
-    from jaxqat.core import quantized_einsum  # pylint: disable=import-outside-toplevel
+    from jaxqat.core import quantized_einsum
     return quantized_einsum(self._float.equation, ops.convert_to_tensor(x), w, act=act,
                             integer=self.integer)
 
@@ -299,10 +303,10 @@ def _conv_args(layer, x):
   """The arguments Keras' JAX ``ops.conv`` gives ``lax.conv_general_dilated``."""
   from keras.src.backend.jax import nn as jax_nn  # the same private helpers Keras uses
   n = x.ndim - 2
-  dn = jax_nn._convert_to_lax_conv_dimension_numbers(n, layer.data_format, transpose=False)  # pylint: disable=protected-access
-  strides = jax_nn._convert_to_spatial_operand(layer.strides, n, layer.data_format,  # pylint: disable=protected-access
+  dn = jax_nn._convert_to_lax_conv_dimension_numbers(n, layer.data_format, transpose=False)
+  strides = jax_nn._convert_to_spatial_operand(layer.strides, n, layer.data_format,
                                                include_batch_and_channels=False)
-  dilation = jax_nn._convert_to_spatial_operand(layer.dilation_rate, n, layer.data_format,  # pylint: disable=protected-access
+  dilation = jax_nn._convert_to_spatial_operand(layer.dilation_rate, n, layer.data_format,
                                                 include_batch_and_channels=False)
   return dn, strides, dilation
 
@@ -318,7 +322,7 @@ class _ConvBias:
   def _causal(self, x):
     fl = self._float
     if getattr(fl, "padding", None) == "causal":
-      return ops.pad(x, fl._compute_causal_padding()), "valid"  # pylint: disable=protected-access
+      return ops.pad(x, fl._compute_causal_padding()), "valid"
     return x, fl.padding
 
 
@@ -327,7 +331,7 @@ class ServedConv(_ConvBias, ServedLayer):
   """A served :class:`keras.layers.Conv1D`/``Conv2D``/``Conv3D`` (see :class:`ServedLayer`)."""
 
   def _jax_op(self, x, w, act):
-    from jaxqat.core import quantized_conv_general_dilated  # pylint: disable=import-outside-toplevel
+    from jaxqat.core import quantized_conv_general_dilated
     x, padding = self._causal(ops.convert_to_tensor(x))
     dn, strides, dilation = _conv_args(self._float, x)
     chan = x.shape[-1] if self._float.data_format == "channels_last" else x.shape[1]
@@ -347,9 +351,9 @@ class ServedDepthwiseConv(_ConvBias, ServedLayer):
   """A served :class:`keras.layers.DepthwiseConv1D`/``2D`` (see :class:`ServedLayer`)."""
 
   def _jax_op(self, x, w, act):
-    import dataclasses  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from jaxqat.core import quantized_conv_general_dilated  # pylint: disable=import-outside-toplevel
+    import dataclasses
+    import jax.numpy as jnp
+    from jaxqat.core import quantized_conv_general_dilated
     x = ops.convert_to_tensor(x)
     dn, strides, dilation = _conv_args(self._float, x)
     # As Keras' depthwise_conv: kernel (..., C, M) -> (..., 1, C*M), C feature groups.
@@ -388,7 +392,7 @@ class ServedEmbedding(ServedLayer):
     if inputs.dtype != "int32" and inputs.dtype != "int64":
       inputs = ops.cast(inputs, "int32")
     if is_jax() and self.wspec is not None:
-      from jaxqat.core import quantized_take  # pylint: disable=import-outside-toplevel
+      from jaxqat.core import quantized_take
       out = quantized_take(self.qtensor(), ops.convert_to_tensor(inputs), axis=0)
     else:
       out = ops.take(self._ops_weight(), inputs, axis=0)
@@ -439,9 +443,9 @@ def _act_plan(layer, path):
 
 def _quantize_weight_jit():
   """:func:`jaxqat.core.quantize_weight`, jitted (one compilation per weight shape)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxqat.core import quantize_weight  # pylint: disable=import-outside-toplevel
-  global _QW_JIT  # pylint: disable=global-statement
+  import jax
+  from jaxqat.core import quantize_weight
+  global _QW_JIT
   if _QW_JIT is None:
     _QW_JIT = jax.jit(quantize_weight, static_argnames=("pack",))
   return _QW_JIT
@@ -452,7 +456,7 @@ _QW_JIT = None
 
 def _weight_plan(name, q, w, dtype, path, pack):
   """(weight info, values) of one weight: its codes and scales, or the float weight."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
   w = np.asarray(to_numpy(w))
   if q is None:
     return ({"name": name, "shape": list(w.shape), "spec": None, "dtype": dtype},
@@ -573,7 +577,7 @@ class _Cloner:
                               name=model.name)
     inputs = keras.tree.map_structure(
         lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name), model.input)
-    outputs = model._run_through_graph(inputs, operation_fn=self.clone)  # pylint: disable=protected-access
+    outputs = model._run_through_graph(inputs, operation_fn=self.clone)
     return Functional(inputs, outputs, name=model.name)
 
   def fill(self):
@@ -677,7 +681,7 @@ def size_report(served):
     >>> [row.format for row in r.rows], round(r.ratio, 3)  # codes, 64 scales and a float bias
     (['int8_narrow', 'float32'], 0.277)
   """
-  from jaxqat.core import SizeReport, size_row  # pylint: disable=import-outside-toplevel
+  from jaxqat.core import SizeReport, size_row
   if not isinstance(served, keras.Model):
     raise TypeError(f"served: expected a keras.Model, got {type(served).__name__}")
   rows, n = [], 0
@@ -739,7 +743,7 @@ def export_serving(served, *example_args, batch_polymorphic: bool = False) -> by
                        f"{backend_name()!r}: set KERAS_BACKEND=jax before importing keras")
   if not isinstance(served, keras.Model):
     raise TypeError(f"served: expected a keras.Model, got {type(served).__name__}")
-  from jaxqat.core import export_serving as core_export  # pylint: disable=import-outside-toplevel
+  from jaxqat.core import export_serving as core_export
   tv = [v.value for v in served.trainable_variables]
   ntv = [v.value for v in served.non_trainable_variables]
 

@@ -21,10 +21,9 @@ if keras.backend.backend() != "jax":
 from jaxqat.keras import _saving as keras_enc  # noqa: E402
 import jaxqat.keras as jqk  # noqa: E402
 
-try:  # the NNX verbs, exported or not yet
-  from jaxqat.flax.nnx import export_encodings as nnx_export
-except ImportError:  # pragma: no cover - depends on the NNX package's exports
-  from jaxqat.flax.nnx._serve import export_encodings as nnx_export
+nnx_export = getattr(qnnx, "export_encodings", None)
+if nnx_export is None:  # pragma: no cover - the NNX verb, not exported yet
+  from jaxqat.flax.nnx._encodings import export_encodings as nnx_export
 
 from test_front_end_equivalence import _NnxMLP, _data  # noqa: E402  (the same MLP and data)
 

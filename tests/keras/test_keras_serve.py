@@ -13,7 +13,6 @@ Parity of a served layer with its fake-quant layer:
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -122,7 +121,8 @@ def test_served_layer_matches_fake_quant(kind):
   model, x = _float_model(kind)
   q = _qat(model, x, W4A8)
   y_fq = to_np(q(x))
-  # Static int8 input: integer=False bit for bit; integer=True within the bound (JAX), exact (torch).
+  # Static int8 input: integer=False bit for bit; integer=True within the bound (JAX) or
+  # exact (torch).
   np.testing.assert_array_equal(to_np(convert(q, integer=False)(x)), y_fq)
   served = convert(q)
   y = to_np(served(x))
@@ -217,7 +217,8 @@ def _eqns(jaxpr):
 @pytest.mark.skipif(BACKEND != "jax", reason="the integer path and jaxpr exist on the JAX backend")
 def test_served_jaxpr_is_integer():
   import jax
-  model = _fill(_seq((16,), keras.layers.Dense(32, name="a", **Z), keras.layers.Dense(8, name="b", **Z)))
+  model = _fill(_seq((16,), keras.layers.Dense(32, name="a", **Z),
+                     keras.layers.Dense(8, name="b", **Z)))
   x = RNG.normal(size=(4, 16)).astype("float32")
   served = convert(_qat(model, x))
   tv = [v.value for v in served.trainable_variables]
