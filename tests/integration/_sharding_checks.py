@@ -402,20 +402,21 @@ def check_keras():
   from jaxqat import keras as jqk
   x, y = _data()
 
-  def build():
+  def build(fit=True):
     keras.utils.set_random_seed(0)
     bias = keras.initializers.RandomNormal(stddev=0.1, seed=1)
-    m = keras.Sequential([keras.Input((D_IN,)),
-                          keras.layers.Dense(D_H, activation="relu", bias_initializer=bias),
-                          keras.layers.Dense(D_H, activation="relu", bias_initializer=bias),
-                          keras.layers.Dense(D_OUT, bias_initializer=bias)], name="net")
+    m = keras.Sequential([
+        keras.Input((D_IN,)),
+        keras.layers.Dense(D_H, activation="relu", bias_initializer=bias, name="da"),
+        keras.layers.Dense(D_H, activation="relu", bias_initializer=bias, name="db"),
+        keras.layers.Dense(D_OUT, bias_initializer=bias, name="dc")], name="net")
     m = jqk.quantize(m, W4A4)
+    if not fit:
+      return m
     jqk.calibrate(m, x, batch_size=BATCH)
     m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     hist = m.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-    # the layers' auto names differ between the two builds: key by position and weight name
-    return hist.history["loss"][0], {f"{i}:{v.path.split('/', 2)[-1].split('/', 1)[-1]}":
-                                     np.asarray(v.value) for i, v in enumerate(m.weights)}
+    return hist.history["loss"][0], {v.path: v.value for v in m.weights}
 
   ref_loss, ref = build()
   dp = keras.distribution.DataParallel(devices=jax.devices())
@@ -423,8 +424,23 @@ def check_keras():
     loss, got = build()
   assert any("log_scale" in k for k in got), sorted(got)
   np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg="keras DataParallel loss")
-  _close(got, ref, "keras DataParallel")
-  print(f"keras: fit under DataParallel(8) == one device (loss {ref_loss:.6f})")
+  ref = _tree_np(ref)
+  _close(_tree_np(got), ref, "keras DataParallel")
+  # ModelParallel: column/row-parallel kernels; the quantizer weights follow them.
+  from jaxqat.keras._sharding import follow_layout_map
+  mesh = keras.distribution.DeviceMesh((2, 4), ["data", "model"], jax.devices())
+  layout_map = keras.distribution.LayoutMap(mesh)
+  layout_map[".*/da/kernel"] = (None, "model")
+  layout_map[".*/db/kernel"] = ("model", None)
+  follow_layout_map(layout_map, build(fit=False))
+  with keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="data").scope():
+    loss, got = build()
+  assert got["net/da/kernel_quantizer/log_scale"].sharding.spec == P(None, "model")
+  assert got["net/db/kernel"].sharding.spec == P("model", None)
+  np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg="keras ModelParallel loss")
+  _close(_tree_np(got), ref, "keras ModelParallel")
+  print(f"keras: fit under DataParallel(8) and ModelParallel(2x4) == one device "
+        f"(loss {ref_loss:.6f})")
 
 
 CHECKS = {

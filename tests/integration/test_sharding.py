@@ -12,7 +12,9 @@ initialises, so the checks run in their own process
 * the tensor-parallel step keeps kernels and their per-channel step sizes
   (and the optimizer state's) sharded, and its compiled HLO all-gathers no
   full kernel;
-* Keras ``fit`` under ``keras.distribution.DataParallel`` equals one device;
+* Keras ``fit`` under ``keras.distribution.DataParallel`` and under
+  ``ModelParallel`` (a LayoutMap completed by ``follow_layout_map``) equals one
+  device;
 * calibration (absmax, minmax, ema, percentile, mse, entropy) on a batch
   sharded over 8 devices, and under ``shard_map`` with ``axis_name``, equals
   one device; calibrate + freeze of an NNX model on an explicit mesh too;
