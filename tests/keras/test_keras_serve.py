@@ -239,7 +239,11 @@ def test_size_report_ratios():
                      keras.layers.Dense(256, name="b", **Z)))
   x = RNG.normal(size=(8, 256)).astype("float32")
   r8 = size_report(convert(_qat(model, x)))
-  r4 = size_report(convert(_qat(model, x, INT4)))
+  q4 = _qat(model, x, INT4)
+  r4 = size_report(convert(q4))
+  unpacked = convert(q4, pack=False)
+  assert size_report(unpacked).rows[0].quant_bytes == 256 * 256 + 256 * 4  # a code a byte
+  np.testing.assert_array_equal(to_np(unpacked(x)), to_np(q4(x)))
   assert r8.ratio <= 0.27 and r4.ratio <= 0.15, (r8.ratio, r4.ratio)
   assert [(r.layer, r.format) for r in r4.rows] == [
       ("a/kernel", "int4"), ("a/bias", "float32"), ("b/kernel", "int4"), ("b/bias", "float32")]
