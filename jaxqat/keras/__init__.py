@@ -52,6 +52,18 @@ from jaxqat.keras._saving import restore as restore
 from jaxqat.keras._saving import save as save
 from jaxqat.keras._sensitivity import sensitivity as sensitivity
 from jaxqat.keras._sensitivity import mixed_precision as mixed_precision
+from jaxqat.keras._serve import convert as convert
+from jaxqat.keras._serve import size_report as size_report
+from jaxqat.keras._serve import export_serving as export_serving
+from jaxqat.keras._serve import ServedLayer as ServedLayer
+from jaxqat.keras._serve import ServedDense as ServedDense
+from jaxqat.keras._serve import ServedEinsumDense as ServedEinsumDense
+from jaxqat.keras._serve import ServedConv as ServedConv
+from jaxqat.keras._serve import ServedDepthwiseConv as ServedDepthwiseConv
+from jaxqat.keras._serve import ServedEmbedding as ServedEmbedding
+from jaxqat.keras._saving import export_encodings as export_encodings
+from jaxqat.keras._saving import save_encodings as save_encodings
+from jaxqat.keras._saving import load_encodings as load_encodings
 
 __all__ = [
     "CheckFinite",
@@ -70,9 +82,19 @@ __all__ = [
     "QuantSeparableConv1D",
     "QuantSeparableConv2D",
     "Quantizer",
+    "ServedConv",
+    "ServedDense",
+    "ServedDepthwiseConv",
+    "ServedEinsumDense",
+    "ServedEmbedding",
+    "ServedLayer",
     "calibrate",
     "check_finite",
+    "convert",
+    "export_encodings",
+    "export_serving",
     "freeze",
+    "load_encodings",
     "mixed_precision",
     "qat_optimizer",
     "quant_dequant",
@@ -83,7 +105,9 @@ __all__ = [
     "report",
     "restore",
     "save",
+    "save_encodings",
     "sensitivity",
     "set_mode",
+    "size_report",
     "unfreeze",
 ]
