@@ -255,6 +255,19 @@ def _fail(name, msg):
   raise ValueError(f"encodings entry '{name}': {msg}")
 
 
+def _canonical(spec: spec_lib.QuantSpec, ndim: int) -> spec_lib.QuantSpec:
+  """The spec with per-channel axes counted from the front (``-1`` and ``ndim - 1`` agree)."""
+  spec = spec.replace(learning="fixed")
+  g = spec.granularity
+  if isinstance(g, spec_lib.PerChannel) and ndim:
+    try:
+      axes = spec_lib.normalize_axes(g.axes, ndim, "granularity.axis")
+    except ValueError:
+      return spec
+    return spec.replace(granularity=spec_lib.PerChannel(axes[0] if len(axes) == 1 else axes))
+  return spec
+
+
 def _read_entry(row, kind: str, spec: spec_lib.QuantSpec, scale_shape) -> Encoding:
   name = row.get("name")
   fixed = spec.replace(learning="fixed")
@@ -273,7 +286,7 @@ def _read_entry(row, kind: str, spec: spec_lib.QuantSpec, scale_shape) -> Encodi
       file_spec = _serialize.spec_from_dict(row["jaxqat_spec"])
     except (TypeError, ValueError, KeyError) as e:
       _fail(name, f"jaxqat_spec is malformed: {e}")
-    if file_spec.replace(learning="fixed") != fixed:
+    if _canonical(file_spec, len(scale_shape)) != _canonical(fixed, len(scale_shape)):
       _fail(name, f"the file's spec {file_spec} does not match the model's {spec}")
   if isinstance(spec.granularity, spec_lib.PerBlock):
     if row.get("block_size") != spec.granularity.size:

@@ -327,7 +327,8 @@ class QuantSpec:
       >>> QuantSpec(granularity=PerBlock(4, axis=1)).scale_shape((2, 8))
       (2, 2)
     """
-    shape = tuple(int(d) for d in shape)
+    # Symbolic dimensions (jax.export shape polymorphism) stay symbolic.
+    shape = tuple(d if hasattr(d, "dimension_as_value") else int(d) for d in shape)
     g = self.granularity
     if isinstance(g, PerOutputChannel):
       raise ValueError(_UNRESOLVED)

@@ -264,3 +264,17 @@ def test_integer_forward_values_within_bound_and_ste_gradients_equal_fake_quant(
         "dot_general", x, w, act=(aspec, 0.1, None, 0.0),
         weight=(QuantSpec(format="int8", granularity=core.PerBlock(16, 0)), jnp.ones((4, 16))),
         dimension_numbers=DOT)
+
+
+def test_polymorphic_export_of_dequantize_path_and_channel_axis_spellings():
+  act = core.encoding_from_state(A8, {"scale": jnp.float32(0.1), "zero_point": 3.0})
+  w = core.quantize_weight(jnp.ones((4, 3)), _enc_w(jnp.ones((4, 3)), W8))
+  fn = lambda x: core.quantized_dot_general(x, w, DOT, act=act, integer=False)  # noqa: E731
+  blob = core.export_serving(fn, jnp.ones((2, 4)), batch_polymorphic=True)
+  x = jnp.linspace(-1, 1, 20).reshape(5, 4)
+  np.testing.assert_array_equal(np.asarray(core.load_serving(blob)(x)), np.asarray(fn(x)))
+  # PerChannel(-1) written by one front end reads into PerChannel(1) of another.
+  data = core.encodings_to_dict({"k": _enc_w(jnp.ones((4, 3)), W8)}, {})
+  got = core.encodings_from_dict(data, {"k": ("param", W8.replace(granularity=PerChannel(1)),
+                                              (1, 3))})
+  assert got["k"].scale.shape == (1, 3)
