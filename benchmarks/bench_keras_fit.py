@@ -1,11 +1,16 @@
-"""Keras QAT fit step time vs the float model (same model, JAX backend, jit_compile).
+"""Keras QAT fit step time vs the float model (same model; JAX or torch backend).
 
 Usage: KERAS_BACKEND=jax python benchmarks/bench_keras_fit.py [--steps 30] [--batch 128]
+       KERAS_BACKEND=torch python benchmarks/bench_keras_fit.py [--jit-compile]
 
-Times ``model.train_on_batch`` (one jit-compiled optimizer step) after a
-warm-up that excludes compilation, reports the median over ``--steps`` steps
-for: the float model, W8A8 fixed-range QAT (absmax observers), W4A4 LSQ QAT,
-each with and without Conv+BN folding, and prints a Markdown table.
+Times ``model.train_on_batch`` (one optimizer step; jit-compiled on JAX,
+eager on torch unless ``--jit-compile`` asks for ``torch.compile``) after a
+warm-up that excludes compilation, for: the float model, W8A8 fixed-range
+QAT (absmax observers), W4A4 LSQ QAT, each with and without Conv+BN folding.
+The steps of the three variants of a model run interleaved (one step of each
+per round), so that a slow moment of a shared machine hits all alike; the
+median over ``--steps`` rounds is reported in a Markdown table with the
+machine load.
 """
 
 import argparse
@@ -15,7 +20,6 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -36,29 +40,35 @@ def cnn(bn: bool):
   return keras.Model(inp, keras.layers.Dense(10, name="head")(x))
 
 
-def compile_model(m):
-  m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True,
+def compile_model(m, jit_compile):
+  m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   return m
 
 
-def time_steps(model, x, y, steps):
-  for _ in range(3):  # compile + warm up
-    model.train_on_batch(x, y)
-  times = []
+def time_interleaved(models, x, y, steps):
+  """Median step time of each model, the models' steps interleaved round by round."""
+  for m in models:
+    for _ in range(3):  # compile + warm up
+      m.train_on_batch(x, y)
+  times = [[] for _ in models]
   for _ in range(steps):
-    t = time.perf_counter()
-    loss = model.train_on_batch(x, y)
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+    for m, ts in zip(models, times):
+      t = time.perf_counter()
+      np.asarray(m.train_on_batch(x, y))  # the loss, fetched: the step has finished
+      ts.append(time.perf_counter() - t)
+  return [float(np.median(ts)) for ts in times]
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--jit-compile", action="store_true",
+                 help="torch: compile the step with torch.compile (JAX always jit-compiles)")
   args = p.parse_args()
+  backend = keras.backend.backend()
+  jit = backend == "jax" or args.jit_compile
   rng = np.random.RandomState(0)
   x = rng.rand(args.batch, 32, 32, 3).astype(np.float32)
   y = rng.randint(0, 10, args.batch)
@@ -67,19 +77,21 @@ def main():
                                             learning="lsq"),
              act=QuantSpec(format="int4", learning="lsq"))]
   rows = []
+  load = os.getloadavg()[0]
   for bn in (False, True):
-    base = cnn(bn)
-    t_float = time_steps(compile_model(base), x, y, args.steps)
-    rows.append((f"5-conv CNN{' + BN' if bn else ''}", "float", t_float, 1.0))
+    models = [compile_model(cnn(bn), jit)]
+    labels = ["float"]
     for name, rules in (("W8A8 QAT (absmax observers)", w8), ("W4A4 LSQ QAT", w4)):
       q = jqk.quantize(cnn(bn), rules)
       jqk.calibrate(q, x[:32], verbose=0)
-      t = time_steps(compile_model(q), x, y, args.steps)
-      label = name + (" (BN folded)" if bn else "")
-      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / t_float))
-  print(f"Keras {keras.__version__}, JAX {jax.__version__}, backend {keras.backend.backend()}, "
-        f"device {jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}, "
-        f"batch {args.batch} x 32x32x3, median of {args.steps} steps")
+      models.append(compile_model(q, jit))
+      labels.append(name + (" (BN folded)" if bn else ""))
+    times = time_interleaved(models, x, y, args.steps)
+    for label, t in zip(labels, times):
+      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0]))
+  print(f"Keras {keras.__version__}, backend {backend} ({'compiled' if jit else 'eager'}), "
+        f"{platform.processor() or platform.machine()}, batch {args.batch} x 32x32x3, median of "
+        f"{args.steps} interleaved steps, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
   print("| model | variant | step (ms) | vs float |")
   print("|---|---|---|---|")
   for model, variant, t, r in rows:

@@ -2,9 +2,9 @@
 
 Each case times one jitted call that returns the forward output and the
 gradients (``jax.vjp`` with a fixed cotangent) on a 4096x4096 float32 array,
-after compilation, and reports the median over repeats. The reference is a
-fused elementwise op with the same memory traffic, ``jnp.clip(x * a + b, lo,
-hi)``, differentiated the same way (with respect to ``x``, and to ``a`` where
+after compilation, and reports the median over repeats (fake quant and
+reference timed alternately). The reference is a fused elementwise op with
+the same memory traffic, ``jnp.clip(x * a + b, lo, hi)``, differentiated the same way (with respect to ``x``, and to ``a`` where
 the case also returns a scale gradient). Target: ratio <= 1.5.
 
 Usage: python benchmarks/bench_primitives.py [--size 4096] [--repeats 30]
@@ -13,6 +13,7 @@ Usage: python benchmarks/bench_primitives.py [--size 4096] [--repeats 30]
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -24,16 +25,18 @@ import jaxqat
 from jaxqat import PerChannel, PerTensor, QuantSpec
 
 
-def _time(fn, *args, repeats):
-  out = fn(*args)
-  jax.block_until_ready(out)  # compile + warm up
-  jax.block_until_ready(fn(*args))
-  times = []
+def _time_pair(f1, args1, f2, args2, repeats):
+  """Medians of two jitted calls, timed alternately (a slow moment hits both)."""
+  for f, args in ((f1, args1), (f2, args2)):
+    jax.block_until_ready(f(*args))  # compile + warm up
+    jax.block_until_ready(f(*args))
+  times = ([], [])
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for f, args, ts in ((f1, args1, times[0]), (f2, args2, times[1])):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      ts.append(time.perf_counter() - t0)
+  return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _fwd_bwd(f, wrt_scale):
@@ -70,13 +73,14 @@ def main():
   ]
   print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  print(f"array: {n}x{n} float32, forward + backward, median of {args.repeats} after warm-up\n")
+  print(f"array: {n}x{n} float32, forward + backward, median of {args.repeats} after warm-up "
+        f"(fake quant and reference interleaved); load {os.getloadavg()[0]:.1f}\n")
   print(f"{'case':30s} {'fake quant ms':>14s} {'reference ms':>13s} {'ratio':>7s}")
   for name, spec, scale, wrt_scale in cases:
     fq = lambda v, s, spec=spec: jaxqat.quant_dequant(v, spec, s)
-    t_fq = _time(_fwd_bwd(fq, wrt_scale), x, scale, g, repeats=args.repeats)
     a = jnp.float32(1.1) if not wrt_scale else jnp.full(jnp.shape(scale), 1.1, jnp.float32)
-    t_ref = _time(_fwd_bwd(ref, wrt_scale), x, a, g, repeats=args.repeats)
+    t_fq, t_ref = _time_pair(_fwd_bwd(fq, wrt_scale), (x, scale, g), _fwd_bwd(ref, wrt_scale),
+                             (x, a, g), args.repeats)
     print(f"{name:30s} {t_fq * 1e3:14.2f} {t_ref * 1e3:13.2f} {t_fq / t_ref:7.2f}")
 
 

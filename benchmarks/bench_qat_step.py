@@ -202,18 +202,23 @@ def _nnx_model(name):
   return NTransformer()
 
 
-def bench_nnx(model_name, x, y, rules, warmup, repeats):
-  """The same step with the NNX front end (native NNX versions of the models)."""
+def quantize_nnx(model, rules, batches):
+  """Quantizes (warnings silenced) and calibrates an NNX model in place; 'float': unchanged."""
   import warnings  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from jaxqat.flax import nnx as qnnx  # pylint: disable=g-import-not-at-top
-
-  model = _nnx_model(model_name)
   if rules != "float":
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       qnnx.quantize(model, rules)
-    qnnx.calibrate(model, [x])
+    qnnx.calibrate(model, batches)
+  return model
+
+
+def bench_nnx(model_name, x, y, rules, warmup, repeats):
+  """The same step with the NNX front end (native NNX versions of the models)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model = quantize_nnx(_nnx_model(model_name), rules, [x])
   graphdef, trainable, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adam(1e-4)
 
@@ -248,13 +253,20 @@ def _cpu():
   return platform.processor() or "unknown"
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--models", default="mlp,transformer")
-  ap.add_argument("--frontends", default="linen,nnx,qwix")
+def parse_args(doc, models, frontends, **extra):
+  """The benchmarks' command line: --models, --frontends, --warmup, --repeats (+ extra)."""
+  ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+  ap.add_argument("--models", default=models)
+  ap.add_argument("--frontends", default=frontends)
+  for name, default in extra.items():
+    ap.add_argument(f"--{name}", default=default)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=20)
-  args = ap.parse_args()
+  return ap.parse_args()
+
+
+def main():
+  args = parse_args(__doc__, "mlp,transformer", "linen,nnx,qwix")
   frontends = args.frontends.split(",")
   print(f"machine: {_cpu()}; {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}); jax {jax.__version__}")
