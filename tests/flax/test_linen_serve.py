@@ -12,6 +12,7 @@ adds exact zeros to both paths).
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -38,6 +39,15 @@ def _gamma(n):
 Z = nn.initializers.zeros_init()  # init compiles no RNG; _load puts the float weights in
 
 
+class _Conv1D(nn.Module):
+  """GPT-2's Conv1D as Flax ports write it: kernel (features, in), transposed into dot_general."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", Z, (4, x.shape[-1]))
+    return jax.lax.dot_general(x, kernel.transpose(), (((1,), (0,)), ((), ())))
+
+
 class _Net(nn.Module):
   """One layer of each type, each on a model input (so each layer's input is known), and a
   chain of two 256-wide Dense layers (a whole model whose weights dominate the bytes)."""
@@ -46,14 +56,18 @@ class _Net(nn.Module):
   def __call__(self, x, ids, img, h):
     emb = nn.Embed(12, 8, embedding_init=Z, name="embed")
     h = nn.relu(nn.Dense(256, kernel_init=Z, name="mlp_0")(h))
+    e = emb(ids)
     return {
+        # A head tied to the embedding through a nested Module.apply (state under "Dense_0").
+        "tied": nn.Dense(12, use_bias=False).apply({"params": {"kernel": emb.embedding.T}}, x),
+        "conv1d": _Conv1D(name="conv1d")(x),
         "dense": nn.Dense(6, use_bias=False, kernel_init=Z, name="dense")(x),
         "einsum": nn.Einsum((8, 2, 3), "bd,dhk->bhk", use_bias=False, kernel_init=Z,
                             name="einsum")(x),
         "conv": nn.Conv(4, (3, 3), use_bias=False, kernel_init=Z, name="conv")(img),
         "depthwise": nn.Conv(4, (3, 3), feature_group_count=4, use_bias=False, kernel_init=Z,
                              name="depthwise")(img),
-        "embed": emb(ids),
+        "embed": e,
         "attend": emb.attend(x),  # jnp.dot(x, embedding.T): a transposed weight
         "mlp": nn.Dense(10, kernel_init=Z, name="mlp_1")(h),
     }
@@ -77,21 +91,14 @@ def _inputs():
   return x, jnp.array([0, 3, 11]), img, jax.random.normal(k3, (4, 256))
 
 
-def _eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for v in eqn.params.values():
-      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from _eqns(inner)
+_OP = re.compile(r"stablehlo\.(dot_general|convolution)\b.* : \((tensor<[^>]*>), (tensor<[^>]*>)\)"
+                 r" -> (tensor<[^>]*>)")
 
 
-def _ops(fn, *args):
-  """(primitive, operand dtypes, output dtype) of every dot_general / conv in fn's jaxpr."""
-  return sorted((e.primitive.name, tuple(str(v.aval.dtype) for v in e.invars),
-                 str(e.outvars[0].aval.dtype)) for e in _eqns(jax.make_jaxpr(fn)(*args).jaxpr)
-                if e.primitive.name in ("dot_general", "conv_general_dilated"))
+def _ops(hlo: str) -> list:
+  """(op, lhs, rhs, result element types) of every dot_general / convolution of a program."""
+  elem = lambda t: re.search(r"([a-z]+[0-9]+)>$", t.split("x")[-1]).group(1)  # noqa: E731
+  return sorted((m[1], elem(m[2]), elem(m[3]), elem(m[4])) for m in _OP.finditer(hlo))
 
 
 def _assert_same(a, b):
@@ -134,6 +141,9 @@ def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net):
       "einsum": core.integer_error_bound(x, s["einsum"]["kernel"], s["einsum"]["input"], dot),
       "attend": core.integer_error_bound(x, s["embed"]["embedding"], s["embed"]["input"],
                                          (((1,), (1,)), ((), ()))),
+      "conv1d": core.integer_error_bound(x, s["conv1d"]["kernel"], s["conv1d"]["input"],
+                                         (((1,), (1,)), ((), ()))),
+      "tied": core.integer_error_bound(x, s["Dense_0"]["kernel"], s["Dense_0"]["input"], dot),
       "conv": _conv_bound(img, s["conv"]["kernel"], s["conv"]["input"], 1),
       "depthwise": _conv_bound(img, s["depthwise"]["kernel"], s["depthwise"]["input"], 4),
   }
@@ -148,19 +158,20 @@ def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net):
   # layer's input quantizer; within 1% of the output's range.
   err = float(jnp.max(jnp.abs(y["mlp"] - fake["mlp"])))
   assert err <= 1e-2 * float(jnp.max(jnp.abs(fake["mlp"]))), err
-  # Every matmul / conv of the served model is int8 x int8 -> int32: dense, einsum, attend,
-  # the chain's two, and per conv the conv and the batch-1 conv removing the input zero point.
-  ops = _ops(lambda *a: served.apply(sv, *a), *inputs)
-  assert ops == sorted([("conv_general_dilated", ("int8", "int8"), "int32")] * 4
-                       + [("dot_general", ("int8", "int8"), "int32")] * 5), ops
+  # The served forward's program (its jaxpr lowered, dead code removed): every matmul / conv
+  # is int8 x int8 -> int32: dense, einsum, attend, conv1d, tied, the chain's two, and per
+  # conv the conv and the batch-1 conv that removes the input zero point.
+  hlo = jax.jit(lambda *a: served.apply(sv, *a)).lower(*inputs).as_text()
+  assert _ops(hlo) == sorted([("convolution", "i8", "i8", "i32")] * 4
+                             + [("dot_general", "i8", "i8", "i32")] * 7), _ops(hlo)
   # No float copy of any quantized weight: not in the served variables (only the chain's
-  # biases stay in params), not in the compiled program.
+  # biases stay in params), not in the program.
   assert jax.tree.map(jnp.shape, sv["params"]) == {"mlp_0": {"bias": (256,)},
                                                    "mlp_1": {"bias": (10,)}}
-  assert sorted(s) == ["conv", "dense", "depthwise", "einsum", "embed", "mlp_0", "mlp_1"]
-  hlo = jax.jit(lambda *a: served.apply(sv, *a)).lower(*inputs).as_text()
-  kernels = [l.shape for l in jax.tree.leaves(net["v"]["params"]) if l.ndim >= 2]
-  assert len(kernels) == 7
+  assert sorted(s) == ["Dense_0", "conv", "conv1d", "dense", "depthwise", "einsum", "embed",
+                       "mlp_0", "mlp_1"]
+  kernels = [l.shape for l in jax.tree.leaves(net["v"]["params"]) if l.ndim >= 2] + [(8, 12)]
+  assert len(kernels) == 9
   for shape in kernels:
     assert f"tensor<{'x'.join(map(str, shape))}xf32>" not in hlo, shape
   assert "tensor<256x256xi8>" in hlo
@@ -174,8 +185,9 @@ def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net):
 def test_int4_weight_only_bit_exact_and_sizes(net):
   inputs, served, sv = net["inputs"], net["served"], net["sv"]
   r = serve.size_report(served, sv)
-  assert r.rows[0].layer == "conv/kernel" and r.rows[0].format == "int8_narrow"
-  assert r.float_bytes == 4 * sum(l.size for l in jax.tree.leaves(net["v"]["params"]))
+  assert r.rows[0].layer == "Dense_0/kernel" and r.rows[0].format == "int8_narrow"
+  # Every float parameter, and the tied head's own quantized copy of the embedding.
+  assert r.float_bytes == 4 * (sum(l.size for l in jax.tree.leaves(net["v"]["params"])) + 96)
   assert r.ratio <= 0.27, r.ratio
   assert "compression" in str(r)
   # int4, packed, weight only: bit for bit with fake quant, every layer type; <= 15% of f32.
@@ -198,11 +210,11 @@ def test_round_trips_encodings_orbax_and_jax_export(net, tmp_path):
   data = json.loads(f.read_text())
   assert data["version"] == "1.0.0"
   assert sorted(e["name"] for e in data["param_encodings"]) == [
-      "conv/kernel", "dense/kernel", "depthwise/kernel", "einsum/kernel", "embed/embedding",
-      "mlp_0/kernel", "mlp_1/kernel"]
+      "Dense_0/kernel", "conv/kernel", "conv1d/kernel", "dense/kernel", "depthwise/kernel",
+      "einsum/kernel", "embed/embedding", "mlp_0/kernel", "mlp_1/kernel"]
   assert sorted(e["name"] for e in data["activation_encodings"]) == [
-      "conv/input", "dense/input", "depthwise/input", "einsum/input", "embed/input",
-      "mlp_0/input", "mlp_1/input"]
+      "Dense_0/input", "conv/input", "conv1d/input", "dense/input", "depthwise/input",
+      "einsum/input", "embed/input", "mlp_0/input", "mlp_1/input"]
   fresh = ql.quantize(_Net())
   jax.eval_shape(fresh.init, KEY, *inputs)  # example inputs; the variables: an uncalibrated init
   loaded = serve.load_encodings(fresh, net["v0"], f)
@@ -233,6 +245,8 @@ def test_bad_input_names_the_layer_or_entry_and_changes_nothing(net, tmp_path):
     serve.convert(ql.set_mode(qmodel, "float"), v)
   with pytest.raises(TypeError, match="served_module"):
     serve.size_report(qmodel, v)
+  with pytest.raises(ValueError, match="variables returned by jaxqat.flax.linen.convert"):
+    net["served"].apply(v, *net["inputs"])
   good = serve.export_encodings(qmodel, v)
   text = json.dumps(good)
   trunc = tmp_path / "trunc.json"

@@ -268,6 +268,14 @@ def restore_served(path, qmodel) -> tuple[Any, dict]:
     FileNotFoundError: if ``path`` is not a directory.
     ValueError: if ``path`` is not a served checkpoint (missing or
       corrupted files, another format), naming what is wrong.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> from jaxqat.flax.linen import quantize
+    >>> restore_served("/nonexistent/served", quantize(nn.Dense(3)))
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: restore_served: no directory at /nonexistent/served
   """
   from jaxqat import core  # pylint: disable=import-outside-toplevel
   from jaxqat.flax.linen import _intercept  # pylint: disable=import-outside-toplevel

@@ -129,6 +129,11 @@ class QuantizedModule(nn.Module):
         another.
     """
     mode = _check_mode(self.mode)
+    if mode == _intercept.SERVED and any(c in self.variables for c in (_quantizer.STATS,
+                                                                       _quantizer.PARAMS)):
+      raise ValueError("variables: the served model runs on the variables returned by "
+                       "jaxqat.flax.linen.convert (params and 'served'), not on the quantized "
+                       "model's (with 'quant_stats' / 'quant_params')")
     ruleset = rules_lib.as_ruleset(self.rules, core.default_rules())
     context = _intercept.Context(ruleset, mode, self.scope.path, integer=self.integer,
                                  pack=self.pack)

@@ -30,6 +30,7 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -236,7 +237,7 @@ def size_report(served_module: _module.QuantizedModule,
   for path, v in walk(served_variables.get(SERVED, {})):
     if isinstance(v, core.QTensor):
       rows.append(core.size_row("/".join(path), v, v.dtype))
-  for path, v in walk(served_variables.get("params", {})):
+  for path, v in walk(nn.meta.unbox(served_variables.get("params", {}))):
     if hasattr(v, "dtype") and hasattr(v, "shape"):
       rows.append(core.size_row("/".join(path), v, v.dtype))
   rows.sort(key=lambda r: r.layer)
