@@ -133,16 +133,20 @@ def _reduce_axes(shape, scale_shape):
   return tuple(i for i, k in enumerate(full) if k == 1)
 
 
-def _finite_min_max(x, axes, scale_shape):
-  """Per-group min, max and finite count of ``x``, ignoring NaN and +-inf (as the core)."""
+def _finite_min_max(x, axes, scale_shape, count: bool = True):
+  """Per-group min, max and finite count of ``x``, ignoring NaN and +-inf (as the core).
+
+  ``count=False`` skips the count (``None``): one pass less over ``x`` for a
+  weight range, which does not use it.
+  """
   xc = ops.cast(x, "float32")
   fin = ops.isfinite(xc)
   big = float(np.finfo(np.float32).max)
   lo = ops.min(ops.where(fin, xc, big), axis=axes, keepdims=True)
   hi = ops.max(ops.where(fin, xc, -big), axis=axes, keepdims=True)
-  cnt = ops.sum(ops.cast(fin, "float32"), axis=axes, keepdims=True)
+  cnt = ops.sum(ops.cast(fin, "float32"), axis=axes, keepdims=True) if count else None
   return (ops.reshape(lo, scale_shape), ops.reshape(hi, scale_shape),
-          ops.reshape(cnt, scale_shape))
+          None if cnt is None else ops.reshape(cnt, scale_shape))
 
 
 def _np_min_max_update(state, x, scale_shape, ema_decay):
@@ -550,7 +554,7 @@ class Quantizer(keras.layers.Layer):
     w = ops.stop_gradient(ops.convert_to_tensor(w))
     if spec.calibration.method in _OBSERVABLE:
       axes = _reduce_axes(tuple(w.shape), self.scale_shape)
-      lo, hi, _ = _finite_min_max(w, axes, self.scale_shape)
+      lo, hi, _ = _finite_min_max(w, axes, self.scale_shape, count=False)
       return _ops_range(spec, lo, hi)
     from jaxqat.core import weight_range
     import jax.numpy as jnp
