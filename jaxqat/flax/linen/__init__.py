@@ -26,20 +26,36 @@ from jaxqat.flax.linen._workflow import report as report
 from jaxqat.flax.linen._workflow import unfreeze as unfreeze
 from jaxqat.flax.linen._sensitivity import sensitivity as sensitivity
 from jaxqat.flax.linen._sensitivity import mixed_precision as mixed_precision
+from jaxqat.flax.linen._serve import convert as convert
+from jaxqat.flax.linen._serve import size_report as size_report
+from jaxqat.flax.linen._serve import export_encodings as export_encodings
+from jaxqat.flax.linen._serve import save_encodings as save_encodings
+from jaxqat.flax.linen._serve import load_encodings as load_encodings
+from jaxqat.flax.linen._serve import export_serving as export_serving
+from jaxqat.flax.linen._checkpoint import save_served as save_served
+from jaxqat.flax.linen._checkpoint import restore_served as restore_served
 
 __all__ = [
     "ActQuant",
     "QuantizedModule",
     "calibrate",
+    "convert",
+    "export_encodings",
+    "export_serving",
     "freeze",
     "layer_paths",
+    "load_encodings",
     "mixed_precision",
     "qat_optimizer",
     "quantize",
     "report",
     "restore",
+    "restore_served",
     "save",
+    "save_encodings",
+    "save_served",
     "sensitivity",
     "set_mode",
+    "size_report",
     "unfreeze",
 ]
