@@ -90,11 +90,10 @@ def qad_forward(model: nnx.Module, inputs, *, features: tuple[str, ...] = (),
     ...
     ValueError: features: 'block9' is not a feature of the Linear; it has ['__call__']
   """
-  if not features:
-    return _call(model, inputs, forward), {}
-  captured = nnx.capture(lambda m, i: _call(m, i, forward), nnx.Intermediate,
-                         method_outputs=nnx.Intermediate)
-  out, state = captured(model, inputs)
+  fn = lambda m, i: _call(m, i, forward)
+  if not features:  # still captured: values the model sows are not left on it
+    return nnx.capture(fn, nnx.Intermediate)(model, inputs)[0], {}
+  out, state = nnx.capture(fn, nnx.Intermediate, method_outputs=nnx.Intermediate)(model, inputs)
   feats = _flat_features(state)
   for name in features:
     if name not in feats:
