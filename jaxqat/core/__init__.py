@@ -76,6 +76,9 @@ from jaxqat.core._sensitivity import selective_rules as selective_rules
 from jaxqat.core._sensitivity import mixed_precision as mixed_precision
 from jaxqat.core._sensitivity import search_mixed_precision as search_mixed_precision
 from jaxqat.core._sensitivity import weight_bytes as weight_bytes
+from jaxqat.core._sharding import scale_partition_spec as scale_partition_spec
+from jaxqat.core._sharding import follow_shape as follow_shape
+from jaxqat.core._sharding import state_shardings as state_shardings
 
 __all__ = [
     "BlockFormat",
@@ -117,6 +120,7 @@ __all__ = [
     "fake_quant",
     "fake_quantize_input",
     "feature_distillation",
+    "follow_shape",
     "get_format",
     "init_step_size",
     "integer_error_bound",
@@ -139,6 +143,7 @@ __all__ = [
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_take",
+    "scale_partition_spec",
     "search_mixed_precision",
     "selective_rules",
     "sensitivity",
@@ -146,6 +151,7 @@ __all__ = [
     "spec_fingerprint",
     "spec_from_dict",
     "spec_to_dict",
+    "state_shardings",
     "step_size_to_param",
     "unpack",
     "weight_bytes",

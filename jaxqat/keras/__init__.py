@@ -64,6 +64,7 @@ from jaxqat.keras._serve import ServedEmbedding as ServedEmbedding
 from jaxqat.keras._saving import export_encodings as export_encodings
 from jaxqat.keras._saving import save_encodings as save_encodings
 from jaxqat.keras._saving import load_encodings as load_encodings
+from jaxqat.keras._sharding import follow_layout_map as follow_layout_map
 
 __all__ = [
     "CheckFinite",
@@ -93,6 +94,7 @@ __all__ = [
     "convert",
     "export_encodings",
     "export_serving",
+    "follow_layout_map",
     "freeze",
     "load_encodings",
     "mixed_precision",

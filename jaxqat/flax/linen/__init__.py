@@ -34,6 +34,8 @@ from jaxqat.flax.linen._serve import load_encodings as load_encodings
 from jaxqat.flax.linen._serve import export_serving as export_serving
 from jaxqat.flax.linen._checkpoint import save_served as save_served
 from jaxqat.flax.linen._checkpoint import restore_served as restore_served
+from jaxqat.flax.linen._sharding import partition_specs as partition_specs
+from jaxqat.flax.linen._sharding import shardings as shardings
 
 __all__ = [
     "ActQuant",
@@ -46,6 +48,7 @@ __all__ = [
     "layer_paths",
     "load_encodings",
     "mixed_precision",
+    "partition_specs",
     "qat_optimizer",
     "quantize",
     "report",
@@ -56,6 +59,7 @@ __all__ = [
     "save_served",
     "sensitivity",
     "set_mode",
+    "shardings",
     "size_report",
     "unfreeze",
 ]

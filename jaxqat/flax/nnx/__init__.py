@@ -50,6 +50,8 @@ from jaxqat.flax.nnx._serve import ServedActQuant as ServedActQuant
 from jaxqat.flax.nnx._encodings import export_encodings as export_encodings
 from jaxqat.flax.nnx._encodings import save_encodings as save_encodings
 from jaxqat.flax.nnx._encodings import load_encodings as load_encodings
+from jaxqat.flax.nnx._sharding import follow_weight_shardings as follow_weight_shardings
+from jaxqat.flax.nnx._sharding import shardings as shardings
 
 __all__ = [
     "ActQuant",
@@ -74,6 +76,7 @@ __all__ = [
     "convert",
     "export_encodings",
     "export_serving",
+    "follow_weight_shardings",
     "freeze",
     "intercept",
     "load_encodings",
@@ -87,6 +90,7 @@ __all__ = [
     "save_encodings",
     "sensitivity",
     "set_mode",
+    "shardings",
     "size_report",
     "unfreeze",
 ]
