@@ -132,8 +132,9 @@ def _distill(loss: QADLoss, s, t, y, s_feats, t_feats):
 def _feature_model(model, names, who):
   if not names:
     return None
-  if not getattr(model, "_is_graph_network", False) and not isinstance(
-      model, (keras.Sequential, keras.Functional)):
+  graph = isinstance(model, keras.Sequential) or any(
+      c.__name__ == "Functional" for c in type(model).__mro__)
+  if not graph:
     raise ValueError(f"features: matching named features needs a Functional or Sequential "
                      f"{who}; {model.name!r} is a subclassed {type(model).__name__}")
   layers = {l.name: l for l in model.layers}
