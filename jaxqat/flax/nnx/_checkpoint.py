@@ -245,7 +245,10 @@ def restore(path: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
                       f"model has {want[k][0]} {want[k][1]}")
   if problems:
     raise ValueError("restore: the checkpoint does not match the model: " + "; ".join(problems))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  # Restore into the model's own layout (a sharded model restores sharded, any mesh shape).
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      target)
   try:
     restored = ckptr.restore(directory, abstract)
   except Exception as e:  # pylint: disable=broad-except

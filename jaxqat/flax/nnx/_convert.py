@@ -313,6 +313,8 @@ def quantize(
     entry(p, node, "quantized", rule, how)
   unused = ruleset.warn_unused("NNX model")
   model.jaxqat_layers = tuple(entries)
+  from jaxqat.flax.nnx import _sharding  # pylint: disable=import-outside-toplevel
+  _sharding.follow_weight_shardings(model)  # annotated weights: their scales follow
   model.jaxqat_unused_rules = tuple(r.pattern for r in unused)
   if not any(e[2] == "quantized" for e in entries):
     warnings.warn("jaxqat: no layer of the model was quantized (no rule matched a layer with "
