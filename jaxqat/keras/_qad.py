@@ -177,7 +177,6 @@ class QADModel(keras.Model):
     >>> import keras, numpy as np
     >>> import jaxqat.keras as jqk
     >>> from jaxqat.core._distill import QADLoss
-from jaxqat.core._distill import check_qad_args
     >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     >>> student = jqk.quantize(teacher)
     >>> x = np.linspace(-1, 1, 32, dtype="float32").reshape(8, 4)

@@ -159,7 +159,6 @@ def qad_train_step(teacher: nnx.Module, student: nnx.Module, optimizer: nnx.Opti
     >>> import jax.numpy as jnp, optax
     >>> from flax import nnx
     >>> from jaxqat.core._distill import QADLoss
-from jaxqat.core._distill import check_qad_args
     >>> from jaxqat.flax import nnx as qnnx
     >>> teacher = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
     >>> student = qnnx.quantize(nnx.clone(teacher))
