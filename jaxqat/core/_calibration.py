@@ -920,6 +920,37 @@ def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec, *,
     >>> jax.jit(weight_range, static_argnums=1)(jnp.array([[1.4, -0.7], [-3.5, 1.75]]), spec)[0]
     Array([[0.5 , 0.25]], dtype=float32)
   """
-  init, update, compute = observer(spec, axis_name=axis_name)
   w = jax.lax.stop_gradient(jnp.asarray(w))
+  cfg = _config(spec)
+  if cfg.method in ("absmax", "minmax") and not spec.is_block and jnp.issubdtype(
+      w.dtype, jnp.floating):
+    return _direct_range(w, cfg, axis_name)
+  init, update, compute = observer(spec, axis_name=axis_name)
   return compute(update(init(w), w))
+
+
+def _direct_range(w: Array, cfg: _Config, axis_name) -> tuple[Array, Array]:
+  """absmax/minmax of one tensor by plain reductions over its reduced axes.
+
+  The same (scale, zero point) as the observer's ``compute(update(init(w), w))``
+  (its count, transposes and min/max state are not needed for a single
+  tensor): a QAT step that recomputes weight ranges keeps nothing but the
+  reduced values.
+  """
+  spec = cfg.spec
+  shape = spec.scale_shape(w.shape)
+  axes = _grid.reduce_axes(w.shape, spec)
+  fin = jnp.isfinite(w)
+  if cfg.symmetric:
+    amax = jnp.max(jnp.where(fin, jnp.abs(w), 0), axis=axes, keepdims=True).astype(_F32)
+    if axis_name is not None:
+      amax = jax.lax.pmax(amax, axis_name)
+    scale, zp = _scale_zp(-amax, amax, cfg)
+  else:
+    mn = jnp.min(jnp.where(fin, w, jnp.inf), axis=axes, keepdims=True).astype(_F32)
+    mx = jnp.max(jnp.where(fin, w, -jnp.inf), axis=axes, keepdims=True).astype(_F32)
+    if axis_name is not None:
+      mn = jax.lax.pmin(mn, axis_name)
+      mx = jax.lax.pmax(mx, axis_name)
+    scale, zp = _scale_zp(mn, mx, cfg)
+  return scale.reshape(shape), zp.reshape(shape)

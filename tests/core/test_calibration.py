@@ -690,3 +690,22 @@ def test_property_scale_positive_zero_point_integer(method, symmetric, a, b):
   assert math.isfinite(s) and s > 0
   assert z == round(z) and -8 <= z <= 7
   assert float(fake_quant(jnp.zeros(()), s, z, spec)) == 0.0
+
+
+def test_weight_range_direct_reductions_equal_the_observer():
+  """weight_range's absmax/minmax fast path equals observer compute(update(init)) bit for bit."""
+  from jaxqat.core import _calibration as cal  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(5, 4, 6)).astype(np.float32) * 30
+  w[0] = np.nan
+  w[1, 1] = np.inf
+  w[:, :, 2] = 0
+  for spec in (QuantSpec(format="int4", granularity=PerChannel(-1)),
+               QuantSpec(format="uint8", symmetric=False, calibration="minmax",
+                         granularity=PerChannel((0, 2))),
+               QuantSpec(format="fp8_e4m3", calibration="minmax")):
+    init, update, compute = cal.observer(spec)
+    want = compute(update(init(jnp.asarray(w)), jnp.asarray(w)))
+    got = jax.jit(cal.weight_range, static_argnums=1)(jnp.asarray(w), spec)
+    for a, b in zip(want, got):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
