@@ -24,7 +24,7 @@ What makes the ordering robust: the fine-tuning set is small (the first 8000
 training characters, as when QAT runs on a calibration-sized set), and the
 teacher's temperature is 2. Measured (bits/char, held-out): float 3.070,
 PTQ 3.130, QAT 3.105, QAD 3.080 (T=1: 3.081). With more fine-tuning text
-QAT keeps learning from the labels and catches up with QAD (24000 characters:
+QAT keeps learning from the labels and passes QAD (24000 characters:
 QAT 3.073, QAD 3.080; 12000: 3.084 vs 3.080); with 4096 characters QAT
 overfits and ends above PTQ (3.163).
 """
