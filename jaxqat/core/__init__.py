@@ -79,6 +79,7 @@ from jaxqat.core._sensitivity import weight_bytes as weight_bytes
 from jaxqat.core._sharding import scale_partition_spec as scale_partition_spec
 from jaxqat.core._sharding import follow_shape as follow_shape
 from jaxqat.core._sharding import state_shardings as state_shardings
+from jaxqat.core._distill import QADLoss as QADLoss
 
 __all__ = [
     "BlockFormat",
@@ -93,6 +94,7 @@ __all__ = [
     "PerChannel",
     "PerOutputChannel",
     "PerTensor",
+    "QADLoss",
     "QATRecipe",
     "QTensor",
     "QuantSpec",

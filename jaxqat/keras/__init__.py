@@ -65,10 +65,14 @@ from jaxqat.keras._saving import export_encodings as export_encodings
 from jaxqat.keras._saving import save_encodings as save_encodings
 from jaxqat.keras._saving import load_encodings as load_encodings
 from jaxqat.keras._sharding import follow_layout_map as follow_layout_map
+from jaxqat.keras._qad import QADModel as QADModel
+from jaxqat.keras._qad import recipe_optimizers as recipe_optimizers
+from jaxqat.keras._qad import recipe_schedules as recipe_schedules
 
 __all__ = [
     "CheckFinite",
     "FreezeQuantizers",
+    "QADModel",
     "QATOptimizer",
     "QuantConv1D",
     "QuantConv2D",
@@ -104,6 +108,8 @@ __all__ = [
     "quantize",
     "quantized_class",
     "quantizers",
+    "recipe_optimizers",
+    "recipe_schedules",
     "report",
     "restore",
     "save",

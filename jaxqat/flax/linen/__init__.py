@@ -36,6 +36,7 @@ from jaxqat.flax.linen._checkpoint import save_served as save_served
 from jaxqat.flax.linen._checkpoint import restore_served as restore_served
 from jaxqat.flax.linen._sharding import partition_specs as partition_specs
 from jaxqat.flax.linen._sharding import shardings as shardings
+from jaxqat.flax.linen._qad import qad_train_step as qad_train_step
 
 __all__ = [
     "ActQuant",
@@ -49,6 +50,7 @@ __all__ = [
     "load_encodings",
     "mixed_precision",
     "partition_specs",
+    "qad_train_step",
     "qat_optimizer",
     "quantize",
     "report",

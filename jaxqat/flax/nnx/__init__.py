@@ -52,6 +52,8 @@ from jaxqat.flax.nnx._encodings import save_encodings as save_encodings
 from jaxqat.flax.nnx._encodings import load_encodings as load_encodings
 from jaxqat.flax.nnx._sharding import follow_weight_shardings as follow_weight_shardings
 from jaxqat.flax.nnx._sharding import shardings as shardings
+from jaxqat.flax.nnx._qad import qad_train_step as qad_train_step
+from jaxqat.flax.nnx._qad import qad_forward as qad_forward
 
 __all__ = [
     "ActQuant",
@@ -81,6 +83,8 @@ __all__ = [
     "intercept",
     "load_encodings",
     "mixed_precision",
+    "qad_forward",
+    "qad_train_step",
     "qat_optimizer",
     "quantize",
     "quantizers",
