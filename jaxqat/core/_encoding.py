@@ -172,7 +172,7 @@ def encoding_from_state(
 # --------------------------------------------------------------------------
 
 
-def _enc_type(spec: spec_lib.QuantSpec) -> str:
+def enc_type(spec: spec_lib.QuantSpec) -> str:
   g = spec.granularity
   if isinstance(g, spec_lib.PerBlock):
     return "PER_BLOCK"
@@ -193,7 +193,7 @@ def _entry(name: str, enc: Encoding) -> dict:
   out: dict[str, Any] = {
       "name": name,
       "dtype": "INT" if spec.is_int else "FLOAT",
-      "enc_type": _enc_type(spec),
+      "enc_type": enc_type(spec),
       "bw": _bits(spec),
       "is_sym": bool(spec.symmetric) if spec.is_int else True,
   }
@@ -272,7 +272,7 @@ def _read_entry(row, kind: str, spec: spec_lib.QuantSpec, scale_shape) -> Encodi
   name = row.get("name")
   fixed = spec.replace(learning="fixed")
   want_dtype = "INT" if spec.is_int else "FLOAT"
-  checks = (("dtype", want_dtype), ("enc_type", _enc_type(spec)), ("bw", _bits(spec)))
+  checks = (("dtype", want_dtype), ("enc_type", enc_type(spec)), ("bw", _bits(spec)))
   for key, want in checks:
     if key not in row:
       _fail(name, f"missing field '{key}'")

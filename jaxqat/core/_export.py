@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxqat.core import _encoding
 from jaxqat.core import _quantize
 from jaxqat.core import _spec as spec_lib
 
@@ -46,12 +47,7 @@ class SizeRow:
 
 
 def _granularity(spec: spec_lib.QuantSpec) -> str:
-  g = spec.granularity
-  if isinstance(g, spec_lib.PerBlock):
-    return "per-block"
-  if isinstance(g, spec_lib.PerChannel):
-    return "per-channel"
-  return "per-tensor"
+  return _encoding.enc_type(spec).lower().replace("_", "-")  # "PER_CHANNEL" -> "per-channel"
 
 
 def size_row(layer: str, weight: Union[_quantize.QTensor, Any], float_dtype=jnp.float32) -> SizeRow:

@@ -38,6 +38,7 @@ from jaxqat import core
 from jaxqat.flax.linen import _intercept
 from jaxqat.flax.linen import _module
 from jaxqat.flax.linen import _quantizer
+from jaxqat.flax.linen import _workflow
 
 SERVED, ENCODINGS = _intercept.SERVED, _intercept.ENCODINGS
 STATS, PARAMS = _quantizer.STATS, _quantizer.PARAMS
@@ -67,17 +68,8 @@ def walk(tree, prefix: tuple = ()):
 
 
 def _drop(tree, path: tuple):
-  """``tree`` (nested dicts) without the entry at ``path`` (no-op if absent)."""
-  if not hasattr(tree, "items") or not path or path[0] not in tree:
-    return tree
-  out = dict(tree)
-  if len(path) == 1:
-    del out[path[0]]
-  else:
-    out[path[0]] = _drop(out[path[0]], path[1:])
-    if not out[path[0]]:
-      del out[path[0]]
-  return out
+  """``tree`` without the entry at ``path``; parents left empty go too."""
+  return _workflow._drop(tree, path, prune=True)  # pylint: disable=protected-access
 
 
 _RUNNERS: dict = {}  # (model, example inputs' structure) -> jitted convert run

@@ -57,15 +57,20 @@ def _replace_entries(tree, fn, prefix=()):
   return {k: _replace_entries(v, fn, prefix + (str(k),)) for k, v in tree.items()}
 
 
-def _drop(tree, path: tuple):
-  """``tree`` (nested dicts) without the entry at ``path`` (no-op if absent)."""
+def _drop(tree, path: tuple, *, prune: bool = False):
+  """``tree`` (nested dicts) without the entry at ``path`` (no-op if absent).
+
+  With ``prune``, parents left empty by the removal are removed too.
+  """
   if not hasattr(tree, "items") or not path or path[0] not in tree:
     return tree
   out = dict(tree)
   if len(path) == 1:
     del out[path[0]]
   else:
-    out[path[0]] = _drop(out[path[0]], path[1:])
+    out[path[0]] = _drop(out[path[0]], path[1:], prune=prune)
+    if prune and not out[path[0]]:
+      del out[path[0]]
   return out
 
 
