@@ -80,6 +80,7 @@ from jaxqat.core._sharding import scale_partition_spec as scale_partition_spec
 from jaxqat.core._sharding import follow_shape as follow_shape
 from jaxqat.core._sharding import state_shardings as state_shardings
 from jaxqat.core._distill import QADLoss as QADLoss
+from jaxqat.core._encoding import read_encodings as read_encodings
 
 __all__ = [
     "BlockFormat",
@@ -145,6 +146,7 @@ __all__ = [
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_take",
+    "read_encodings",
     "scale_partition_spec",
     "search_mixed_precision",
     "selective_rules",

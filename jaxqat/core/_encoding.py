@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -44,6 +45,7 @@ __all__ = [
     "encoding_from_state",
     "encodings_to_dict",
     "encodings_from_dict",
+    "read_encodings",
     "ENCODINGS_VERSION",
 ]
 
@@ -417,3 +419,42 @@ def check_kind(kind: str) -> str:
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
   return kind
 
+
+
+def read_encodings(path_or_dict: Any) -> dict:
+  """An encodings file's JSON object, or a copy of an encodings dict.
+
+  Only reads; :func:`encodings_from_dict` checks the contents.
+
+  Args:
+    path_or_dict: a path to a JSON file, or the parsed dict.
+
+  Returns:
+    The JSON object as a dict.
+
+  Raises:
+    TypeError: if ``path_or_dict`` is neither a path nor a mapping.
+    ValueError: if the file is not valid JSON (e.g. truncated) or not a JSON
+      object.
+    FileNotFoundError: if the file does not exist.
+
+  Examples:
+    >>> read_encodings({"version": "1.0.0"})
+    {'version': '1.0.0'}
+  """
+  if isinstance(path_or_dict, Mapping):
+    return dict(path_or_dict)
+  if not isinstance(path_or_dict, (str, os.PathLike)):
+    raise TypeError("path_or_dict: expected a path to an encodings JSON file or its dict, got "
+                    f"{type(path_or_dict).__name__}")
+  path = os.fspath(path_or_dict)
+  with open(path, "r", encoding="utf-8") as f:
+    text = f.read()
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"encodings: {path} is not valid JSON ({e}); the file may be "
+                     "truncated") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"encodings: expected a JSON object, got {type(data).__name__}")
+  return data

@@ -360,24 +360,6 @@ def save_encodings(path, qmodel: _module.QuantizedModule, variables: Mapping[str
     json.dump(data, f, indent=1)
 
 
-def _read(path_or_dict) -> dict:
-  if isinstance(path_or_dict, Mapping):
-    return dict(path_or_dict)
-  if not isinstance(path_or_dict, (str, os.PathLike)):
-    raise TypeError("path_or_dict: expected a path to an encodings JSON file or its dict, got "
-                    f"{type(path_or_dict).__name__}")
-  with open(os.fspath(path_or_dict), "r", encoding="utf-8") as f:
-    text = f.read()
-  try:
-    data = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"encodings: {os.fspath(path_or_dict)} is not valid JSON ({e}); the file may "
-                     "be truncated") from None
-  if not isinstance(data, dict):
-    raise ValueError(f"encodings: expected a JSON object, got {type(data).__name__}")
-  return data
-
-
 def _like(value, old, dtype=jnp.float32):
   """``value`` shaped and typed like the state entry ``old`` (if any)."""
   value = jnp.asarray(value, dtype if old is None else old.dtype)
@@ -440,7 +422,7 @@ def load_encodings(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]
   variables = _check_variables(variables)
   if names is not None and not isinstance(names, Mapping):
     raise TypeError(f"names: expected a dict of file name -> model name, got {type(names).__name__}")
-  data = _read(path_or_dict)
+  data = core.read_encodings(path_or_dict)
   found = _encodings(_run(qmodel, variables, _intercept.INSPECT).get(ENCODINGS, {}))
   floats = data.get(STAYS_FLOAT_KEY, [])
   if not isinstance(floats, list) or not all(isinstance(n, str) for n in floats):

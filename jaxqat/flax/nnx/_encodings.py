@@ -311,19 +311,7 @@ def load_encodings(model: nnx.Module, path_or_dict: Union[str, os.PathLike, Mapp
     ValueError: encodings entry 'input': bw is 4 but the model's activation quantizer has 8
   """
   _check_quantized(model, "load_encodings")
-  if isinstance(path_or_dict, Mapping):
-    data = dict(path_or_dict)
-  elif isinstance(path_or_dict, (str, os.PathLike)):
-    with open(os.fspath(path_or_dict), encoding="utf-8") as f:
-      data = f.read()
-    try:
-      data = json.loads(data)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"encodings: {os.fspath(path_or_dict)} is not valid JSON ({e}); the file "
-                       "may be truncated") from None
-  else:
-    raise TypeError(f"path_or_dict: expected a file path or a dict, got "
-                    f"{type(path_or_dict).__name__}")
+  data = core.read_encodings(path_or_dict)
   quants = {name: (kind, q) for name, kind, q, _ in _quantizer_names(model)}
   expected = {}
   for name, (kind, q) in quants.items():
