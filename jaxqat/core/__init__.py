@@ -81,6 +81,7 @@ from jaxqat.core._sharding import follow_shape as follow_shape
 from jaxqat.core._sharding import state_shardings as state_shardings
 from jaxqat.core._distill import QADLoss as QADLoss
 from jaxqat.core._encoding import read_encodings as read_encodings
+from jaxqat.core._qat_op import qat_op as qat_op
 
 __all__ = [
     "BlockFormat",
@@ -138,6 +139,7 @@ __all__ = [
     "observer",
     "pack",
     "pack_qtensor",
+    "qat_op",
     "param_to_step_size",
     "quant_dequant",
     "quantize",

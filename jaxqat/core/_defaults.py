@@ -107,7 +107,7 @@ def default_act_spec(*, bits: int = 8, range_learning: bool = False) -> spec_lib
 
 
 def default_rules(*, weight_bits: int = 8, act_bits: Optional[int] = 8,
-                  range_learning: bool = False) -> list[rules_lib.Rule]:
+                  range_learning: bool = False, compute: str = "fake") -> list[rules_lib.Rule]:
   """W8A8: :func:`default_weight_spec` weights and :func:`default_act_spec` inputs.
 
   The keyword arguments give the other QAT schemes of the same family:
@@ -122,6 +122,9 @@ def default_rules(*, weight_bits: int = 8, act_bits: Optional[int] = 8,
     range_learning: ``False`` (default): fixed ranges (weights tracked every
       step, activations calibrated then fixed); ``True``: LSQ weights and
       LSQ+ activations initialised from calibration.
+    compute: the rule's compute mode (:attr:`~jaxqat.core.Rule.compute`):
+      ``"fake"`` or ``"integer"`` (int8 forward; needs ``act_bits`` and
+      both bit widths <= 8).
 
   Returns:
     A list with one catch-all :class:`~jaxqat.core.Rule`.
@@ -129,6 +132,7 @@ def default_rules(*, weight_bits: int = 8, act_bits: Optional[int] = 8,
   Raises:
     ValueError: if a bit width is not an int in [2, 16].
     TypeError: if ``range_learning`` is not a bool.
+    ValueError: if ``compute`` is not ``"fake"`` or ``"integer"``.
 
   Examples:
     >>> [r.pattern for r in default_rules()]
@@ -140,6 +144,8 @@ def default_rules(*, weight_bits: int = 8, act_bits: Optional[int] = 8,
     (4, 'lsq', 'lsq_plus')
     >>> default_rules(act_bits=None)[0].act is None
     True
+    >>> default_rules(compute="integer")[0].compute
+    'integer'
     >>> default_rules(range_learning="lsq")
     Traceback (most recent call last):
     ...
@@ -152,4 +158,4 @@ def default_rules(*, weight_bits: int = 8, act_bits: Optional[int] = 8,
          else default_act_spec(bits=act_bits, range_learning=range_learning))
   return [rules_lib.Rule(pattern=".*",
                          weight=default_weight_spec(bits=weight_bits, range_learning=range_learning),
-                         act=act)]
+                         act=act, compute=compute)]

@@ -642,10 +642,23 @@ def _train_encoding(spec, scale, zero_point, offset) -> Encoding:
 
 
 def _fake_op(cfg, x, w, a, wq):
+  """``op(fq(x), fq(w))``; a None spec leaves its operand in float."""
   op, aspec, wspec, kw = cfg
-  xq = fq.quant_dequant(x, aspec, a[0], a[1], offset=a[2])
-  wqv = fq.quant_dequant(w, wspec, wq[0], wq[1], offset=wq[2])
+  xq = x if aspec is None else fq.quant_dequant(x, aspec, a[0], a[1], offset=a[2])
+  wqv = w if wspec is None else fq.quant_dequant(w, wspec, wq[0], wq[1], offset=wq[2])
   return _OPS[op](xq, wqv, dict(kw))
+
+
+def recompute_bwd(fn, res, g):
+  """The vjp of ``fn`` at the saved inputs ``res``, recomputed in the backward pass.
+
+  The inputs pass an ``optimization_barrier`` first (as ``jax.checkpoint``
+  does), so XLA cannot merge the recomputed fake quantization with the
+  forward's and keep its result alive across the step.
+  """
+  res = lax.optimization_barrier(res)
+  _, pullback = jax.vjp(fn, *res)
+  return pullback(g)
 
 
 def _int_op(cfg, x, w, a, wq):
@@ -671,8 +684,7 @@ def _integer_forward_fwd(cfg, x, w, a, wq):
 
 
 def _integer_forward_bwd(cfg, res, g):
-  _, pullback = jax.vjp(functools.partial(_fake_op, cfg), *res)
-  return pullback(g)
+  return recompute_bwd(functools.partial(_fake_op, cfg), res, g)
 
 
 _integer_forward.defvjp(_integer_forward_fwd, _integer_forward_bwd)
@@ -680,9 +692,9 @@ _integer_forward.defvjp(_integer_forward_fwd, _integer_forward_bwd)
 
 def _freeze_kw(kw: dict) -> tuple:
   def fix(v):
-    if isinstance(v, list):
-      return tuple(fix(e) for e in v)
-    if isinstance(v, tuple):
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # ConvDimensionNumbers
+      return type(v)(*(fix(e) for e in v))
+    if isinstance(v, (list, tuple)):
       return tuple(fix(e) for e in v)
     return v
   return tuple(sorted((k, fix(v)) for k, v in kw.items() if v is not None))
@@ -742,23 +754,56 @@ def integer_forward(
   if op not in _OPS:
     raise ValueError(f"op: expected one of {tuple(_OPS)}, got {op!r}")
   aspec, wspec = act[0], weight[0]
-  if op == "einsum":
-    plan = _einsum_plan(op_kwargs["subscripts"], jnp.ndim(x), jnp.ndim(w))
-    reason = plan if isinstance(plan, str) else None
-    contracting = () if reason else plan[0][0][1]
-  elif op == "dot_general":
-    reason, contracting = None, op_kwargs["dimension_numbers"][0][1]
-  else:
-    dn = lax.conv_dimension_numbers(jnp.shape(x), jnp.shape(w),
-                                    op_kwargs.get("dimension_numbers"))
-    reason, contracting = None, tuple(dn.rhs_spec[1:])
-    if not wspec.symmetric:
-      reason = "the kernel is affine (has a zero point)"
-  if reason is None:
-    reason = _reason(wspec, jnp.ndim(w), aspec, contracting)
+  reason = op_reason(op, jnp.shape(x), jnp.shape(w), aspec, wspec, op_kwargs)
   if reason is not None:
     raise ValueError(f"integer_forward: this layer cannot run in integer arithmetic: {reason}")
   cfg = (op, aspec, wspec, _freeze_kw(op_kwargs))
-  a = tuple(act[1:]) + (None,) * (4 - len(act))
-  wq = tuple(weight[1:]) + (None,) * (4 - len(weight))
-  return _integer_forward(cfg, x, w, a[:3], wq[:3])
+  return _integer_forward(cfg, x, w, _ranges(act), _ranges(weight))
+
+
+def _ranges(q) -> tuple:
+  """``(scale, zero_point, offset)`` of a ``(spec, scale, zero_point, offset)`` tuple or None."""
+  if q is None:
+    return (None, None, None)
+  return (tuple(q[1:]) + (None,) * (4 - len(q)))[:3]
+
+
+def op_reason(op: str, x_shape, w_shape, aspec, wspec, op_kwargs: dict) -> Optional[str]:
+  """Why ``op`` with these operand specs cannot run in integer arithmetic (None if it can).
+
+  Args:
+    op: ``"dot_general"``, ``"einsum"`` or ``"conv_general_dilated"``.
+    x_shape: the input's shape.
+    w_shape: the weight's shape.
+    aspec: the input's QuantSpec, or None (not quantized).
+    wspec: the weight's QuantSpec, or None (not quantized).
+    op_kwargs: the op's keyword arguments (``dimension_numbers``,
+      ``subscripts``, ``batch_group_count``...).
+
+  Returns:
+    ``None`` or a sentence naming what rules the integer path out.
+
+  Examples:
+    >>> from jaxqat.core import QuantSpec
+    >>> op_reason("dot_general", (2, 3), (3, 4), QuantSpec(), None,
+    ...           {"dimension_numbers": (((1,), (0,)), ((), ()))})
+    'the weight is not quantized'
+  """
+  if wspec is None:
+    return "the weight is not quantized"
+  if op == "einsum":
+    plan = _einsum_plan(op_kwargs["subscripts"], len(x_shape), len(w_shape))
+    if isinstance(plan, str):
+      return plan
+    contracting = plan[0][0][1]
+  elif op == "dot_general":
+    contracting = op_kwargs["dimension_numbers"][0][1]
+  else:
+    dn = lax.conv_dimension_numbers(tuple(x_shape), tuple(w_shape),
+                                    op_kwargs.get("dimension_numbers"))
+    contracting = tuple(dn.rhs_spec[1:])
+    if op_kwargs.get("batch_group_count", 1) != 1:
+      return "batch_group_count != 1"
+    if wspec.is_int and not wspec.symmetric:
+      return "the kernel is affine (has a zero point)"
+  return _reason(wspec, len(w_shape), aspec, contracting)

@@ -17,7 +17,9 @@ from typing import Iterable, Optional, Sequence
 
 from jaxqat.core import _spec as spec_lib
 
-__all__ = ["Rule", "RuleSet"]
+__all__ = ["Rule", "RuleSet", "COMPUTE_MODES"]
+
+COMPUTE_MODES = ("fake", "integer")  # Rule.compute, jaxqat.core.qat_op(compute=...)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +34,13 @@ class Rule:
     act: the spec for the layer's input activation, or ``None``.
     skip: leave matching layers entirely float (``weight`` and ``act`` must
       then be ``None``); useful to exempt layers before a catch-all rule.
+    compute: how the layer's matmul/einsum/conv runs in QAT
+      (:func:`~jaxqat.core.qat_op`): ``"fake"`` (the default: fake-quantized
+      float operands, lean backward) or ``"integer"`` (int8 x int8 -> int32
+      forward, same STE backward; the layer's input and weight must be
+      integer formats of <= 8 bits, the input per tensor, the weight per
+      tensor or per output channel; otherwise the front end raises a
+      ValueError naming the layer and the reason).
 
   Examples:
     >>> from jaxqat.core import QuantSpec, Rule
@@ -42,14 +51,21 @@ class Rule:
     Traceback (most recent call last):
     ...
     ValueError: Rule.pattern: invalid regular expression '(': missing ), unterminated subpattern at position 0
+    >>> Rule(pattern=".*", compute="int8")
+    Traceback (most recent call last):
+    ...
+    ValueError: Rule.compute: must be one of ('fake', 'integer'), got 'int8'
   """
 
   pattern: str
   weight: Optional[spec_lib.QuantSpec] = None
   act: Optional[spec_lib.QuantSpec] = None
   skip: bool = False
+  compute: str = "fake"
 
   def __post_init__(self):
+    if self.compute not in COMPUTE_MODES:
+      raise ValueError(f"Rule.compute: must be one of {COMPUTE_MODES}, got {self.compute!r}")
     if not isinstance(self.pattern, str):
       raise TypeError(f"Rule.pattern: must be a string, got {type(self.pattern).__name__}")
     try:
