@@ -519,3 +519,33 @@ def test_bad_input_errors_name_the_argument():
     core.quant_dequant(x, QuantSpec(learning="lsq"), 0.1, 1.0)
   with pytest.raises(ValueError, match="step_size: shape"):
     core.lsq_fake_quant(x, jnp.ones(3), spec=QuantSpec(learning="lsq", granularity=PerChannel(0)))
+
+
+def test_lsq_state_encodings_state_round_trip_is_exact():
+  """log_scale/offset -> Encoding -> JSON -> Encoding -> log_scale/offset: the same forward."""
+  import json  # pylint: disable=import-outside-toplevel
+  n = 10000
+  rng = np.random.default_rng(0)
+  theta = jnp.asarray(np.log(np.exp(rng.uniform(np.log(1e-8), np.log(1e4), n))), jnp.float32)
+  spec = QuantSpec(format="uint8", symmetric=False, learning="lsq_plus", granularity=PerChannel(-1))
+  s = core.param_to_step_size(theta)
+  beta = -jnp.asarray(rng.integers(0, 256, n), jnp.float32) * s * 1.001  # z = round(-β/s)
+  enc = core.encoding_from_state(spec, {"log_scale": theta, "offset": beta}, name="l/kernel")
+  text = json.dumps(core.encodings_to_dict({"l/kernel": enc}, {}))
+  back = core.encodings_from_dict(text, {"l/kernel": ("param", enc.spec, (1, n))})["l/kernel"]
+  # What every front end stores on load (NNX, Linen, Keras call the core's inverse).
+  theta2 = core.step_size_to_param(back.scale).reshape(n)
+  beta2 = -back.zero_point.reshape(n).astype(jnp.float32) * back.scale.reshape(n)
+  np.testing.assert_array_equal(np.asarray(core.param_to_step_size(theta2)), np.asarray(s))
+  assert int(jnp.sum(core.param_to_step_size(jnp.log(back.scale)).reshape(n) != s)) > 0  # log alone
+  enc2 = core.encoding_from_state(spec, {"log_scale": theta2, "offset": beta2})
+  np.testing.assert_array_equal(np.asarray(enc2.scale), np.asarray(enc.scale))
+  np.testing.assert_array_equal(np.asarray(enc2.zero_point), np.asarray(enc.zero_point))
+  x = jnp.asarray(rng.normal(size=(3, n)), jnp.float32) * s * 100
+  np.testing.assert_array_equal(
+      np.asarray(core.lsq_fake_quant(x, core.param_to_step_size(theta2), beta2, spec)),
+      np.asarray(core.lsq_fake_quant(x, s, beta, spec)))
+  # The closest θ where none is exact (a step size no float32 θ reaches), never worse than log.
+  t = jnp.float32(np.float32(3e9))
+  got = abs(float(core.param_to_step_size(core.step_size_to_param(t))) - float(t))
+  assert got <= abs(float(core.param_to_step_size(jnp.log(t))) - float(t))

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from jaxqat import core
 from jaxqat.core import PerChannel, QuantSpec
+from jaxqat.core import _grid
 
 _sg = jax.lax.stop_gradient
 
@@ -131,3 +132,90 @@ def test_backward_keeps_narrow_residuals():
   assert lsq_outputs == ["f32[16,32]", "f32[8,16]"], lines
   assert sum("from the argument" in l for l in lines) == 3, lines  # x, w, sx (sw: reshaped)
   assert len(lines) == 6, lines
+
+
+# --------------------------------------------------------------------------
+# Minifloat rounding without frexp (issue 12): bit-identical to the reference.
+# --------------------------------------------------------------------------
+
+FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")
+
+
+def _grid_points(fmt) -> np.ndarray:
+  """Every grid value, every midpoint and its float32 neighbours, both signs, and more.
+
+  The grid is built from the format's parameters (subnormals ``k 2^(emin-mbits)``,
+  normals ``(1 + m 2^-mbits) 2^e``), not from the code under test.
+  """
+  sub = np.arange(2**fmt.mbits) * 2.0 ** (fmt.emin - fmt.mbits)
+  normal = [(1 + m / 2**fmt.mbits) * 2.0**e for e in range(fmt.emin, fmt.emax + 1)
+            for m in range(2**fmt.mbits)]
+  codes = np.array([v for v in np.concatenate([sub, normal]) if v <= fmt.max], np.float32)
+  mids = ((codes[:-1].astype(np.float64) + codes[1:]) / 2).astype(np.float32)
+  inf = np.float32(np.inf)
+  rng = np.random.default_rng(0)
+  pts = np.concatenate([
+      codes, mids, np.nextafter(mids, inf), np.nextafter(mids, -inf),
+      np.nextafter(np.nextafter(mids, inf), inf), np.nextafter(codes, inf), np.nextafter(codes, -inf),
+      np.float32([fmt.max * 1.01, fmt.max * 4, 1e30, 1e-30, 1e-40, 1e-45, 0.0, codes[1] / 2]),
+      rng.uniform(0, fmt.max, 4000).astype(np.float32),
+      np.exp(rng.uniform(-100, np.log(fmt.max), 4000)).astype(np.float32),
+  ])
+  return np.concatenate([pts, -pts, np.float32([np.inf, -np.inf])])
+
+
+def _ref_float_fake_quant(x, s, fmt, ste=False):
+  """The frexp/ldexp implementation the fast path replaced (plus the STE term if ``ste``).
+
+  The STE term adds 0 in value, which turns a -0 into +0: compare signs without it.
+  """
+  v = x.astype(jnp.float32) / s
+  y = _grid.float_round_reference(jnp.clip(v, -fmt.max, fmt.max), fmt) * s
+  if ste:
+    inside = (v >= -fmt.max) & (v <= fmt.max)
+    y = _sg(y) + jnp.where(inside, x.astype(jnp.float32) - _sg(x.astype(jnp.float32)), 0.0)
+  return y.astype(x.dtype)
+
+
+def test_float_round_bit_identical_to_frexp_reference():
+  """Fast rounding == frexp reference == ml_dtypes, bit for bit; fake quant values, STE
+  gradients and vmap unchanged, on float32 grid points and on every finite bfloat16."""
+  bf16 = np.arange(2**16, dtype=np.uint16).view(jnp.bfloat16)
+  bf16 = jnp.asarray(bf16[np.isfinite(bf16.astype(np.float32))])
+  specs = [QuantSpec(format=name) for name in FLOAT_FORMATS]
+  points = [jnp.asarray(_grid_points(spec.format)) for spec in specs]
+  s32, s16 = jnp.float32(0.37), jnp.float32(3.0)
+
+  @jax.jit  # one program for every format: one compile
+  def run(points, bf16):
+    out = []
+    for spec, v in zip(specs, points):
+      fmt = spec.format
+      clipped = jnp.clip(v, -fmt.max, fmt.max)
+      row = [_grid.float_round(clipped, fmt), _grid.float_round_reference(clipped, fmt),
+             _grid.float_round(jnp.float32([np.nan]), fmt)]
+      fq = lambda x, s, spec=spec: core.fake_quant(x, s, None, spec)
+      ref = lambda x, s, fmt=fmt: _ref_float_fake_quant(x, s, fmt)
+      ref_ste = lambda x, s, fmt=fmt: _ref_float_fake_quant(x, s, fmt, ste=True)
+      for x, s in ((jnp.where(jnp.isfinite(v), v, 0.0), s32), (bf16, s16)):
+        loss = lambda f, s=s: lambda x: jnp.sum(f(x, s).astype(jnp.float32) * 1.5)
+        n = x.size // 8 * 8
+        row += [fq(x, s), ref(x, s), jax.grad(loss(fq))(x), jax.grad(loss(ref_ste))(x),
+                jax.vmap(lambda r, s=s, fq=fq: fq(r, s))(x[:n].reshape(8, -1)).ravel()]
+      out.append(row)
+    return out
+
+  for spec, v, row in zip(specs, points, run(points, bf16)):
+    fmt = spec.format
+    got, want, nan = (np.asarray(a) for a in row[:3])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))  # -0 and ties too
+    # ml_dtypes' conversion agrees (clip, then round half to even).
+    np.testing.assert_array_equal(
+        got, np.clip(np.asarray(v), -fmt.max, fmt.max).astype(fmt.dtype).astype(np.float32))
+    assert np.isnan(nan).all()
+    for y, y_ref, g, g_ref, yv in (row[3:8], row[8:13]):
+      y = np.asarray(y)
+      np.testing.assert_array_equal(y.view(np.uint8), np.asarray(y_ref).view(np.uint8))
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
+      assert np.asarray(g).any() and not np.asarray(g).all()  # the mask does clip some
+      np.testing.assert_array_equal(np.asarray(yv), y[: np.asarray(yv).size])
