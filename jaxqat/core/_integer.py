@@ -790,7 +790,7 @@ def op_reason(op: str, x_shape, w_shape, aspec, wspec, op_kwargs: dict) -> Optio
     'the weight is not quantized'
   """
   if wspec is None:
-    return "the weight is not quantized"
+    return spec_reason(aspec, wspec, len(w_shape))
   if op == "einsum":
     plan = _einsum_plan(op_kwargs["subscripts"], len(x_shape), len(w_shape))
     if isinstance(plan, str):
@@ -804,6 +804,33 @@ def op_reason(op: str, x_shape, w_shape, aspec, wspec, op_kwargs: dict) -> Optio
     contracting = tuple(dn.rhs_spec[1:])
     if op_kwargs.get("batch_group_count", 1) != 1:
       return "batch_group_count != 1"
-    if wspec.is_int and not wspec.symmetric:
-      return "the kernel is affine (has a zero point)"
-  return _reason(wspec, len(w_shape), aspec, contracting)
+  return spec_reason(aspec, wspec, len(w_shape), contracting, conv=op == "conv_general_dilated")
+
+
+def spec_reason(aspec, wspec, w_ndim: int, contracting: Sequence[int] = (), *,
+                conv: bool = False) -> Optional[str]:
+  """Why operands with these specs cannot run in integer arithmetic (None if they can).
+
+  What the specs alone decide (front ends check it when they quantize a
+  layer); :func:`op_reason` adds what the op's arguments decide.
+
+  Args:
+    aspec: the input's QuantSpec, or None.
+    wspec: the weight's QuantSpec, or None.
+    w_ndim: the weight's rank.
+    contracting: the weight axes the op contracts.
+    conv: whether the op is a convolution (affine kernels take no integer path).
+
+  Returns:
+    ``None`` or the reason.
+
+  Examples:
+    >>> from jaxqat.core import QuantSpec, PerChannel
+    >>> spec_reason(QuantSpec(granularity=PerChannel(-1)), QuantSpec(), 2)
+    'the input is quantized per channel (the integer path needs one input scale)'
+  """
+  if wspec is None:
+    return "the weight is not quantized"
+  if conv and wspec.is_int and not wspec.symmetric:
+    return "the kernel is affine (has a zero point)"
+  return _reason(wspec, w_ndim, aspec, contracting)

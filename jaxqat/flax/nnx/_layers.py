@@ -18,6 +18,24 @@ the input and the kernel. So padding modes, masks, grouped convolutions,
 ``batch_axis``, ``dot_general`` overrides and sharding arguments all behave as
 in Flax.
 
+**Compute modes** (:attr:`jaxqat.core.Rule.compute`, the layer's
+``jaxqat_compute``). The hook does not fake-quantize the operands itself: it
+resolves both quantizers' current ranges (:meth:`Quantizer.ranges`), and the
+layer's op attribute (``dot_general`` of ``Linear``/``LinearGeneral``,
+``einsum_op`` of ``Einsum``, ``conv_general_dilated`` of ``Conv``), which
+the quantized layer sets, runs :func:`jaxqat.core.qat_op` on the float
+operands with these ranges: ``"fake"`` (the default) gives the fake-quant
+values with a lean backward (the step keeps the float operands, not their
+fake-quantized copies), ``"integer"`` an int8 x int8 -> int32 forward with
+the same backward. A layer whose rule asks for ``"integer"`` but whose specs
+cannot take it (weight-only, a float or block format, more than 8 bits, a
+per-channel input, weight scales along a contracted axis, an affine conv
+kernel) raises a ``ValueError`` naming the layer and the reason when it is
+quantized (or, for what only the call shows, at its first call). A layer
+given its own op (``dot_general=...``, ``dot_general_cls``,
+``einsum_op=...``, ``conv_general_dilated=...``) and ``Embed`` keep the
+fake-quantized operands in the hook (``"fake"`` only).
+
 Layers are normally made by :func:`jaxqat.flax.nnx.quantize` from a float
 model, but they can also be built directly::
 
@@ -31,9 +49,13 @@ import threading
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from jaxqat import core
+from jaxqat.core import _integer as integer_lib
+from jaxqat.core._rules import COMPUTE_MODES
 from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
 from jaxqat.flax.nnx._quantizer import WEIGHT
@@ -77,6 +99,63 @@ def _quant_promote(args, /, **kwargs):
   return layer.jaxqat_quantize_operands(tuple(out))
 
 
+def _take_ranges():
+  """The (act, weight) ranges the hook left for the active layer's op (None, None if none)."""
+  stack = _stack()
+  layer = stack[-1] if stack else None
+  pending = getattr(_STATE, "pending", None)
+  _STATE.pending = None
+  if pending is None or pending[0] is not layer:
+    return layer, None, None
+  return layer, pending[1], pending[2]
+
+
+def _run(op, x, w, out_sharding, **kw):
+  layer, act, weight = _take_ranges()
+  compute = getattr(layer, "jaxqat_compute", "fake")
+  if compute == "integer" and (act is None or weight is None):
+    compute = "fake"  # "float"/"calibrate" mode, or an input that stays float
+  try:
+    y = core.qat_op(op, x, w, act=act, weight=weight, compute=compute, **kw)
+  except ValueError as e:
+    where = getattr(layer, "jaxqat_path", "") or type(layer).__name__
+    raise ValueError(f"layer '{where}': {e}") from None
+  return y if out_sharding is None else jax.sharding.reshard(y, out_sharding)
+
+
+def _qat_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None,
+                     out_sharding=None):
+  """The ``dot_general`` of quantized ``Linear``/``LinearGeneral`` layers: ``core.qat_op``."""
+  return _run("dot_general", x, w, out_sharding, dimension_numbers=dimension_numbers,
+              precision=precision, preferred_element_type=preferred_element_type)
+
+
+def _qat_einsum(subscripts, x, w, precision=None, preferred_element_type=None,
+                out_sharding=None):
+  """The ``einsum_op`` of quantized ``Einsum`` layers: ``core.qat_op``."""
+  return _run("einsum", x, w, out_sharding, subscripts=subscripts, precision=precision,
+              preferred_element_type=preferred_element_type)
+
+
+def _qat_conv(x, w, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None, out_sharding=None):
+  """The ``conv_general_dilated`` of quantized ``Conv`` layers: ``core.qat_op``."""
+  return _run("conv_general_dilated", x, w, out_sharding, window_strides=window_strides,
+              padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+              dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+              batch_group_count=batch_group_count, precision=precision,
+              preferred_element_type=preferred_element_type)
+
+
+# the op attribute of each layer type, Flax's default for it, and its qat_op version
+_OP_ATTRS = {
+    "dot_general": ((None, lax.dot_general), _qat_dot_general),
+    "einsum_op": ((jnp.einsum,), _qat_einsum),
+    "conv_general_dilated": ((lax.conv_general_dilated,), _qat_conv),
+}
+
+
 class _QuantMixin(nnx.Module):
   """Shared conversion logic; mixed in before the Flax layer class."""
 
@@ -87,13 +166,16 @@ class _QuantMixin(nnx.Module):
 
   # -- construction --------------------------------------------------------
 
+  op_attr: Optional[str] = "dot_general"  # the Flax op attribute routed to core.qat_op
+
   def __init__(self, *args, weight_spec: Optional[core.QuantSpec] = None,
-               act_spec: Optional[core.QuantSpec] = None, **kwargs):
+               act_spec: Optional[core.QuantSpec] = None, compute: str = "fake", **kwargs):
     super().__init__(*args, **kwargs)
-    self.jaxqat_attach(weight_spec, act_spec, path="", stack_ndim=0)
+    self.jaxqat_attach(weight_spec, act_spec, path="", stack_ndim=0, compute=compute)
 
   @classmethod
-  def from_float(cls, layer, weight_spec, act_spec, *, path: str = "", stack_ndim: int = 0):
+  def from_float(cls, layer, weight_spec, act_spec, *, path: str = "", stack_ndim: int = 0,
+                 compute: str = "fake"):
     """Converts ``layer`` (an instance of ``cls.float_type``) in place.
 
     The object keeps its identity, its attributes and its parameters; its
@@ -105,25 +187,65 @@ class _QuantMixin(nnx.Module):
       act_spec: the input-activation QuantSpec, or None.
       path: the layer path (for error messages).
       stack_ndim: number of leading stacked (``nnx.vmap``) axes on the weight.
+      compute: ``"fake"`` or ``"integer"`` (:attr:`jaxqat.core.Rule.compute`).
 
     Returns:
       ``layer``, now an instance of ``cls``.
 
     Raises:
       TypeError: if ``layer`` is not a ``cls.float_type``.
-      ValueError: if a spec does not fit the layer (naming ``path``).
+      ValueError: if a spec does not fit the layer, or ``compute="integer"``
+        cannot run it (naming ``path`` and the reason).
     """
     if type(layer) is not cls.float_type:
       raise TypeError(f"{cls.__name__}.from_float: expected a {cls.float_type.__name__} at "
                       f"'{path}', got {type(layer).__name__}")
     # Build the quantizers first so that a bad spec leaves the layer untouched.
     quants = cls._make_quantizers(layer, weight_spec, act_spec, path, stack_ndim)
+    cls._check_compute(layer, quants, compute, path)
     layer.__class__ = cls
-    layer._jaxqat_install(*quants)
+    layer._jaxqat_install(*quants, path=path, compute=compute)
     return layer
 
-  def jaxqat_attach(self, weight_spec, act_spec, *, path: str, stack_ndim: int):
-    self._jaxqat_install(*self._make_quantizers(self, weight_spec, act_spec, path, stack_ndim))
+  def jaxqat_attach(self, weight_spec, act_spec, *, path: str, stack_ndim: int,
+                    compute: str = "fake"):
+    quants = self._make_quantizers(self, weight_spec, act_spec, path, stack_ndim)
+    self._check_compute(self, quants, compute, path)
+    self._jaxqat_install(*quants, path=path, compute=compute)
+
+  @classmethod
+  def _routed(cls, layer) -> bool:
+    """Whether the layer's op is Flax's default one, which core.qat_op replaces."""
+    if cls.op_attr is None or getattr(layer, "dot_general_cls", None) is not None:
+      return False
+    cur = getattr(layer, cls.op_attr, None)
+    defaults, ours = _OP_ATTRS[cls.op_attr]
+    return cur is ours or any(cur is d for d in defaults)
+
+  @classmethod
+  def _contracted_axes(cls, layer) -> Optional[tuple[int, ...]]:
+    """The kernel axes the op contracts (unstacked layout), None if only the call shows."""
+    return (0,)
+
+  @classmethod
+  def _check_compute(cls, layer, quants, compute, path):
+    if compute not in COMPUTE_MODES:
+      raise ValueError(f"compute: must be one of {COMPUTE_MODES}, got {compute!r}")
+    if compute == "fake":
+      return
+    where = f"layer '{path}'" if path else cls.__name__
+    wq, aq, stack = quants
+    if not cls._routed(layer):
+      reason = ("it computes with its own op (an Embed, or a custom dot_general, "
+                "dot_general_cls, einsum_op or conv_general_dilated)")
+    else:
+      w_ndim = getattr(layer, cls.weight_attr)[...].ndim - len(stack)
+      reason = integer_lib.spec_reason(
+          None if aq is None else aq.spec, None if wq is None else wq.spec, w_ndim,
+          cls._contracted_axes(layer) or (), conv=cls.op_attr == "conv_general_dilated")
+    if reason is not None:
+      raise ValueError(f"{where}: compute='integer' cannot run this layer in integer "
+                       f"arithmetic: {reason}")
 
   @classmethod
   def _make_quantizers(cls, layer, weight_spec, act_spec, path, stack_ndim):
@@ -157,12 +279,17 @@ class _QuantMixin(nnx.Module):
     """The weight's output-channel axes (unstacked layout), for PerOutputChannel."""
     return (-1,)
 
-  def _jaxqat_install(self, wq, aq, stack):
+  def _jaxqat_install(self, wq, aq, stack, *, path: str = "", compute: str = "fake"):
     # Keep Flax's own promotion, then quantize the promoted operands.
     if getattr(self, "promote_dtype", None) is not _quant_promote:
       self.jaxqat_float_promote = self.promote_dtype
     self.promote_dtype = _quant_promote
     self.jaxqat_stack = stack
+    self.jaxqat_path = path
+    self.jaxqat_compute = compute
+    self.jaxqat_routed = type(self)._routed(self)
+    if self.jaxqat_routed:
+      setattr(self, self.op_attr, _OP_ATTRS[self.op_attr][1])
     setattr(self, self.quant_attr, wq)
     self.input_quant = aq
 
@@ -171,6 +298,12 @@ class _QuantMixin(nnx.Module):
   def jaxqat_quantize_operands(self, args):
     inputs, kernel = args[0], args[1]
     wq = getattr(self, self.quant_attr)
+    if getattr(self, "jaxqat_routed", False):
+      # The op (core.qat_op) quantizes: hand it the ranges, keep the float operands.
+      act = None if self.input_quant is None else self.input_quant.ranges(inputs)
+      weight = None if wq is None else wq.ranges(kernel)
+      _STATE.pending = (self, act, weight)
+      return tuple(args)
     if self.input_quant is not None:
       inputs = self.input_quant(inputs)
     if wq is not None:
@@ -280,6 +413,11 @@ class QuantLinearGeneral(_QuantMixin, nnx.LinearGeneral):
   float_type = nnx.LinearGeneral
 
   @classmethod
+  def _contracted_axes(cls, layer):
+    nb, ni = len(layer.batch_axis), len(layer.in_features)
+    return tuple(range(nb, nb + ni))
+
+  @classmethod
   def _output_axes(cls, layer, path):
     nb, no = len(layer.batch_axis), len(layer.out_features)
     return tuple(range(nb)) + tuple(range(-no, 0))
@@ -316,6 +454,16 @@ class QuantEinsum(_QuantMixin, nnx.Einsum):
   """
 
   float_type = nnx.Einsum
+  op_attr = "einsum_op"
+
+  @classmethod
+  def _contracted_axes(cls, layer):
+    if not isinstance(layer.einsum_str, str) or "..." in layer.einsum_str:
+      return None  # checked at the call
+    plan = integer_lib._einsum_plan(  # pylint: disable=protected-access
+        layer.einsum_str, len(layer.einsum_str.split(",")[0].replace("...", "")),
+        len(layer.kernel_shape))
+    return None if isinstance(plan, str) else plan[0][0][1]
 
   @classmethod
   def _output_axes(cls, layer, path):
@@ -347,6 +495,11 @@ class QuantConv(_QuantMixin, nnx.Conv):
   """
 
   float_type = nnx.Conv
+  op_attr = "conv_general_dilated"
+
+  @classmethod
+  def _contracted_axes(cls, layer):
+    return tuple(range(len(layer.kernel_shape) - 1))
 
   @classmethod
   def _in_channels(cls, layer, path):
@@ -374,6 +527,7 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
   """
 
   float_type = nnx.Embed
+  op_attr = None
   weight_attr = "embedding"
   quant_attr = "embedding_quant"
   act_optional = True

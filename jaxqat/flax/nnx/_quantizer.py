@@ -376,18 +376,51 @@ class Quantizer(nnx.Module):
       ValueError: in ``"quant"`` mode, if an activation quantizer that needs
         a range was never calibrated (naming the layer).
     """
-    if self.mode == "float":
+    r = self.ranges(x, spec=spec)
+    if r is None:
       return x
+    return core.quant_dequant(x, r[0], r[1], r[2], offset=r[3])
+
+  def ranges(self, x: jax.Array, *, spec: Optional[core.QuantSpec] = None) -> Optional[tuple]:
+    """The current range for ``x``, ``(spec, scale, zero_point, offset)``, without applying it.
+
+    This is what :func:`jaxqat.core.qat_op` takes (``act=``/``weight=``):
+    the step size ``s`` (a learned one from ``log_scale``; a tracking
+    fixed-range weight's from ``x`` itself, without gradient), the integer
+    zero point of an affine fixed range, the LSQ+ offset. In
+    ``"calibrate"`` mode an activation quantizer records ``x`` first.
+
+    Args:
+      x: the weight or activation the range is for.
+      spec: as in :meth:`__call__`.
+
+    Returns:
+      The tuple, or ``None`` when ``x`` passes through unquantized
+      (``"float"``/``"calibrate"`` mode, or an input that stays float).
+
+    Raises:
+      ValueError: as :meth:`__call__`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxqat.core import QuantSpec
+      >>> q = Quantizer(QuantSpec(format="int4"), role="weight", shape=(2,))
+      >>> spec, scale, zp, offset = q.ranges(jnp.array([0.7, -0.35]))
+      >>> scale, zp, offset
+      (Array(0.1, dtype=float32), None, None)
+    """
+    if self.mode == "float":
+      return None
     if self.mode == "calibrate":
       if self.role == ACT and self.stats is not None:
         self._observe(x)
-      return x
+      return None
     spec = self.spec if spec is None else spec
     if spec.is_block:
-      return core.quant_dequant(x, spec)
+      return (spec, None, None, None)
     if self.role == ACT and not self.calibrated:
       if self.disabled:
-        return x
+        return None
       raise ValueError(
           f"{self._where()}: the input quantizer was never calibrated; run "
           "jaxqat.flax.nnx.calibrate(model, data) before using the model in 'quant' mode (or "
@@ -401,12 +434,12 @@ class Quantizer(nnx.Module):
             self.zero_point[...], spec, x.shape, "zero_point")
       if not spec.is_int or spec.symmetric:
         zp = None
-      return core.quant_dequant(x, spec, scale, zp)
+      return (spec, scale, zp, None)
     scale = core.param_to_step_size(self._fit(self.log_scale[...], spec, x.shape, "log_scale"))
     offset = None
     if spec.learning == "lsq_plus":
       offset = self._fit(self.offset[...], spec, x.shape, "offset")
-    return core.quant_dequant(x, spec, scale, offset=offset)
+    return (spec, scale, None, offset)
 
   def _observe(self, x):
     obs = core.observer(self.spec)
