@@ -362,45 +362,6 @@ def _read_encodings(path_or_dict):
                   f"{type(path_or_dict).__name__}")
 
 
-def _same_axes_as_model(data, expected, names):
-  """A copy of ``data`` whose per-channel specs name the model's axes where they mean the same.
-
-  Another front end may write ``PerChannel(axis=-1)`` for the kernel axis
-  Keras calls ``PerChannel(axis=1)``; the core compares specs literally, so
-  such an entry's ``jaxqat_spec`` is replaced by the model's spec when the
-  two differ only by how the axes are written (normalized against the
-  scale's rank).
-  """
-  from jaxqat.core import _spec as spec_lib
-  from jaxqat.core._serialize import spec_to_dict
-
-  def fix(row):
-    if not isinstance(row, dict) or not isinstance(row.get("name"), str):
-      return row
-    want = expected.get(names.get(row["name"], row["name"]))
-    if want is None or "jaxqat_spec" not in row:
-      return row
-    _, spec, shape = want
-    try:
-      got = spec_from_dict(row["jaxqat_spec"])
-      g, h = got.granularity, spec.granularity
-      if not (isinstance(g, spec_lib.PerChannel) and isinstance(h, spec_lib.PerChannel)):
-        return row
-      n = len(shape)
-      axes = lambda gr: spec_lib.normalize_axes(gr.axes, n, "axis")  # noqa: E731
-      same = (axes(g) == axes(h)
-              and got.replace(granularity=h, learning="fixed") == spec.replace(learning="fixed"))
-    except (TypeError, ValueError, KeyError):
-      return row  # the core reports it
-    return {**row, "jaxqat_spec": spec_to_dict(spec)} if same else row
-
-  out = dict(data)
-  for section in ("activation_encodings", "param_encodings"):
-    if isinstance(data.get(section), list):
-      out[section] = [fix(r) for r in data[section]]
-  return out
-
-
 def load_encodings(model, path_or_dict, *, names=None):
   """Sets the quantizer ranges of ``model`` from encodings (all or nothing).
 
@@ -461,8 +422,6 @@ def load_encodings(model, path_or_dict, *, names=None):
         targets[f"{path}/{name}"] = q
   raw, data = _read_encodings(path_or_dict)
   names = dict(names or {})
-  if isinstance(data, dict):
-    data = _same_axes_as_model(data, expected, names)
   encs = encodings_from_dict(raw if data is None else data, expected, names=names, strict=False)
   for section in ("activation_encodings", "param_encodings"):
     for row in data.get(section, []):

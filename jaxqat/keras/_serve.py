@@ -14,7 +14,9 @@ loads as ``.keras`` with ``safe_mode`` on and no ``custom_objects``.
 Served layers: :class:`ServedDense` (Dense), :class:`ServedEinsumDense`,
 :class:`ServedConv` (Conv1D/2D/3D, and a folded Conv+BatchNorm:
 the folded kernel's codes and the folded bias), :class:`ServedDepthwiseConv`
-(DepthwiseConv1D/2D, folded or not) and :class:`ServedEmbedding`.
+(DepthwiseConv1D/2D, folded or not), :class:`ServedSeparableConv`
+(SeparableConv1D/2D: a served depthwise and a served pointwise kernel) and
+:class:`ServedEmbedding`.
 
 What a served layer computes, per backend:
 
@@ -36,16 +38,22 @@ What a served layer computes, per backend:
   for bit the torch fake-quant model for fixed-range quantizers
   (``integer`` is ignored; there is no integer matmul on this path).
 
-Supported quantizers: integer formats (int2..int16, uint*; per tensor, per
-channel, or per block on JAX). Float (fp8...) and block (nvfp4, mx) formats
-are refused by :func:`convert` (they serve through the NNX/Linen front
-ends).
+Supported weight formats: integer (int2..int16, uint*; per tensor, per
+channel, or per block on JAX), float (fp8 e4m3/e5m2, fp6, fp4; per tensor or
+per channel) and block formats (nvfp4, mxfp4, mxfp6, mxfp8). Keras variables
+and ``.keras`` files have no 8- or 4-bit float dtypes, so float codes and
+8-bit block scales (e8m0, e4m3) are stored as their bit patterns in
+``uint8`` (one byte per fp8 code), fp4 codes packed two to a byte; the served
+layer decodes them exactly (a bitcast on JAX, a table of the 16 or 256 bit
+patterns in keras.ops) and computes on the dequantize path, equal to the
+fake-quant model bit for bit.
 """
 
 from __future__ import annotations
 
 # pylint: disable=import-outside-toplevel,protected-access
 
+import dataclasses
 import json
 
 import numpy as np
@@ -66,7 +74,8 @@ from jaxqat.keras._backend import to_numpy
 from jaxqat.keras._quantizer import Quantizer
 
 __all__ = ["convert", "size_report", "export_serving", "ServedLayer", "ServedDense",
-           "ServedEinsumDense", "ServedConv", "ServedDepthwiseConv", "ServedEmbedding"]
+           "ServedEinsumDense", "ServedConv", "ServedDepthwiseConv", "ServedSeparableConv",
+           "ServedEmbedding"]
 
 _QUANT = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
 
@@ -86,7 +95,57 @@ def _unpack_ops(p, bits: int, signed: bool, shape):
   return ops.reshape(v, tuple(shape))
 
 
+def _float_dtype(name: str) -> np.dtype:
+  """The ml_dtypes dtype named ``name`` (``"float8_e4m3fn"``, ``"float4_e2m1fn"``...)."""
+  import ml_dtypes
+  return np.dtype(getattr(ml_dtypes, name))
+
+
+def _lut(name: str) -> np.ndarray:
+  """The float32 value of every bit pattern of the 4- or 8-bit float dtype ``name`` (exact)."""
+  n = 16 if name.startswith("float4") else 256
+  return np.arange(n, dtype=np.uint8).view(_float_dtype(name)).astype(np.float32)
+
+
+def _stored(qt, pack: bool, prefix: str = ""):
+  """(info, values) of a QTensor as a served layer stores it in Keras variables.
+
+  Integer codes are stored as they are (packed or not). Keras variables and
+  ``.keras`` files have no 8- or 4-bit float dtypes, so float codes (fp8,
+  fp6 held in e4m3, fp4) and 8-bit block scales (e8m0, e4m3) are stored as
+  their bit patterns in ``uint8``; fp4 codes are packed two to an ``int8``
+  byte along the last axis (as int4) when ``pack`` and the axis divides.
+  ``codes_format``/``scale_format`` name the float dtypes to decode them to.
+  """
+  from jaxqat.core import pack as pack_codes
+  codes = np.asarray(qt.values)
+  info = {"packed": int(qt.packed), "codes_format": None, "scale_format": None}
+  if not qt.spec.is_int:
+    info["codes_format"] = codes.dtype.name
+    codes = codes.view(np.uint8)
+    if (info["codes_format"].startswith("float4") and pack and codes.ndim
+        and codes.shape[-1] % 2 == 0):
+      codes, info["packed"] = np.asarray(pack_codes(codes, 4)), 4
+  scale = np.asarray(qt.scale)
+  if scale.dtype.itemsize == 1:  # an 8-bit float block scale
+    info["scale_format"] = scale.dtype.name
+    scale = scale.view(np.uint8)
+  else:
+    scale = scale.astype(np.float32)
+  values = {"codes": codes, "scale": scale}
+  if qt.zero_point is not None:
+    values["zero_point"] = np.asarray(qt.zero_point, np.int32)
+  if qt.tensor_scale is not None:
+    values["tensor_scale"] = np.asarray(qt.tensor_scale, np.float32)
+  info.update({"codes_dtype": str(codes.dtype), "stored_shape": list(codes.shape),
+               "scale_dtype": str(scale.dtype), "scale_shape": list(scale.shape),
+               "zero_point": qt.zero_point is not None,
+               "tensor_scale": qt.tensor_scale is not None})
+  return info, {prefix + k: v for k, v in values.items()}
+
+
 _JITTED: dict = {}  # see ServedLayer._kernel
+_ROLES = ("codes", "scale", "zero_point", "tensor_scale")
 
 
 def _traced(x) -> bool:
@@ -95,7 +154,7 @@ def _traced(x) -> bool:
 
 
 class ServedLayer(keras.layers.Layer):
-  """Base of the served layers: integer weight codes, scales and the input's range.
+  """Base of the served layers: weight codes, scales and the input's range.
 
   Built from the configuration :func:`convert` writes; the values are
   assigned by :func:`convert` (or loaded from a ``.keras`` file).
@@ -104,9 +163,11 @@ class ServedLayer(keras.layers.Layer):
     layer: the float layer (or its serialized config) whose arguments
       (activation, strides, padding, equation...) the served layer uses; it is
       never built, so it holds no weights.
-    weight: ``{"name", "shape", "spec", "packed", "codes_dtype", "stored_shape",
-      "scale_shape", "zero_point", "dtype"}``: the quantized weight
-      (``spec`` ``None``: a float weight of ``shape`` and ``dtype``).
+    weight: ``{"name", "shape", "spec", "packed", "codes_dtype", "codes_format",
+      "stored_shape", "scale_dtype", "scale_format", "scale_shape",
+      "zero_point", "tensor_scale", "dtype"}``: the quantized weight and how
+      it is stored (see :func:`convert`); ``spec`` ``None``: a float weight of
+      ``shape`` and ``dtype``.
     act: ``{"spec", "scale_shape", "zero_point"}`` of the input's fixed range,
       or ``None`` (float input).
     bias_shape: the float bias's shape, or ``None``.
@@ -130,6 +191,13 @@ class ServedLayer(keras.layers.Layer):
     self.aspec = None if act is None else spec_from_dict(act["spec"], where=f"{self.name} act")
     self.supports_masking = True
 
+  def _slots(self) -> list:
+    """``(attribute prefix, weight info, spec)`` of each weight (``""``: ``codes``, ``scale``...)."""
+    return [("", self.weight_info, self.wspec)]
+
+  def _slot(self, prefix: str):
+    return {p: (w, s) for p, w, s in self._slots()}[prefix]
+
   def _add(self, attr, name, shape, dtype, default):
     """Creates ``self.<attr>``, initialised from convert's values when it gave them."""
     value = (vars(self).get("_init_values") or {}).get(attr)
@@ -138,55 +206,89 @@ class ServedLayer(keras.layers.Layer):
                                         initializer=init, trainable=False))
 
   def build(self, input_shape=None):
-    w = self.weight_info
-    name = w["name"]
-    if self.wspec is None:
-      self._add("weight", name, w["shape"], w["dtype"], "zeros")
-    else:
-      self._add("codes", f"{name}_codes", w["stored_shape"], w["codes_dtype"], "zeros")
-      self._add("scale", f"{name}_scale", w["scale_shape"], "float32", "ones")
+    for p, w, spec in self._slots():
+      name = w["name"]
+      if spec is None:
+        self._add(p + "weight", name, w["shape"], w["dtype"], "zeros")
+        continue
+      self._add(p + "codes", f"{name}_codes", w["stored_shape"], w["codes_dtype"], "zeros")
+      self._add(p + "scale", f"{name}_scale", w["scale_shape"], w.get("scale_dtype", "float32"),
+                "ones")
       if w["zero_point"]:
-        self._add("zero_point", f"{name}_zero_point", w["scale_shape"], "int32", "zeros")
+        self._add(p + "zero_point", f"{name}_zero_point", w["scale_shape"], "int32", "zeros")
+      if w.get("tensor_scale"):
+        self._add(p + "tensor_scale", f"{name}_tensor_scale", (), "float32", "ones")
     a = self.act_info
     if a is not None and a.get("scale_shape") is not None:
       self._add("input_scale", "input_scale", a["scale_shape"], "float32", "ones")
       if a["zero_point"]:
         self._add("input_zero_point", "input_zero_point", a["scale_shape"], "int32", "zeros")
     if self.bias_shape is not None:
-      self._add("bias", "bias", self.bias_shape, w["dtype"], "zeros")
+      self._add("bias", "bias", self.bias_shape, self.weight_info["dtype"], "zeros")
     object.__setattr__(self, "_init_values", None)
     self.built = True
 
-  # -- the weight and the input range ------------------------------------------------
+  # -- the weights and the input range ----------------------------------------------
 
   @property
   def weight_name(self) -> str:
     return self.weight_info["name"]
 
-  def qtensor(self):
-    """The weight as a :class:`jaxqat.core.QTensor` (JAX arrays), or ``None`` if float."""
-    if self.wspec is None:
-      return None
-    import jax.numpy as jnp
-    from jaxqat.core import QTensor
-    val = lambda v: v.value if isinstance(v, keras.Variable) else jnp.asarray(v)  # noqa: E731
-    zp = val(self.zero_point) if self.weight_info["zero_point"] else None
-    return QTensor(values=val(self.codes), scale=val(self.scale), zero_point=zp, spec=self.wspec,
-                   dtype=jnp.dtype(self.weight_info["dtype"]),
-                   packed=int(self.weight_info["packed"]))
+  def _stored_arrays(self, prefix: str = "", read=None) -> dict:
+    """The stored arrays of one weight by role (``codes``, ``scale``...; absent ones ``None``)."""
+    w, _ = self._slot(prefix)
+    read = read or (lambda v: v.value)
+    present = {"codes": True, "scale": True, "zero_point": w["zero_point"],
+               "tensor_scale": w.get("tensor_scale", False)}
+    return {r: read(getattr(self, prefix + r)) if present[r] else None for r in _ROLES}
 
-  def qtensor_numpy(self):
-    """The weight as a :class:`jaxqat.core.QTensor` read from the variables (any backend)."""
-    if self.wspec is None:
-      return None
+  def _decode(self, arrays: dict, prefix: str = ""):
+    """The :class:`jaxqat.core.QTensor` of one weight from its stored (JAX) arrays."""
     import jax.numpy as jnp
-    from jaxqat.core import QTensor
-    w = self.weight_info
-    zp = jnp.asarray(to_numpy(self.zero_point)) if w["zero_point"] else None
-    return QTensor(values=jnp.asarray(to_numpy(self.codes)),
-                   scale=jnp.asarray(to_numpy(self.scale)),
-                   zero_point=zp, spec=self.wspec, dtype=jnp.dtype(w["dtype"]),
-                   packed=int(w["packed"]))
+    from jax import lax
+    from jaxqat.core import QTensor, unpack
+    w, spec = self._slot(prefix)
+    codes, scale = arrays["codes"], arrays["scale"]
+    cf, sf, packed = w.get("codes_format"), w.get("scale_format"), int(w["packed"])
+    if cf and cf.startswith("float4"):  # no 4-bit bitcast: the exact value of each pattern
+      idx = unpack(codes, 4, signed=False) if packed else codes
+      codes = jnp.asarray(_lut(cf))[idx.astype(jnp.int32)].astype(_float_dtype(cf))
+    elif cf:
+      codes = lax.bitcast_convert_type(codes, _float_dtype(cf))
+    if sf:
+      scale = lax.bitcast_convert_type(scale, _float_dtype(sf))
+    return QTensor(values=codes, scale=scale, zero_point=arrays["zero_point"],
+                   tensor_scale=arrays["tensor_scale"], spec=spec, dtype=jnp.dtype(w["dtype"]),
+                   packed=0 if cf else packed)
+
+  def qtensor(self, prefix: str = ""):
+    """A weight as a :class:`jaxqat.core.QTensor` (JAX arrays), or ``None`` if float.
+
+    Args:
+      prefix: ``""`` for the layer's (first) weight, ``"pointwise_"`` for a
+        separable convolution's pointwise kernel.
+    """
+    if self._slot(prefix)[1] is None:
+      return None
+    return self._decode(self._stored_arrays(prefix), prefix)
+
+  def qtensor_numpy(self, prefix: str = ""):
+    """A weight as a :class:`jaxqat.core.QTensor` read from the variables (any backend)."""
+    if self._slot(prefix)[1] is None:
+      return None
+    import functools
+    import jax
+    import jax.numpy as jnp
+    arrays = self._stored_arrays(prefix, lambda v: jnp.asarray(to_numpy(v)))
+    return jax.jit(functools.partial(self._decode, prefix=prefix))(arrays)  # one compilation
+
+  def stored_bytes(self, prefix: str = "") -> int:
+    """Bytes the layer's variables hold for one weight (codes, scales, zero points)."""
+    w, spec = self._slot(prefix)
+    if spec is None:
+      return int(np.asarray(to_numpy(getattr(self, prefix + "weight"))).nbytes)
+    arrays = self._stored_arrays(prefix, lambda v: np.asarray(to_numpy(v)))
+    return int(sum(a.nbytes for a in arrays.values() if a is not None))
 
   def encoding(self):
     """The input's :class:`jaxqat.core.Encoding` (JAX arrays), or ``None`` (float input)."""
@@ -208,20 +310,31 @@ class ServedLayer(keras.layers.Layer):
     return _ops.quant_dequant(x, self.aspec, ops.convert_to_tensor(self.input_scale), zp,
                               where=f"served layer {self.name!r} input")
 
-  def _ops_weight(self):
-    """The dequantized weight in keras.ops: ``(q - z) * s``, as the fake-quant forward pass."""
-    w = self.weight_info
-    if self.wspec is None:
-      return ops.convert_to_tensor(self.weight)
-    codes = ops.convert_to_tensor(self.codes)
-    if w["packed"]:
-      codes = _unpack_ops(codes, int(w["packed"]), self.wspec.format.signed, w["shape"])
-    q = ops.cast(codes, "float32")
-    s = ops.convert_to_tensor(self.scale)
-    z = ops.cast(ops.convert_to_tensor(self.zero_point), "float32") if w["zero_point"] else None
-    blocked = isinstance(self.wspec.granularity, spec_lib.PerBlock)
+  def _ops_weight(self, prefix: str = ""):
+    """A dequantized weight in keras.ops: ``(q - z) * s`` as :func:`jaxqat.core.dequantize`.
+
+    Float codes and 8-bit scales are decoded through the exact table of
+    their bit patterns; block formats multiply by block scale times tensor
+    scale.
+    """
+    w, spec = self._slot(prefix)
+    if spec is None:
+      return ops.convert_to_tensor(getattr(self, prefix + "weight"))
+    codes = ops.convert_to_tensor(getattr(self, prefix + "codes"))
+    cf, sf, packed = w.get("codes_format"), w.get("scale_format"), int(w["packed"])
+    if packed:
+      codes = _unpack_ops(codes, packed, not cf and spec.format.signed, w["shape"])
+    q = ops.take(_lut(cf), ops.cast(codes, "int32")) if cf else ops.cast(codes, "float32")
+    s = ops.convert_to_tensor(getattr(self, prefix + "scale"))
+    s = ops.take(_lut(sf), ops.cast(s, "int32")) if sf else s
+    if w.get("tensor_scale"):
+      s = ops.multiply(s, ops.convert_to_tensor(getattr(self, prefix + "tensor_scale")))
+    z = None
+    if w["zero_point"]:
+      z = ops.cast(ops.convert_to_tensor(getattr(self, prefix + "zero_point")), "float32")
+    blocked = isinstance(spec.granularity, spec_lib.PerBlock)
     if blocked:
-      q, expand, shape = _ops._to_block_layout(q, s, self.wspec)
+      q, expand, shape = _ops._to_block_layout(q, s, spec)
       s = expand(s)
       z = None if z is None else expand(z)
     y = ops.multiply(q if z is None else ops.subtract(q, z), s)
@@ -238,28 +351,33 @@ class ServedLayer(keras.layers.Layer):
   def _bias_for(self, y):
     return ops.convert_to_tensor(self.bias)
 
+  def _serve_jax(self, x, arrays, act):
+    """The JAX forward (before bias and activation) from the stored arrays of each weight."""
+    return self._jax_op(x, self._decode(arrays[""]), act)
+
   def _kernel(self):
-    """``_jax_op``, jitted when called eagerly: one compilation per layer configuration
+    """``_serve_jax``, jitted when called eagerly: one compilation per layer configuration
     (shared by the layers of equal configurations, e.g. a reloaded model's) instead of one
     per op."""
-    key = (type(self).__name__, json.dumps(self.float_config, sort_keys=True, default=str),
-           self.integer)
+    key = json.dumps([type(self).__name__, self.float_config, [w for _, w, _ in self._slots()],
+                      self.integer], sort_keys=True, default=str)
     fn = _JITTED.get(key)
     if fn is None:
       import jax
-      fn = _JITTED[key] = jax.jit(self._jax_op)
+      fn = _JITTED[key] = jax.jit(self._serve_jax)
     return fn
 
   def call(self, inputs):
     if is_jax() and self.wspec is not None:
-      op = self._jax_op if _traced(inputs) else self._kernel()
-      return self._finish(op(inputs, self.qtensor(), self.encoding()))
+      fn = self._serve_jax if _traced(inputs) else self._kernel()
+      arrays = {p: self._stored_arrays(p) for p, _, spec in self._slots() if spec is not None}
+      return self._finish(fn(inputs, arrays, self.encoding()))
     if is_jax():
       from jaxqat.core import fake_quantize_input
       x = fake_quantize_input(inputs, self.encoding())
     else:
       x = self._ops_input(inputs)
-    return self._finish(self._ops_op(x, self._ops_weight()))
+    return self._finish(self._ops_op(x))
 
   def compute_output_shape(self, input_shape):
     return self._float.compute_output_shape(input_shape)
@@ -282,8 +400,8 @@ class ServedDense(ServedLayer):
     return quantized_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), act=act,
                                  integer=self.integer)
 
-  def _ops_op(self, x, w):
-    return ops.matmul(x, w)
+  def _ops_op(self, x):
+    return ops.matmul(x, self._ops_weight())
 
 
 @_register
@@ -295,8 +413,8 @@ class ServedEinsumDense(ServedLayer):
     return quantized_einsum(self._float.equation, ops.convert_to_tensor(x), w, act=act,
                             integer=self.integer)
 
-  def _ops_op(self, x, w):
-    return ops.einsum(self._float.equation, x, w)
+  def _ops_op(self, x):
+    return ops.einsum(self._float.equation, x, self._ops_weight())
 
 
 def _conv_args(layer, x):
@@ -309,6 +427,44 @@ def _conv_args(layer, x):
   dilation = jax_nn._convert_to_spatial_operand(layer.dilation_rate, n, layer.data_format,
                                                 include_batch_and_channels=False)
   return dn, strides, dilation
+
+
+def _depthwise(fl, x, w, act, integer):
+  """Keras' JAX ``depthwise_conv`` of layer ``fl`` with a quantized kernel (the core kernel).
+
+  As Keras, the kernel ``(..., C, M)`` becomes ``(..., 1, C*M)`` with ``C``
+  feature groups; per-channel scales follow it. Per-block scales do not
+  survive that reshape: the kernel is then dequantized first (the fake-quant
+  arithmetic).
+  """
+  import dataclasses
+  import jax.numpy as jnp
+  from jax import lax
+  from jaxqat.core import dequantize, fake_quantize_input, quantized_conv_general_dilated
+  x = ops.convert_to_tensor(x)
+  dn, strides, dilation = _conv_args(fl, x)
+  chan = x.shape[-1] if fl.data_format == "channels_last" else x.shape[1]
+  kw = dict(rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=chan)
+  shape = tuple(w.shape)
+  nd = len(shape)
+  conv_shape = shape[:-2] + (1, shape[-2] * shape[-1])
+  if isinstance(w.spec.granularity, spec_lib.PerBlock):
+    return lax.conv_general_dilated(fake_quantize_input(x, act),
+                                    dequantize(w).reshape(conv_shape), strides, fl.padding, **kw)
+  values = w.values.reshape(w.values.shape[:-2] + (1, -1))
+  full = (1,) * (nd - 2) + shape[-2:]
+
+  def to_conv(t):
+    if t is None or not t.ndim:
+      return t
+    return jnp.broadcast_to(t, full).reshape((1,) * (nd - 1) + (conv_shape[-1],))
+
+  spec = w.spec
+  if isinstance(spec.granularity, spec_lib.PerChannel):
+    spec = spec.replace(granularity=spec_lib.PerChannel(axis=nd - 1))
+  wc = dataclasses.replace(w, values=values, scale=to_conv(w.scale),
+                           zero_point=to_conv(w.zero_point), spec=spec)
+  return quantized_conv_general_dilated(x, wc, strides, fl.padding, act=act, integer=integer, **kw)
 
 
 class _ConvBias:
@@ -339,10 +495,10 @@ class ServedConv(_ConvBias, ServedLayer):
         x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=dn,
         feature_group_count=chan // w.shape[-2], act=act, integer=self.integer)
 
-  def _ops_op(self, x, w):
+  def _ops_op(self, x):
     fl = self._float
     x, padding = self._causal(x)
-    return ops.conv(x, w, strides=list(fl.strides), padding=padding,
+    return ops.conv(x, self._ops_weight(), strides=list(fl.strides), padding=padding,
                     dilation_rate=fl.dilation_rate, data_format=fl.data_format)
 
 
@@ -351,37 +507,60 @@ class ServedDepthwiseConv(_ConvBias, ServedLayer):
   """A served :class:`keras.layers.DepthwiseConv1D`/``2D`` (see :class:`ServedLayer`)."""
 
   def _jax_op(self, x, w, act):
-    import dataclasses
-    import jax.numpy as jnp
-    from jaxqat.core import quantized_conv_general_dilated
-    x = ops.convert_to_tensor(x)
-    dn, strides, dilation = _conv_args(self._float, x)
-    # As Keras' depthwise_conv: kernel (..., C, M) -> (..., 1, C*M), C feature groups.
-    shape = tuple(w.shape)
-    nd = len(shape)
-    conv_shape = shape[:-2] + (1, shape[-2] * shape[-1])
-    values = w.values.reshape(w.values.shape[:-2] + (1, -1))
-    full = (1,) * (nd - 2) + shape[-2:]
+    return _depthwise(self._float, x, w, act, self.integer)
 
-    def to_conv(t):
-      if t is None or not t.ndim:
-        return t
-      return jnp.broadcast_to(t, full).reshape((1,) * (nd - 1) + (conv_shape[-1],))
-
-    spec = w.spec
-    if isinstance(spec.granularity, spec_lib.PerChannel):
-      spec = spec.replace(granularity=spec_lib.PerChannel(axis=nd - 1))
-    wc = dataclasses.replace(w, values=values, scale=to_conv(w.scale),
-                             zero_point=to_conv(w.zero_point), spec=spec)
-    chan = x.shape[-1] if self._float.data_format == "channels_last" else x.shape[1]
-    return quantized_conv_general_dilated(
-        x, wc, strides, self._float.padding, rhs_dilation=dilation, dimension_numbers=dn,
-        feature_group_count=chan, act=act, integer=self.integer)
-
-  def _ops_op(self, x, w):
+  def _ops_op(self, x):
     fl = self._float
-    return ops.depthwise_conv(x, w, strides=fl.strides, padding=fl.padding,
+    return ops.depthwise_conv(x, self._ops_weight(), strides=fl.strides, padding=fl.padding,
                               dilation_rate=fl.dilation_rate, data_format=fl.data_format)
+
+
+@_register
+class ServedSeparableConv(_ConvBias, ServedLayer):
+  """A served :class:`keras.layers.SeparableConv1D`/``2D``: two served kernels, a float bias.
+
+  As Keras' ``separable_conv``: the depthwise convolution of the (quantized)
+  input, then a 1x1 convolution of its float output with the pointwise
+  kernel (weight-only: the layer quantizes no activation in between).
+
+  Args:
+    layer, weight, act, bias_shape, integer: as :class:`ServedLayer`;
+      ``weight`` is the depthwise kernel.
+    pointwise: the pointwise kernel's description (as ``weight``); its
+      variables are ``pointwise_codes``, ``pointwise_scale``...
+    **kwargs: Keras layer arguments.
+  """
+
+  def __init__(self, layer, weight, pointwise=None, **kwargs):
+    super().__init__(layer, weight, **kwargs)
+    if not isinstance(pointwise, dict):
+      raise TypeError(f"pointwise: expected the pointwise kernel's description (a dict), got "
+                      f"{type(pointwise).__name__}")
+    self.pointwise_info = dict(pointwise)
+    self.pspec = spec_from_dict(pointwise.get("spec"), where=f"{self.name} pointwise spec")
+
+  def _slots(self):
+    return super()._slots() + [("pointwise_", self.pointwise_info, self.pspec)]
+
+  def _serve_jax(self, x, arrays, act):
+    from jaxqat.core import quantized_conv_general_dilated
+    fl = self._float
+    d = _depthwise(fl, x, self._decode(arrays[""]), act, self.integer)
+    dn, _, dilation = _conv_args(fl, d)
+    return quantized_conv_general_dilated(
+        d, self._decode(arrays["pointwise_"], "pointwise_"), (1,) * (d.ndim - 2), "valid",
+        rhs_dilation=dilation, dimension_numbers=dn, integer=self.integer)
+
+  def _ops_op(self, x):
+    fl = self._float
+    return ops.separable_conv(x, self._ops_weight(), self._ops_weight("pointwise_"),
+                              strides=fl.strides, padding=fl.padding,
+                              dilation_rate=fl.dilation_rate, data_format=fl.data_format)
+
+  def get_config(self):
+    config = super().get_config()
+    config["pointwise"] = self.pointwise_info
+    return config
 
 
 @_register
@@ -418,6 +597,8 @@ _KINDS = (  # exact QAT class -> (float class, served class); most specific firs
     (_layers.QuantConv1D, keras.layers.Conv1D, ServedConv),
     (_layers.QuantConv2D, keras.layers.Conv2D, ServedConv),
     (_layers.QuantConv3D, keras.layers.Conv3D, ServedConv),
+    (_layers.QuantSeparableConv1D, keras.layers.SeparableConv1D, ServedSeparableConv),
+    (_layers.QuantSeparableConv2D, keras.layers.SeparableConv2D, ServedSeparableConv),
 )
 _QUANT_KEYS = ("weight_spec", "act_spec", "observe")
 
@@ -454,26 +635,18 @@ def _quantize_weight_jit():
 _QW_JIT = None
 
 
-def _weight_plan(name, q, w, dtype, path, pack):
-  """(weight info, values) of one weight: its codes and scales, or the float weight."""
+def _weight_plan(name, q, w, dtype, path, pack, prefix=""):
+  """(weight info, values) of one weight: its stored codes and scales, or the float weight."""
   import jax.numpy as jnp
   w = np.asarray(to_numpy(w))
   if q is None:
     return ({"name": name, "shape": list(w.shape), "spec": None, "dtype": dtype},
-            {"weight": w.astype(dtype)})
-  where = f"layer {path!r} {name} quantizer"
-  if not q.spec.is_int or q.spec.is_block:
-    raise NotImplementedError(f"{where}: format {q.spec.format.name}: jaxqat.keras.convert "
-                              "stores integer codes only (int2..int16, uint*)")
-  enc = _saving.quantizer_encoding(q, w, where)
+            {prefix + "weight": w.astype(dtype)})
+  enc = _saving.quantizer_encoding(q, w, f"layer {path!r} {name} quantizer")
   qt = _quantize_weight_jit()(jnp.asarray(w, jnp.dtype(dtype)), enc, pack=pack)
-  values = {"codes": np.asarray(qt.values), "scale": np.asarray(qt.scale, np.float32)}
-  if qt.zero_point is not None:
-    values["zero_point"] = np.asarray(qt.zero_point, np.int32)
-  info = {"name": name, "shape": list(qt.shape), "spec": spec_to_dict(enc.spec),
-          "packed": int(qt.packed), "codes_dtype": str(np.asarray(qt.values).dtype),
-          "stored_shape": list(np.shape(qt.values)), "scale_shape": list(np.shape(qt.scale)),
-          "zero_point": qt.zero_point is not None, "dtype": dtype}
+  info, values = _stored(qt, pack, prefix)
+  info.update({"name": name, "shape": list(qt.shape), "spec": spec_to_dict(enc.spec),
+               "dtype": dtype})
   return info, values
 
 
@@ -489,34 +662,40 @@ def _plan(layer, path, integer, pack):
   if isinstance(layer, _fold.QuantConvBatchNorm):
     fl = layer.conv.__class__.from_config(layer.conv.get_config())
     cls = ServedDepthwiseConv if layer.depthwise else ServedConv
-    q, kernel = layer.kernel_quantizer, layer.folded_kernel()
+    weights = [("kernel", layer.kernel_quantizer, layer.folded_kernel())]
     bias = to_numpy(layer.folded_bias())
   else:
     kinds = [k for k in _KINDS if type(layer) is k[0]]
     if not kinds:
       raise NotImplementedError(f"layer {path!r}: {type(layer).__name__} has no served version "
                                 "(jaxqat.keras.convert serves Dense, EinsumDense, Conv1D/2D/3D, "
-                                "DepthwiseConv1D/2D, Embedding and folded Conv+BatchNorm)")
+                                "DepthwiseConv1D/2D, SeparableConv1D/2D, Embedding and folded "
+                                "Conv+BatchNorm)")
     _, fcls, cls = kinds[0]
     if getattr(layer, "lora_enabled", False):
       raise NotImplementedError(f"layer {path!r}: LoRA is enabled; merge it into the kernel "
                                 "before converting")
     fl = _float_layer(layer, fcls)
-    attr, _ = layer.quant_weights[0]
-    q = layer.weight_quantizers.get(attr)
-    kernel = getattr(layer, attr)
+    names = {ServedEmbedding: ("embeddings",),
+             ServedSeparableConv: ("depthwise_kernel", "pointwise_kernel")}.get(cls, ("kernel",))
+    weights = [(n, layer.weight_quantizers.get(attr), getattr(layer, attr))
+               for n, (attr, _) in zip(names, layer.quant_weights)]
     bias = getattr(layer, "bias", None)
     bias = None if bias is None else to_numpy(bias)
-  name = "embeddings" if cls is ServedEmbedding else "kernel"
-  dtype = str(np.asarray(to_numpy(kernel)).dtype)
-  act, act_values = _act_plan(layer, path)
-  weight, values = _weight_plan(name, q, kernel, dtype, path, pack)
-  values.update(act_values)
+  dtype = str(np.asarray(to_numpy(weights[0][2])).dtype)
+  act, values = _act_plan(layer, path)
+  infos = []
+  for prefix, (name, q, kernel) in zip(("", "pointwise_"), weights):
+    info, vals = _weight_plan(name, q, kernel, dtype, path, pack, prefix)
+    infos.append(info)
+    values.update(vals)
   if bias is not None:
     values["bias"] = np.asarray(bias, dtype)
-  kwargs = dict(layer=fl, weight=weight, act=act,
+  kwargs = dict(layer=fl, weight=infos[0], act=act,
                 bias_shape=None if bias is None else list(np.shape(bias)), integer=integer,
                 name=layer.name, dtype=layer.dtype_policy)
+  if cls is ServedSeparableConv:
+    kwargs["pointwise"] = infos[1]
   return cls, kwargs, values
 
 
@@ -620,8 +799,8 @@ def convert(model, *, integer: bool = True, pack: bool = True):
       range (never calibrated) or is in ``"float"`` mode (message names the
       layer); nothing is built.
     NotImplementedError: for a quantized layer without a served version
-      (SeparableConv, a generated subclass, LoRA), a quantized layer inside
-      another layer, or a non-integer weight format (message names it).
+      (a generated subclass, LoRA) or a quantized layer inside another layer
+      (message names it).
 
   Examples:
     >>> import keras, numpy as np
@@ -688,10 +867,13 @@ def size_report(served):
   for path, layer in _served_layers(served):
     if isinstance(layer, ServedLayer):
       n += 1
-      qt = layer.qtensor_numpy()
-      w = layer.weight_info
-      rows.append(size_row(f"{path}/{w['name']}",
-                           qt if qt is not None else to_numpy(layer.weight), w["dtype"]))
+      for prefix, w, spec in layer._slots():
+        name = f"{path}/{w['name']}"
+        if spec is None:
+          rows.append(size_row(name, to_numpy(getattr(layer, prefix + "weight")), w["dtype"]))
+        else:  # the bytes the variables hold (fp4 codes packed two to a byte)
+          row = size_row(name, layer.qtensor_numpy(prefix), w["dtype"])
+          rows.append(dataclasses.replace(row, quant_bytes=layer.stored_bytes(prefix)))
       if layer.bias_shape is not None:
         rows.append(size_row(f"{path}/bias", to_numpy(layer.bias), w["dtype"]))
     else:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import keras
 
-from jaxqat.core import PerOutputChannel, QuantSpec, Rule, default_act_spec, load_serving
+from jaxqat.core import (Encoding, PerOutputChannel, QuantSpec, Rule, default_act_spec, dequantize,
+                         encoding_from_state, load_serving, spec_to_dict)
 from jaxqat.keras import _serve
 from jaxqat.keras import _saving
 import jaxqat.keras as jqk
@@ -252,6 +253,17 @@ def test_size_report_ratios():
   assert "compression" in str(r8)
   with pytest.raises(ValueError, match="has no served layers"):
     size_report(model)
+  if BACKEND != "jax":  # fp8 and block-format QAT models run on the JAX backend only
+    return
+  # fp8: one byte a code (uint8 bit patterns) + a float32 scale per channel; nvfp4: two codes a
+  # byte + an e4m3 scale per 16 codes + the fp32 tensor scale. Weight-only: no calibration.
+  rf8 = size_report(convert(jqk.quantize(model, _rules("fp8_e4m3"))))
+  rnv = size_report(convert(jqk.quantize(model, _rules("nvfp4"))))
+  assert [(r.format, r.quant_bytes) for r in rf8.rows[:2]] == [
+      ("fp8_e4m3", 256 * 256 + 256 * 4), ("float32", 256 * 4)]
+  assert [(r.format, r.quant_bytes) for r in rnv.rows[:2]] == [
+      ("nvfp4", 256 * 128 + 256 * 16 + 4), ("float32", 256 * 4)]
+  assert 0.25 < rf8.ratio <= 0.26 and rnv.ratio <= 0.145, (rf8.ratio, rnv.ratio)
 
 
 def _state(model):
@@ -325,3 +337,128 @@ def test_convert_refuses_bad_models():
     convert(q, integer=1)
   with pytest.raises(ValueError, match="has no quantized layers"):
     convert(model)
+
+
+def _rules(fmt, act=None):
+  block = fmt.startswith(("nv", "mx"))
+  spec = QuantSpec(format=fmt) if block else QuantSpec(format=fmt, granularity=PerOutputChannel())
+  return [Rule(pattern=".*", weight=spec, act=act)]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="fp8 and block-format fake quant run on JAX only")
+def test_float_and_block_weights_serve_bit_exact(tmp_path):
+  model = _fill(_seq((6, 6, 3), keras.layers.Conv2D(16, 3, name="conv", **Z),
+                     keras.layers.Flatten(), keras.layers.Dense(16, name="fc", **Z)))
+  x = RNG.normal(size=(2, 6, 6, 3)).astype("float32")
+  act = default_act_spec()
+  rules = [Rule(pattern="conv", weight=_rules("fp8_e4m3")[0].weight, act=act),
+           Rule(pattern="fc", weight=_rules("nvfp4")[0].weight, act=act)]
+  q = _qat(model, x, rules)
+  # Static int8 inputs: the float/block weights take the dequantize path, bit for bit.
+  served = convert(q)
+  y = to_np(served(x))
+  np.testing.assert_array_equal(y, to_np(q(x)))
+  conv, fc = served.get_layer("conv"), served.get_layer("fc")
+  stored = lambda l: [(v.name, str(v.dtype), tuple(v.shape)) for v in l.weights[:3]]  # noqa: E731
+  assert stored(conv) == [("kernel_codes", "uint8", (3, 3, 3, 16)),  # e4m3 bit patterns
+                          ("kernel_scale", "float32", (1, 1, 1, 16)),
+                          ("input_scale", "float32", ())]
+  assert stored(fc) == [("kernel_codes", "int8", (256, 8)),  # fp4 codes, two a byte
+                        ("kernel_scale", "uint8", (256, 1)),  # e4m3 block scales
+                        ("kernel_tensor_scale", "float32", ())]
+  assert _no_float_kernel(served, (3, 3, 3, 16)) and _no_float_kernel(served, (256, 16))
+  for layer in (conv, fc):  # the keras.ops decode (other backends) gives the same weights
+    np.testing.assert_array_equal(np.asarray(dequantize(layer.qtensor_numpy())),
+                                  to_np(layer._ops_weight()))
+  # .keras round trip (safe_mode on): the same bytes, the same outputs.
+  path = str(tmp_path / "served.keras")
+  served.save(path)
+  loaded = keras.saving.load_model(path, safe_mode=True)
+  np.testing.assert_array_equal(to_np(loaded(x)), y)
+  assert to_np(loaded.get_layer("fc").codes).tobytes() == to_np(fc.codes).tobytes()
+  # Weight-only: bit for bit.
+  for iq in jqk.quantizers(q):
+    if iq.role == "act":
+      iq.float_reason = "weight-only check"
+  np.testing.assert_array_equal(to_np(convert(q)(x)), to_np(q(x)))
+
+
+def test_float_codes_decode_exactly():
+  """Stored float codes and 8-bit block scales decode to the core's QTensor values on any
+  backend (keras.ops tables off JAX), fp4 packed or not (odd last axis)."""
+  import jax
+  deq = jax.jit(dequantize)
+  w = (RNG.normal(size=(32, 32)) * 0.3).astype("float32")
+  x = RNG.normal(size=(3, 32)).astype("float32")
+  for fmt, shape in (("fp4_e2m1", (32, 7)), ("nvfp4", (32, 32)), ("mxfp8", (32, 32))):
+    spec = _rules(fmt)[0].weight.resolve_output_channel((1,))
+    wk = w[:, :shape[1]]
+    enc = encoding_from_state(spec, {}, weight=wk)
+    qt = _serve._quantize_weight_jit()(wk, enc, pack=True)  # jitted: few compilations
+    info, values = _serve._stored(qt, True)
+    info.update({"name": "kernel", "shape": list(shape), "spec": spec_to_dict(spec),
+                 "dtype": "float32"})
+    layer = _serve.ServedDense(layer=keras.layers.Dense(shape[1]), weight=info, name="d")
+    object.__setattr__(layer, "_init_values", values)
+    layer.build()
+    want = np.asarray(deq(qt))
+    assert info["packed"] == (4 if fmt == "nvfp4" else 0), fmt
+    np.testing.assert_array_equal(to_np(layer._ops_weight()), want)
+    np.testing.assert_array_equal(np.asarray(deq(layer.qtensor_numpy())), want)
+    np.testing.assert_array_equal(to_np(layer(x)), to_np(keras.ops.matmul(x, want)))
+
+
+def _depthwise_abs(layer, x):
+  """``(depthwise(|q_x - z_x|, |q_w|), K)`` of a served separable layer's depthwise stage."""
+  enc = layer.encoding()
+  s_x, z_x = float(np.asarray(enc.scale)), int(np.asarray(enc.zero_point))
+  a = np.abs(np.clip(np.rint(x / np.float32(s_x)) + z_x, enc.spec.qmin, enc.spec.qmax) - z_x)
+  b = np.abs(np.asarray(layer.qtensor_numpy().codes, np.float32))
+  return _depthwise_np(layer._float, a.astype("float32"), b), b.shape[0] * b.shape[1]
+
+
+def _depthwise_np(fl, x, kernel):
+  dw = keras.layers.DepthwiseConv2D(kernel.shape[:2], strides=fl.strides, padding=fl.padding,
+                                    depth_multiplier=kernel.shape[-1], use_bias=False)
+  dw.build(x.shape)
+  dw.set_weights([kernel])
+  return to_np(dw(x))
+
+
+def test_separable_conv_serves():
+  model = _fill(_seq((6, 6, 4), keras.layers.SeparableConv2D(
+      8, 3, depth_multiplier=2, padding="same", name="sep",
+      depthwise_initializer="zeros", pointwise_initializer="zeros")))
+  x = RNG.normal(size=(2, 6, 6, 4)).astype("float32")
+  q = _qat(model, x)
+  y_fq = to_np(q(x))
+  np.testing.assert_array_equal(to_np(convert(q, integer=False)(x)), y_fq)
+  served = convert(q)
+  layer = served.get_layer("sep")
+  assert type(layer).__name__ == "ServedSeparableConv"
+  assert [(v.name, str(v.dtype)) for v in layer.weights if "codes" in v.name] == [
+      ("depthwise_kernel_codes", "int8"), ("pointwise_kernel_codes", "int8")]
+  assert _no_float_kernel(served, (3, 3, 4, 2)) and _no_float_kernel(served, (1, 1, 8, 8))
+  y = to_np(served(x))
+  if BACKEND == "jax":  # int8 depthwise stage, then the float pointwise stage (weight-only)
+    # Depthwise: within the core bound B; pointwise (C = 8 channels, dequantized kernel W):
+    # |y - y_fq| <= sum_c B_c |W_c| (1 + g_C) + 2 g_C sum_c |d_c| |W_c|, plus 2u|y| (the bias).
+    s_dw, k = _depthwise_abs(layer, x)
+    dq = layer.qtensor_numpy()
+    s_w = np.asarray(dq.scale, np.float32).reshape(-1)
+    gamma = lambda n: n * U / (1 - n * U)  # noqa: E731
+    enc = layer.encoding()
+    b_dw = (gamma(k + 2) + gamma(3)) * (1 + U)**2 * float(np.asarray(enc.scale)) * s_w * s_dw
+    d = _depthwise_np(layer._float, to_np(q.get_layer("sep").input_quantizer(x)),
+                      np.asarray(dequantize(dq)))
+    w_pw = np.abs(np.asarray(dequantize(layer.qtensor_numpy("pointwise_")))[0, 0])
+    c = w_pw.shape[0]
+    bound = (b_dw @ w_pw * (1 + gamma(c)) + 2 * gamma(c) * (np.abs(d) @ w_pw) + 2 * U * np.abs(y))
+    assert np.all(np.abs(y - y_fq) <= bound), float(np.max(np.abs(y - y_fq) - bound))
+    assert np.any(y != y_fq)  # the integer path ran
+  else:
+    np.testing.assert_array_equal(y, y_fq)
+  for iq in jqk.quantizers(q):  # weight-only: bit for bit
+    if iq.role == "act":
+      iq.float_reason = "weight-only check"
+  np.testing.assert_array_equal(to_np(convert(q)(x)), to_np(q(x)))
