@@ -5,7 +5,9 @@ implement the same arithmetic and the same straight-through gradients as the
 JAX core (:func:`jaxqat.core.fake_quant` and :func:`jaxqat.core.lsq_fake_quant`),
 through :func:`keras.ops.custom_gradient`; the tests hold them equal to the
 core to 1e-6. On the JAX backend the quantized layers call the core directly
-(:func:`quant_dequant` dispatches), so these are the torch/TensorFlow path.
+and on torch the same float operations written as ``torch.autograd.Function``
+(:func:`torch_fake_quant`, :func:`torch_lsq_fake_quant`: eager torch pays
+Keras' dispatch on every keras.ops call); :func:`quant_dequant` dispatches.
 
 Integer grid (Jacob et al. 2018), step size ``s``, integer zero point ``z``::
 
@@ -23,10 +25,12 @@ import math
 from typing import Optional
 
 from jaxqat.core import _spec as spec_lib
+from jaxqat.keras._backend import backend_name
 from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import ops
 
-__all__ = ["ops_fake_quant", "ops_lsq_fake_quant", "quant_dequant", "SCALE_EPS"]
+__all__ = ["ops_fake_quant", "ops_lsq_fake_quant", "torch_fake_quant", "torch_lsq_fake_quant",
+           "quant_dequant", "SCALE_EPS"]
 
 SCALE_EPS = 1e-12  # smallest step size used in the forward pass (as the core)
 
@@ -35,15 +39,20 @@ def _f32(x):
   return x if str(x.dtype) in ("float32", "float64") else ops.cast(x, "float32")
 
 
+def _broadcast_axes(g_shape, shape) -> tuple[int, ...]:
+  """The axes of ``g_shape`` that were broadcast to reach it from ``shape``."""
+  lead = len(g_shape) - len(shape)
+  return tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape)
+                                    if d == 1 and g_shape[lead + i] != 1)
+
+
 def _sum_to_shape(g, shape):
   """Sums ``g`` over the axes that were broadcast to reach it from ``shape``."""
   shape = tuple(shape)
   if tuple(g.shape) == shape:
     return g
-  lead = len(g.shape) - len(shape)
-  axes = list(range(lead)) + [lead + i for i, d in enumerate(shape)
-                              if d == 1 and g.shape[lead + i] != 1]
-  out = ops.sum(g, axis=tuple(axes), keepdims=True) if axes else g
+  axes = _broadcast_axes(tuple(g.shape), shape)
+  out = ops.sum(g, axis=axes, keepdims=True) if axes else g
   return ops.reshape(out, shape)
 
 
@@ -161,9 +170,7 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
   step_size = ops.convert_to_tensor(step_size)
   dtype = x.dtype
   if grad_scale is None:
-    n_x = math.prod(int(d) for d in x.shape)
-    n_s = math.prod(int(d) for d in step_size.shape)
-    grad_scale = 1.0 / math.sqrt(max(1, n_x // max(1, n_s)) * float(qmax))
+    grad_scale = _lsq_grad_scale(x.shape, step_size.shape, qmax)
   has_offset = offset is not None
 
   @ops.custom_gradient
@@ -198,6 +205,149 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
   return _lsq(x, step_size, *b)
 
 
+def _lsq_grad_scale(x_shape, s_shape, qmax) -> float:
+  """LSQ's gradient scale :math:`1/\\sqrt{N q_{max}}`, N = elements per step size."""
+  n_x = math.prod(int(d) for d in x_shape)
+  n_s = math.prod(int(d) for d in s_shape)
+  return 1.0 / math.sqrt(max(1, n_x // max(1, n_s)) * float(qmax))
+
+
+# -- torch: the same arithmetic as torch.autograd.Functions -----------------------
+#
+# Eager torch pays Keras' dispatch (argument conversion, dtype resolution) on every
+# keras.ops call and a Python closure per custom_gradient call; over a QAT step
+# that is most of the cost of fake quant on small tensors. These Functions run the
+# very same float operations (x / s, round half to even, + z, clip, - z, * s) with
+# torch ops on scalar bounds, in place where a buffer is free, and keep only what
+# the backward needs (a bool mask; LSQ adds v = x/s and the clipped code q).
+
+_TORCH_FNS = None
+
+
+def _torch_functions():
+  """``(fake_quant, lsq_fake_quant)`` autograd Functions, built on first use (torch only)."""
+  global _TORCH_FNS
+  if _TORCH_FNS is not None:
+    return _TORCH_FNS
+  import torch  # pylint: disable=import-outside-toplevel
+
+  def f32(t):
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+  class FakeQuant(torch.autograd.Function):
+    """:func:`ops_fake_quant` in torch ops (clipped STE; no gradient to s, z)."""
+
+    @staticmethod
+    def forward(ctx, x, s, z, qmin, qmax):  # pylint: disable=arguments-differ
+      sc = f32(s).clamp_min(SCALE_EPS)
+      code = torch.div(f32(x), sc).round_()  # the shape of x (s broadcasts against it)
+      if z is not None:
+        code = code.add_(f32(z))
+      q = code.clamp(qmin, qmax)
+      ctx.save_for_backward(torch.eq(code, q))  # NaN codes are outside, as in the core
+      del code
+      if z is not None:
+        q = q.sub_(f32(z))
+      return q.mul_(sc).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # pylint: disable=arguments-differ
+      (inside,) = ctx.saved_tensors
+      return torch.where(inside, g, 0.0), None, None, None, None
+
+  class LsqFakeQuant(torch.autograd.Function):
+    """:func:`ops_lsq_fake_quant` in torch ops (gradients to x, s and the offset)."""
+
+    @staticmethod
+    def forward(ctx, x, s, b, qmin, qmax, grad_scale):  # pylint: disable=arguments-differ
+      sc = f32(s).clamp_min(SCALE_EPS)
+      v = torch.div(f32(x), sc)
+      code = torch.round(v)
+      z = None
+      if b is not None:
+        z = torch.div(f32(b).neg(), sc).round_()
+        code = code.add_(z)
+      q = code.clamp(qmin, qmax)
+      # Clipped where clipping changed the code; a NaN code is not clipped (the core's LSQ).
+      outside = torch.lt(code, qmin).logical_or_(torch.gt(code, qmax))
+      del code
+      y = ((q - z).mul_(sc) if z is not None else q * sc).to(x.dtype)
+      ctx.save_for_backward(v, q, outside, *(() if z is None else (z,)))
+      ctx.shapes = (s.shape, s.dtype, None if b is None else b.shape,
+                    None if b is None else b.dtype, grad_scale)
+      return y
+
+    @staticmethod
+    def backward(ctx, g):  # pylint: disable=arguments-differ
+      v, q, outside, *z = ctx.saved_tensors
+      s_shape, s_dtype, b_shape, b_dtype, grad_scale = ctx.shapes
+      gx = torch.where(outside, 0.0, g)
+      g32 = f32(g)
+      # d x_hat / d s: round(v) - v inside (round(v) = q - z there), the clipped code outside.
+      rv = (q - z[0]).sub_(v) if z else q - v
+      ds = torch.where(outside, q, rv, out=rv)
+      if math.prod(s_shape) == 1:  # one step size: a dot product, one pass
+        gs = torch.dot(g32.reshape(-1), ds.reshape(-1)).reshape(s_shape)
+      else:
+        gs = _torch_sum_to_shape(ds.mul_(g32), s_shape)
+      gs = gs.mul_(grad_scale).to(s_dtype)
+      gb = None
+      if z:
+        gb = _torch_sum_to_shape(torch.where(outside, g32, 0.0), b_shape)
+        gb = gb.mul_(grad_scale).to(b_dtype)
+      return gx, gs, gb, None, None, None
+
+  _TORCH_FNS = (FakeQuant, LsqFakeQuant)
+  return _TORCH_FNS
+
+
+def _torch_sum_to_shape(g, shape):
+  """:func:`_sum_to_shape` in torch ops."""
+  shape = tuple(shape)
+  axes = _broadcast_axes(tuple(g.shape), shape)
+  return (g.sum(dim=axes, keepdim=True) if axes else g).reshape(shape)
+
+
+def torch_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
+  """:func:`ops_fake_quant` for torch tensors, as one ``torch.autograd.Function``.
+
+  The same values and gradients as :func:`ops_fake_quant` (the same float
+  operations in the same order), with less overhead per call.
+
+  Args:
+    x: a floating point torch tensor.
+    scale: step size, broadcastable against ``x``.
+    zero_point: integer-valued zero point (same shape as ``scale``) or ``None``.
+    qmin: the grid's lowest code.
+    qmax: the grid's highest code.
+
+  Returns:
+    A tensor of ``x``'s shape and dtype.
+  """
+  return _torch_functions()[0].apply(x, scale, zero_point, float(qmin), float(qmax))
+
+
+def torch_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
+                         grad_scale: Optional[float] = None):
+  """:func:`ops_lsq_fake_quant` for torch tensors, as one ``torch.autograd.Function``.
+
+  Args:
+    x: a floating point torch tensor.
+    step_size: the learned step size (keepdims layout or scalar).
+    offset: the LSQ+ offset β (same shape as ``step_size``) or ``None``.
+    qmin: the grid's lowest code.
+    qmax: the grid's highest code.
+    grad_scale: overrides the gradient scale (default :math:`1/\\sqrt{N q_{max}}`).
+
+  Returns:
+    A tensor of ``x``'s shape and dtype.
+  """
+  if grad_scale is None:
+    grad_scale = _lsq_grad_scale(x.shape, step_size.shape, qmax)
+  return _torch_functions()[1].apply(x, step_size, offset, float(qmin), float(qmax),
+                                     float(grad_scale))
+
+
 def _to_block_layout(x, scale, spec):
   """Splits the block axis of ``x`` and expands ``scale`` to broadcast against it."""
   g = spec.granularity
@@ -212,9 +362,11 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
   """Fake-quantizes ``x`` as ``spec.learning`` says, on the current backend.
 
   On the JAX backend this calls :func:`jaxqat.core.quant_dequant` (all formats);
-  elsewhere (or with ``force_ops=True``) the keras.ops implementation above,
-  which covers integer formats with per-tensor, per-channel and per-block
-  scales, round half to even, learning ``fixed``/``lsq``/``lsq_plus``.
+  on torch the same arithmetic as torch autograd Functions
+  (:func:`torch_fake_quant`, :func:`torch_lsq_fake_quant`); elsewhere (or with
+  ``force_ops=True``) the keras.ops implementation above. Off JAX, integer
+  formats with per-tensor, per-channel and per-block scales, round half to
+  even, learning ``fixed``/``lsq``/``lsq_plus``.
 
   Args:
     x: a floating point tensor.
@@ -224,7 +376,7 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
     offset: the LSQ+ offset β (``x ≈ s·q + β``; ``learning="lsq_plus"``
       only), or ``None``.
     where: the layer/tensor name used in error messages.
-    force_ops: use the keras.ops path even on the JAX backend (for tests).
+    force_ops: use the keras.ops path on any backend (for tests).
 
   Returns:
     The fake-quantized tensor.
@@ -271,11 +423,12 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
     x, expand, shape = _to_block_layout(x, s, spec)
     s = expand(s)
     z = None if z is None else expand(z)
+  use_torch = backend_name() == "torch" and not force_ops
   if spec.learning == "fixed":
-    y = ops_fake_quant(x, s, z, spec.qmin, spec.qmax)
+    y = (torch_fake_quant if use_torch else ops_fake_quant)(x, s, z, spec.qmin, spec.qmax)
   else:
     gs = None
     if blocked:  # N = elements per step size, as in the core
       gs = 1.0 / math.sqrt(spec.granularity.size * float(spec.qmax))
-    y = ops_lsq_fake_quant(x, s, z, spec.qmin, spec.qmax, gs)
+    y = (torch_lsq_fake_quant if use_torch else ops_lsq_fake_quant)(x, s, z, spec.qmin, spec.qmax, gs)
   return ops.reshape(y, shape) if blocked else y

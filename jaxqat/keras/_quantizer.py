@@ -109,22 +109,49 @@ def _ops_range(spec, lo, hi):
 
   Symmetric: ``s = max(|lo|, |hi|) / qmax``, ``z = 0``. Affine (Jacob et al.
   2018, sec. 2.1): the range is widened to hold 0, ``s = (hi - lo) / (qmax -
-  qmin)``, ``z = clip(round(qmin - lo / s), qmin, qmax)``. An empty or zero
-  range gives ``s = 1`` and ``z = clip(0, qmin, qmax)`` (the core's fallback).
+  qmin)`` (``hi/n - lo/n`` where the width overflows), ``z = clip(round(qmin -
+  lo / s), qmin, qmax)``. An empty or zero range gives ``s = 1`` and ``z =
+  clip(0, qmin, qmax)`` (the core's fallback).
   """
   if spec.symmetric:
-    amax = ops.maximum(ops.abs(lo), ops.abs(hi))
-    s = ops.divide(amax, float(spec.qmax))
-    good = ops.logical_and(ops.isfinite(s), s > 0)
-    return ops.where(good, ops.maximum(s, _ops.SCALE_EPS), ops.ones_like(s)), None
+    return _ops_symmetric_scale(spec, ops.maximum(ops.abs(lo), ops.abs(hi))), None
   lo = ops.minimum(lo, 0.0)
   hi = ops.maximum(hi, 0.0)
-  s = ops.divide(ops.subtract(hi, lo), float(spec.qmax - spec.qmin))
+  n = float(spec.qmax - spec.qmin)
+  width = ops.subtract(hi, lo)
+  s = ops.where(ops.isfinite(width), ops.divide(width, n),
+                ops.subtract(ops.divide(hi, n), ops.divide(lo, n)))
   good = ops.logical_and(ops.isfinite(s), s > 0)
   s = ops.where(good, ops.maximum(s, _ops.SCALE_EPS), ops.ones_like(s))
   z = ops.clip(ops.round(ops.subtract(float(spec.qmin), ops.divide(lo, s))), spec.qmin, spec.qmax)
   z = ops.where(good, z, ops.full_like(z, float(min(max(0, spec.qmin), spec.qmax))))
   return s, z
+
+
+def _ops_symmetric_scale(spec, amax):
+  """``amax / qmax``, or 1 where that is not finite and > 0 (the core's symmetric range)."""
+  s = ops.divide(amax, float(spec.qmax))
+  good = ops.logical_and(ops.isfinite(s), s > 0)
+  return ops.where(good, ops.maximum(s, _ops.SCALE_EPS), ops.ones_like(s))
+
+
+def _ops_weight_range(spec, w, axes, scale_shape):
+  """:func:`jaxqat.core.weight_range` (absmax/minmax/ema of one tensor) in keras.ops.
+
+  One reduction over the finite entries per bound, non-finite values
+  replaced by the reduction's identity (``nan_to_num``): symmetric, the
+  largest finite ``|w|`` (0 when none); affine, the finite min and max
+  (+-inf when none). A single tensor's EMA is its min/max.
+  """
+  w = ops.cast(ops.stop_gradient(w), "float32")
+  inf = float("inf")
+  if spec.symmetric:
+    amax = ops.max(ops.nan_to_num(ops.abs(w), nan=0.0, posinf=0.0), axis=axes, keepdims=True)
+    return ops.reshape(_ops_symmetric_scale(spec, amax), scale_shape), None
+  lo = ops.min(ops.nan_to_num(w, nan=inf, posinf=inf, neginf=inf), axis=axes, keepdims=True)
+  hi = ops.max(ops.nan_to_num(w, nan=-inf, posinf=-inf, neginf=-inf), axis=axes, keepdims=True)
+  s, z = _ops_range(spec, lo, hi)
+  return ops.reshape(s, scale_shape), ops.reshape(z, scale_shape)
 
 
 def _reduce_axes(shape, scale_shape):
@@ -133,20 +160,16 @@ def _reduce_axes(shape, scale_shape):
   return tuple(i for i, k in enumerate(full) if k == 1)
 
 
-def _finite_min_max(x, axes, scale_shape, count: bool = True):
-  """Per-group min, max and finite count of ``x``, ignoring NaN and +-inf (as the core).
-
-  ``count=False`` skips the count (``None``): one pass less over ``x`` for a
-  weight range, which does not use it.
-  """
+def _finite_min_max(x, axes, scale_shape):
+  """Per-group min, max and finite count of ``x``, ignoring NaN and +-inf (as the core)."""
   xc = ops.cast(x, "float32")
   fin = ops.isfinite(xc)
   big = float(np.finfo(np.float32).max)
   lo = ops.min(ops.where(fin, xc, big), axis=axes, keepdims=True)
   hi = ops.max(ops.where(fin, xc, -big), axis=axes, keepdims=True)
-  cnt = ops.sum(ops.cast(fin, "float32"), axis=axes, keepdims=True) if count else None
+  cnt = ops.sum(ops.cast(fin, "float32"), axis=axes, keepdims=True)
   return (ops.reshape(lo, scale_shape), ops.reshape(hi, scale_shape),
-          None if cnt is None else ops.reshape(cnt, scale_shape))
+          ops.reshape(cnt, scale_shape))
 
 
 def _np_min_max_update(state, x, scale_shape, ema_decay):
@@ -553,9 +576,8 @@ class Quantizer(keras.layers.Layer):
       return s, (None if spec.symmetric else z)
     w = ops.stop_gradient(ops.convert_to_tensor(w))
     if spec.calibration.method in _OBSERVABLE:
-      axes = _reduce_axes(tuple(w.shape), self.scale_shape)
-      lo, hi, _ = _finite_min_max(w, axes, self.scale_shape, count=False)
-      return _ops_range(spec, lo, hi)
+      return _ops_weight_range(spec, w, _reduce_axes(tuple(w.shape), self.scale_shape),
+                               self.scale_shape)
     from jaxqat.core import weight_range
     import jax.numpy as jnp
     s, z = weight_range(jnp.asarray(to_numpy(w), jnp.float32), spec)

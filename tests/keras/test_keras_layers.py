@@ -10,7 +10,7 @@ from jaxqat.core import PerChannel, PerOutputChannel, QuantSpec, param_to_step_s
 from jaxqat.core import quant_dequant as core_qd
 import jaxqat.keras as jqk
 from jaxqat.keras._convert import copy_weights
-from kutil import assert_close, layer_value_and_grads, to_np
+from kutil import BACKEND, assert_close, layer_value_and_grads, to_np
 
 W4 = QuantSpec(format="int4", granularity=PerOutputChannel())
 A8 = QuantSpec(format="int8")
@@ -144,3 +144,26 @@ def test_quantizer_layer_rejects_bad_arguments():
   q.build((None, 4))
   with pytest.raises(ValueError, match="Quantizer 'q': step size must be finite and > 0"):
     q.set_range(np.float32(0.0))
+
+
+def test_keras_ops_weight_range_equals_core_with_non_finite_entries():
+  """The per-step weight range off JAX (keras.ops) == jaxqat.core.weight_range, NaN/inf ignored."""
+  from jaxqat.core import weight_range
+  from jaxqat.keras._quantizer import _ops_weight_range, _reduce_axes
+  w = np.random.RandomState(0).randn(6, 4).astype(np.float32) * 3
+  w[0, 0], w[1, 1], w[2, 1] = np.nan, np.inf, -np.inf
+  w[:, 2] = np.nan  # a channel with no finite entry: the core's fallback range
+  w[:, 3] = 0.0  # a zero range: the fallback as well
+  for spec in (QuantSpec(format="int4", granularity=PerChannel(-1)),
+               QuantSpec(format="uint8", granularity=PerChannel(-1), symmetric=False),
+               QuantSpec(format="int8", symmetric=False, calibration="minmax"),
+               QuantSpec(format="int8", calibration="ema")):
+    shape = spec.scale_shape(w.shape)
+    s, z = _ops_weight_range(spec, keras.ops.convert_to_tensor(w),
+                             _reduce_axes(w.shape, shape), shape)
+    s_core, z_core = weight_range(jnp.asarray(w), spec)
+    # Bit for bit on torch; JAX may turn a division by a constant into a multiplication.
+    rtol = 2e-7 if BACKEND == "jax" else 0.0
+    np.testing.assert_allclose(to_np(s), np.asarray(s_core), rtol=rtol, err_msg=str(spec))
+    if not spec.symmetric:
+      np.testing.assert_array_equal(to_np(z), np.asarray(z_core), err_msg=str(spec))

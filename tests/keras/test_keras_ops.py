@@ -48,8 +48,11 @@ def test_keras_round_is_half_to_even():
   np.testing.assert_array_equal(y, [0, 2, 2, 0, -2, -2])
 
 
+# force_ops=True: the keras.ops implementation; False: the backend's own path (the core
+# on JAX, the torch autograd Functions on torch).
+@pytest.mark.parametrize("force_ops", [True, False])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_ops_fake_quant_matches_core(name):
+def test_ops_fake_quant_matches_core(name, force_ops):
   spec = SPECS[name]
   x, s, z = _inputs(spec)
   r = np.random.RandomState(1).randn(*x.shape).astype(np.float32)
@@ -62,13 +65,13 @@ def test_ops_fake_quant_matches_core(name):
     return {"offset": z} if plus else {"zero_point": z}
 
   def keras_loss(*a):
-    y = _ops.quant_dequant(a[0], spec, a[1], **third(a), force_ops=True)
+    y = _ops.quant_dequant(a[0], spec, a[1], **third(a), force_ops=force_ops)
     return keras.ops.sum(y * keras.ops.convert_to_tensor(r))
 
   def core_loss(*a):
     return jnp.sum(core_qd(a[0], spec, a[1], **third(a)) * r)
 
-  y_keras = to_np(_ops.quant_dequant(x, spec, s, **third(args), force_ops=True))
+  y_keras = to_np(_ops.quant_dequant(x, spec, s, **third(args), force_ops=force_ops))
   y_core = np.asarray(core_qd(jnp.asarray(x), spec, s, **third(args)))
   assert_close(y_keras, y_core, what=f"{name} forward")
   _, g_keras = value_and_grads(keras_loss, args)
@@ -79,12 +82,13 @@ def test_ops_fake_quant_matches_core(name):
     assert np.abs(g_keras[1]).sum() > 0
 
 
-def test_ops_fake_quant_bfloat16_keeps_dtype():
-  spec = QuantSpec(format="int4", learning="lsq")
+@pytest.mark.parametrize("force_ops", [True, False])
+def test_ops_fake_quant_bfloat16_keeps_dtype(force_ops):
   x = keras.ops.cast(np.array([0.3, 2.0, -0.7], np.float32), "bfloat16")
-  y = _ops.quant_dequant(x, spec, np.float32(0.25), force_ops=True)
-  assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
-  np.testing.assert_allclose(to_np(keras.ops.cast(y, "float32")), [0.25, 1.75, -0.75])
+  for spec in (QuantSpec(format="int4", learning="lsq"), QuantSpec(format="int4")):
+    y = _ops.quant_dequant(x, spec, np.float32(0.25), force_ops=force_ops)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    np.testing.assert_allclose(to_np(keras.ops.cast(y, "float32")), [0.25, 1.75, -0.75])
 
 
 def test_ops_float_format_off_jax_is_a_clear_error():
