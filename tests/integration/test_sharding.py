@@ -36,7 +36,8 @@ SCRIPT = os.path.join(ROOT, "tests", "integration", "_sharding_checks.py")
 
 @pytest.mark.slow
 def test_sharded_qat_calibration_checkpoints_on_8_devices():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_force_host_platform_device_count=8").strip(),
          "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, SCRIPT], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=1800)
