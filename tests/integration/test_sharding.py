@@ -34,18 +34,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "tests", "integration", "_sharding_checks.py")
 
 
+# Two halves, so that the two pytest-xdist workers run them side by side.
+_HALVES = {
+    "flax": (["nnx", "linen"],
+             ("nnx W8A8: dp/fsdp/tp", "nnx W4A4-LSQ: dp/fsdp/tp", "linen W8A8: dp/fsdp/tp",
+              "linen W4A4-LSQ: dp/fsdp/tp")),
+    "keras_calibration_checkpoint": (
+        ["keras", "calib", "nnxcal", "ckpt", "error"],
+        ("keras: fit under DataParallel(8)", "calibration: absmax, minmax, ema",
+         "nnx: calibrate + freeze on an explicit 2x4 mesh", "checkpoint: FSDP(8) -> TP(4x2)", "errors: a scale that cannot follow")),
+}
+
+
 @pytest.mark.slow
-def test_sharded_qat_calibration_checkpoints_on_8_devices():
+@pytest.mark.parametrize("half", sorted(_HALVES))
+def test_sharded_qat_calibration_checkpoints_on_8_devices(half):
+  checks, lines = _HALVES[half]
   env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_force_host_platform_device_count=8").strip(),
          "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=1800)
+  proc = subprocess.run([sys.executable, SCRIPT, *checks], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=1800)
   tail = (proc.stdout + proc.stderr)[-6000:]
   assert proc.returncode == 0, f"sharding checks failed:\n{tail}"
   assert "SHARDING CHECKS PASSED" in proc.stdout, tail
-  for line in ("nnx W8A8: dp/fsdp/tp", "nnx W4A4-LSQ: dp/fsdp/tp", "linen W8A8: dp/fsdp/tp",
-               "linen W4A4-LSQ: dp/fsdp/tp", "keras: fit under DataParallel(8)",
-               "calibration: absmax, minmax, ema", "checkpoint: FSDP(8) -> TP(4x2)",
-               "errors: a scale that cannot follow"):
+  for line in lines:
     assert line in proc.stdout, f"missing check {line!r}:\n{tail}"
