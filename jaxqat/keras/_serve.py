@@ -192,7 +192,7 @@ class ServedLayer(keras.layers.Layer):
     self.supports_masking = True
 
   def _slots(self) -> list:
-    """``(attribute prefix, weight info, spec)`` of each weight (``""``: ``codes``, ``scale``...)."""
+    """``(attribute prefix, weight info, spec)`` of each weight (prefix ``""``: ``codes``...)."""
     return [("", self.weight_info, self.wspec)]
 
   def _slot(self, prefix: str):
@@ -600,7 +600,7 @@ _KINDS = (  # exact QAT class -> (float class, served class); most specific firs
     (_layers.QuantSeparableConv1D, keras.layers.SeparableConv1D, ServedSeparableConv),
     (_layers.QuantSeparableConv2D, keras.layers.SeparableConv2D, ServedSeparableConv),
 )
-_QUANT_KEYS = ("weight_spec", "act_spec", "observe")
+_QUANT_KEYS = ("weight_spec", "act_spec", "observe", "compute")  # QuantLayer arguments
 
 
 def _act_plan(layer, path):

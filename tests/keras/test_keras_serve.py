@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import keras
 
-from jaxqat.core import (Encoding, PerOutputChannel, QuantSpec, Rule, default_act_spec, dequantize,
+from jaxqat.core import (PerOutputChannel, QuantSpec, Rule, default_act_spec, dequantize,
                          encoding_from_state, load_serving, spec_to_dict)
 from jaxqat.keras import _serve
 from jaxqat.keras import _saving
