@@ -6,21 +6,38 @@ batch 32). One step = loss, gradients and an optax Adam update, jitted.
 Times are medians over ``--repeats`` steps after ``--warmup`` steps
 (compilation excluded), with ``block_until_ready``.
 
-Memory: ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]`` where the
-backend reports it (GPU/TPU); on CPU, XLA's own estimate for the compiled
-step (``compiled.memory_analysis()``: arguments + outputs + temporaries,
-minus aliased buffers), which is per configuration (a process RSS peak only
-grows and cannot be split per configuration).
+(c) and (d): the small 1-D CNN and the small ResNet (BatchNorm) of
+``bench_small_models.py`` (softmax cross-entropy there, MSE here).
+Configurations: float, W8A8 (the default rules), W4A4 LSQ, and both with
+``compute="integer"`` (``Rule.compute``: int8 x int8 -> int32 forward, the
+same STE backward; NNX sets it per layer, as ``quantize`` will from the rule).
 
-Run: ``python benchmarks/bench_qat_step.py [--models mlp,transformer]
-[--repeats 20] [--frontends linen,nnx,qwix]``.
+Memory: XLA's own estimate for the compiled step
+(``compiled.memory_analysis()``: arguments + outputs + temporaries, minus
+aliased buffers), per configuration and deterministic (so it can be measured
+on a loaded machine). On a GPU/TPU, every configuration also runs in a
+process of its own (``--isolate``, the default there) that reports
+``jax.devices()[0].memory_stats()["peak_bytes_in_use"]``: the device peak
+only grows within a process, so it cannot be split per configuration in one.
+
+Run: ``python benchmarks/bench_qat_step.py [--models mlp,transformer,cnn1d,resnet]
+[--repeats 20] [--frontends linen,nnx,qwix] [--memory-only] [--quick]``.
+``--quick`` (GPU check, < 2 minutes on one H200): NNX only, 1 warm-up step,
+3 timed steps, configurations in parallel processes (times then are not
+comparable; memory is). ``--memory-only`` compiles and reports memory without
+timing (what the lead measures under load).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -28,13 +45,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxqat.core import IntFormat, PerOutputChannel, QuantSpec, Rule
+from jaxqat.core import IntFormat, PerOutputChannel, QuantSpec, Rule, default_rules
 from jaxqat.flax import linen as ql
 
 W4A4_LSQ = [Rule(pattern=".*",
                  weight=QuantSpec(format=IntFormat(bits=4, signed=True, narrow=True),
                                   granularity=PerOutputChannel(), learning="lsq"),
                  act=QuantSpec(format="int4", learning="lsq"))]
+W4A4_LSQ_INT = [Rule(pattern=".*", weight=W4A4_LSQ[0].weight, act=W4A4_LSQ[0].act,
+                     compute="integer")]
+# (label, rules): None = the default rules (W8A8), "float" = the float model
+CONFIGS = (("float", "float"), ("W8A8 QAT", None), ("W4A4 LSQ QAT", W4A4_LSQ),
+           ("W8A8 int QAT", default_rules(compute="integer")),
+           ("W4A4 LSQ int QAT", W4A4_LSQ_INT))
+CONV_MODELS = ("cnn1d", "resnet")  # from bench_small_models.py
 
 
 # ---------------------------------------------------------------------------
@@ -72,6 +96,10 @@ class Transformer(nn.Module):
 
 def _inputs(name):
   k1, k2 = jax.random.split(jax.random.key(0))
+  if name in CONV_MODELS:
+    import bench_small_models as small  # pylint: disable=g-import-not-at-top
+    x, y = small._data(name)  # pylint: disable=protected-access
+    return name, x, y
   if name == "mlp":
     return MLP(), jax.random.normal(k1, (256, 1024)), jax.random.normal(k2, (256, 1024))
   return (Transformer(), jax.random.normal(k1, (32, 128, 256)),
@@ -81,6 +109,16 @@ def _inputs(name):
 # ---------------------------------------------------------------------------
 # Timing.
 # ---------------------------------------------------------------------------
+
+
+def _xla_memory(compiled):
+  """XLA's estimate for a compiled step: arguments + outputs + temporaries - aliased."""
+  try:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+            m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
 
 
 def _memory(compiled):
@@ -107,6 +145,7 @@ class _Runner:
     jax.block_until_ready(self.state)
     self.times = []
     self.memory, self.memory_kind = _memory(self.compiled)
+    self.xla = _xla_memory(self.compiled)
 
   def run(self):
     t = time.perf_counter()
@@ -142,6 +181,9 @@ def _mse(y, t):
 
 def bench_linen(model, x, y, rules, warmup, repeats):
   """(seconds, memory, kind) of a Linen QAT step; rules 'float' for the float model."""
+  if isinstance(model, str):  # a conv model of bench_small_models.py
+    import bench_small_models as small  # pylint: disable=g-import-not-at-top
+    return _time(*small.linen_step(model, rules, x, y), (x, y), warmup, repeats)
   if rules == "float":
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     loss = lambda t, rest, x, y: _mse(model.apply({"params": t}, x), y)
@@ -205,11 +247,17 @@ def _nnx_model(name):
 def quantize_nnx(model, rules, batches):
   """Quantizes (warnings silenced) and calibrates an NNX model in place; 'float': unchanged."""
   import warnings  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from jaxqat.flax import nnx as qnnx  # pylint: disable=g-import-not-at-top
   if rules != "float":
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       qnnx.quantize(model, rules)
+    compute = rules[0].compute if rules else "fake"
+    if compute != "fake":  # until quantize passes Rule.compute on to the layers
+      for _, node in nnx.iter_graph(model):
+        if hasattr(node, "jaxqat_set_compute"):
+          node.jaxqat_set_compute(compute)
     qnnx.calibrate(model, batches)
   return model
 
@@ -217,6 +265,9 @@ def quantize_nnx(model, rules, batches):
 def bench_nnx(model_name, x, y, rules, warmup, repeats):
   """The same step with the NNX front end (native NNX versions of the models)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  if model_name in CONV_MODELS:
+    import bench_small_models as small  # pylint: disable=g-import-not-at-top
+    return _time(*small.nnx_step(model_name, rules, x, y), (x, y), warmup, repeats)
 
   model = quantize_nnx(_nnx_model(model_name), rules, [x])
   graphdef, trainable, rest = nnx.split(model, nnx.Param, ...)
@@ -262,60 +313,131 @@ def parse_args(doc, models, frontends, **extra):
     ap.add_argument(f"--{name}", default=default)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--memory-only", action="store_true", help="compile and report memory only")
+  ap.add_argument("--quick", action="store_true", help="a short check (GPU: < 2 minutes)")
   return ap.parse_args()
 
 
-def main():
-  args = parse_args(__doc__, "mlp,transformer", "linen,nnx,qwix")
-  frontends = args.frontends.split(",")
-  print(f"machine: {_cpu()}; {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}); jax {jax.__version__}")
-  rows = []
+def _runner(name, label, fe, model, x, y, rules, args):
+  if fe == "linen":
+    return bench_linen(model, x, y, rules, args.warmup, args.repeats)
+  if fe == "nnx":
+    return bench_nnx(name, x, y, rules, args.warmup, args.repeats)
+  if label.endswith("int QAT"):
+    return None  # qwix has no such mode
+  return bench_qwix(model, x, y, 8 if rules is None else 4, args.warmup, args.repeats)
+
+
+def _plan(args):
+  """[(model, config label, front end)] in run order."""
+  fes = args.frontends.split(",")
+  out = []
   for name in args.models.split(","):
-    model, x, y = _inputs(name)
-    runners = []  # (config, front end, baseline key, runner)
-    with jax.numpy_dtype_promotion("standard"):  # optax Adam's float ** int32
-      runners.append(("float", "flax linen", "linen",
-                      bench_linen(model, x, y, "float", args.warmup, args.repeats)))
-      if "nnx" in frontends:
-        runners.append(("float", "flax nnx", "nnx",
-                        bench_nnx(name, x, y, "float", args.warmup, args.repeats)))
-      for label, rules in (("W8A8 QAT", None), ("W4A4 LSQ QAT", W4A4_LSQ)):
-        if "linen" in frontends:
-          runners.append((label, "jaxqat linen", "linen",
-                          bench_linen(model, x, y, rules, args.warmup, args.repeats)))
-        if "nnx" in frontends:
+    for label, _ in CONFIGS:
+      for fe in ("linen", "nnx", "qwix"):
+        if fe in fes and not (label == "float" and fe == "qwix"):
+          out.append((name, label, fe))
+  return out
+
+
+def _child(spec, args):
+  """One configuration in this process: XLA estimate, device peak, median time (JSON)."""
+  name, label, fe = spec.split("/")
+  model, x, y = _inputs(name)
+  rules = dict(CONFIGS)[label]
+  with jax.numpy_dtype_promotion("standard"):
+    r = _runner(name, label, fe, model, x, y, rules, args)
+    if r is None:
+      return
+    for _ in range(args.repeats):
+      r.run()
+  stats = jax.devices()[0].memory_stats() or {}
+  print("RESULT " + json.dumps({"spec": spec, "ms": r.median * 1e3, "xla": r.xla,
+                                "peak": stats.get("peak_bytes_in_use", float("nan"))}),
+        flush=True)
+
+
+def _isolated(plan, args, jobs):
+  """Runs each configuration in its own process (``jobs`` at a time); {spec: result}."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+  def one(item):
+    spec = "/".join(item)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", spec,
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    for line in p.stdout.splitlines():
+      if line.startswith("RESULT "):
+        return item, json.loads(line[7:])
+    if p.returncode:
+      print(f"  ({spec} failed: {p.stderr.strip().splitlines()[-1:]})")
+    return item, None
+
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    return dict(pool.map(one, plan))
+
+
+def main():
+  args = parse_args(__doc__, "mlp,transformer,cnn1d,resnet", "linen,nnx,qwix",
+                    child="", isolate="auto", jobs="1")
+  memory_only = args.memory_only
+  if args.quick:
+    args.frontends, args.warmup, args.repeats, args.jobs = "nnx", 1, 3, "8"
+  if args.child:
+    return _child(args.child, args)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  on_device = jax.default_backend() != "cpu"
+  isolate = on_device if args.isolate == "auto" else args.isolate in ("1", "true", "yes")
+  print(f"machine: {_cpu()}; {jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}); jax {jax.__version__}; load {os.getloadavg()[0]:.1f}")
+  plan = _plan(args)
+  results = {}  # (model, label, fe) -> {"ms", "xla", "peak"}
+  if isolate:
+    results = {k: v for k, v in _isolated(plan, args, int(args.jobs)).items() if v}
+    if int(args.jobs) > 1:
+      print("(configurations ran in parallel processes: times are not comparable)")
+  else:
+    for name in args.models.split(","):
+      model, x, y = _inputs(name)
+      runners = []
+      with jax.numpy_dtype_promotion("standard"):  # optax Adam's float ** int32
+        for item in [p for p in plan if p[0] == name]:
           try:
-            runners.append((label, "jaxqat nnx", "nnx",
-                            bench_nnx(name, x, y, rules, args.warmup, args.repeats)))
-          except Exception as e:  # pylint: disable=broad-except
-            print(f"  (nnx {name} {label} skipped: {type(e).__name__}: {str(e)[:120]})")
-        if "qwix" in frontends:
-          try:
-            runners.append((label, "qwix", "linen",
-                            bench_qwix(model, x, y, 8 if rules is None else 4, args.warmup,
-                                       args.repeats)))
+            r = _runner(name, item[1], item[2], model, x, y, dict(CONFIGS)[item[1]], args)
           except ImportError:
-            pass
+            continue
           except Exception as e:  # pylint: disable=broad-except
-            print(f"  (qwix {name} {label} skipped: {type(e).__name__}: {str(e)[:120]})")
-      # Interleaved rounds: a slow moment of the machine hits every configuration alike.
-      for _ in range(args.repeats):
-        for *_, r in runners:
-          r.run()
-    base = {fe: r.median for label, _, fe, r in runners if label == "float"}
-    for label, fe_name, fe, r in runners:
-      rows.append((name, label, fe_name, r.median, r.median / base[fe], r.memory, r.memory_kind))
-      r.state = None  # free the buffers
+            print(f"  ({'/'.join(item)} skipped: {type(e).__name__}: {str(e)[:160]})")
+            continue
+          if r is not None:
+            runners.append((item, r))
+        # Interleaved rounds: a slow moment of the machine hits every configuration alike.
+        for _ in range(0 if memory_only else args.repeats):
+          for _, r in runners:
+            r.run()
+      for item, r in runners:
+        results[item] = {"ms": r.median * 1e3 if r.times else float("nan"), "xla": r.xla,
+                         "peak": float("nan")}
+        r.state = None  # free the buffers
+  _table(results)
+
+
+def _table(results):
+  def base(item, key):
+    fe = "linen" if item[2] == "qwix" else item[2]
+    b = results.get((item[0], "float", fe))
+    return b[key] if b else float("nan")
+
   print("\n(x float: against the float step of the same front end; qwix against Linen)")
-  print(f"\n{'model':<12}{'config':<15}{'front end':<14}{'median ms':>10}{'x float':>9}"
-        f"{'memory MiB':>12}  memory kind")
-  for name, label, fe, t, r, mem, kind in rows:
-    print(f"{name:<12}{label:<15}{fe:<14}{t * 1e3:>10.1f}{r:>9.2f}{mem / 2**20:>12.1f}  {kind}")
-  try:
-    import qwix  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    print("(qwix is not installed: no peer comparison)")
+  print("| model | config | front end | median ms | x float | XLA memory MiB | x float "
+        "| device peak MiB | x float |")
+  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for item, r in results.items():
+    cells = []
+    for key, scale in (("ms", 1.0), ("xla", 2.0**-20), ("peak", 2.0**-20)):
+      v = r[key]
+      cells += [f"{v * scale:.1f}", f"{v / base(item, key):.2f}"]
+    print(f"| {item[0]} | {item[1]} | {item[2]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -321,6 +321,79 @@ def _quantize_operands(frame: Frame, ops: list, weights: dict, act_index: Option
   return ops
 
 
+def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[int], kw: dict):
+  """The op of a quantized layer in QAT (``quant`` mode): :func:`jaxqat.core.qat_op`.
+
+  The quantizers hand over their ranges instead of fake-quantizing
+  (:func:`_quantizer.ranges`) and ``qat_op`` runs the rule's compute mode:
+  the fake-quant values with a lean backward, or the integer forward. Only
+  the common layout is routed (the weight is the right operand, untransposed,
+  the input the left one); other layouts, and stochastic rounding, keep the
+  fake-quantized operands (``"fake"`` only).
+
+  Returns:
+    ``_Done(result)``, or None to fall back to :func:`_quantize_operands`.
+
+  Raises:
+    ValueError: if the rule asks for ``compute="integer"`` and the op cannot
+      take it (naming the layer and the reason).
+  """
+  rule, ctx = frame.rule, frame.context
+  kind = type(frame.module).__name__
+  where = f"layer {_quantizer.describe(frame.path)} ({kind})"
+  if rule.compute == "integer" and len(weights) == 1 and rule.weight is not None:
+    (_, out_axes, _), = weights.values()
+    reason = core._integer.spec_reason(  # pylint: disable=protected-access
+        rule.act, rule.weight.resolve_output_channel(out_axes), jnp.ndim(ops[1]),
+        conv=op == "conv_general_dilated")
+    if reason is not None:  # what the specs alone rule out: at init already
+      raise ValueError(f"jaxqat: {where}: compute='integer' cannot run this layer in integer "
+                       f"arithmetic: {reason}")
+  if ctx.mode != "quant" or frame.store.initializing:
+    return None
+  routed = (list(weights) == [1] and weights[1][2] is None and act_index in (0, None)
+            and rule.weight is not None)
+  act = weight = None
+  if routed:
+    (wname, out_axes, _), = weights.values()
+    if act_index is not None and rule.act is not None:
+      act = _quantizer.ranges(_quantizer.quantize_activation, frame.store, _act_name(wname),
+                              ops[0], rule.act, ctx.mode, f"{where} input activation "
+                              f"'{_act_name(wname)}'")
+    spec = rule.weight.resolve_output_channel(out_axes)
+    weight = _quantizer.ranges(_quantizer.quantize_weight, frame.store, wname, ops[1], spec,
+                               ctx.mode, f"{where} weight '{wname}'")
+    routed = "stochastic" not in (act, weight)
+  if not routed:
+    if rule.compute == "integer":
+      raise ValueError(f"jaxqat: {where}: compute='integer' cannot run this layer in integer "
+                       "arithmetic: its weight is not the untransposed right operand of its op, "
+                       "or it rounds stochastically")
+    return None
+  ctx.record(frame, wname, spec, rule.act if act_index is not None else None)
+  compute = rule.compute
+  if act is None and rule.act is not None and act_index is not None:
+    compute = "fake"  # the input stays float (calibration saw no finite value)
+  try:
+    return _Done(core.qat_op(op, ops[0], ops[1], act=act, weight=weight, compute=compute, **kw))
+  except ValueError as e:
+    raise ValueError(f"jaxqat: {where}: {e}") from None
+
+
+def _qat_bound(frame: Frame, op: str, bound, weights: dict, act_index: Optional[int]):
+  """A lax op of a quantized layer outside the served mode: :func:`_qat`, or fake-quantized operands."""
+  a, b = bound.arguments["lhs"], bound.arguments["rhs"]
+  kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
+  if kw.get("out_sharding") is None:
+    kw.pop("out_sharding", None)
+    done = _qat(frame, op, [a, b], weights, act_index, kw)
+    if done is not None:
+      return done
+  a, b = _quantize_operands(frame, [a, b], weights, act_index)
+  bound.arguments["lhs"], bound.arguments["rhs"] = a, b
+  return bound
+
+
 def _kernel_by_position(frame: Frame, x, name: str = "kernel") -> bool:
   """For Flax's own layers: is ``x`` shaped like the layer's kernel?"""
   if not isinstance(frame.module, _KERNEL_LAYERS):
@@ -379,9 +452,7 @@ def _dot_general(frame, orig, bound):
     return _Done(_served(frame, [a, b], weights, act_index, call,
                          _int_dot_general(dn, bound.arguments.get("precision"),
                                           bound.arguments.get("preferred_element_type"))))
-  a, b = _quantize_operands(frame, [a, b], weights, act_index)
-  bound.arguments["lhs"], bound.arguments["rhs"] = a, b
-  return bound
+  return _qat_bound(frame, "dot_general", bound, weights, act_index)
 
 
 def _conv(frame, orig, bound):
@@ -400,9 +471,7 @@ def _conv(frame, orig, bound):
     kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
     call = lambda ops: orig(*ops, **kw)  # noqa: E731
     return _Done(_served(frame, [lhs, rhs], weights, act_index, call, _int_conv(kw)))
-  lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, act_index)
-  bound.arguments["lhs"], bound.arguments["rhs"] = lhs, rhs
-  return bound
+  return _qat_bound(frame, "conv_general_dilated", bound, weights, act_index)
 
 
 def _dot(frame, orig, bound):
@@ -426,6 +495,10 @@ def _dot(frame, orig, bound):
     fn = None if dn is None else _int_dot_general(dn, kw.get("precision"),
                                                   kw.get("preferred_element_type"))
     return _Done(_served(frame, [a, b], weights, act_index, call, fn))
+  if frame.rule.compute == "integer" and frame.context.mode == "quant":
+    raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
+                     f"cannot run this layer in integer arithmetic: it computes with "
+                     f"jnp.{orig.__name__} (Embed.attend...), not dot_general/einsum/conv")
   a, b = _quantize_operands(frame, [a, b], weights, act_index)
   bound.arguments[names[0]], bound.arguments[names[1]] = a, b
   return bound
@@ -474,6 +547,14 @@ def _einsum(frame, orig, args, kwargs):
     return _Done(_served(frame, [a, b], weights, act_index, call,
                          _int_einsum(subscripts, kwargs.get("precision"),
                                      kwargs.get("preferred_element_type"))))
+  given = {k: v for k, v in kwargs.items() if v is not None}
+  if set(given) <= {"precision", "preferred_element_type"}:
+    done = _qat(frame, "einsum", [a, b], weights, act_index, dict(given, subscripts=subscripts))
+    if done is not None:
+      return done
+  elif frame.rule.compute == "integer":
+    raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
+                     f"does not take einsum arguments {sorted(given)}")
   a, b = _quantize_operands(frame, [a, b], weights, act_index)
   return (subscripts, a, b), kwargs
 

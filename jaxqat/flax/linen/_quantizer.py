@@ -40,6 +40,7 @@ Modes (internal; the public ones are ``quant`` and ``float``):
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 import jax
@@ -162,13 +163,41 @@ def _rounding(spec: core.QuantSpec, store: Store, mode: str):
   return spec, owner.make_rng("quant")
 
 
+_CAPTURE = threading.local()
+
+
 def _qdq(x, spec, store, mode, scale=None, zero_point=None, log_scale=None, offset=None):
   spec, key = _rounding(spec, store, mode)
   if log_scale is not None:
     scale = core.param_to_step_size(log_scale)
   if spec.symmetric or spec.learning != "fixed":
     zero_point = None
+  if getattr(_CAPTURE, "box", None) is not None:  # ranges(): record, do not apply
+    _CAPTURE.box.append((spec, scale, zero_point, offset) if key is None else "stochastic")
+    return x
   return core.quant_dequant(x, spec, scale, zero_point, offset=offset, key=key)
+
+
+def ranges(quantize_fn, *args):
+  """What ``quantize_fn(*args)`` would apply, without applying it.
+
+  ``quantize_fn`` is :func:`quantize_activation` or :func:`quantize_weight`
+  (in ``quant`` mode, state already created); the result is the range
+  :func:`jaxqat.core.qat_op` takes, ``(spec, scale, zero_point, offset)``,
+  ``None`` when the tensor passes through unquantized, or ``"stochastic"``
+  for stochastic rounding (which ``qat_op`` does not do).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> ranges(lambda x: x, jnp.ones(2)) is None
+    True
+  """
+  _CAPTURE.box = box = []
+  try:
+    quantize_fn(*args)
+  finally:
+    _CAPTURE.box = None
+  return box[0] if box else None
 
 
 def quantize_activation(store: Store, name: str, x: jax.Array, spec: core.QuantSpec, mode: str,

@@ -213,6 +213,17 @@ class _QuantMixin(nnx.Module):
     self._check_compute(self, quants, compute, path)
     self._jaxqat_install(*quants, path=path, compute=compute)
 
+  def jaxqat_set_compute(self, compute: str) -> None:
+    """Sets the compute mode of this quantized layer (validated as at quantize time).
+
+    Raises:
+      ValueError: if ``compute`` is unknown or ``"integer"`` cannot run this
+        layer (naming the layer and the reason).
+    """
+    quants = (getattr(self, self.quant_attr), self.input_quant, self.jaxqat_stack)
+    self._check_compute(self, quants, compute, getattr(self, "jaxqat_path", ""))
+    self.jaxqat_compute = compute
+
   @classmethod
   def _routed(cls, layer) -> bool:
     """Whether the layer's op is Flax's default one, which core.qat_op replaces."""
