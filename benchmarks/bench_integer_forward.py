@@ -26,6 +26,8 @@ from jax import lax
 
 from jaxqat import core
 
+from bench_qat_step import _xla_memory  # noqa: E402  pylint: disable=g-import-not-at-top
+
 W = core.QuantSpec(format=core.IntFormat(bits=8, signed=True, narrow=True),
                    granularity=core.PerChannel(-1))
 A = core.QuantSpec(format="int8", symmetric=False)
@@ -60,15 +62,6 @@ def _step(mode):
   return jax.jit(step, donate_argnums=0)
 
 
-def _memory(compiled):
-  try:
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
-            m.alias_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
-    return float("nan")
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--repeats", type=int, default=20)
@@ -95,7 +88,7 @@ def main():
     for _ in range(args.warmup):
       ws = compiled(ws, x, y, ranges)
     jax.block_until_ready(ws)
-    runs[mode] = [compiled, ws, [], _memory(compiled)]
+    runs[mode] = [compiled, ws, [], _xla_memory(compiled)]
   for _ in range(args.repeats):
     for mode, r in runs.items():
       t = time.perf_counter()
