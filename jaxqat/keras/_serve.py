@@ -280,7 +280,10 @@ class ServedLayer(keras.layers.Layer):
     import jax
     import jax.numpy as jnp
     arrays = self._stored_arrays(prefix, lambda v: jnp.asarray(to_numpy(v)))
-    return jax.jit(functools.partial(self._decode, prefix=prefix))(arrays)  # one compilation
+    key = json.dumps(["decode", prefix, self._slot(prefix)[0]], sort_keys=True, default=str)
+    if key not in _JITTED:  # one compilation per storage layout, not one per op
+      _JITTED[key] = jax.jit(functools.partial(self._decode, prefix=prefix))
+    return _JITTED[key](arrays)
 
   def stored_bytes(self, prefix: str = "") -> int:
     """Bytes the layer's variables hold for one weight (codes, scales, zero points)."""
