@@ -61,6 +61,7 @@ from jaxqat.keras._serve import ServedEinsumDense as ServedEinsumDense
 from jaxqat.keras._serve import ServedConv as ServedConv
 from jaxqat.keras._serve import ServedDepthwiseConv as ServedDepthwiseConv
 from jaxqat.keras._serve import ServedEmbedding as ServedEmbedding
+from jaxqat.keras._serve import ServedSeparableConv as ServedSeparableConv
 from jaxqat.keras._saving import export_encodings as export_encodings
 from jaxqat.keras._saving import save_encodings as save_encodings
 from jaxqat.keras._saving import load_encodings as load_encodings
@@ -91,6 +92,7 @@ __all__ = [
     "ServedDense",
     "ServedDepthwiseConv",
     "ServedEinsumDense",
+    "ServedSeparableConv",
     "ServedEmbedding",
     "ServedLayer",
     "calibrate",
