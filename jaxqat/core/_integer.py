@@ -652,11 +652,27 @@ def _fake_op(cfg, x, w, a, wq):
 def recompute_bwd(fn, res, g):
   """The vjp of ``fn`` at the saved inputs ``res``, recomputed in the backward pass.
 
-  The inputs pass an ``optimization_barrier`` first (as ``jax.checkpoint``
-  does), so XLA cannot merge the recomputed fake quantization with the
-  forward's and keep its result alive across the step.
+  XLA must not merge the recomputed fake quantization with the forward's (it
+  would then keep the fake-quantized operands alive from the forward to the
+  backward, which is what recomputing avoids). ``jax.checkpoint``'s
+  ``optimization_barrier`` does that on GPU/TPU, but XLA:CPU drops barriers
+  before common-subexpression elimination; so the saved arrays are also
+  multiplied by a one computed from the cotangent (``1 + 0 * g[0]``, with a
+  non-finite ``g[0]`` replaced by 0): exact, and it ties the recomputation
+  to the backward pass.
   """
   res = lax.optimization_barrier(res)
+  leaves = [t for t in jax.tree_util.tree_leaves(g) if jnp.size(t)]
+  if leaves:
+    probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
+    one = 1.0 + 0.0 * jnp.where(jnp.isfinite(probe), probe, 0.0)
+
+    def tie(r):
+      if r is None or not jnp.issubdtype(jnp.result_type(r), jnp.floating):
+        return r
+      return r * one.astype(jnp.result_type(r))
+
+    res = jax.tree_util.tree_map(tie, res)
   _, pullback = jax.vjp(fn, *res)
   return pullback(g)
 
