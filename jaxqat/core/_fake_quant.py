@@ -15,7 +15,9 @@ value that rounds onto ``qmin`` or ``qmax`` -- such as a channel's absolute
 maximum ``amax`` with ``s = amax / qmax``, where ``x / s`` may come out a few
 ulp above ``qmax`` -- is not clipped and passes the gradient; LSQ's step-size
 derivative there is the inside one, ``round(u) - u``. For float grids the
-mask is ``|x / s| <= max``. The same rule holds in every primitive. A layer
+mask is ``|x / s| <= max``. The same rule holds in every primitive, NaN
+included: a NaN element passes no gradient to ``x`` (and counts as clipped
+for an LSQ+ offset). A layer
 computing
 ``x @ fake_quant(w)`` therefore back-propagates ``g @ w_q^T`` to ``x`` -- the
 *quantized* operand -- and ``x^T g`` masked by the clip range to ``w``.
@@ -25,6 +27,10 @@ Integer grid, for a step size ``s > 0`` and integer zero point ``z``
 
     q = clip(round_half_even(x / s) + z, qmin, qmax)
     fake_quant(x) = s * (q - z)
+
+computed as ``s * clip(round_half_even(x / s), qmin - z, qmax - z)``, the
+same value with two operations fewer per element (an element that rounds to
+zero from below gives ``-0``).
 
 Float grids (fp8/fp6/fp4) replace the integer rounding with rounding onto the
 minifloat grid after clipping ``x / s`` to ``[-max, max]``. Block formats
@@ -62,20 +68,30 @@ __all__ = [
 
 
 def _fq_forward(x, scale, zero_point, noise, fmt):
+  """``(y, inside)``: the fake-quantized ``x`` and where clipping left it unchanged.
+
+  ``inside`` is one comparison, ``clip(c) == c`` for the rounded (or
+  scaled) value ``c``: the same mask as ``qmin <= c + z <= qmax`` (false for
+  NaN). Integer grids clip in code space shifted by ``z`` (see
+  ``_lsq_forward``); ``zero_point=None`` means 0 and skips it.
+  """
   cdt = _grid.compute_dtype(x.dtype)
   x32 = x.astype(cdt)
   s = jnp.maximum(scale.astype(cdt), _grid.SCALE_EPS)
   v = x32 / s
   if isinstance(fmt, formats_lib.IntFormat):
-    z = zero_point.astype(cdt)
-    code = _grid.grid_round(v, fmt, noise) + z  # the integer code before clipping
-    q = jnp.clip(code, fmt.qmin, fmt.qmax)
-    y = (q - z) * s
-    inside = (code >= fmt.qmin) & (code <= fmt.qmax)  # clipping did not change the code
+    r = _grid.grid_round(v, fmt, noise)
+    if zero_point is None:
+      qs = jnp.clip(r, fmt.qmin, fmt.qmax)
+    else:  # clip(r + z, qmin, qmax) - z, exactly (see _lsq_forward)
+      z = zero_point.astype(cdt)
+      qs = jnp.clip(r, fmt.qmin - z, fmt.qmax - z)
+    y = qs * s
+    inside = qs == r  # clipping did not change the code
   else:
-    q = _grid.float_round(jnp.clip(v, -fmt.max, fmt.max), fmt)
-    y = q * s
-    inside = (v >= -fmt.max) & (v <= fmt.max)
+    vc = jnp.clip(v, -fmt.max, fmt.max)
+    y = _grid.float_round(vc, fmt) * s
+    inside = vc == v
   return y.astype(x.dtype), inside
 
 
@@ -90,24 +106,34 @@ def _masked(inside, x_dot):
 _masked_tangent = jax.checkpoint(_masked, policy=jax.checkpoint_policies.nothing_saveable)
 
 
+def _mask_tangent(inside):
+  """The (symbolic zero) tangent of a boolean output."""
+  return np.zeros(inside.shape, jax.dtypes.float0)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _fake_quant(x, scale, zero_point, noise, fmt):
-  return _fq_forward(x, scale, zero_point, noise, fmt)[0]
+def _fake_quant_masked(x, scale, zero_point, noise, fmt):
+  """``(y, inside)``, both from one evaluation of the forward arithmetic."""
+  return _fq_forward(x, scale, zero_point, noise, fmt)
 
 
-@_fake_quant.defjvp
+@_fake_quant_masked.defjvp
 def _fake_quant_jvp(fmt, primals, tangents):
   """Linear STE tangent; reverse mode is its transpose, ``where(inside, g, 0)``.
 
-  The primal output comes from ``_fake_quant`` itself, so that higher-order
-  derivatives use this rule again (a Hessian sees the STE, not the zero
-  derivative of ``round``).
+  The primal outputs come from ``_fake_quant_masked`` itself, so that
+  higher-order derivatives use this rule again (a Hessian sees the STE, not
+  the zero derivative of ``round``); the mask comes with the output, so that
+  a recomputed forward pass (``jaxqat.core.qat_op``'s backward) divides and
+  rounds once, not twice.
   """
   x, scale, zero_point, noise = primals
-  x_dot = tangents[0]
-  y = _fake_quant(x, scale, zero_point, noise, fmt)
-  inside = _fq_forward(x, scale, zero_point, noise, fmt)[1]
-  return y, _masked_tangent(inside, x_dot)
+  y, inside = _fake_quant_masked(x, scale, zero_point, noise, fmt)
+  return (y, inside), (_masked_tangent(inside, tangents[0]), _mask_tangent(inside))
+
+
+def _fake_quant(x, scale, zero_point, noise, fmt):
+  return _fake_quant_masked(x, scale, zero_point, noise, fmt)[0]
 
 
 # Jitted entry points: eager calls compile one program instead of one per op.
@@ -198,19 +224,15 @@ def fake_quant(
     raise ValueError("scale: a step size is required for integer and float formats, got None")
   scale = _grid.check_scale(scale, x.shape, spec)
   _grid.check_finite(scale, "scale")
-  if spec.is_int:
-    if zero_point is None:
-      zp = jnp.zeros((), scale.dtype)
-    else:
-      zp = _grid.check_scale(zero_point, x.shape, spec, "zero_point")
-      _grid.check_zero_point(zp, spec.format)
-  else:
-    if zero_point is not None:
+  zl = None  # no zero point: 0, and no arithmetic for it
+  if zero_point is not None:
+    if not spec.is_int:
       raise ValueError(f"zero_point: float format {spec.format.name} is symmetric; pass None")
-    zp = jnp.zeros((), scale.dtype)
+    zp = _grid.check_scale(zero_point, x.shape, spec, "zero_point")
+    _grid.check_zero_point(zp, spec.format)
+    zl = _grid.scale_to_layout(zp, x.shape, spec) if zp.ndim else zp
   xl = _grid.to_layout(x, spec)
   s = _grid.scale_to_layout(scale, x.shape, spec)
-  zl = _grid.scale_to_layout(zp, x.shape, spec) if zp.ndim else zp
   noise = _noise(key, xl, spec)
   y = _fake_quant_jit(xl, s, zl, noise, spec.format)
   return y.reshape(x.shape)
@@ -245,28 +267,37 @@ def lsq_grad_scale(num_elements: int, qmax: float) -> float:
 
 
 def _lsq_forward(x, step, offset, noise, fmt):
+  """``(y, (inside, ds))``: the output, the clip mask and the step-size derivative.
+
+  Integer grids compute in code space shifted by the zero point ``z``:
+  ``clip(round(v), qmin - z, qmax - z) * s`` is ``(clip(round(v) + z, qmin,
+  qmax) - z) * s`` (integers below 2^24 are exact in float32, and larger
+  ``|round(v)|`` clip to the same end either way), two operations fewer per
+  element. ``inside = clip(r) == r`` (false for NaN).
+  """
   cdt = _grid.compute_dtype(x.dtype)
   x32 = x.astype(cdt)
   s = jnp.maximum(step.astype(cdt), _grid.SCALE_EPS)
   v = x32 / s
-  if offset is None:
-    z = jnp.zeros((), cdt)
-  else:
-    z = _grid.round_half_even(-offset.astype(cdt) / s)
-  rv = _grid.grid_round(v, fmt, noise)
   if isinstance(fmt, formats_lib.IntFormat):
-    code = rv + z  # the integer code before clipping
-    below = code < fmt.qmin  # clipped: clipping changed the code
-    above = code > fmt.qmax
-    q = jnp.clip(code, fmt.qmin, fmt.qmax)
+    r = _grid.grid_round(v, fmt, noise)
+    if offset is None:
+      qs = jnp.clip(r, fmt.qmin, fmt.qmax)
+      clipped_ds = qs  # qmin or qmax where clipped
+    else:
+      z = _grid.round_half_even(-offset.astype(cdt) / s)
+      qs = jnp.clip(r, fmt.qmin - z, fmt.qmax - z)  # q - z
+      clipped_ds = qs + z
+    inside = qs == r  # clipping did not change the code
+    y = qs * s
+    ds = jnp.where(inside, r - v, clipped_ds)
   else:
-    u = v + z
-    below = u < -fmt.max
-    above = u > fmt.max
-    q = _grid.float_round(jnp.clip(v, -fmt.max, fmt.max), fmt)
-    rv = q
-  y = ((q - z) * s).astype(x.dtype)
-  return y, (below, above, rv - v)
+    vc = jnp.clip(v, -fmt.max, fmt.max)
+    q = _grid.float_round(vc, fmt)
+    inside = vc == v
+    y = q * s
+    ds = jnp.where(inside, q - v, q)  # -max or max where clipped
+  return y.astype(x.dtype), (inside, ds)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
@@ -282,14 +313,12 @@ def _lsq_tangent(x, step, offset, noise, x_dot, step_dot, offset_dot, *, fmt, gr
   and recomputes the masks and the step-size derivative in the backward pass,
   instead of keeping two boolean masks and a float array of ``x``'s size.
   """
-  below, above, round_err = _lsq_forward(x, step, offset, noise, fmt)[1]
-  ds = jnp.where(below, fmt.qmin, jnp.where(above, fmt.qmax, round_err))
-  outside = below | above
+  inside, ds = _lsq_forward(x, step, offset, noise, fmt)[1]
   cdt = ds.dtype
-  t = jnp.where(outside, jnp.zeros((), x_dot.dtype), x_dot).astype(cdt)
+  t = jnp.where(inside, x_dot, jnp.zeros((), x_dot.dtype)).astype(cdt)
   t = t + ds * (step_dot.astype(cdt) * grad_scale)
   if offset_dot is not None:
-    t = t + jnp.where(outside, jnp.ones((), cdt), jnp.zeros((), cdt)) * (
+    t = t + jnp.where(inside, jnp.zeros((), cdt), jnp.ones((), cdt)) * (
         offset_dot.astype(cdt) * grad_scale)
   return t.astype(x.dtype)
 
@@ -508,17 +537,20 @@ def _block_forward(x, fmt, axis, tensor_scale):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _block_fq(x, tensor_scale, fmt, axis):
-  return _block_forward(x, fmt, axis, tensor_scale)[0]
+def _block_fq_masked(x, tensor_scale, fmt, axis):
+  """``(y, inside)`` from one evaluation (block scales computed once)."""
+  return _block_forward(x, fmt, axis, tensor_scale)
 
 
-@_block_fq.defjvp
+@_block_fq_masked.defjvp
 def _block_fq_jvp(fmt, axis, primals, tangents):
   x, tensor_scale = primals
-  x_dot = tangents[0]
-  y = _block_fq(x, tensor_scale, fmt, axis)
-  inside = _block_forward(x, fmt, axis, tensor_scale)[1]
-  return y, _masked_tangent(inside, x_dot)
+  y, inside = _block_fq_masked(x, tensor_scale, fmt, axis)
+  return (y, inside), (_masked_tangent(inside, tangents[0]), _mask_tangent(inside))
+
+
+def _block_fq(x, tensor_scale, fmt, axis):
+  return _block_fq_masked(x, tensor_scale, fmt, axis)[0]
 
 
 _block_fq_jit = jax.jit(_block_fq, static_argnums=(2, 3))
