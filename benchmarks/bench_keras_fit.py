@@ -10,7 +10,13 @@ QAT (absmax observers), W4A4 LSQ QAT, each with and without Conv+BN folding.
 The steps of the three variants of a model run interleaved (one step of each
 per round), so that a slow moment of a shared machine hits all alike; the
 median over ``--steps`` rounds is reported in a Markdown table with the
-machine load.
+machine load: wall time, and the process's CPU time (all its threads), which
+a loaded machine disturbs less.
+
+On a shared machine run torch with ``--threads 1``: torch's intra-op thread
+pool spins while it waits, so with more threads than idle cores a step can
+take several times longer, for float and QAT alike but not by the same
+factor.
 """
 
 import argparse
@@ -52,12 +58,14 @@ def time_interleaved(models, x, y, steps):
     for _ in range(3):  # compile + warm up
       m.train_on_batch(x, y)
   times = [[] for _ in models]
+  cpu = [[] for _ in models]
   for _ in range(steps):
-    for m, ts in zip(models, times):
-      t = time.perf_counter()
+    for m, ts, cs in zip(models, times, cpu):
+      t, c = time.perf_counter(), time.process_time()
       np.asarray(m.train_on_batch(x, y))  # the loss, fetched: the step has finished
       ts.append(time.perf_counter() - t)
-  return [float(np.median(ts)) for ts in times]
+      cs.append(time.process_time() - c)
+  return [float(np.median(ts)) for ts in times], [float(np.median(cs)) for cs in cpu]
 
 
 def main():
@@ -66,8 +74,13 @@ def main():
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--jit-compile", action="store_true",
                  help="torch: compile the step with torch.compile (JAX always jit-compiles)")
+  p.add_argument("--threads", type=int, default=0,
+                 help="torch: intra-op threads (torch.set_num_threads; 0: torch's default)")
   args = p.parse_args()
   backend = keras.backend.backend()
+  if backend == "torch" and args.threads:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(args.threads)
   jit = backend == "jax" or args.jit_compile
   rng = np.random.RandomState(0)
   x = rng.rand(args.batch, 32, 32, 3).astype(np.float32)
@@ -86,16 +99,20 @@ def main():
       jqk.calibrate(q, x[:32], verbose=0)
       models.append(compile_model(q, jit))
       labels.append(name + (" (BN folded)" if bn else ""))
-    times = time_interleaved(models, x, y, args.steps)
-    for label, t in zip(labels, times):
-      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0]))
+    times, cpu = time_interleaved(models, x, y, args.steps)
+    for label, t, c in zip(labels, times, cpu):
+      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0], c, c / cpu[0]))
+  threads = ""
+  if backend == "torch":
+    import torch  # pylint: disable=import-outside-toplevel
+    threads = f", {torch.get_num_threads()} torch threads"
   print(f"Keras {keras.__version__}, backend {backend} ({'compiled' if jit else 'eager'}), "
-        f"{platform.processor() or platform.machine()}, batch {args.batch} x 32x32x3, median of "
-        f"{args.steps} interleaved steps, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-  print("| model | variant | step (ms) | vs float |")
-  print("|---|---|---|---|")
-  for model, variant, t, r in rows:
-    print(f"| {model} | {variant} | {t * 1e3:.1f} | {r:.2f}x |")
+        f"{platform.processor() or platform.machine()}{threads}, batch {args.batch} x 32x32x3, "
+        f"median of {args.steps} interleaved steps, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
+  print("| model | variant | step (ms) | vs float | CPU (ms) | CPU vs float |")
+  print("|---|---|---|---|---|---|")
+  for model, variant, t, r, c, rc in rows:
+    print(f"| {model} | {variant} | {t * 1e3:.1f} | {r:.2f}x | {c * 1e3:.1f} | {rc:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,14 @@ class _Context:
       return None
     return rule.weight, rule.act
 
+  def compute_for(self, layer, path, qcls) -> str:
+    """The rule's compute mode for ``layer``, checked (raised, not reported, if impossible)."""
+    rule = self.rules.match(path)
+    compute = rule.compute
+    _layers.check_compute(qcls, layer, weight_spec=rule.weight, act_spec=rule.act,
+                          compute=compute, where=f"layer {path!r}")
+    return compute
+
   def quant_layer(self, layer, path):
     """A new quantized layer for ``layer`` (unbuilt) or None."""
     qcls = _layers.quantized_class(type(layer))
@@ -148,7 +156,8 @@ class _Context:
     if specs is None:
       return None
     config = layer.get_config()
-    config.update(weight_spec=specs[0], act_spec=specs[1], observe=self.observe)
+    config.update(weight_spec=specs[0], act_spec=specs[1], observe=self.observe,
+                  compute=self.compute_for(layer, path, qcls))
     try:
       new = qcls.from_config(config)
     except Exception as e:  # a derived key in a third-party config, say
@@ -186,6 +195,10 @@ def _fusable_pairs(model, ctx, prefix):
 
 def _make_fused(conv, bn, ctx, path):
   weight, act = ctx.specs_for(conv, path)
+  if ctx.rules.match(path).compute != "fake":
+    raise _layers.ComputeModeError(
+        f"layer {path!r}: compute='integer' cannot run a Conv folded with its BatchNormalization "
+        "(QuantConvBatchNorm has no integer forward); quantize with fold_batchnorm=False")
   fused = _fold.QuantConvBatchNorm(conv, bn, weight_spec=weight, act_spec=act,
                                    observe=ctx.observe, name=conv.name)
   ctx.how[id(fused)] = "copied as QuantConvBatchNorm"
@@ -334,14 +347,18 @@ def _convert_in_place(root, ctx, how):
       ctx.notes[id(layer)] = ("failed", "it is not built (never called), so its weights do not "
                               "exist yet")
       continue
+    qcls = _layers.quantized_class(type(layer)) or _layers.gathered_class(type(layer))
+    compute = ctx.compute_for(layer, path, qcls)
     try:
-      _layers.quantize_in_place(layer, *specs, observe=ctx.observe)
+      _layers.quantize_in_place(layer, *specs, observe=ctx.observe, compute=compute)
+    except _layers.ComputeModeError:
+      raise
     except (TypeError, ValueError) as e:
       ctx.notes[id(layer)] = ("failed", str(e))
       continue
     ctx.how[id(layer)] = how
     ctx.in_place.append({"at": loc, "path": path, "weight": spec_to_dict(specs[0]),
-                         "act": spec_to_dict(specs[1])})
+                         "act": spec_to_dict(specs[1]), "compute": compute})
     ctx.in_place_layers.append(layer)
 
 
@@ -458,6 +475,9 @@ def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], ru
     TypeError: if ``model`` is not a ``keras.Model`` or ``rules`` hold
       something other than Rules.
     ValueError: if the model is not built, or is quantized already.
+      Also (a ``ComputeModeError``) if a rule asks for ``compute="integer"``
+      on a layer that cannot run it: the message names the layer and why
+      (see :class:`jaxqat.keras.QuantLayer`).
 
   Warns:
     QuantizationWarning: for rules that matched no layer, layers with
@@ -502,7 +522,8 @@ def quantize(model, rules: Union[rules_lib.RuleSet, Sequence[rules_lib.Rule], ru
   layers = _statuses(target, ctx, how)
   record = {"version": _saving.RECORD_VERSION, "how": how, "fold_batchnorm": fold_batchnorm,
             "rules": [{"pattern": r.pattern, "weight": spec_to_dict(r.weight),
-                       "act": spec_to_dict(r.act), "skip": r.skip} for r in ruleset.rules],
+                       "act": spec_to_dict(r.act), "skip": r.skip, "compute": r.compute}
+                      for r in ruleset.rules],
             "in_place": ctx.in_place, "layers": layers, "unused_rules": unused}
   _saving.mark(target, record, ctx.in_place_layers)
   left = [f"{e['path']} ({e['type']}: {e['reason']})" for e in layers

@@ -58,6 +58,7 @@ from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
+from jaxqat.keras._quantizer import run_quantizer
 
 __all__ = ["QuantConvBatchNorm", "can_fold"]
 
@@ -257,14 +258,14 @@ class QuantConvBatchNorm(keras.layers.Layer):
   def call(self, inputs, training=None):
     x = inputs
     if self.input_quantizer is not None:
-      x = self.input_quantizer(x, training=training)
+      x = run_quantizer(self.input_quantizer, x, training=training)
     bn = self.bn
     use_batch = bool(training) and bn.trainable and not self.freeze_bn
     gamma, beta, mmean, mvar = self._bn_params()
     if not use_batch:  # the deployed computation
       w_q = self.folded_kernel(gamma, mvar)
       if self.kernel_quantizer is not None:
-        w_q = self.kernel_quantizer(w_q, training=training)
+        w_q = run_quantizer(self.kernel_quantizer, w_q, training=training)
       y = self._conv(x, w_q)
       return ops.add(y, ops.cast(self.folded_bias(), y.dtype))
     # Training with batch statistics, one convolution (module doc, steps 1-4).
@@ -279,7 +280,7 @@ class QuantConvBatchNorm(keras.layers.Layer):
     w_q = ops.multiply(kernel, ops.reshape(ops.cast(ops.divide(gamma_c, sigma), kernel.dtype),
                                            self._channel_shape(kernel.shape)))
     if self.kernel_quantizer is not None:
-      w_q = self.kernel_quantizer(w_q, training=training)
+      w_q = run_quantizer(self.kernel_quantizer, w_q, training=training)
     y_q = self._conv(x, w_q)
     # y_raw = y_q * r approximates conv(x, w); its moments are those of y_q
     # scaled by r (exact algebra, so y_raw is never materialized).

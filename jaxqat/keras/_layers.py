@@ -39,12 +39,16 @@ import inspect
 from typing import Optional
 
 from jaxqat.core import _spec as spec_lib
+from jaxqat.core._rules import COMPUTE_MODES
 from jaxqat.core._serialize import spec_from_dict
 from jaxqat.core._serialize import spec_to_dict
+from jaxqat.keras._backend import backend_name
+from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
+from jaxqat.keras._quantizer import run_quantizer
 
 __all__ = [
     "QuantLayer",
@@ -63,6 +67,8 @@ __all__ = [
     "gathered_weights",
     "quantize_in_place",
     "float_class",
+    "check_compute",
+    "ComputeModeError",
     "FLOAT_TO_QUANT",
 ]
 
@@ -73,11 +79,88 @@ def _einsum_output_axes(equation: str, kernel_rank: int) -> tuple[int, ...]:
   return tuple(i for i, c in enumerate(kernel[-kernel_rank:]) if c in out)
 
 
+class ComputeModeError(ValueError):
+  """A layer cannot run the compute mode its rule asks for (raised, never reported)."""
+
+
+def _integer_backend_reason() -> Optional[str]:
+  if is_jax():
+    return None
+  return (f"the integer forward (int8 x int8 -> int32, jaxqat.core.qat_op) needs the JAX "
+          f"backend; Keras runs on {backend_name()!r} here: use compute='fake' on this backend")
+
+
+def check_compute(qcls, layer, *, weight_spec, act_spec, compute: str, where: str,
+                  specs: bool = True) -> None:
+  """Raises if ``layer`` cannot run ``compute`` (see :class:`QuantLayer`).
+
+  Args:
+    qcls: the quantized class the layer has or gets (``None``: none).
+    layer: the layer (float or quantized; built, for the spec check).
+    weight_spec: the layer's weight spec (``PerOutputChannel()`` allowed).
+    act_spec: the layer's input spec.
+    compute: ``"fake"`` or ``"integer"``.
+    where: the layer, for the message (``"layer 'block/dense'"``).
+    specs: also check the specs against the built layer's kernel.
+
+  Raises:
+    ComputeModeError: naming the layer and why (its class, LoRA, the Keras
+      backend, or what :func:`jaxqat.core.qat_op` cannot take: a
+      weight-only layer, a float or block format, more than 8 bits, a
+      per-channel input, kernel scales along a contracted axis, an affine
+      conv kernel).
+
+  Examples:
+    >>> import keras
+    >>> from jaxqat.core import QuantSpec
+    >>> check_compute(QuantEmbedding, keras.layers.Embedding(4, 2), weight_spec=QuantSpec(),
+    ...               act_spec=None, compute="integer", where="layer 'emb'")
+    Traceback (most recent call last):
+    ...
+    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense and Conv1D/2D/3D layers)
+  """
+  if compute == "fake":
+    return
+  reason = None
+  if qcls is None or qcls.integer_op is None or qcls.call is not QuantLayer.call:
+    name = type(layer).__name__ if qcls is None else qcls.__name__
+    reason = (f"{name} has no integer forward (it runs Dense, EinsumDense and Conv1D/2D/3D "
+              "layers)")
+  elif getattr(layer, "lora_enabled", False):
+    reason = "LoRA is enabled (the integer forward has no LoRA term)"
+  else:
+    reason = _integer_backend_reason()
+  if reason is None and specs and layer.built:
+    from jaxqat.core import _integer  # pylint: disable=import-outside-toplevel
+    attr = qcls.quant_weights[0][0]
+    shape = tuple(getattr(layer, attr).shape)
+    channel = tuple(qcls.channel_axes(layer, attr, shape))
+    wspec = None if weight_spec is None else weight_spec.resolve_output_channel(channel)
+    reason = _integer.spec_reason(act_spec, wspec, len(shape),
+                                  tuple(i for i in range(len(shape)) if i not in channel),
+                                  conv=qcls.integer_op == "conv_general_dilated")
+  if reason is not None:
+    raise ComputeModeError(f"{where}: compute='integer' cannot run this layer in integer "
+                           f"arithmetic: {reason}")
+
+
 class QuantLayer:
   """Mixin that adds weight and input quantization to a Keras layer.
 
   Subclasses list ``quant_weights``: ``(attribute, quantizer_name)`` pairs,
   the attribute holding the float variable that the float ``call`` reads.
+
+  **Compute modes** (:attr:`jaxqat.core.Rule.compute`). ``"fake"`` runs the
+  float layer's ``call`` on fake-quantized operands. ``"integer"`` (Dense,
+  EinsumDense and Conv1D/2D/3D, JAX backend) runs the layer's matmul,
+  einsum or convolution through :func:`jaxqat.core.qat_op`: int8 x int8 ->
+  int32 with one rescale in the forward, the same straight-through backward
+  as ``"fake"``. It needs integer specs of <= 8 bits for the input (per
+  tensor) and the kernel (per tensor or per output channel; a conv kernel
+  symmetric). Otherwise, or on another backend, constructing or building
+  the layer raises a :class:`ComputeModeError` (a ``ValueError``) naming the
+  layer and the reason. While a quantizer calibrates or is set to float the
+  layer runs the fake path.
 
   Args:
     weight_spec: the QuantSpec for the weights (``None``: float weights).
@@ -85,21 +168,25 @@ class QuantLayer:
     act_spec: the QuantSpec for the input activation (``None``: float input).
     observe: forwarded to the :class:`Quantizer` sublayers (``None``:
       their default).
+    compute: ``"fake"`` (default) or ``"integer"``.
     *args, **kwargs: the float layer's arguments.
 
   Raises:
-    ValueError: if ``act_spec`` has granularity ``PerOutputChannel()``.
+    ValueError: if ``act_spec`` has granularity ``PerOutputChannel()``, or
+      ``compute`` is unknown.
+    ComputeModeError: if the layer cannot run ``compute="integer"``.
   """
 
   quant_weights: tuple[tuple[str, str], ...] = ()
   quantize_input: bool = True
+  integer_op: Optional[str] = None  # the jaxqat.core.qat_op op of compute="integer"
 
   def __init__(self, *args, weight_spec=None, act_spec=None, observe: Optional[bool] = None,
-               **kwargs):
+               compute: str = "fake", **kwargs):
     super().__init__(*args, **kwargs)
-    self._init_quant(weight_spec, act_spec, observe)
+    self._init_quant(weight_spec, act_spec, observe, compute)
 
-  def _init_quant(self, weight_spec, act_spec, observe):
+  def _init_quant(self, weight_spec, act_spec, observe, compute="fake"):
     """The quantization state of ``__init__`` (also set on a layer converted in place)."""
     where = f"{type(self).__name__} {self.name!r}"
     self.weight_spec = spec_from_dict(weight_spec, where=f"{where} weight_spec")
@@ -107,9 +194,42 @@ class QuantLayer:
     check_act_spec(act_spec, f"{type(self).__name__} {self.name!r}")
     self.act_spec = act_spec if self.quantize_input else None
     self.observe = observe
+    if compute not in COMPUTE_MODES:
+      raise ValueError(f"{where}: compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    self.compute = compute
+    check_compute(type(self), self, weight_spec=self.weight_spec, act_spec=self.act_spec,
+                  compute=compute, where=where, specs=False)
     self.input_quantizer = None
     sig = inspect.signature(super().call)
     self._super_takes_training = "training" in sig.parameters
+
+  # -- compute="integer" -----------------------------------------------------
+
+  def _integer_ranges(self, inputs, training):
+    """``(act, weight)`` for :func:`jaxqat.core.qat_op`, or None to run the fake path now."""
+    if self.compute != "integer" or self.input_quantizer is None:
+      return None
+    (attr, _), = self.quant_weights
+    wq = self.weight_quantizers.get(attr)
+    if wq is None or not (self.input_quantizer.active and wq.active):
+      return None  # calibrating, or a quantizer set to float
+    from jaxqat.keras._quantizer import _unwrap  # pylint: disable=import-outside-toplevel
+    w = _unwrap(getattr(self, attr))
+    ranges = []
+    for q, t in ((self.input_quantizer, inputs), (wq, w)):
+      rng = q.current_range(t, training)
+      ranges.append((q.spec,) + tuple(None if r is None else _unwrap(r) for r in rng))
+    return ranges[0], ranges[1], w
+
+  def _integer_op(self, x, w, act, weight):
+    """The layer's op through :func:`jaxqat.core.qat_op` (compute="integer")."""
+    raise NotImplementedError
+
+  def _bias_activation(self, y):
+    """The float ``call``'s bias and activation after the op (Dense, EinsumDense)."""
+    if self.bias is not None:
+      y = ops.add(y, self.bias)
+    return y if self.activation is None else self.activation(y)
 
   # -- per-layer channel axes ------------------------------------------------
 
@@ -157,6 +277,8 @@ class QuantLayer:
         q.build(var.shape)
         setattr(self, qname, q)
         self.weight_quantizers[attr] = q
+    check_compute(type(self), self, weight_spec=self.weight_spec, act_spec=self.act_spec,
+                  compute=self.compute, where=f"{type(self).__name__} {self.name!r}")
 
   def float_weight(self, attr: str):
     """The float variable held in ``attr``."""
@@ -177,11 +299,15 @@ class QuantLayer:
     q = getattr(self, "weight_quantizers", {}).get(attr)
     if q is None:
       return var
-    return q(ops.convert_to_tensor(var), training=training)
+    return run_quantizer(q, ops.convert_to_tensor(var), training=training)
 
   def call(self, inputs, *args, training=None, **kwargs):
+    integer = self._integer_ranges(inputs, training) if self.compute == "integer" else None
+    if integer is not None:
+      act, weight, w = integer
+      return self._integer_op(ops.convert_to_tensor(inputs), w, act, weight)
     if self.input_quantizer is not None:
-      inputs = self.input_quantizer(inputs, training=training)
+      inputs = run_quantizer(self.input_quantizer, inputs, training=training)
     if self._super_takes_training:
       kwargs["training"] = training
     quantizers = getattr(self, "weight_quantizers", {})
@@ -192,7 +318,8 @@ class QuantLayer:
       for attr, q in quantizers.items():
         var = getattr(self, attr)
         saved[attr] = var
-        object.__setattr__(self, attr, q(ops.convert_to_tensor(var), training=training))
+        object.__setattr__(self, attr, run_quantizer(q, ops.convert_to_tensor(var),
+                                                     training=training))
       return super().call(inputs, *args, **kwargs)
     finally:
       for attr, var in saved.items():
@@ -212,6 +339,7 @@ class QuantLayer:
         "weight_spec": spec_to_dict(self.weight_spec),
         "act_spec": spec_to_dict(self.act_spec),
         "observe": self.observe,
+        "compute": self.compute,
     })
     return config
 
@@ -235,31 +363,70 @@ def _register(cls):
   return keras.saving.register_keras_serializable(package="jaxqat")(cls)
 
 
+def _qat_op(op, x, w, act, weight, **kw):
+  from jaxqat.core import qat_op  # pylint: disable=import-outside-toplevel
+  return qat_op(op, x, w, act=act, weight=weight, compute="integer", **kw)
+
+
 @_register
 class QuantDense(QuantLayer, keras.layers.Dense):
   quant_weights = (("_kernel", "kernel_quantizer"),)
+  integer_op = "dot_general"
+
+  def _integer_op(self, x, w, act, weight):
+    dims = (((len(x.shape) - 1,), (0,)), ((), ()))
+    return self._bias_activation(_qat_op(self.integer_op, x, w, act, weight,
+                                         dimension_numbers=dims))
 
 
 @_register
 class QuantEinsumDense(QuantLayer, keras.layers.EinsumDense):
   quant_weights = (("_kernel", "kernel_quantizer"),)
+  integer_op = "einsum"
 
   def channel_axes(self, attr, shape):
     return _einsum_output_axes(self.equation, len(shape))
 
+  def _integer_op(self, x, w, act, weight):
+    return self._bias_activation(_qat_op(self.integer_op, x, w, act, weight,
+                                         subscripts=self.equation))
+
+
+class _IntegerConv:
+  """The integer forward of Conv1D/2D/3D: the float layers' convolution, bias, activation."""
+
+  integer_op = "conv_general_dilated"
+
+  def _integer_op(self, x, w, act, weight):
+    padding = self.padding.upper()
+    if padding == "CAUSAL":  # Conv1D: the past padded by the convolution (x is quantized unpadded)
+      padding = ((self.dilation_rate[0] * (self.kernel_size[0] - 1), 0),)
+    spatial = "DHW"[3 - self.rank:]
+    lhs = "N" + spatial + "C" if self.data_format == "channels_last" else "NC" + spatial
+    channels = x.shape[-1] if self.data_format == "channels_last" else x.shape[1]
+    y = _qat_op(self.integer_op, x, w, act, weight, window_strides=tuple(self.strides),
+                padding=padding, rhs_dilation=tuple(self.dilation_rate),
+                dimension_numbers=(lhs, spatial + "IO", lhs),
+                feature_group_count=int(channels) // int(w.shape[-2]))
+    if self.use_bias:
+      shape = ((1,) * (self.rank + 1) + (self.filters,) if self.data_format == "channels_last"
+               else (1, self.filters) + (1,) * self.rank)
+      y = ops.add(y, ops.reshape(self.bias, shape))
+    return y if self.activation is None else self.activation(y)
+
 
 @_register
-class QuantConv1D(QuantLayer, keras.layers.Conv1D):
+class QuantConv1D(_IntegerConv, QuantLayer, keras.layers.Conv1D):
   quant_weights = (("_kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantConv2D(QuantLayer, keras.layers.Conv2D):
+class QuantConv2D(_IntegerConv, QuantLayer, keras.layers.Conv2D):
   quant_weights = (("_kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantConv3D(QuantLayer, keras.layers.Conv3D):
+class QuantConv3D(_IntegerConv, QuantLayer, keras.layers.Conv3D):
   quant_weights = (("_kernel", "kernel_quantizer"),)
 
 
@@ -485,7 +652,8 @@ def gathered_class(cls: type) -> Optional[type]:
 # -- conversion in place ----------------------------------------------------------
 
 
-def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = None):
+def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = None,
+                      compute: str = "fake"):
   """Turns a built float layer into its quantized class, keeping the object.
 
   The object stays the same (its parent, the graph node that calls it and
@@ -500,6 +668,7 @@ def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = No
     weight_spec: the weight QuantSpec (or ``None``).
     act_spec: the input QuantSpec (or ``None``).
     observe: forwarded to the quantizers.
+    compute: ``"fake"`` or ``"integer"`` (see :class:`QuantLayer`).
 
   Returns:
     ``layer``, now quantized.
@@ -507,6 +676,8 @@ def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = No
   Raises:
     TypeError: if the layer's class has no quantized version.
     ValueError: if the layer is not built, or is quantized already.
+    ComputeModeError: if the layer cannot run ``compute`` (the layer is left
+      as it was).
 
   Examples:
     >>> import keras, numpy as np
@@ -526,6 +697,8 @@ def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = No
   qcls = quantized_class(cls) or gathered_class(cls)
   if qcls is None:
     raise TypeError(f"layer {layer.name!r}: {cls.__name__} has no quantized version")
+  check_compute(qcls, layer, weight_spec=spec_from_dict(weight_spec), act_spec=spec_from_dict(
+      act_spec), compute=compute, where=f"layer {layer.name!r}")
   build_config = layer.get_build_config() or {}
   input_shape = build_config.get("input_shape")
   weights = gathered_weights(layer) if qcls.quant_weights is None else None
@@ -538,7 +711,7 @@ def quantize_in_place(layer, weight_spec, act_spec, observe: Optional[bool] = No
   if locked:
     tracker.unlock()
   try:
-    layer._init_quant(weight_spec, act_spec, observe)
+    layer._init_quant(weight_spec, act_spec, observe, compute)
     if layer.act_spec is not None and input_shape is None:
       raise ValueError(f"layer {layer.name!r}: its input shape is unknown (it was built without "
                        "being called), so its input quantizer cannot be built")

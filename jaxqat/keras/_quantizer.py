@@ -59,13 +59,14 @@ from jaxqat.core._serialize import spec_to_dict
 from jaxqat.core._step_size import STEP_SIZE_MAX
 from jaxqat.core._step_size import STEP_SIZE_MIN
 from jaxqat.keras import _ops
+from jaxqat.keras._backend import backend_name
 from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import restore_purged_state
 from jaxqat.keras._backend import to_numpy
 
-__all__ = ["Quantizer", "check_act_spec", "MODES"]
+__all__ = ["Quantizer", "check_act_spec", "run_quantizer", "MODES"]
 
 _OBSERVABLE = ("absmax", "minmax", "ema")
 MODES = ("quant", "float")
@@ -152,6 +153,33 @@ def _ops_weight_range(spec, w, axes, scale_shape):
   hi = ops.max(ops.nan_to_num(w, nan=-inf, posinf=-inf, neginf=-inf), axis=axes, keepdims=True)
   s, z = _ops_range(spec, lo, hi)
   return ops.reshape(s, scale_shape), ops.reshape(z, scale_shape)
+
+
+def _torch_weight_range(spec, w, axes, scale_shape):
+  """:func:`_ops_weight_range` in torch ops (the same float operations, no Keras dispatch).
+
+  Eager torch pays Keras' argument conversion on each of the ~15 small ops
+  of a range; a weight's range is recomputed at every training step.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  w = w.detach().float()
+  inf = float("inf")
+  reduce = lambda t, f: f(t, dim=axes, keepdim=True) if axes else t  # noqa: E731
+  if spec.symmetric:
+    amax = reduce(w.abs().nan_to_num_(nan=0.0, posinf=0.0), torch.amax)
+    s = amax / float(spec.qmax)
+    good = torch.isfinite(s).logical_and_(s > 0)
+    return torch.where(good, s.clamp_min(_ops.SCALE_EPS), 1.0).reshape(scale_shape), None
+  lo = reduce(w.nan_to_num(nan=inf, posinf=inf, neginf=inf), torch.amin).clamp_max_(0.0)
+  hi = reduce(w.nan_to_num(nan=-inf, posinf=-inf, neginf=-inf), torch.amax).clamp_min_(0.0)
+  n = float(spec.qmax - spec.qmin)
+  width = hi - lo
+  s = torch.where(torch.isfinite(width), width / n, hi / n - lo / n)
+  good = torch.isfinite(s).logical_and_(s > 0)
+  s = torch.where(good, s.clamp_min(_ops.SCALE_EPS), 1.0)
+  z = torch.round(float(spec.qmin) - lo / s).clamp_(spec.qmin, spec.qmax)
+  z = torch.where(good, z, float(min(max(0, spec.qmin), spec.qmax)))
+  return s.reshape(scale_shape), z.reshape(scale_shape)
 
 
 def _reduce_axes(shape, scale_shape):
@@ -576,8 +604,8 @@ class Quantizer(keras.layers.Layer):
       return s, (None if spec.symmetric else z)
     w = ops.stop_gradient(ops.convert_to_tensor(w))
     if spec.calibration.method in _OBSERVABLE:
-      return _ops_weight_range(spec, w, _reduce_axes(tuple(w.shape), self.scale_shape),
-                               self.scale_shape)
+      direct = _torch_weight_range if backend_name() == "torch" else _ops_weight_range
+      return direct(spec, w, _reduce_axes(tuple(w.shape), self.scale_shape), self.scale_shape)
     from jaxqat.core import weight_range
     import jax.numpy as jnp
     s, z = weight_range(jnp.asarray(to_numpy(w), jnp.float32), spec)
@@ -614,16 +642,36 @@ class Quantizer(keras.layers.Layer):
 
   # -- forward ---------------------------------------------------------------
 
-  def call(self, x, training=None):
-    if self.calibrating:
-      self._collect(x)
-      return x
-    if self.mode == "float" or self.float_reason is not None:
-      return x
+  @property
+  def active(self) -> bool:
+    """Whether a call quantizes its input (not calibrating, not left float)."""
+    return not self.calibrating and self.mode != "float" and self.float_reason is None
+
+  def current_range(self, x, training=None):
+    """The range that quantizes ``x`` in this call: ``(scale, zero_point, offset)``.
+
+    ``scale`` is the step size in use (learned, tracked from the weight
+    ``x``, observed, or calibrated); the others are ``None`` when the spec
+    has none. Observing activation quantizers update their statistics here,
+    as in a call.
+
+    Args:
+      x: the tensor the range is for (the weight, for a tracking weight
+        quantizer; an observed activation batch).
+      training: the training flag.
+
+    Returns:
+      The range, as :func:`jaxqat.core.quant_dequant` and
+      :func:`jaxqat.core.qat_op` take it (block formats: ``(None, None,
+      None)``).
+
+    Raises:
+      ValueError: if the quantizer needs a range and has none (the message
+        names it and says to calibrate).
+    """
     spec = self.spec
-    where = f"quantizer {self.where!r}"
     if spec.is_block:
-      return _ops.quant_dequant(x, spec, None, where=where)
+      return None, None, None
     observing = self.observe and bool(training)
     if (self.needs_range and not self.calibrated and not observing
         and not _in_symbolic_scope()):
@@ -648,7 +696,17 @@ class Quantizer(keras.layers.Layer):
       s = ops.convert_to_tensor(s)
       z = None if z is None else ops.convert_to_tensor(z)
       offset = None if offset is None else ops.convert_to_tensor(offset)
-    return _ops.quant_dequant(x, spec, s, z, offset=offset, where=where)
+    return s, z, offset
+
+  def call(self, x, training=None):
+    if self.calibrating:
+      self._collect(x)
+      return x
+    if not self.active:
+      return x
+    s, z, offset = self.current_range(x, training)
+    return _ops.quant_dequant(x, self.spec, s, z, offset=offset,
+                              where=f"quantizer {self.where!r}")
 
   def compute_output_shape(self, input_shape):
     return input_shape
@@ -698,6 +756,29 @@ class Quantizer(keras.layers.Layer):
     config.update({"spec": spec_to_dict(self.spec), "role": self.role,
                    "observe": self.observe_requested})
     return config
+
+
+def run_quantizer(q: Quantizer, x, training=None):
+  """``q(x, training=training)``, the way that costs least on the backend.
+
+  On JAX the step is traced once, so Keras' ``Layer.__call__`` runs as
+  usual. Eagerly (torch) that bookkeeping costs a few tenths of a
+  millisecond per call, more than the fake quant of a small weight, and the
+  quantized layer that owns ``q`` has done it already (argument
+  conversion, autocasting, the training flag): the quantizer's ``call`` is
+  run directly.
+
+  Args:
+    q: a built :class:`Quantizer`.
+    x: the tensor to quantize.
+    training: the training flag of the calling layer.
+
+  Returns:
+    ``q``'s output.
+  """
+  if is_jax():
+    return q(x, training=training)
+  return q.call(ops.convert_to_tensor(x), training=training)
 
 
 def _unwrap(t):

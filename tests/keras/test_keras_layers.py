@@ -147,9 +147,9 @@ def test_quantizer_layer_rejects_bad_arguments():
 
 
 def test_keras_ops_weight_range_equals_core_with_non_finite_entries():
-  """The per-step weight range off JAX (keras.ops) == jaxqat.core.weight_range, NaN/inf ignored."""
+  """The per-step weight range off JAX (keras.ops, torch) == jaxqat.core.weight_range."""
   from jaxqat.core import weight_range
-  from jaxqat.keras._quantizer import _ops_weight_range, _reduce_axes
+  from jaxqat.keras._quantizer import _ops_weight_range, _reduce_axes, _torch_weight_range
   w = np.random.RandomState(0).randn(6, 4).astype(np.float32) * 3
   w[0, 0], w[1, 1], w[2, 1] = np.nan, np.inf, -np.inf
   w[:, 2] = np.nan  # a channel with no finite entry: the core's fallback range
@@ -159,11 +159,12 @@ def test_keras_ops_weight_range_equals_core_with_non_finite_entries():
                QuantSpec(format="int8", symmetric=False, calibration="minmax"),
                QuantSpec(format="int8", calibration="ema")):
     shape = spec.scale_shape(w.shape)
-    s, z = _ops_weight_range(spec, keras.ops.convert_to_tensor(w),
-                             _reduce_axes(w.shape, shape), shape)
     s_core, z_core = weight_range(jnp.asarray(w), spec)
-    # Bit for bit on torch; JAX may turn a division by a constant into a multiplication.
-    rtol = 2e-7 if BACKEND == "jax" else 0.0
-    np.testing.assert_allclose(to_np(s), np.asarray(s_core), rtol=rtol, err_msg=str(spec))
-    if not spec.symmetric:
-      np.testing.assert_array_equal(to_np(z), np.asarray(z_core), err_msg=str(spec))
+    fns = [_ops_weight_range] + ([_torch_weight_range] if BACKEND == "torch" else [])
+    for fn in fns:
+      s, z = fn(spec, keras.ops.convert_to_tensor(w), _reduce_axes(w.shape, shape), shape)
+      # Bit for bit on torch; JAX may turn a division by a constant into a multiplication.
+      rtol = 2e-7 if BACKEND == "jax" else 0.0
+      np.testing.assert_allclose(to_np(s), np.asarray(s_core), rtol=rtol, err_msg=str(spec))
+      if not spec.symmetric:
+        np.testing.assert_array_equal(to_np(z), np.asarray(z_core), err_msg=str(spec))
