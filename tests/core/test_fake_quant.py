@@ -549,3 +549,19 @@ def test_lsq_state_encodings_state_round_trip_is_exact():
   t = jnp.float32(np.float32(3e9))
   got = abs(float(core.param_to_step_size(core.step_size_to_param(t))) - float(t))
   assert got <= abs(float(core.param_to_step_size(jnp.log(t))) - float(t))
+
+
+def test_nan_element_passes_no_gradient_in_every_primitive():
+  x = jnp.array([0.3, jnp.nan, 5.0, -0.2])
+  g = lambda f: np.asarray(jax.grad(lambda v: jnp.sum(jnp.nan_to_num(f(v))))(x))
+  want = np.array([1.0, 0.0, 0.0, 1.0])  # 5.0 is clipped (int4, s = 0.25: code 20 > 7)
+  np.testing.assert_array_equal(g(lambda v: core.fake_quant(v, 0.25, None, QuantSpec(format="int4"))), want)
+  lsq = QuantSpec(format="int4", learning="lsq")
+  np.testing.assert_array_equal(g(lambda v: core.lsq_fake_quant(v, 0.25, None, lsq)), want)
+  fp8 = QuantSpec(format="fp8_e4m3")
+  np.testing.assert_array_equal(g(lambda v: core.fake_quant(v, 0.01, None, fp8)), want)
+  # LSQ+: the NaN element counts as clipped for the offset (as 5.0 does).
+  plus = QuantSpec(format="uint8", symmetric=False, learning="lsq_plus")
+  _, pull = jax.vjp(lambda b: core.lsq_fake_quant(x, 0.01, b, plus, grad_scale=1.0),
+                    jnp.float32(-0.5))
+  assert float(pull(jnp.ones(4))[0]) == 2.0
