@@ -333,7 +333,7 @@ def _plan(args):
   fes = args.frontends.split(",")
   out = []
   for name in args.models.split(","):
-    for label, _ in CONFIGS:
+    for label in args.configs.split(","):
       for fe in ("linen", "nnx", "qwix"):
         if fe in fes and not (label == "float" and fe == "qwix"):
           out.append((name, label, fe))
@@ -370,7 +370,8 @@ def _isolated(plan, args, jobs):
       if line.startswith("RESULT "):
         return item, json.loads(line[7:])
     if p.returncode:
-      print(f"  ({spec} failed: {p.stderr.strip().splitlines()[-1:]})")
+      errors = [ln for ln in p.stderr.splitlines() if ln.split(":")[0].endswith(("Error", "Exception"))]
+      print(f"  ({spec} failed: {(errors or p.stderr.strip().splitlines() or [''])[-1][:300]})")
     return item, None
 
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -379,7 +380,8 @@ def _isolated(plan, args, jobs):
 
 def main():
   args = parse_args(__doc__, "mlp,transformer,cnn1d,resnet", "linen,nnx,qwix",
-                    child="", isolate="auto", jobs="1")
+                    child="", isolate="auto", jobs="1",
+                    configs=",".join(label for label, _ in CONFIGS))
   memory_only = args.memory_only
   if args.quick:
     args.frontends, args.warmup, args.repeats, args.jobs = "nnx", 1, 3, "8"

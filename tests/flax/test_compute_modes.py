@@ -111,8 +111,9 @@ class _LNet(nn.Module):
     return nn.Dense(4, name="fc2")(h)
 
 
-@pytest.mark.parametrize("wspec,aspec", [(W, A), (WL, AL)], ids=["w8a8", "w4a4_lsq"])
-def test_linen_integer_forward_matches_fake_and_gradients_equal(wspec, aspec):
+def test_linen_integer_forward_matches_fake_and_gradients_equal():
+  """W8A8 (LSQ: in the NNX test and tests/core/test_qat_op.py; the numerics are the core's)."""
+  wspec, aspec = W, A
   x = jax.random.normal(jax.random.key(2), (4, 6, 3))
   out = {}
   for compute in ("fake", "integer"):
@@ -128,10 +129,8 @@ def test_linen_integer_forward_matches_fake_and_gradients_equal(wspec, aspec):
     (_, y), g = jax.jit(jax.value_and_grad(f, has_aux=True))(trainable)
     out[compute] = (y, g, str(jax.make_jaxpr(lambda x, qm=qm, v=v: qm.apply(v, x))(x)))
   _close(out["integer"][0], out["fake"][0])
-  _close(out["integer"][1], out["fake"][1], flips=0.0 if wspec.learning == "fixed" else 0.02)
+  _close(out["integer"][1], out["fake"][1])
   assert _int_dots(out["integer"][2]) and not _int_dots(out["fake"][2])
-  if wspec.learning == "lsq":
-    assert float(jnp.abs(out["integer"][1]["quant_params"]["fc1"]["kernel"]["log_scale"]).sum()) > 0
 
 
 def test_linen_integer_refused_with_the_layer_and_reason():
