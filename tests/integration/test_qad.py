@@ -33,12 +33,17 @@ def digits():
   return x[:1300], y[:1300], x[1300:], y[1300:]
 
 
-def _lsq_rules(bits):
-  """First and last layer W8A8 (fixed ranges); the rest ``bits``-bit LSQ weights and inputs."""
+def _lsq_rules(bits, weight_calibration="absmax"):
+  """First and last layer W8A8 (fixed ranges); the rest ``bits``-bit LSQ weights and inputs.
+
+  ``weight_calibration`` initialises the learned weight step sizes: ``"mse"``
+  (the clipping range of least quantization error) instead of the absolute
+  maximum, which at 2 bits (codes -1, 0, 1) rounds most weights to 0.
+  """
   w8 = QuantSpec(format=IntFormat(bits=8, narrow=True), granularity=PerOutputChannel())
   a8 = QuantSpec(format="int8", symmetric=False, calibration="minmax")
   wq = QuantSpec(format=IntFormat(bits=bits, narrow=True), granularity=PerOutputChannel(),
-                 learning="lsq")
+                 learning="lsq", calibration=weight_calibration)
   aq = QuantSpec(format=IntFormat(bits=bits, signed=False), calibration="minmax",
                  learning="lsq")
   return [Rule(pattern="^(fc1|head)$", weight=w8, act=a8), Rule(pattern=".*", weight=wq, act=aq)]
@@ -68,46 +73,91 @@ def _nnx_mlp():
   return MLP(nnx.Rngs(0))
 
 
+def _nnx_logits(model, x):
+  from jaxqat.flax.nnx._qad import qad_forward  # pylint: disable=g-import-not-at-top
+  return qad_forward(model, x)[0]  # captures what the MLP sows instead of leaving it on the model
+
+
+def _nnx_ce_steps(model, opt, xs, ys):
+  """Cross-entropy steps over the leading axis of ``xs``/``ys`` in one program (``nnx.scan``)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+  def body(carry, x, y):
+    m, o = carry
+    g = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        _nnx_logits(m, x), y).mean())(m)
+    with jax.numpy_dtype_promotion("standard"):  # optax's step counts are int32
+      o.update(m, g)
+    return m, o
+
+  body((model, opt), xs, ys)
+
+
 def test_nnx_recipe_qad_w2a2_digits(digits):
-  """W2A2 (first and last layer W8A8) on digits: PTQ, recipe QAT, recipe QAD; and the helper's contract."""
+  """W2A2 (first and last layer W8A8) on digits: PTQ, recipe QAT, recipe QAD; and the helper's contract.
+
+  What brings W2A2 within 3 points of float, measured with this model and
+  data over 12 runs (3 seeds of the float model and its data x 4 seeds of the
+  200 fine-tuning batches; QAT and QAD get the same steps and batches); points
+  below float, mean (worst):
+
+  fine-tuning (200 steps)                               QAT          QAD (KL, T=2)
+  absmax init, quant_lr 3e-3, weights 0.3x (before)     1.41 (2.41)  1.84 (3.82)
+  MSE init,    quant_lr 1e-2, weights 1.0x              0.34 (1.41)  0.96 (1.81)
+  absmax init, quant_lr 3e-2, weights 1.0x                           0.77 (1.61)
+  MSE init,    quant_lr 3e-2, weights 0.3x                           0.87 (1.81)
+  MSE init,    quant_lr 3e-2, weights 1.0x (this test)  0.23 (1.41)  0.39 (1.21)
+  MSE init,    quant_lr 1e-1, weights 1.0x                           0.89 (1.41)
+
+  What got it there, by size: (1) the quantizer rate. Step sizes are learnt
+  as ``log s`` and at 2 bits (codes -1, 0, 1 for weights, 0..3 for inputs)
+  they must move far from their calibrated value within 200 steps: QAD's
+  mean gap is 0.96 at quant_lr 1e-2, 0.39 at 3e-2, 0.89 at 1e-1. (2) The
+  weights at the full float rate instead of the rule of thumb's fraction
+  (0.3x: 0.87, 1.0x: 0.39): at 2 bits the weights must rearrange, not only
+  adjust. (3) The weight step sizes initialised by ``calibration="mse"``
+  (the clipping range of least quantization error) instead of absmax, which
+  rounds most weights to 0 at 2 bits: PTQ 83.9% -> 95.0% on this seed and
+  the QAD gap 0.77 -> 0.39. What did not help: progressive 8 -> 4 -> 2 bits
+  at the same total steps (60 steps at 4 bits, then the 2-bit step sizes
+  re-initialised from the 4-bit model's weights, 140 steps; MSE init,
+  quant_lr 1e-2, weights 1.0x; one run on each of 3 seeds: QAD 1.21 points
+  below float on average against 0.80 direct), another temperature (T=1
+  0.92, T=2 0.96 at quant_lr 1e-2), a logit MSE instead of the KL (4.23 vs
+  3.02 with the old rates, one run). Adding the label cross-entropy to the
+  KL is on a par (0.27 (1.21) at quant_lr 3e-2). On digits QAD does not beat
+  QAT reliably (the labels are clean and the teacher only 97.8% accurate;
+  the KL+CE mix is QAD's best). Single runs move by
+  about +-0.8 points with the last bits of the float model (a program
+  compiled differently), so the margins asserted are wide.
+  """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jaxqat.flax import nnx as qnnx  # pylint: disable=g-import-not-at-top
   from jaxqat.flax.nnx._qad import qad_forward, qad_train_step  # pylint: disable=g-import-not-at-top
-  xtr, ytr, xte, yte = map(jnp.asarray, digits)
+  xtr, ytr, xte, yte = digits
   teacher = _nnx_mlp()
   float_steps, float_lr, batch = 400, 3e-3, 64
-  opt = nnx.Optimizer(teacher, optax.adam(float_lr), wrt=nnx.Param)
   order = np.random.RandomState(0).randint(0, len(ytr), size=(float_steps, batch))
-
-  def logits(m, x):
-    return qad_forward(m, x)[0]  # captures what the MLP sows instead of leaving it on the model
-
-  @nnx.jit
-  def ce_step(model, opt, x, y):
-    loss, g = nnx.value_and_grad(
-        lambda m: optax.softmax_cross_entropy_with_integer_labels(logits(m, x), y).mean())(model)
-    with jax.numpy_dtype_promotion("standard"):
-      opt.update(model, g)
-    return loss
-
-  for idx in order:
-    ce_step(teacher, opt, xtr[idx], ytr[idx])
-  acc = nnx.jit(lambda m, x: 100.0 * jnp.mean(jnp.argmax(logits(m, x), -1) == yte))
+  ce_steps = nnx.jit(_nnx_ce_steps)
+  ce_steps(teacher, nnx.Optimizer(teacher, optax.adam(float_lr), wrt=nnx.Param),
+           xtr[order], ytr[order])
+  acc = nnx.jit(lambda m, x: 100.0 * jnp.mean(jnp.argmax(_nnx_logits(m, x), -1) == yte))
   float_acc = float(acc(teacher, xte))
 
-  ptq = qnnx.quantize(nnx.clone(teacher), _lsq_rules(2))
+  ptq = qnnx.quantize(nnx.clone(teacher), _lsq_rules(2, weight_calibration="mse"))
   qnnx.calibrate(ptq, [xtr[:512]])
   ptq_acc = float(acc(ptq, xte))
   recipe = QATRecipe(original_steps=float_steps, original_lr=float_lr, step_fraction=0.5,
-                     lr_fraction=0.3, optimizer="adamw", weight_decay=1e-4, quant_lr=3e-3)
+                     lr_fraction=1.0, optimizer="adamw", weight_decay=1e-4, quant_lr=3e-2)
 
   # Zero gradients through qnnx.qat_optimizer: kernels decay, log_scale gets exactly 0.
   tx = qnnx.qat_optimizer(ptq, *recipe.optimizers())
   params = nnx.state(ptq, nnx.Param)
-  st = tx.init(params)
+  zeros, st, update = jax.tree.map(jnp.zeros_like, params), tx.init(params), jax.jit(tx.update)
   for _ in range(recipe.warmup_steps + 1):
     with jax.numpy_dtype_promotion("standard"):
-      upd, st = tx.update(jax.tree.map(jnp.zeros_like, params), st, params)
+      upd, st = update(zeros, st, params)
   flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(upd)}
   w = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(params)}
   ls = [k for k in flat if k.endswith("log_scale")]
@@ -115,28 +165,28 @@ def test_nnx_recipe_qad_w2a2_digits(digits):
   np.testing.assert_allclose(flat["fc2.kernel"][...], -recipe.peak_lr * 1e-4 * w["fc2.kernel"][...],
                              rtol=1e-4)
 
+  # QAT (cross-entropy, all steps in one program) and QAD (the helper, one call a step): the same
+  # recipe, steps and batches from the same PTQ model.
   data = np.random.RandomState(1).randint(0, len(ytr), size=(recipe.steps, batch))
   accs = {}
   for name in ("qat", "qad"):
     s = nnx.clone(ptq)
     o = nnx.Optimizer(s, qnnx.qat_optimizer(s, *recipe.optimizers()), wrt=nnx.Param)
-    for idx in data:
-      if name == "qat":
-        ce_step(s, o, xtr[idx], ytr[idx])
-      else:
-        qad_train_step(teacher, s, o, xtr[idx], loss=QADLoss(temperature=2.0))
+    if name == "qat":
+      ce_steps(s, o, xtr[data], ytr[data])
+    else:
+      for x in xtr[data]:
+        qad_train_step(teacher, s, o, x, loss=QADLoss(temperature=2.0))
     accs[name] = float(acc(s, xte))
   print(f"\nNNX digits W2A2: float {float_acc:.2f}%, PTQ {ptq_acc:.2f}%, QAT {accs['qat']:.2f}%, "
         f"QAD {accs['qad']:.2f}%")
-  # Measured: float 97.79%, PTQ 83.90%, QAT 95.57%, QAD 94.77%. The recipe's QAT (LSQ step sizes
-  # and offsets initialised from calibration, first/last layer 8-bit, 200 steps at 0.3x the float
-  # rate) comes within 3 points; QAD (KL, T=2) reaches 3.02 points below float and does not beat
-  # QAT here (0.8 points, 4 test digits, below).
+  # Measured: float 97.79%, PTQ 94.97%, QAT 96.98% (0.81 below float), QAD 96.18% (1.61 below;
+  # the issue asks for 3 points). QAD trails QAT here by 0.80 (4 test digits); over 12 runs by 0.16
+  # on average (see the docstring).
   assert float_acc >= 95.0
-  assert accs["qat"] >= float_acc - 3.0
-  assert accs["qad"] >= float_acc - 3.5
-  assert min(accs["qat"], accs["qad"]) >= ptq_acc + 10.0
-  assert accs["qad"] >= accs["qat"] - 1.0, f"QAD trails QAT by {accs['qat'] - accs['qad']:.2f}"
+  assert accs["qad"] >= float_acc - 2.0 and accs["qat"] >= float_acc - 2.0
+  assert min(accs["qat"], accs["qad"]) >= ptq_acc + 0.6
+  assert accs["qad"] >= accs["qat"] - 1.5, f"QAD trails QAT by {accs['qat'] - accs['qad']:.2f}"
 
   # The helper: the teacher gets no update, its forward is traced once, features, bad input.
   before = jax.tree.map(jnp.copy, nnx.state(teacher))
@@ -252,15 +302,50 @@ def test_keras_recipe_and_qad_with_fit(digits):
 
   ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   teacher = _keras_mlp(keras)
-  teacher.compile(optimizer=keras.optimizers.Adam(3e-3), loss=ce, metrics=["accuracy"])
+  teacher.compile(optimizer=keras.optimizers.Adam(3e-3), loss=ce)
   teacher.fit(xtr, ytr, epochs=20, batch_size=64, verbose=0)
-  float_acc = teacher.evaluate(xte, yte, verbose=0)[1] * 100
 
-  # Zero gradients: AdamW decays the kernels, the quantizer parameters get exactly no update.
-  probe = jqk.quantize(teacher, _lsq_rules(4))
-  jqk.calibrate(probe, xtr[:256])
-  opt = jqk.qat_optimizer(probe, *recipe_optimizers(recipe))
-  tv = probe.trainable_variables
+  def accuracy(model):  # an eager call: no predict function compiled per model
+    return float(np.mean(np.argmax(keras.ops.convert_to_numpy(model(xte)), -1) == yte) * 100)
+
+  float_acc = accuracy(teacher)
+
+  # QAT and QAD at W2A2 (first/last layer 8-bit) from the same float weights, same recipe and data;
+  # the rates and the step-size initialisation of test_nnx_recipe_qad_w2a2_digits.
+  w2_recipe = QATRecipe(original_steps=400, original_lr=3e-3, step_fraction=0.25, lr_fraction=1.0,
+                        optimizer="adam", quant_lr=3e-2)
+  epochs, batch = 5, 64
+  n = (len(xtr) // batch) * batch
+  assert w2_recipe.steps == epochs * n // batch  # the schedule ends with the fit
+  accs = {}
+  for name in ("qat", "qad"):
+    keras.utils.set_random_seed(1)
+    student = jqk.quantize(teacher, _lsq_rules(2, weight_calibration="mse"))
+    jqk.calibrate(student, xtr[:256])
+    accs["ptq"] = accuracy(student)
+    opt = jqk.qat_optimizer(student, *recipe_optimizers(w2_recipe))
+    if name == "qat":
+      model = student
+      model.compile(optimizer=opt, loss=ce)
+    else:
+      model = QADModel(student, teacher, loss=QADLoss(temperature=2.0))
+      model.compile(optimizer=opt)
+    model.fit(xtr[:n], ytr[:n], epochs=epochs, batch_size=batch, verbose=0, shuffle=False)
+    accs[name] = accuracy(student)
+  print(f"\nKeras digits W2A2: float {float_acc:.2f}%, PTQ {accs['ptq']:.2f}%, "
+        f"QAT {accs['qat']:.2f}%, QAD {accs['qad']:.2f}%")
+  # Measured: float 97.79%, PTQ 93.56%, QAT 97.38%, QAD 97.38%: both 0.4 points below float; QAD
+  # does not beat QAT in Keras (a tie here; 1.2 points below QAT in a run whose float model
+  # differed in its last bits); the last assertion bounds the shortfall.
+  assert float_acc >= 95.0
+  assert accs["qad"] >= float_acc - 2.0 and accs["qat"] >= float_acc - 2.0
+  assert min(accs["qat"], accs["qad"]) >= accs["ptq"] + 3.0
+  assert accs["qad"] >= accs["qat"] - 1.5, f"QAD trails QAT by {accs['qat'] - accs['qad']:.2f}"
+
+  # Zero gradients (on the trained QAD student): AdamW decays the kernels, the quantizer
+  # parameters get exactly no update.
+  opt = jqk.qat_optimizer(student, *recipe_optimizers(recipe))
+  tv = student.trainable_variables
   opt.build(tv)
   opt.optimizer.iterations.assign(recipe.warmup_steps)  # each inner optimizer counts its steps
   opt.quant_optimizer.iterations.assign(recipe.warmup_steps)
@@ -275,34 +360,6 @@ def test_keras_recipe_and_qad_with_fit(digits):
     elif k:  # lr(warmup end) * wd * w
       np.testing.assert_allclose(a, b - 0.001 * 0.5 * b, rtol=1e-5, atol=1e-8)
 
-  # QAT and QAD at W2A2 (first/last layer 8-bit) from the same float weights, same recipe and data.
-  recipe = QATRecipe(original_steps=400, original_lr=3e-3, step_fraction=0.25, lr_fraction=0.3,
-                     optimizer="adam", quant_lr=3e-3)
-  epochs, batch = 5, 64
-  n = (len(xtr) // batch) * batch
-  assert recipe.steps == epochs * n // batch  # the schedule ends with the fit
-  accs = {}
-  for name in ("qat", "qad"):
-    keras.utils.set_random_seed(1)
-    student = jqk.quantize(teacher, _lsq_rules(2))
-    jqk.calibrate(student, xtr[:256])
-    accs["ptq"] = float(np.mean(np.argmax(student.predict(xte, verbose=0), -1) == yte) * 100)
-    opt = jqk.qat_optimizer(student, *recipe_optimizers(recipe))
-    if name == "qat":
-      model = student
-      model.compile(optimizer=opt, loss=ce)
-    else:
-      model = QADModel(student, teacher, loss=QADLoss(temperature=2.0))
-      model.compile(optimizer=opt)
-    model.fit(xtr[:n], ytr[:n], epochs=epochs, batch_size=batch, verbose=0, shuffle=False)
-    accs[name] = float(np.mean(np.argmax(student.predict(xte, verbose=0), -1) == yte) * 100)
-  print(f"\nKeras digits W2A2: float {float_acc:.2f}%, PTQ {accs['ptq']:.2f}%, "
-        f"QAT {accs['qat']:.2f}%, QAD {accs['qad']:.2f}%")
-  # Measured: float 97.79%, PTQ 86.52%, QAT 95.77%, QAD 95.17%: at W2A2 with this recipe QAD does
-  # NOT beat QAT in Keras (0.6 points, 3 test digits, below); the assertion bounds the shortfall.
-  assert min(accs["qat"], accs["qad"]) >= max(93.0, accs["ptq"] + 5.0)
-  assert accs["qad"] >= accs["qat"] - 1.0, f"QAD trails QAT by {accs['qat'] - accs['qad']:.2f}"
-
   # Bad input: a teacher with another output shape, a feature name that does not exist.
   other = keras.Sequential([keras.Input((64,)), keras.layers.Dense(5)])
   with pytest.raises(ValueError, match=r"teacher's output has shape \(None, 5\)"):
@@ -313,7 +370,7 @@ def test_keras_recipe_and_qad_with_fit(digits):
   qad = QADModel(student, teacher, loss=QADLoss(features=("fc2",), feature_weight=1.0))
   s_all = keras.Model(student.inputs, [student.outputs[0], student.get_layer("fc2").output])
   t_all = keras.Model(teacher.inputs, [teacher.outputs[0], teacher.get_layer("fc2").output])
-  (sl, sf), (tl, tf) = s_all.predict(xte[:64], verbose=0), t_all.predict(xte[:64], verbose=0)
+  (sl, sf), (tl, tf) = s_all(xte[:64]), t_all(xte[:64])
   want = distillation_loss(sl, tl, student_features={"f": sf}, teacher_features={"f": tf},
                            feature_names=["f"], feature_weight=1.0)
   got = qad.compute_loss(xte[:64], None, qad(xte[:64]))
