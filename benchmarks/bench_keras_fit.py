@@ -6,7 +6,9 @@ Usage: KERAS_BACKEND=jax python benchmarks/bench_keras_fit.py [--steps 30] [--ba
 Times ``model.train_on_batch`` (one optimizer step; jit-compiled on JAX,
 eager on torch unless ``--jit-compile`` asks for ``torch.compile``) after a
 warm-up that excludes compilation, for: the float model, W8A8 fixed-range
-QAT (absmax observers), W4A4 LSQ QAT, each with and without Conv+BN folding.
+QAT (absmax observers), W4A4 LSQ QAT, each with and without Conv+BN folding,
+and on JAX W8A8 with ``compute="integer"`` (int8 x int8 -> int32 forward) on
+the model without BatchNorm.
 The steps of the three variants of a model run interleaved (one step of each
 per round), so that a slow moment of a shared machine hits all alike; the
 median over ``--steps`` rounds is reported in a Markdown table with the
@@ -94,7 +96,12 @@ def main():
   for bn in (False, True):
     models = [compile_model(cnn(bn), jit)]
     labels = ["float"]
-    for name, rules in (("W8A8 QAT (absmax observers)", w8), ("W4A4 LSQ QAT", w4)):
+    variants = [("W8A8 QAT (absmax observers)", w8), ("W4A4 LSQ QAT", w4)]
+    if backend == "jax" and not bn:  # the integer forward (a folded Conv+BN has none)
+      variants.append(("W8A8 QAT, compute='integer'", [Rule(
+          pattern=".*", weight=QuantSpec(granularity=PerChannel(-1)), act=QuantSpec(),
+          compute="integer")]))
+    for name, rules in variants:
       q = jqk.quantize(cnn(bn), rules)
       jqk.calibrate(q, x[:32], verbose=0)
       models.append(compile_model(q, jit))

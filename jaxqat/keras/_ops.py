@@ -185,9 +185,9 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
     def grad(*args, upstream=None):
       if upstream is None:
         (upstream,) = args
-      # Clipped where clipping changed the rounded code (a NaN code is not clipped, as the
-      # core's LSQ); computed here, in the backward pass, so the forward keeps no masks.
-      outside = ops.logical_or(ops.less(code, qmin), ops.greater(code, qmax))
+      # Clipped where clipping changed the rounded code (a NaN code counts as clipped, as in
+      # the core's LSQ); computed here, in the backward pass, so the forward keeps no masks.
+      outside = ops.not_equal(code, q)
       g32 = _f32(upstream)
       gx = ops.where(outside, ops.zeros((), upstream.dtype), upstream)
       rv = ops.subtract(code, z) if has_offset else code  # round(v), exactly where inside
@@ -268,8 +268,8 @@ def _torch_functions():
         z = torch.div(f32(b).neg(), sc).round_()
         code = code.add_(z)
       q = code.clamp(qmin, qmax)
-      # Clipped where clipping changed the code; a NaN code is not clipped (the core's LSQ).
-      outside = torch.lt(code, qmin).logical_or_(torch.gt(code, qmax))
+      # Clipped where clipping changed the code; a NaN code counts as clipped (the core's LSQ).
+      outside = torch.ne(code, q)
       del code
       y = ((q - z).mul_(sc) if z is not None else q * sc).to(x.dtype)
       ctx.save_for_backward(v, q, outside, *(() if z is None else (z,)))

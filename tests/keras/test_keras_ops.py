@@ -108,3 +108,14 @@ def test_lsq_with_zero_point_and_fixed_with_offset_are_rejected():
   with pytest.raises(ValueError, match="offset is the LSQ\\+ offset"):
     _ops.quant_dequant(np.ones(3, np.float32), QuantSpec(symmetric=False), np.float32(1.0),
                        offset=np.float32(0.0), force_ops=True)
+
+
+@pytest.mark.parametrize("force_ops", [True, False])
+def test_nan_element_passes_no_gradient_as_in_the_core(force_ops):
+  x = np.array([0.3, np.nan, 5.0, -0.2], np.float32)  # 5.0 is clipped (int4, s = 0.25)
+  for spec in (QuantSpec(format="int4"), QuantSpec(format="int4", learning="lsq")):
+    def loss(v):
+      y = _ops.quant_dequant(v, spec, np.float32(0.25), force_ops=force_ops)
+      return keras.ops.sum(keras.ops.where(keras.ops.isnan(y), 0.0, y))
+    _, (g,) = value_and_grads(loss, [x])
+    np.testing.assert_array_equal(g, [1.0, 0.0, 0.0, 1.0], err_msg=spec.learning)
