@@ -203,8 +203,8 @@ def test_nnx_recipe_qad_w2a2_digits(digits):
     qad_train_step(teacher, s, o, xtr[i * 64:(i + 1) * 64], loss=feat_loss, forward=forward)
   assert len(calls) == 2  # one trace of the teacher and one of the student, for three steps
   jax.tree.map(np.testing.assert_array_equal, nnx.state(teacher), before)
-  (_, tf), (_, sf) = qad_forward(teacher, xte, features=("feat",)), qad_forward(s, xte, features=("feat",))
-  assert tf["feat"].shape == sf["feat"].shape == (len(yte), 64)
+  feat = lambda m: qad_forward(m, xte, features=("feat",))[1]["feat"]  # traced only, not compiled
+  assert nnx.eval_shape(feat, teacher).shape == nnx.eval_shape(feat, s).shape == (len(yte), 64)
   with pytest.raises(ValueError, match="'fc9' is not a feature of the MLP"):
     qad_train_step(teacher, s, o, xtr[:64], loss=QADLoss(features=("fc9",), feature_weight=1.0))
   small = nnx.Linear(64, 5, rngs=nnx.Rngs(0))
@@ -311,7 +311,8 @@ def test_keras_recipe_and_qad_with_fit(digits):
   float_acc = accuracy(teacher)
 
   # QAT and QAD at W2A2 (first/last layer 8-bit) from the same float weights, same recipe and data;
-  # the rates and the step-size initialisation of test_nnx_recipe_qad_w2a2_digits.
+  # the rates of test_nnx_recipe_qad_w2a2_digits. The weight step sizes start from absmax: Keras
+  # runs the MSE observer eagerly, about 6 s more here (with MSE: PTQ 93.56%, QAT and QAD 97.38%).
   w2_recipe = QATRecipe(original_steps=400, original_lr=3e-3, step_fraction=0.25, lr_fraction=1.0,
                         optimizer="adam", quant_lr=3e-2)
   epochs, batch = 5, 64
@@ -320,7 +321,7 @@ def test_keras_recipe_and_qad_with_fit(digits):
   accs = {}
   for name in ("qat", "qad"):
     keras.utils.set_random_seed(1)
-    student = jqk.quantize(teacher, _lsq_rules(2, weight_calibration="mse"))
+    student = jqk.quantize(teacher, _lsq_rules(2))
     jqk.calibrate(student, xtr[:256])
     accs["ptq"] = accuracy(student)
     opt = jqk.qat_optimizer(student, *recipe_optimizers(w2_recipe))
@@ -334,9 +335,9 @@ def test_keras_recipe_and_qad_with_fit(digits):
     accs[name] = accuracy(student)
   print(f"\nKeras digits W2A2: float {float_acc:.2f}%, PTQ {accs['ptq']:.2f}%, "
         f"QAT {accs['qat']:.2f}%, QAD {accs['qad']:.2f}%")
-  # Measured: float 97.79%, PTQ 93.56%, QAT 97.38%, QAD 97.38%: both 0.4 points below float; QAD
-  # does not beat QAT in Keras (a tie here; 1.2 points below QAT in a run whose float model
-  # differed in its last bits); the last assertion bounds the shortfall.
+  # Measured: float 97.79%, PTQ 89.74%, QAT 97.18%, QAD 96.18% (1.61 below float; the issue asks
+  # for 3 points). QAD does NOT beat QAT in Keras here (1.0 point, 5 test digits, below; a tie with
+  # the MSE initialisation); the last assertion bounds the shortfall.
   assert float_acc >= 95.0
   assert accs["qad"] >= float_acc - 2.0 and accs["qat"] >= float_acc - 2.0
   assert min(accs["qat"], accs["qad"]) >= accs["ptq"] + 3.0
@@ -370,10 +371,10 @@ def test_keras_recipe_and_qad_with_fit(digits):
   qad = QADModel(student, teacher, loss=QADLoss(features=("fc2",), feature_weight=1.0))
   s_all = keras.Model(student.inputs, [student.outputs[0], student.get_layer("fc2").output])
   t_all = keras.Model(teacher.inputs, [teacher.outputs[0], teacher.get_layer("fc2").output])
-  (sl, sf), (tl, tf) = s_all(xte[:64]), t_all(xte[:64])
+  (sl, sf), (tl, tf) = s_all(xte), t_all(xte)
   want = distillation_loss(sl, tl, student_features={"f": sf}, teacher_features={"f": tf},
                            feature_names=["f"], feature_weight=1.0)
-  got = qad.compute_loss(xte[:64], None, qad(xte[:64]))
+  got = qad.compute_loss(xte, None, qad(xte))
   assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
