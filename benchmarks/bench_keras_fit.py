@@ -83,6 +83,13 @@ def main():
   if backend == "torch" and args.threads:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.threads)
+  if backend == "torch" and args.jit_compile:
+    # Keras compiles each layer's forward as its own frame; layers of one class at other
+    # spatial sizes make dynamo recompile with symbolic sizes, and torch 2.13's inductor
+    # then fails on the strided conv backward (ValueRangeError). Static shapes compile.
+    import torch  # pylint: disable=import-outside-toplevel
+    torch._dynamo.config.automatic_dynamic_shapes = False  # pylint: disable=protected-access
+    torch._dynamo.config.recompile_limit = 64  # pylint: disable=protected-access
   jit = backend == "jax" or args.jit_compile
   rng = np.random.RandomState(0)
   x = rng.rand(args.batch, 32, 32, 3).astype(np.float32)

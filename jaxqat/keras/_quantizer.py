@@ -448,6 +448,8 @@ class Quantizer(keras.layers.Layer):
       if is_jax():
         from jaxqat.core import param_to_step_size
         return param_to_step_size(_unwrap(self.log_scale))
+      if backend_name() == "torch":  # scalar clip bounds: one fast op each way
+        return ops.convert_to_tensor(self.log_scale).clamp(_LOG_MIN, _LOG_MAX).exp()
       return ops.exp(ops.clip(ops.convert_to_tensor(self.log_scale), _LOG_MIN, _LOG_MAX))
     return ops.convert_to_tensor(self.scale)
 
