@@ -53,10 +53,10 @@ class _Net(nnx.Module):
 
 
 def _nnx_net(compute, wspec, aspec, x):
-  net = _Net(nnx.Rngs(0))
-  for name, cls in (("conv", _layers.QuantConv), ("fc1", _layers.QuantLinear),
-                    ("fc2", _layers.QuantLinear)):
-    cls.from_float(getattr(net, name), wspec, aspec, path=name, compute=compute)
+  # Through the public path: quantize passes Rule.compute to each layer.
+  net = qnnx.quantize(_Net(nnx.Rngs(0)), [Rule(pattern=".*", weight=wspec, act=aspec,
+                                               compute=compute)])
+  assert {net.conv.jaxqat_compute, net.fc1.jaxqat_compute, net.fc2.jaxqat_compute} == {compute}
   return qnnx.calibrate(net, [x])
 
 

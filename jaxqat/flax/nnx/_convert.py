@@ -288,9 +288,13 @@ def quantize(
       continue
     if kind == "known":
       _layers.QUANT_LAYERS[type(node)].from_float(node, rule.weight, rule.act, path=shown,
-                                                  stack_ndim=k)
+                                                  stack_ndim=k, compute=rule.compute)
       entry(p, node, "quantized", rule)
       continue
+    if rule.compute == "integer":
+      warnings.warn(f"jaxqat: layer '{shown}': compute='integer' is for Flax's Linear, "
+                    "LinearGeneral, Einsum and Conv; this intercepted module computes with "
+                    "fake quantization (compute='fake')", core.QuantizationWarning, stacklevel=2)
     float_w = [(n, v) for n, v in weights if jnp.issubdtype(v.dtype, jnp.floating)]
     if len(float_w) < len(weights):
       bad = [path_str(n) for n, v in weights if not jnp.issubdtype(v.dtype, jnp.floating)]
