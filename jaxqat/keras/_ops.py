@@ -323,6 +323,11 @@ def torch_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
 
   Returns:
     A tensor of ``x``'s shape and dtype.
+
+  Examples:
+    >>> import torch
+    >>> torch_fake_quant(torch.tensor([-1.3, 0.26, 2.0]), torch.tensor(0.5), None, -8, 7).tolist()
+    [-1.5, 0.5, 2.0]
   """
   return _torch_functions()[0].apply(x, scale, zero_point, float(qmin), float(qmax))
 
@@ -341,6 +346,13 @@ def torch_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
 
   Returns:
     A tensor of ``x``'s shape and dtype.
+
+  Examples:
+    >>> import torch
+    >>> s = torch.tensor(0.25, requires_grad=True)
+    >>> y = torch_lsq_fake_quant(torch.tensor([0.3, 2.0]), s, None, -8, 7)
+    >>> y.tolist()
+    [0.25, 1.75]
   """
   if grad_scale is None:
     grad_scale = _lsq_grad_scale(x.shape, step_size.shape, qmax)
