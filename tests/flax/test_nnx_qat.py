@@ -122,3 +122,28 @@ def test_learned_step_sizes_stay_positive_over_2000_steps(dtype):
     s = core.param_to_step_size(t)
     assert bool(jnp.all(jnp.isfinite(s) & (s > 0)))
   assert bool(jnp.all(jnp.isfinite(model(x).astype(jnp.float32))))
+
+
+def test_calibrate_through_qad_forward_captures_sown_values():
+  """Calibrating with a forward that captures what the model sows (qad_forward) works."""
+  from jaxqat.flax.nnx._qad import qad_forward  # pylint: disable=g-import-not-at-top
+
+  class M(nnx.Module):
+
+    def __init__(self, rngs):
+      self.a = nnx.Linear(4, 4, rngs=rngs)
+      self.b = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.a(x)
+      self.sow(nnx.Intermediate, "feat", h)
+      return self.b(h)
+
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  plain = qnnx.calibrate(qnnx.quantize(M(nnx.Rngs(0))), [x])
+  captured = qnnx.calibrate(qnnx.quantize(M(nnx.Rngs(0))), [x],
+                            forward=lambda m, x: qad_forward(m, x)[0])
+  for name in ("a", "b"):
+    np.testing.assert_array_equal(getattr(captured, name).input_quant.scale[...],
+                                  getattr(plain, name).input_quant.scale[...])
+  assert not hasattr(captured, "feat")  # the sown value was captured, not left on the model

@@ -328,7 +328,7 @@ class Quantizer(nnx.Module):
     """
     if not self.needs_range:
       return True
-    stats = {key: v[...] for key, v in self.stats.items()}
+    stats = self._stat_values()
     values, ok = _observer_state(stats, self.spec, len(self.stack_shape), self._full())
     ok = bool(ok)
     if not ok:
@@ -441,11 +441,16 @@ class Quantizer(nnx.Module):
       offset = self._fit(self.offset[...], spec, x.shape, "offset")
     return (spec, scale, None, offset)
 
+  def _stat_values(self) -> dict:
+    # Only the QuantStat entries: under nnx.capture (e.g. qad_forward) Flax adds a
+    # '__captures__' attribute to every module, nnx.Dict included.
+    return {k: v[...] for k, v in self.stats.items() if isinstance(v, nnx.Variable)}
+
   def _observe(self, x):
     obs = core.observer(self.spec)
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
     x = x.reshape(-1, x.shape[-1] if x.ndim else 1)
-    state = {k: v[...] for k, v in self.stats.items()}
+    state = self._stat_values()
     new = obs.update(state, x)
     for k, v in new.items():
       self.stats[k][...] = v
