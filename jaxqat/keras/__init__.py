@@ -55,6 +55,7 @@ from jaxqat.keras._sensitivity import mixed_precision as mixed_precision
 from jaxqat.keras._serve import convert as convert
 from jaxqat.keras._serve import size_report as size_report
 from jaxqat.keras._serve import export_serving as export_serving
+from jaxqat.keras._layers import ComputeModeError as ComputeModeError
 from jaxqat.keras._serve import ServedLayer as ServedLayer
 from jaxqat.keras._serve import ServedDense as ServedDense
 from jaxqat.keras._serve import ServedEinsumDense as ServedEinsumDense
@@ -72,6 +73,7 @@ from jaxqat.keras._qad import recipe_schedules as recipe_schedules
 
 __all__ = [
     "CheckFinite",
+    "ComputeModeError",
     "FreezeQuantizers",
     "QADModel",
     "QATOptimizer",

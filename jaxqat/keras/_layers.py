@@ -291,7 +291,8 @@ class QuantLayer:
     eagerly; the result is exact on every backend).
     """
     for attr, q in getattr(self, "weight_quantizers", {}).items():
-      q.calibrate_from([getattr(self, attr)])
+      if q.has_scale:  # block formats (nvfp4, MX) derive their scales from the data
+        q.calibrate_from([getattr(self, attr)])
 
   def quantized_weight(self, attr: str, training=None):
     """The fake-quantized weight of ``attr`` (the float one if unquantized)."""

@@ -113,7 +113,8 @@ def reapply(model, record):
     if not isinstance(layer, _layers.QuantLayer):
       try:
         _layers.quantize_in_place(layer, spec_from_dict(entry["weight"], where=where),
-                                  spec_from_dict(entry["act"], where=where))
+                                  spec_from_dict(entry["act"], where=where),
+                                  compute=entry.get("compute", "fake"))
       except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: cannot quantize {type(layer).__name__} "
                          f"{layer.name!r}: {e}") from e

@@ -462,3 +462,16 @@ def test_separable_conv_serves():
     if iq.role == "act":
       iq.float_reason = "weight-only check"
   np.testing.assert_array_equal(to_np(convert(q)(x)), to_np(q(x)))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="block-format fake quant runs on JAX only")
+def test_mx_weights_quantize_calibrate_and_serve_bit_exact():
+  """MX weights derive their e8m0 block scales from the data: no weight range to calibrate."""
+  from jaxqat.core import PerBlock  # pylint: disable=g-import-not-at-top
+  model = _fill(_seq((64,), keras.layers.Dense(16, name="fc", **Z)))
+  x = RNG.normal(size=(3, 64)).astype("float32")
+  for fmt in ("mxfp4", "mxfp8"):
+    q = _qat(model, x, [Rule(pattern="fc", weight=QuantSpec(format=fmt,
+                                                           granularity=PerBlock(32, axis=0)),
+                             act=default_act_spec())])
+    np.testing.assert_array_equal(to_np(convert(q)(x)), to_np(q(x)))
