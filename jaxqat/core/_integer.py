@@ -649,6 +649,15 @@ def _fake_op(cfg, x, w, a, wq):
   return _OPS[op](xq, wqv, dict(kw))
 
 
+def _explicitly_sharded(t) -> bool:
+  """Whether ``t`` is sharded on an explicit mesh axis (slicing one element of it is refused)."""
+  try:
+    spec = jax.typeof(t).sharding.spec
+  except (AttributeError, TypeError):
+    return False
+  return any(p is not None for p in spec)
+
+
 def recompute_bwd(fn, res, g):
   """The vjp of ``fn`` at the saved inputs ``res``, recomputed in the backward pass.
 
@@ -659,10 +668,12 @@ def recompute_bwd(fn, res, g):
   before common-subexpression elimination; so the saved arrays are also
   multiplied by a one computed from the cotangent (``1 + 0 * g[0]``, with a
   non-finite ``g[0]`` replaced by 0): exact, and it ties the recomputation
-  to the backward pass.
+  to the backward pass. A cotangent sharded on an explicit mesh axis is not
+  probed (one element of it cannot be sliced out); there the barrier alone
+  applies.
   """
   res = lax.optimization_barrier(res)
-  leaves = [t for t in jax.tree_util.tree_leaves(g) if jnp.size(t)]
+  leaves = [t for t in jax.tree_util.tree_leaves(g) if jnp.size(t) and not _explicitly_sharded(t)]
   if leaves:
     probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
     one = 1.0 + 0.0 * jnp.where(jnp.isfinite(probe), probe, 0.0)

@@ -103,40 +103,60 @@ _FAKE_QUANT = ("_fake_quant", "_lsq", "_block_fq")
 _MATMULS = {"dot_general", "conv_general_dilated"}
 
 
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    j = getattr(v, "jaxpr", v)
+    if hasattr(j, "eqns"):
+      yield j
+
+
 def _weight_matmuls(fn, params):
-  """(quantized, float): matmuls whose weight operand is fake-quantized / a raw param."""
+  """(quantized, float): matmuls whose weight operand is fake-quantized / a raw param.
+
+  Walks into ``core.qat_op``'s custom_vjp (the fake quant and the matmul in one call),
+  mapping its inputs to the caller's.
+  """
   closed = jax.make_jaxpr(fn)(params)
-  jaxpr = closed.jaxpr
-  params_in = set(map(id, jaxpr.invars))
-  producer = {}
-  for eqn in jaxpr.eqns:
-    for o in eqn.outvars:
-      producer[id(o)] = eqn
+  counts = [0, 0]
 
-  def source(var):
-    """'param', 'quant(<source of its input>)' or 'other', through layout-only ops."""
-    while True:
-      if id(var) in params_in:
-        return "param"
-      eqn = producer.get(id(var))
-      if eqn is None:
-        return "other"
-      name = str(eqn.params.get("name", ""))
-      if eqn.primitive.name in ("jit", "pjit") and name in _FAKE_QUANT:
-        return "quant:" + source(eqn.invars[0])
-      if eqn.primitive.name not in _PASS_THROUGH:
-        return "other"
-      var = eqn.invars[0]
+  def walk(jaxpr, params_in, outer_source):
+    producer = {}
+    for eqn in jaxpr.eqns:
+      for o in eqn.outvars:
+        producer[id(o)] = eqn
 
-  quantized, floating = 0, 0
-  for eqn in jaxpr.eqns:
-    assert eqn.primitive.name not in ("scan", "while"), "flatten the model for this check"
-    if eqn.primitive.name in _MATMULS:
-      srcs = [source(v) for v in eqn.invars[:2]]
-      if "param" in srcs:
-        floating += 1
-      elif "quant:param" in srcs:
-        quantized += 1
+    def source(var):
+      """'param', 'quant(<source of its input>)' or 'other', through layout-only ops."""
+      while True:
+        if id(var) in params_in:
+          return "param"
+        if id(var) in outer_source:
+          return outer_source[id(var)]
+        eqn = producer.get(id(var))
+        if eqn is None:
+          return "other"
+        name = str(eqn.params.get("name", ""))
+        if eqn.primitive.name in ("jit", "pjit") and name in _FAKE_QUANT:
+          return "quant:" + source(eqn.invars[0])
+        if eqn.primitive.name not in _PASS_THROUGH:
+          return "other"
+        var = eqn.invars[0]
+
+    for eqn in jaxpr.eqns:
+      assert eqn.primitive.name not in ("scan", "while"), "flatten the model for this check"
+      if eqn.primitive.name in _MATMULS:
+        srcs = [source(v) for v in eqn.invars[:2]]
+        if "param" in srcs:
+          counts[1] += 1
+        elif "quant:param" in srcs:
+          counts[0] += 1
+      elif eqn.primitive.name.startswith("custom_vjp_call"):
+        for j in _sub_jaxprs(eqn):
+          if len(j.invars) == len(eqn.invars):
+            walk(j, set(), {id(iv): source(ov) for iv, ov in zip(j.invars, eqn.invars)})
+
+  walk(closed.jaxpr, set(map(id, closed.jaxpr.invars)), {})
+  quantized, floating = counts
   return quantized, floating
 
 

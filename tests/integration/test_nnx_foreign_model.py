@@ -122,8 +122,19 @@ def _subjaxprs(eqn):
         yield x.jaxpr
 
 
+def _has_matmul(eqn) -> bool:
+  return any(e.primitive.name in ("dot_general", "conv_general_dilated") or _has_matmul(e)
+             for j in _subjaxprs(eqn) for e in j.eqns)
+
+
 def _is_fake_quant(eqn) -> bool:
-  """A custom_vjp/custom_jvp call, possibly wrapped in jit (the core primitives are jitted)."""
+  """A custom_vjp/custom_jvp call, possibly wrapped in jit (the core primitives are jitted).
+
+  ``core.qat_op`` (a custom_vjp holding the fake quant and the matmul) is not one: the
+  walk goes into it.
+  """
+  if _has_matmul(eqn):
+    return False
   if eqn.primitive.name in _FQ:
     return True
   return eqn.primitive.name in ("jit", "pjit") and any(

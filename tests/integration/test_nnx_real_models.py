@@ -137,7 +137,14 @@ def _sub(eqn):
         yield j
 
 
+def _has_matmul(eqn):
+  return any(e.primitive.name in ("dot_general", "conv_general_dilated") or _has_matmul(e)
+             for j in _sub(eqn) for e in j.eqns)
+
+
 def _is_fq(eqn):
+  if _has_matmul(eqn):  # core.qat_op: the fake quant and the op in one custom_vjp; walk into it
+    return False
   return eqn.primitive.name in _FQ or any(_is_fq(e) for j in _sub(eqn) for e in j.eqns)
 
 
