@@ -668,13 +668,14 @@ def recompute_bwd(fn, res, g):
   before common-subexpression elimination; so the saved arrays are also
   multiplied by a one computed from the cotangent (``1 + 0 * g[0]``, with a
   non-finite ``g[0]`` replaced by 0): exact, and it ties the recomputation
-  to the backward pass. A cotangent sharded on an explicit mesh axis is not
-  probed (one element of it cannot be sliced out); there the barrier alone
-  applies.
+  to the backward pass. With several devices the tie is left out (the
+  partitioner can all-gather a sharded kernel to apply it, and a cotangent
+  sharded on an explicit mesh axis cannot give up one element); there the
+  barrier alone applies.
   """
   res = lax.optimization_barrier(res)
   leaves = [t for t in jax.tree_util.tree_leaves(g) if jnp.size(t) and not _explicitly_sharded(t)]
-  if leaves:
+  if leaves and jax.device_count() == 1:
     probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
     one = 1.0 + 0.0 * jnp.where(jnp.isfinite(probe), probe, 0.0)
 

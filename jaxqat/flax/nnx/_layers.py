@@ -115,6 +115,11 @@ def _run(op, x, w, out_sharding, **kw):
   compute = getattr(layer, "jaxqat_compute", "fake")
   if compute == "integer" and (act is None or weight is None):
     compute = "fake"  # "float"/"calibrate" mode, or an input that stays float
+  if out_sharding is not None and compute == "fake":
+    # The op itself takes the output sharding: on an explicit mesh, a contraction over a
+    # sharded axis (row-parallel layers) needs it to know how its output is sharded.
+    kw["out_sharding"] = out_sharding
+    out_sharding = None
   try:
     y = core.qat_op(op, x, w, act=act, weight=weight, compute=compute, **kw)
   except ValueError as e:
