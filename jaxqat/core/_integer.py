@@ -501,6 +501,8 @@ def quantized_conv_general_dilated(
     reason = "the kernel is affine (has a zero point)"
   if reason is None and batch_group_count != 1:
     reason = "batch_group_count != 1"
+  if reason is None:
+    reason = _conv_backend_reason()
   kw = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dn,
             feature_group_count=feature_group_count, batch_group_count=batch_group_count)
@@ -647,6 +649,15 @@ def _fake_op(cfg, x, w, a, wq):
   xq = x if aspec is None else fq.quant_dequant(x, aspec, a[0], a[1], offset=a[2])
   wqv = w if wspec is None else fq.quant_dequant(w, wspec, wq[0], wq[1], offset=wq[2])
   return _OPS[op](xq, wqv, dict(kw))
+
+
+_GPU_CONV = ("XLA:GPU compiles no int8 x int8 -> int32 convolution (measured on an H200: "
+             "UNIMPLEMENTED); the weight is dequantized on the fly")
+
+
+def _conv_backend_reason() -> Optional[str]:
+  """Why the backend rules out an integer convolution (None if it does not)."""
+  return _GPU_CONV if jax.default_backend() == "gpu" else None
 
 
 def _explicitly_sharded(t) -> bool:
@@ -861,4 +872,6 @@ def spec_reason(aspec, wspec, w_ndim: int, contracting: Sequence[int] = (), *,
     return "the weight is not quantized"
   if conv and wspec.is_int and not wspec.symmetric:
     return "the kernel is affine (has a zero point)"
+  if conv and _conv_backend_reason() is not None:
+    return _conv_backend_reason()
   return _reason(wspec, w_ndim, aspec, contracting)

@@ -167,6 +167,24 @@ def test_conv_integer_path_with_affine_input_and_padding(groups):
       np.asarray(ref))
 
 
+def test_gpu_convolution_takes_the_dequantize_path(monkeypatch):
+  """XLA:GPU compiles no int8 convolution: on a GPU backend the conv dequantizes, exactly."""
+  x = jax.random.uniform(jax.random.key(5), (1, 5, 5, 2))
+  w = jax.random.normal(jax.random.key(6), (3, 3, 2, 4)) * 0.3
+  wenc, act = _enc_w(w, W8), _enc_x(x, AU8)
+  qt = core.quantize_weight(w, wenc)
+  kw_ = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  monkeypatch.setattr(core._integer.jax, "default_backend", lambda: "gpu")  # pylint: disable=protected-access
+  conv = lambda x: core.quantized_conv_general_dilated(x, qt, act=act, **kw_)  # noqa: E731
+  assert _int_ops(conv, x) == [("conv_general_dilated", ("float32", "float32"), "float32")]
+  np.testing.assert_array_equal(np.asarray(conv(x)), np.asarray(
+      core.quantized_conv_general_dilated(x, qt, act=act, integer=False, **kw_)))
+  assert "XLA:GPU compiles no int8" in core._integer.spec_reason(  # pylint: disable=protected-access
+      act.spec, W8, 4, conv=True)
+  # Dense layers keep the integer path there.
+  assert core._integer.spec_reason(act.spec, W8, 2) is None  # pylint: disable=protected-access
+
+
 def test_take_bit_exact_and_packing_bytes():
   table = jax.random.normal(jax.random.key(6), (256, 256))
   rows = QuantSpec(format="int8", granularity=PerChannel(0))
