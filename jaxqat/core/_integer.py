@@ -660,15 +660,6 @@ def _conv_backend_reason() -> Optional[str]:
   return _GPU_CONV if jax.default_backend() == "gpu" else None
 
 
-def _explicitly_sharded(t) -> bool:
-  """Whether ``t`` is sharded on an explicit mesh axis (slicing one element of it is refused)."""
-  try:
-    spec = jax.typeof(t).sharding.spec
-  except (AttributeError, TypeError):
-    return False
-  return any(p is not None for p in spec)
-
-
 def recompute_bwd(fn, res, g):
   """The vjp of ``fn`` at the saved inputs ``res``, recomputed in the backward pass.
 
@@ -685,7 +676,7 @@ def recompute_bwd(fn, res, g):
   barrier alone applies.
   """
   res = lax.optimization_barrier(res)
-  leaves = [t for t in jax.tree_util.tree_leaves(g) if jnp.size(t) and not _explicitly_sharded(t)]
+  leaves = [t for t in jax.tree_util.tree_leaves(g) if jnp.size(t)]
   if leaves and jax.device_count() == 1:
     probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
     one = 1.0 + 0.0 * jnp.where(jnp.isfinite(probe), probe, 0.0)
