@@ -59,6 +59,18 @@ def _xla_convert_round(v, fmt):
   return v.astype(fmt.dtype).astype(v.dtype)
 
 
+def _bit_round_previous(v, fmt):
+  """The rounding float_round used before the magic-number addition (bit masks + a select)."""
+  uint = jnp.uint32
+  drop = 23 - fmt.mbits
+  bits = jax.lax.bitcast_convert_type(v, uint)
+  bias = uint((1 << (drop - 1)) - 1) + ((bits >> uint(drop)) & uint(1))
+  normal = jax.lax.bitcast_convert_type((bits + bias) & uint(0xFFFFFFFF ^ ((1 << drop) - 1)),
+                                        v.dtype)
+  sub = jnp.round(v * 2.0 ** (fmt.mbits - fmt.emin)) * 2.0 ** (fmt.emin - fmt.mbits)
+  return jnp.where(jnp.abs(v) >= 2.0 ** fmt.emin, normal, sub)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", type=int, default=4096)
@@ -81,8 +93,10 @@ def main():
       ("per-tensor fp8_e4m3 (STE)", QuantSpec(format="fp8_e4m3"), jnp.float32(0.01), False),
       ("per-tensor fp4_e2m1 (STE)", QuantSpec(format="fp4_e2m1"), jnp.float32(0.5), False),
   ]
-  # fp8 with the rounding it replaced (frexp/ldexp) and with XLA's own conversions.
+  # fp8 with the roundings it replaced (frexp/ldexp; bit masks with a select for subnormals)
+  # and with XLA's own conversions.
   alternatives = {"fp8_e4m3, frexp rounding": _grid.float_round_reference,
+                  "fp8_e4m3, bit masks (previous)": _bit_round_previous,
                   "fp8_e4m3, XLA convert": _xla_convert_round}
   cases += [(name, QuantSpec(format="fp8_e4m3"), jnp.float32(0.01), False) for name in alternatives]
   print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
