@@ -25,12 +25,19 @@ skip_inner = pytest.mark.skipif(INNER, reason="already inside a per-backend run"
 # on every backend and are checked on JAX only, to keep the suite's time down.
 _BACKEND_FILES = ("test_keras_ops.py", "test_keras_layers.py", "test_keras_training.py",
                   "test_keras_calibrate.py", "test_keras_deep.py", "test_keras_serve.py")
+# Checked on JAX only: the issue-9 run of 200 eager fit steps (on the other backends the
+# positivity of learned step sizes is checked by test_keras_deep.py's LSQ run) and the
+# percentile observer's weight-range tracking (the same keras.ops reductions as absmax and
+# minmax, which stay; its histogram is the slowest part of this run).
+_JAX_ONLY = ("test_lsq_step_sizes_stay_positive_mlp_16_64_64_4",
+             "test_fixed_weights_track_weight_range_until_freeze and percentile")
 
 
 def _run_backend(backend):
   env = {**os.environ, "KERAS_BACKEND": backend, "JAXQAT_KERAS_INNER": "1"}
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-o", "addopts=", *[os.path.join(HERE, f) for f in _BACKEND_FILES]]
+         "-o", "addopts=", "-k", " and ".join(f"not ({k})" for k in _JAX_ONLY),
+         *[os.path.join(HERE, f) for f in _BACKEND_FILES]]
   proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   tail = (proc.stdout + proc.stderr)[-6000:]
   assert proc.returncode == 0, f"Keras tests failed on the {backend} backend:\n{tail}"
