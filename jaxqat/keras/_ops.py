@@ -219,7 +219,7 @@ def _lsq_grad_scale(x_shape, s_shape, qmax) -> float:
 # that is most of the cost of fake quant on small tensors. These Functions run the
 # very same float operations (x / s, round half to even, + z, clip, - z, * s) with
 # torch ops on scalar bounds, in place where a buffer is free, and keep only what
-# the backward needs (a bool mask; LSQ adds v = x/s and the clipped code q).
+# the backward needs (a bool mask; LSQ adds its step-size derivative).
 
 _TORCH_FNS = None
 
@@ -256,7 +256,14 @@ def _torch_functions():
       return torch.where(inside, g, 0.0), None, None, None, None
 
   class LsqFakeQuant(torch.autograd.Function):
-    """:func:`ops_lsq_fake_quant` in torch ops (gradients to x, s and the offset)."""
+    """:func:`ops_lsq_fake_quant` in torch ops (gradients to x, s and the offset).
+
+    The forward computes the step-size derivative ``ds`` (``round(v) - v``
+    inside, the clipped code outside) while its inputs are at hand, into a
+    buffer it no longer needs, and keeps only ``ds`` and the clip mask: two
+    arrays instead of three, and the backward is one masked copy and one
+    reduction.
+    """
 
     @staticmethod
     def forward(ctx, x, s, b, qmin, qmax, grad_scale):  # pylint: disable=arguments-differ
@@ -270,30 +277,31 @@ def _torch_functions():
       q = code.clamp(qmin, qmax)
       # Clipped where clipping changed the code; a NaN code counts as clipped (the core's LSQ).
       outside = torch.ne(code, q)
-      del code
-      y = ((q - z).mul_(sc) if z is not None else q * sc).to(x.dtype)
-      ctx.save_for_backward(v, q, outside, *(() if z is None else (z,)))
+      # d x_hat / d s: round(v) - v inside (= code - z - v), the clipped code q outside.
+      ds = code.sub_(z).sub_(v) if z is not None else code.sub_(v)
+      ds = torch.where(outside, q, ds, out=ds)
+      if z is not None:
+        q = q.sub_(z)
+      y = torch.mul(q, sc, out=v) if v.dtype == x.dtype and v.shape == q.shape else q * sc
+      ctx.save_for_backward(ds, outside)
       ctx.shapes = (s.shape, s.dtype, None if b is None else b.shape,
                     None if b is None else b.dtype, grad_scale)
-      return y
+      return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):  # pylint: disable=arguments-differ
-      v, q, outside, *z = ctx.saved_tensors
+      ds, outside = ctx.saved_tensors
       s_shape, s_dtype, b_shape, b_dtype, grad_scale = ctx.shapes
-      gx = torch.where(outside, 0.0, g)
+      gx = g.masked_fill(outside, 0.0)
       g32 = f32(g)
-      # d x_hat / d s: round(v) - v inside (round(v) = q - z there), the clipped code outside.
-      rv = (q - z[0]).sub_(v) if z else q - v
-      ds = torch.where(outside, q, rv, out=rv)
       if math.prod(s_shape) == 1:  # one step size: a dot product, one pass
         gs = torch.dot(g32.reshape(-1), ds.reshape(-1)).reshape(s_shape)
       else:
-        gs = _torch_sum_to_shape(ds.mul_(g32), s_shape)
+        gs = _torch_sum_to_shape(ds * g32, s_shape)  # ds is kept: retain_graph may call again
       gs = gs.mul_(grad_scale).to(s_dtype)
       gb = None
-      if z:
-        gb = _torch_sum_to_shape(torch.where(outside, g32, 0.0), b_shape)
+      if b_shape is not None:
+        gb = _torch_sum_to_shape(g32.masked_fill(outside.logical_not(), 0.0), b_shape)
         gb = gb.mul_(grad_scale).to(b_dtype)
       return gx, gs, gb, None, None, None
 
