@@ -91,8 +91,9 @@ def _run_nnx(w, x, y, rules):
   model = _NnxMLP(w)
   qnnx.quantize(model, rules)
   qnnx.calibrate(model, [x[:32], x[32:]])
-  out0 = np.asarray(model(x))
-  grads = nnx.grad(lambda m: _loss(m(x), y))(model)
+  # Forward and gradient jitted (one compile each rather than one per eager op).
+  out0 = np.asarray(nnx.jit(lambda m: m(x))(model))
+  grads = nnx.jit(nnx.grad(lambda m: _loss(m(x), y)))(model)
   g = {f"{n}/kernel": np.asarray(getattr(grads, n).kernel[...]) for n in ("hidden", "head")}
   opt = nnx.Optimizer(model, qnnx.qat_optimizer(model, optax.sgd(LR), optax.sgd(QLR)),
                       wrt=nnx.Param)
@@ -107,7 +108,7 @@ def _run_nnx(w, x, y, rules):
     step(model, opt)
   trained = {f"{n}/kernel": np.asarray(getattr(model, n).kernel[...]) for n in ("hidden", "head")}
   trained.update(_nnx_quant_state(model))
-  return out0, g, trained, np.asarray(model(x))
+  return out0, g, trained, np.asarray(nnx.jit(lambda m: m(x))(model))
 
 
 # ---------------------------------------------------------------- Linen
