@@ -76,6 +76,6 @@ def test_nnx_and_linen_agree(name):
     qnnx.quantize(model, rules)
   qnnx.calibrate(model, [x])
 
-  y_linen, y_nnx = jax.jit(qlinen.apply)(v, x), model(x)
+  y_linen, y_nnx = jax.jit(qlinen.apply)(v, x), nnx.jit(lambda m: m(x))(model)
   assert float(jnp.abs(y_linen - float_out).max()) > 1e-4  # quantization did something
   np.testing.assert_allclose(y_linen, y_nnx, atol=1e-6, rtol=0)
