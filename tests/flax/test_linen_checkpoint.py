@@ -28,14 +28,26 @@ def _x():
   return jax.random.normal(jax.random.key(1), (16, 4))
 
 
+_TRAINED = {}
+
+
 def _trained(rules, width=8):
+  """``_trained_once``, shared by the tests (which only read it: jax arrays, fresh dicts)."""
+  key = (id(rules), width)
+  if key not in _TRAINED:
+    _TRAINED[key] = _trained_once(rules, width)
+  qmodel, v = _TRAINED[key]
+  return qmodel, jax.tree.map(lambda a: a, v)  # a fresh nest of dicts around the same arrays
+
+
+def _trained_once(rules, width):
   """A calibrated model, one SGD step into QAT (so nothing equals its init)."""
   qmodel = ql.quantize(_model(width), rules)
   x = _x()
   v = jax.jit(qmodel.init)(_key(0), x)
   v = ql.calibrate(qmodel, v, [x])
   t = {k: v[k] for k in ("params", "quant_params") if k in v}
-  g = jax.grad(lambda t: jnp.sum(qmodel.apply({**v, **t}, x) ** 2))(t)
+  g = jax.jit(jax.grad(lambda t: jnp.sum(qmodel.apply({**v, **t}, x) ** 2)))(t)
   t = jax.tree.map(lambda a, b: a - 0.01 * b, t, g)
   return qmodel, {**v, **t}
 
