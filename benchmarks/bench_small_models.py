@@ -267,7 +267,7 @@ class _KerasRunner:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # A Conv folded with its BatchNorm has no integer forward: integer rules run unfolded.
-        fold = all(getattr(r, "compute", "fake") == "fake" for r in rules)
+        fold = all(getattr(r, "compute", "fake") == "fake" for r in rules or ())
         m = jqk.quantize(m, _keras_rules(rules), fold_batchnorm=fold)
         jqk.calibrate(m, xn[:32], verbose=0)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True,
