@@ -214,7 +214,7 @@ def check_calibration():
   Two batches (the second widens the range, so histograms regrid); inside jit
   on an explicit mesh with the rows sharded, and under shard_map with
   ``axis_name`` (each device sees its rows). Granularity and symmetry vary
-  across the methods to keep compiles few.
+  across the methods; all methods share one program per way of running.
   """
   x = np.asarray(jax.random.normal(jax.random.key(3), (64, 16), jnp.float32)) * 3.0
   x[:32] *= 0.5
@@ -225,25 +225,32 @@ def check_calibration():
            ("mse", core.PerChannel(-1), True), ("entropy", core.PerTensor(), False)]
   # rows [0:32] then [32:64] globally; under shard_map device d holds rows 4d..4d+3 of each
   xx = np.concatenate([x[:32].reshape(8, 4, 16), x[32:].reshape(8, 4, 16)], 1).reshape(64, 16)
+  # Every method in one jitted program and one shard_map program (two compiles, not twelve).
+  obs, sobs, refs = [], [], []
   for method, gran, sym in cases:
     spec = core.QuantSpec(format="int8", symmetric=sym, granularity=gran,
                           calibration=core.Calibration(method=method, num_bins=256))
-    obs = core.observer(spec)
-    ref = obs.compute(obs.update(obs.update(obs.init(x), x[:32]), x[32:]))
-    with jax.set_mesh(mesh):
-      xa, xb = (jax.device_put(h, NamedSharding(mesh, P("data"))) for h in (x[:32], x[32:]))
-      got = jax.jit(lambda a, b: obs.compute(obs.update(obs.update(obs.init(a), a), b)))(xa, xb)
+    o = core.observer(spec)
+    obs.append(o)
+    sobs.append(core.observer(spec, axis_name="data"))
+    refs.append(o.compute(o.update(o.update(o.init(x), x[:32]), x[32:])))
+  inits = [so.init(x) for so in sobs]
+
+  def all_jit(a, b):
+    return [o.compute(o.update(o.update(o.init(a), a), b)) for o in obs]
+
+  def all_local(b):
+    return [so.compute(so.update(so.update(init, b[:4]), b[4:])) for so, init in zip(sobs, inits)]
+
+  with jax.set_mesh(mesh):
+    xa, xb = (jax.device_put(h, NamedSharding(mesh, P("data"))) for h in (x[:32], x[32:]))
+    got = jax.jit(all_jit)(xa, xb)
+  xs = jax.device_put(xx, NamedSharding(mesh, P("data")))
+  got_sm = jax.jit(jax.shard_map(all_local, mesh=mesh, in_specs=P("data"), out_specs=P()))(xs)
+  for (method, gran, sym), ref, g, g_sm in zip(cases, refs, got, got_sm):
     what = f"calibration {method} {gran} sym={sym}"
-    _close(_tree_np(got), _tree_np(ref), what)
-    sobs = core.observer(spec, axis_name="data")
-    init = sobs.init(x)
-
-    def local(b, sobs=sobs, init=init):
-      return sobs.compute(sobs.update(sobs.update(init, b[:4]), b[4:]))
-
-    xs = jax.device_put(xx, NamedSharding(mesh, P("data")))
-    got_sm = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P()))(xs)
-    _close(_tree_np(got_sm), _tree_np(ref), what + " (shard_map)")
+    _close(_tree_np(g), _tree_np(ref), what)
+    _close(_tree_np(g_sm), _tree_np(ref), what + " (shard_map)")
   print("calibration: absmax, minmax, ema, percentile, mse, entropy: batch sharded over 8 "
         "devices (jit) == shard_map(axis_name) == one device")
 
