@@ -929,6 +929,23 @@ def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec, *,
   return compute(update(init(w), w))
 
 
+def _finite_reduce(w: Array, axes, plain: Callable, masked: Callable) -> tuple:
+  """Reductions of ``w`` over its finite entries: ``plain(w)`` when that is finite.
+
+  ``plain`` reduces ``w`` directly, ``masked`` reduces it with the non-finite
+  entries replaced (given ``isfinite(w)``); both give the same values when
+  every entry is finite, which the (small) results of ``plain`` tell. The
+  masked form only runs, through ``lax.cond``, when a reduced value is NaN or
+  infinite: XLA:CPU writes a masked copy of ``w`` before reducing it, which
+  made the per-step weight range of a QAT step about 2-5x slower than a plain
+  reduction (issue 12).
+  """
+  del axes
+  fast = plain(w)
+  ok = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(r)) for r in fast])
+  return jax.lax.cond(ok, lambda: fast, lambda: masked(w, jnp.isfinite(w)))
+
+
 def _direct_range(w: Array, cfg: _Config, axis_name) -> tuple[Array, Array]:
   """absmax/minmax of one tensor by plain reductions over its reduced axes.
 
@@ -940,15 +957,20 @@ def _direct_range(w: Array, cfg: _Config, axis_name) -> tuple[Array, Array]:
   spec = cfg.spec
   shape = spec.scale_shape(w.shape)
   axes = _grid.reduce_axes(w.shape, spec)
-  fin = jnp.isfinite(w)
   if cfg.symmetric:
-    amax = jnp.max(jnp.where(fin, jnp.abs(w), 0), axis=axes, keepdims=True).astype(_F32)
+    amax = _finite_reduce(w, axes, lambda v: (jnp.max(jnp.abs(v), axis=axes, keepdims=True),),
+                          lambda v, fin: (jnp.max(jnp.where(fin, jnp.abs(v), 0), axis=axes,
+                                                  keepdims=True),))[0].astype(_F32)
     if axis_name is not None:
       amax = jax.lax.pmax(amax, axis_name)
     scale, zp = _scale_zp(-amax, amax, cfg)
   else:
-    mn = jnp.min(jnp.where(fin, w, jnp.inf), axis=axes, keepdims=True).astype(_F32)
-    mx = jnp.max(jnp.where(fin, w, -jnp.inf), axis=axes, keepdims=True).astype(_F32)
+    mn, mx = _finite_reduce(
+        w, axes,
+        lambda v: (jnp.min(v, axis=axes, keepdims=True), jnp.max(v, axis=axes, keepdims=True)),
+        lambda v, fin: (jnp.min(jnp.where(fin, v, jnp.inf), axis=axes, keepdims=True),
+                        jnp.max(jnp.where(fin, v, -jnp.inf), axis=axes, keepdims=True)))
+    mn, mx = mn.astype(_F32), mx.astype(_F32)
     if axis_name is not None:
       mn = jax.lax.pmin(mn, axis_name)
       mx = jax.lax.pmax(mx, axis_name)
