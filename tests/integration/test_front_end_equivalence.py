@@ -92,7 +92,8 @@ def _run_nnx(w, x, y, rules):
   qnnx.quantize(model, rules)
   qnnx.calibrate(model, [x[:32], x[32:]])
   # Forward and gradient jitted (one compile each rather than one per eager op).
-  out0 = np.asarray(nnx.jit(lambda m: m(x))(model))
+  fwd = nnx.jit(lambda m: m(x))  # before and after training: one compile
+  out0 = np.asarray(fwd(model))
   grads = nnx.jit(nnx.grad(lambda m: _loss(m(x), y)))(model)
   g = {f"{n}/kernel": np.asarray(getattr(grads, n).kernel[...]) for n in ("hidden", "head")}
   opt = nnx.Optimizer(model, qnnx.qat_optimizer(model, optax.sgd(LR), optax.sgd(QLR)),
@@ -108,7 +109,7 @@ def _run_nnx(w, x, y, rules):
     step(model, opt)
   trained = {f"{n}/kernel": np.asarray(getattr(model, n).kernel[...]) for n in ("hidden", "head")}
   trained.update(_nnx_quant_state(model))
-  return out0, g, trained, np.asarray(nnx.jit(lambda m: m(x))(model))
+  return out0, g, trained, np.asarray(fwd(model))
 
 
 # ---------------------------------------------------------------- Linen
