@@ -929,7 +929,7 @@ def weight_range(w: ArrayLike, spec: spec_lib.QuantSpec, *,
   return compute(update(init(w), w))
 
 
-def _finite_reduce(w: Array, axes, plain: Callable, masked: Callable) -> tuple:
+def _finite_reduce(w: Array, plain: Callable, masked: Callable) -> tuple:
   """Reductions of ``w`` over its finite entries: ``plain(w)`` when that is finite.
 
   ``plain`` reduces ``w`` directly, ``masked`` reduces it with the non-finite
@@ -940,7 +940,6 @@ def _finite_reduce(w: Array, axes, plain: Callable, masked: Callable) -> tuple:
   made the per-step weight range of a QAT step about 2-5x slower than a plain
   reduction (issue 12).
   """
-  del axes
   fast = plain(w)
   ok = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(r)) for r in fast])
   return jax.lax.cond(ok, lambda: fast, lambda: masked(w, jnp.isfinite(w)))
@@ -958,7 +957,7 @@ def _direct_range(w: Array, cfg: _Config, axis_name) -> tuple[Array, Array]:
   shape = spec.scale_shape(w.shape)
   axes = _grid.reduce_axes(w.shape, spec)
   if cfg.symmetric:
-    amax = _finite_reduce(w, axes, lambda v: (jnp.max(jnp.abs(v), axis=axes, keepdims=True),),
+    amax = _finite_reduce(w, lambda v: (jnp.max(jnp.abs(v), axis=axes, keepdims=True),),
                           lambda v, fin: (jnp.max(jnp.where(fin, jnp.abs(v), 0), axis=axes,
                                                   keepdims=True),))[0].astype(_F32)
     if axis_name is not None:
@@ -966,7 +965,7 @@ def _direct_range(w: Array, cfg: _Config, axis_name) -> tuple[Array, Array]:
     scale, zp = _scale_zp(-amax, amax, cfg)
   else:
     mn, mx = _finite_reduce(
-        w, axes,
+        w,
         lambda v: (jnp.min(v, axis=axes, keepdims=True), jnp.max(v, axis=axes, keepdims=True)),
         lambda v, fin: (jnp.min(jnp.where(fin, v, jnp.inf), axis=axes, keepdims=True),
                         jnp.max(jnp.where(fin, v, -jnp.inf), axis=axes, keepdims=True)))
