@@ -34,7 +34,8 @@ _JAX_ONLY = ("test_lsq_step_sizes_stay_positive_mlp_16_64_64_4",
 
 
 def _run_backend(backend):
-  env = {**os.environ, "KERAS_BACKEND": backend, "JAXQAT_KERAS_INNER": "1"}
+  env = {**os.environ, "KERAS_BACKEND": backend, "JAXQAT_KERAS_INNER": "1",
+         "JAXQAT_TEST_XLA_CACHE": "0"}  # the outer run owns (and removes) its XLA cache
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-o", "addopts=", "-k", " and ".join(f"not ({k})" for k in _JAX_ONLY),
          *[os.path.join(HERE, f) for f in _BACKEND_FILES]]
