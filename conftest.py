@@ -1,6 +1,8 @@
 """Test configuration shared by the tests and the doctests."""
 
 import os
+import shutil
+import tempfile
 
 # Keras would default to TensorFlow (not installed); tests run on JAX unless told otherwise.
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -24,7 +26,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # so the same results). JAXQAT_TEST_XLA_CACHE=0 turns it off.
 # Keyed by the controller's pid: an xdist worker's parent, a plain run's own.
 _RUN_ID = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
-_CACHE_DIR = os.path.join(__import__("tempfile").gettempdir(), f"jaxqat-test-xla-{_RUN_ID}")
+_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"jaxqat-test-xla-{_RUN_ID}")
 if os.environ.get("JAXQAT_TEST_XLA_CACHE", "1") == "1":
   jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -33,7 +35,7 @@ if os.environ.get("JAXQAT_TEST_XLA_CACHE", "1") == "1":
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
   if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a plain run) cleans up
-    __import__("shutil").rmtree(_CACHE_DIR, ignore_errors=True)
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 # Long tests first: with pytest-xdist, a long test collected last would run alone at the

@@ -870,6 +870,5 @@ def spec_reason(aspec, wspec, w_ndim: int, contracting: Sequence[int] = (), *,
     return "the weight is not quantized"
   if conv and wspec.is_int and not wspec.symmetric:
     return "the kernel is affine (has a zero point)"
-  if conv and _conv_backend_reason() is not None:
-    return _conv_backend_reason()
-  return _reason(wspec, w_ndim, aspec, contracting)
+  backend = _conv_backend_reason() if conv else None
+  return backend if backend is not None else _reason(wspec, w_ndim, aspec, contracting)
