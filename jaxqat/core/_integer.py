@@ -227,6 +227,19 @@ def _weight_codes(w: _quantize.QTensor) -> tuple[Array, Optional[Array]]:
   return codes.astype(jnp.int8), z
 
 
+def _code_sum(q: Array, axes) -> Array:
+  """The int32 sum of int8 codes ``q`` over ``axes`` (kept as size-1 dims).
+
+  Summed in float32, which is exact here: ``_check_overflow`` admits at most
+  ``2**31 / 255**2 < 33026`` contracted elements, so a sum is below
+  ``128 * 33026 < 2**24``. XLA:CPU turns an int32 sum of converted int8
+  codes into a full int32 copy and a windowed reduction: 1.2 ms of a
+  1024x1024 layer's 6.4 ms integer dot on the bench machine, against 0.6 ms
+  in float32.
+  """
+  return jnp.sum(q.astype(jnp.float32), axis=axes, keepdims=True).astype(jnp.int32)
+
+
 def _check_overflow(k: int, a_max: int, b_max: int, what: str) -> None:
   if k * a_max * b_max >= _INT32_LIMIT:
     raise ValueError(f"{what}: a contraction of {k} elements could overflow the int32 "
@@ -313,15 +326,14 @@ def quantized_dot_general(
   acc = lax.dot_general(qx, qw, ((lc, rc), (lb, rb)), preferred_element_type=jnp.int32)
   n_lhs_free = x.ndim - len(lc) - len(lb)
   n_rhs_free = len(w.shape) - len(rc) - len(rb)
-  w32 = qw.astype(jnp.int32)
-  col = _rhs_to_out(jnp.sum(w32, axis=rc, keepdims=True), rc, rb, n_lhs_free)
+  col = _rhs_to_out(_code_sum(qw, rc), rc, rb, n_lhs_free)
   acc = acc - zx * col
   sw = _grid.scale_to_layout(w.scale.astype(jnp.float32), w.shape, w.spec)
   if sw.ndim:
     sw = _rhs_to_out(sw, rc, rb, n_lhs_free)
   if zw is not None:
     zw_out = _rhs_to_out(zw, rc, rb, n_lhs_free) if zw.ndim else zw
-    row = _lhs_to_out(jnp.sum(qx.astype(jnp.int32), axis=lc, keepdims=True), lc, lb, n_rhs_free)
+    row = _lhs_to_out(_code_sum(qx, lc), lc, lb, n_rhs_free)
     acc = acc - zw_out * row + (k * zx) * zw_out
   sx = jnp.maximum(act.scale.astype(jnp.float32), _grid.SCALE_EPS)
   y = acc.astype(jnp.float32) * (sx * sw)

@@ -94,6 +94,31 @@ def test_dot_general_affine_weight_and_transposed_kernel():
   assert float(jnp.max(jnp.abs(y - ref))) < 1e-4 * float(jnp.max(jnp.abs(ref)))
 
 
+def test_dot_general_zero_point_sums_exact_at_the_largest_contraction():
+  # The zero-point terms sum int8 codes in float32 (exact below 2**24): at the largest K the
+  # overflow check admits, with extreme codes, the int32 accumulator must equal the int64 one.
+  k = (2 ** 31 - 1) // 255 ** 2
+  rng = np.random.default_rng(0)
+  cx = rng.choice([0, 1, 254, 255], size=(2, k)).astype(np.int64)
+  cw = rng.choice([-128, -127, 126, 127], size=(k, 3), p=[0.02, 0.03, 0.45, 0.5]).astype(np.int64)
+  zx, zw, sx = 3, np.array([[-2, 0, 5]]), 0.5
+  sw = np.array([[0.25, 0.125, 2.0]], np.float32)
+  act = Encoding(jnp.float32(sx), jnp.int32(zx), AU8)
+  wspec = QuantSpec(format="int8", symmetric=False, granularity=PerChannel(-1))
+  wenc = Encoding(jnp.asarray(sw), jnp.asarray(zw, jnp.int32), wspec)
+  x = jnp.asarray(sx * (cx - zx), jnp.float32)  # on the grid: codes are exactly cx
+  w = jnp.asarray(sw * (cw - zw), jnp.float32)
+  qt = core.quantize_weight(w, wenc)
+  y = jax.jit(lambda x: core.quantized_dot_general(x, qt, DOT, act=act))(x)
+  acc = (cx - zx) @ (cw - zw)
+  assert np.abs(acc).max() < 2 ** 31 and np.abs(cw.sum(0)).max() > 2 ** 21
+  expect = acc.astype(np.float32) * (np.float32(sx) * sw)
+  np.testing.assert_array_equal(np.asarray(y), expect)
+  with pytest.raises(ValueError, match="could overflow the int32"):
+    core.quantized_dot_general(jnp.zeros((2, k + 1)), core.quantize_weight(
+        jnp.zeros((k + 1, 3)), wenc), DOT, act=act)
+
+
 def test_reason_per_block_and_contracted_channel_fall_back_exactly():
   w = jax.random.normal(jax.random.key(2), (64, 8))
   x = jax.random.normal(jax.random.key(3), (4, 64))
