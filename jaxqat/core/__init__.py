@@ -33,6 +33,7 @@ from jaxqat.core._export import size_row as size_row
 from jaxqat.core._integer import fake_quantize_input as fake_quantize_input
 from jaxqat.core._integer import integer_error_bound as integer_error_bound
 from jaxqat.core._integer import integer_forward as integer_forward
+from jaxqat.core._integer import unclipped_weight as unclipped_weight
 from jaxqat.core._integer import integer_reason as integer_reason
 from jaxqat.core._integer import quantize_weight as quantize_weight
 from jaxqat.core._integer import quantized_conv_general_dilated as quantized_conv_general_dilated
@@ -129,6 +130,7 @@ __all__ = [
     "init_step_size",
     "integer_error_bound",
     "integer_forward",
+    "unclipped_weight",
     "integer_reason",
     "kl_distillation",
     "load_serving",

@@ -48,6 +48,7 @@ quantization step, the next quantizer's codes agree or differ by one.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -59,6 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxqat.core import _fake_quant as fq
+from jaxqat.core import _formats as formats_lib
 from jaxqat.core import _grid
 from jaxqat.core import _quantize
 from jaxqat.core import _spec as spec_lib
@@ -227,17 +229,24 @@ def _weight_codes(w: _quantize.QTensor) -> tuple[Array, Optional[Array]]:
   return codes.astype(jnp.int8), z
 
 
+# Set while a QAT step traces its integer forward (``_int_op``): see ``_code_sum``.
+_TRAINING_SUMS = contextvars.ContextVar("jaxqat_integer_training_sums", default=False)
+
+
 def _code_sum(q: Array, axes) -> Array:
   """The int32 sum of int8 codes ``q`` over ``axes`` (kept as size-1 dims).
 
-  Summed in float32, which is exact here: ``_check_overflow`` admits at most
-  ``2**31 / 255**2 < 33026`` contracted elements, so a sum is below
-  ``128 * 33026 < 2**24``. XLA:CPU turns an int32 sum of converted int8
-  codes into a full int32 copy and a windowed reduction: 1.2 ms of a
-  1024x1024 layer's 6.4 ms integer dot on the bench machine, against 0.6 ms
-  in float32.
+  In a QAT step (``compute="integer"``) the sum runs in float32, which is
+  exact here: ``_check_overflow`` admits at most ``2**31 / 255**2 < 33026``
+  contracted elements, so a sum is below ``128 * 33026 < 2**24``. XLA:CPU
+  turns an int32 sum of converted int8 codes into a full int32 copy and a
+  windowed reduction: 1.2 ms of a 1024x1024 layer's 6.4 ms integer dot on
+  the bench machine, against 0.6 ms in float32. A served model keeps the
+  int32 sum: its program holds no float array of a weight's shape.
   """
-  return jnp.sum(q.astype(jnp.float32), axis=axes, keepdims=True).astype(jnp.int32)
+  if _TRAINING_SUMS.get():
+    return jnp.sum(q.astype(jnp.float32), axis=axes, keepdims=True).astype(jnp.int32)
+  return jnp.sum(q.astype(jnp.int32), axis=axes, keepdims=True)
 
 
 def _check_overflow(k: int, a_max: int, b_max: int, what: str) -> None:
@@ -662,11 +671,67 @@ def _train_encoding(spec, scale, zero_point, offset) -> Encoding:
   return Encoding(s, z, fixed)
 
 
+def unclipped_weight(spec) -> bool:
+  """Whether a weight tracked with ``spec`` (its range recomputed from it each step) never clips.
+
+  True for a fixed-range, signed symmetric integer grid whose range is the
+  absolute maximum (:func:`~jaxqat.core.weight_range` with ``absmax``, or
+  ``minmax`` made symmetric): with ``s = max|w| / qmax`` every ``|w / s|``
+  is at most ``qmax`` up to two roundings, far below ``qmax + 1/2``, so
+  every finite element rounds inside the grid and the STE clip mask is all
+  ones. (Float grids clip the unrounded value: their largest element can
+  sit one ulp outside; asymmetric ranges round their zero point.)
+
+  Args:
+    spec: the weight's :class:`~jaxqat.core.QuantSpec` (or None).
+
+  Returns:
+    Whether :func:`~jaxqat.core.qat_op` with ``weight_tracked=True`` drops
+    the weight's clip mask.
+
+  Examples:
+    >>> from jaxqat.core import QuantSpec
+    >>> unclipped_weight(QuantSpec()), unclipped_weight(QuantSpec(learning="lsq"))
+    (True, False)
+    >>> unclipped_weight(QuantSpec(format="uint8")), unclipped_weight(QuantSpec(format="fp8_e4m3"))
+    (False, False)
+  """
+  if spec is None or spec.learning != "fixed" or spec.is_block:
+    return False
+  fmt = spec.format
+  return (isinstance(fmt, formats_lib.IntFormat) and fmt.signed and spec.symmetric
+          and spec.calibration.method in ("absmax", "minmax"))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _fq_unclipped(w, spec, scale):
+  """``quant_dequant(w, spec, scale)`` with the STE tangent of an unclipped weight: ``w_dot``."""
+  return fq.quant_dequant(w, spec, scale)
+
+
+@_fq_unclipped.defjvp
+def _fq_unclipped_jvp(spec, primals, tangents):
+  w, scale = primals
+  return _fq_unclipped(w, spec, scale), tangents[0]
+
+
 def _fake_op(cfg, x, w, a, wq):
-  """``op(fq(x), fq(w))``; a None spec leaves its operand in float."""
-  op, aspec, wspec, kw = cfg
+  """``op(fq(x), fq(w))``; a None spec leaves its operand in float.
+
+  ``cfg[4]`` (the weight is tracked and cannot clip, :func:`unclipped_weight`)
+  gives the weight the STE without a clip mask: the same gradient for every
+  finite weight, and the backward no longer reads the weight to rebuild the
+  mask (on the MLP of ``benchmarks/bench_qat_step.py``, two passes over each
+  kernel in the optimizer's update).
+  """
+  op, aspec, wspec, kw, unclipped = cfg
   xq = x if aspec is None else fq.quant_dequant(x, aspec, a[0], a[1], offset=a[2])
-  wqv = w if wspec is None else fq.quant_dequant(w, wspec, wq[0], wq[1], offset=wq[2])
+  if wspec is None:
+    wqv = w
+  elif unclipped:
+    wqv = _fq_unclipped(w, wspec, wq[0])
+  else:
+    wqv = fq.quant_dequant(w, wspec, wq[0], wq[1], offset=wq[2])
   return _OPS[op](xq, wqv, dict(kw))
 
 
@@ -711,7 +776,15 @@ def recompute_bwd(fn, res, g):
 
 
 def _int_op(cfg, x, w, a, wq):
-  op, aspec, wspec, kw = cfg
+  token = _TRAINING_SUMS.set(True)
+  try:
+    return _int_op_traced(cfg, x, w, a, wq)
+  finally:
+    _TRAINING_SUMS.reset(token)
+
+
+def _int_op_traced(cfg, x, w, a, wq):
+  op, aspec, wspec, kw, _ = cfg
   kw = dict(kw)
   aenc = _train_encoding(aspec, *a)
   wenc = _train_encoding(wspec, *wq)
@@ -756,6 +829,7 @@ def integer_forward(
     *,
     act: tuple,
     weight: tuple,
+    weight_tracked: bool = False,
     **op_kwargs,
 ) -> Array:
   """A QAT op whose forward runs in integer arithmetic and whose backward is the STE.
@@ -778,6 +852,7 @@ def integer_forward(
       :func:`~jaxqat.core.quant_dequant` takes them (``scale`` the step size
       ``s``, also for LSQ).
     weight: the same for the weight quantizer.
+    weight_tracked: as :func:`~jaxqat.core.qat_op`'s.
     **op_kwargs: the op's arguments: ``dimension_numbers`` (and
       ``precision``, ``preferred_element_type``) for ``dot_general``;
       ``subscripts`` for ``einsum``; ``window_strides``, ``padding``,
@@ -806,7 +881,7 @@ def integer_forward(
   reason = op_reason(op, jnp.shape(x), jnp.shape(w), aspec, wspec, op_kwargs)
   if reason is not None:
     raise ValueError(f"integer_forward: this layer cannot run in integer arithmetic: {reason}")
-  cfg = (op, aspec, wspec, _freeze_kw(op_kwargs))
+  cfg = (op, aspec, wspec, _freeze_kw(op_kwargs), bool(weight_tracked) and unclipped_weight(wspec))
   return _integer_forward(cfg, x, w, _ranges(act), _ranges(weight))
 
 

@@ -91,6 +91,7 @@ def qat_op(
     act: Optional[tuple],
     weight: Optional[tuple],
     compute: str = "fake",
+    weight_tracked: bool = False,
     **op_kwargs,
 ) -> Array:
   """``op(fq(x), fq(w))``, the op of a quantized layer in training (see the module docstring).
@@ -106,6 +107,13 @@ def qat_op(
     weight: the same for the weight quantizer.
     compute: ``"fake"`` (fake-quant forward, lean backward) or
       ``"integer"`` (int8 x int8 -> int32 forward, same backward).
+    weight_tracked: ``True`` when ``weight``'s range is
+      :func:`~jaxqat.core.weight_range` of this very ``w`` (a fixed-range
+      weight that is not frozen, as every front end tracks it). If the
+      spec is a signed symmetric integer grid with absmax ranges
+      (:func:`~jaxqat.core.unclipped_weight`), no weight can clip, and the
+      backward leaves out the clip mask: the same gradient for every
+      finite weight, one pass less over the kernel. Ignored otherwise.
     **op_kwargs: the keyword arguments of ``jax.lax.dot_general`` /
       ``jax.lax.conv_general_dilated`` (``dimension_numbers``,
       ``window_strides``...), or ``subscripts`` and the keyword arguments
@@ -120,7 +128,7 @@ def qat_op(
       (the message says why: a weight-only layer, a per-block or float
       format, a per-channel input, scales along a contracted axis...).
     TypeError: if ``act`` or ``weight`` is not None or a tuple led by a
-      QuantSpec.
+      QuantSpec, or ``weight_tracked`` is not a bool.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -149,14 +157,18 @@ def qat_op(
   if compute not in COMPUTE_MODES:
     raise ValueError(f"compute: expected one of {COMPUTE_MODES}, got {compute!r}")
   aspec, wspec = _check_quant(act, "act"), _check_quant(weight, "weight")
+  if not isinstance(weight_tracked, bool):
+    raise TypeError(f"weight_tracked: expected a bool, got {weight_tracked!r:.80}")
   if compute == "integer":
     reason = _integer.op_reason(op, jax.numpy.shape(x), jax.numpy.shape(w), aspec, wspec,
                                 op_kwargs)
     if reason is not None:
       raise ValueError(f"qat_op: compute='integer' cannot run this {op} in integer "
                        f"arithmetic: {reason}")
-    return _integer.integer_forward(op, x, w, act=act, weight=weight, **op_kwargs)
-  cfg = (op, aspec, wspec, _integer._freeze_kw(op_kwargs))  # pylint: disable=protected-access
+    return _integer.integer_forward(op, x, w, act=act, weight=weight,
+                                    weight_tracked=weight_tracked, **op_kwargs)
+  cfg = (op, aspec, wspec, _integer._freeze_kw(op_kwargs),  # pylint: disable=protected-access
+         weight_tracked and _integer.unclipped_weight(wspec))
   if aspec is None and wspec is None:
     return _integer._OPS[op](x, w, dict(cfg[3]))  # pylint: disable=protected-access
   return _lean_fake(cfg, x, w, _integer._ranges(act), _integer._ranges(weight))  # pylint: disable=protected-access

@@ -219,7 +219,8 @@ class QuantLayer:
     for q, t in ((self.input_quantizer, inputs), (wq, w)):
       rng = q.current_range(t, training)
       ranges.append((q.spec,) + tuple(None if r is None else _unwrap(r) for r in rng))
-    return ranges[0], ranges[1], w
+    # The weight's entry ends with whether it is tracked unclipped (_qat_op passes it on).
+    return ranges[0], ranges[1] + (wq.tracks_unclipped,), w
 
   def _integer_op(self, x, w, act, weight):
     """The layer's op through :func:`jaxqat.core.qat_op` (compute="integer")."""
@@ -365,8 +366,10 @@ def _register(cls):
 
 
 def _qat_op(op, x, w, act, weight, **kw):
+  """``core.qat_op`` in integer mode; ``weight`` is ``_integer_ranges``' (tracked flag last)."""
   from jaxqat.core import qat_op  # pylint: disable=import-outside-toplevel
-  return qat_op(op, x, w, act=act, weight=weight, compute="integer", **kw)
+  return qat_op(op, x, w, act=act, weight=weight[:-1], compute="integer",
+                weight_tracked=weight[-1], **kw)
 
 
 @_register

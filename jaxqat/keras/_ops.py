@@ -71,7 +71,7 @@ def _clipped_code_and_mask(v, z, qmin, qmax):
   return q, ops.equal(code, q)
 
 
-def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
+def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float, *, unclipped: bool = False):
   r"""Fixed-range integer fake quant with the clipped straight-through estimator.
 
   Forward :math:`q = \mathrm{clip}(\lfloor x/s \rceil + z, q_{min}, q_{max})`,
@@ -93,6 +93,8 @@ def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
       ``scale``, or ``None`` for 0.
     qmin: the grid's lowest code.
     qmax: the grid's highest code.
+    unclipped: no element can clip (see :func:`quant_dequant`): the
+      gradient passes through without the mask.
 
   Returns:
     A tensor of ``x``'s shape and dtype.
@@ -118,7 +120,7 @@ def ops_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
     def grad(*args, upstream=None):
       if upstream is None:
         (upstream,) = args
-      gx = ops.where(inside, upstream, ops.zeros((), upstream.dtype))
+      gx = upstream if unclipped else ops.where(inside, upstream, ops.zeros((), upstream.dtype))
       return (gx, ops.zeros_like(s)) + tuple(ops.zeros_like(t) for t in z)
 
     return y, grad
@@ -195,7 +197,9 @@ def ops_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
       gs = ops.multiply(_sum_to_shape(ops.multiply(g32, ds), tuple(s.shape)), grad_scale)
       grads = (gx, ops.cast(gs, s.dtype))
       if has_offset:
-        gb = _sum_to_shape(ops.where(outside, g32, ops.zeros((), g32.dtype)), tuple(b[0].shape))
+        # g times a 0/1 float mask, as the core's transposed tangent (an infinite g of an
+        # element inside gives NaN, not 0)
+        gb = _sum_to_shape(ops.multiply(g32, ops.cast(outside, g32.dtype)), tuple(b[0].shape))
         grads += (ops.cast(ops.multiply(gb, grad_scale), b[0].dtype),)
       return grads
 
@@ -234,17 +238,43 @@ def _torch_functions():
   def f32(t):
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
+  # Masks are kept as float 0/1 and applied by multiplication: on CPU torch.where and
+  # masked_fill run a branch per element, and with a clip mask that is not all one way
+  # (4-bit grids clip ~20% of activations) they took 7-23 ms over 1M floats where a
+  # multiply takes about 1 ms (torch 2.13, one thread, measured for issue 12). For
+  # finite values the products are exact (v * 1 = v, v * 0 = 0); a result whose sum is not
+  # finite (a NaN or infinite input or gradient, or an overflowing sum) is recomputed with
+  # torch.where, so values and gradients stay those of the core in every case.
+
+  def finite(t):
+    """Whether every element of ``t`` is finite (False also when the sum overflows)."""
+    return bool(torch.isfinite(t.sum()))
+
+  def inside_mask(code, q):
+    """1.0 where clipping left the code unchanged, else 0.0 (a NaN code: 0.0), float32."""
+    return torch.eq(code, q, out=torch.empty_like(code, dtype=torch.float32))
+
+  def masked(g, inside):
+    """``where(inside, g, 0)`` for a 0/1 float mask ``inside``."""
+    if finite(g):
+      return torch.mul(g, inside).to(g.dtype)
+    return torch.where(inside > 0, g, g.new_zeros(()))
+
   class FakeQuant(torch.autograd.Function):
     """:func:`ops_fake_quant` in torch ops (clipped STE; no gradient to s, z)."""
 
     @staticmethod
-    def forward(ctx, x, s, z, qmin, qmax):  # pylint: disable=arguments-differ
+    def forward(ctx, x, s, z, qmin, qmax, unclipped):  # pylint: disable=arguments-differ
       sc = f32(s).clamp_min(SCALE_EPS)
       code = torch.div(f32(x), sc).round_()  # the shape of x (s broadcasts against it)
       if z is not None:
         code = code.add_(f32(z))
-      q = code.clamp(qmin, qmax)
-      ctx.save_for_backward(torch.eq(code, q))  # NaN codes are outside, as in the core
+      if unclipped:  # nothing clips: no mask to keep
+        q = code.clamp_(qmin, qmax)
+      else:
+        q = code.clamp(qmin, qmax)
+        ctx.save_for_backward(inside_mask(code, q))  # NaN codes are outside, as in the core
+      ctx.unclipped = unclipped
       del code
       if z is not None:
         q = q.sub_(f32(z))
@@ -252,16 +282,17 @@ def _torch_functions():
 
     @staticmethod
     def backward(ctx, g):  # pylint: disable=arguments-differ
+      if ctx.unclipped:
+        return g, None, None, None, None, None
       (inside,) = ctx.saved_tensors
-      return torch.where(inside, g, 0.0), None, None, None, None
+      return masked(g, inside), None, None, None, None, None
 
   class LsqFakeQuant(torch.autograd.Function):
     """:func:`ops_lsq_fake_quant` in torch ops (gradients to x, s and the offset).
 
     The forward computes the step-size derivative ``ds`` (``round(v) - v``
-    inside, the clipped code outside) while its inputs are at hand, into a
-    buffer it no longer needs, and keeps only ``ds`` and the clip mask: two
-    arrays instead of three, and the backward is one masked copy and one
+    inside, the clipped code outside) while its inputs are at hand and keeps
+    only ``ds`` and the clip mask; the backward is one masked product and one
     reduction.
     """
 
@@ -276,23 +307,31 @@ def _torch_functions():
         code = code.add_(z)
       q = code.clamp(qmin, qmax)
       # Clipped where clipping changed the code; a NaN code counts as clipped (the core's LSQ).
-      outside = torch.ne(code, q)
+      inside = inside_mask(code, q)
       # d x_hat / d s: round(v) - v inside (= code - z - v), the clipped code q outside.
-      ds = code.sub_(z).sub_(v) if z is not None else code.sub_(v)
-      ds = torch.where(outside, q, ds, out=ds)
+      if z is None:  # inside q == code, so q - v * 1 is code - v; outside q - v * 0 = q
+        ds = torch.addcmul(q, v, inside, value=-1.0)
+        t = code.sub_(v) if not finite(ds) else None
+      else:  # q - q * inside + t * inside
+        t = code.sub_(z).sub_(v)
+        ds = torch.addcmul(q, q, inside, value=-1.0).addcmul_(t, inside)
+        t = t if not finite(ds) else None
+      if t is not None:  # a non-finite value: the exact select
+        ds = torch.where(inside > 0, t, q)
+      del t, code
       if z is not None:
         q = q.sub_(z)
       y = torch.mul(q, sc, out=v) if v.dtype == x.dtype and v.shape == q.shape else q * sc
-      ctx.save_for_backward(ds, outside)
+      ctx.save_for_backward(ds, inside)
       ctx.shapes = (s.shape, s.dtype, None if b is None else b.shape,
                     None if b is None else b.dtype, grad_scale)
       return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):  # pylint: disable=arguments-differ
-      ds, outside = ctx.saved_tensors
+      ds, inside = ctx.saved_tensors
       s_shape, s_dtype, b_shape, b_dtype, grad_scale = ctx.shapes
-      gx = g.masked_fill(outside, 0.0)
+      gx = masked(g, inside)
       g32 = f32(g)
       if math.prod(s_shape) == 1:  # one step size: a dot product, one pass
         gs = torch.dot(g32.reshape(-1), ds.reshape(-1)).reshape(s_shape)
@@ -300,8 +339,8 @@ def _torch_functions():
         gs = _torch_sum_to_shape(ds * g32, s_shape)  # ds is kept: retain_graph may call again
       gs = gs.mul_(grad_scale).to(s_dtype)
       gb = None
-      if b_shape is not None:
-        gb = _torch_sum_to_shape(g32.masked_fill(outside.logical_not(), 0.0), b_shape)
+      if b_shape is not None:  # the clipped elements' gradient: g times the 0/1 mask, as the core
+        gb = _torch_sum_to_shape(torch.mul(g32, torch.rsub(inside, 1.0)), b_shape)
         gb = gb.mul_(grad_scale).to(b_dtype)
       return gx, gs, gb, None, None, None
 
@@ -316,7 +355,7 @@ def _torch_sum_to_shape(g, shape):
   return (g.sum(dim=axes, keepdim=True) if axes else g).reshape(shape)
 
 
-def torch_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
+def torch_fake_quant(x, scale, zero_point, qmin: float, qmax: float, *, unclipped: bool = False):
   """:func:`ops_fake_quant` for torch tensors, as one ``torch.autograd.Function``.
 
   The same values and gradients as :func:`ops_fake_quant` (the same float
@@ -328,6 +367,8 @@ def torch_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
     zero_point: integer-valued zero point (same shape as ``scale``) or ``None``.
     qmin: the grid's lowest code.
     qmax: the grid's highest code.
+    unclipped: no element can clip (see :func:`quant_dequant`): no mask is
+      kept and the gradient passes through.
 
   Returns:
     A tensor of ``x``'s shape and dtype.
@@ -337,7 +378,8 @@ def torch_fake_quant(x, scale, zero_point, qmin: float, qmax: float):
     >>> torch_fake_quant(torch.tensor([-1.3, 0.26, 2.0]), torch.tensor(0.5), None, -8, 7).tolist()
     [-1.5, 0.5, 2.0]
   """
-  return _torch_functions()[0].apply(x, scale, zero_point, float(qmin), float(qmax))
+  return _torch_functions()[0].apply(x, scale, zero_point, float(qmin), float(qmax),
+                                     bool(unclipped))
 
 
 def torch_lsq_fake_quant(x, step_size, offset, qmin: float, qmax: float,
@@ -378,7 +420,7 @@ def _to_block_layout(x, scale, spec):
 
 
 def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, offset=None,
-                  where: str = "tensor", force_ops: bool = False):
+                  where: str = "tensor", force_ops: bool = False, unclipped: bool = False):
   """Fake-quantizes ``x`` as ``spec.learning`` says, on the current backend.
 
   On the JAX backend this calls :func:`jaxqat.core.quant_dequant` (all formats);
@@ -397,6 +439,10 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
       only), or ``None``.
     where: the layer/tensor name used in error messages.
     force_ops: use the keras.ops path on any backend (for tests).
+    unclipped: the caller knows no element clips (a weight tracked with a
+      :func:`jaxqat.core.unclipped_weight` spec, its range computed from it
+      in this call): the STE passes the gradient through without the clip
+      mask (identical for finite values). Fixed-range specs only.
 
   Returns:
     The fake-quantized tensor.
@@ -415,10 +461,14 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
     >>> np.round(np.asarray(y), 6).tolist()
     [0.3]
   """
+  unclipped = bool(unclipped) and spec.learning == "fixed" and zero_point is None
   if is_jax() and not force_ops:
     from jaxqat.core import quant_dequant as core_quant_dequant
     import jax.numpy as jnp
     unwrap = lambda t: None if t is None else (t.value if hasattr(t, "value") else jnp.asarray(t))
+    if unclipped and not spec.is_block:
+      from jaxqat.core._integer import _fq_unclipped  # pylint: disable=import-outside-toplevel
+      return _fq_unclipped(unwrap(x), spec, unwrap(scale))
     return core_quant_dequant(unwrap(x), spec, unwrap(scale), unwrap(zero_point),
                               offset=unwrap(offset))
   if offset is not None and spec.learning != "lsq_plus":
@@ -445,7 +495,8 @@ def quant_dequant(x, spec: spec_lib.QuantSpec, scale=None, zero_point=None, *, o
     z = None if z is None else expand(z)
   use_torch = backend_name() == "torch" and not force_ops
   if spec.learning == "fixed":
-    y = (torch_fake_quant if use_torch else ops_fake_quant)(x, s, z, spec.qmin, spec.qmax)
+    y = (torch_fake_quant if use_torch else ops_fake_quant)(x, s, z, spec.qmin, spec.qmax,
+                                                            unclipped=unclipped)
   else:
     gs = None
     if blocked:  # N = elements per step size, as in the core

@@ -355,6 +355,19 @@ class Quantizer(keras.layers.Layer):
     return not self.spec.is_block
 
   @property
+  def tracks_unclipped(self) -> bool:
+    """Whether it tracks its weight on a grid that weight cannot leave (no STE clip mask).
+
+    A fixed-range weight quantizer that is not frozen recomputes its range
+    from the weight each call; with a signed symmetric absmax integer spec
+    (:func:`jaxqat.core.unclipped_weight`) no element clips, so its backward
+    passes the gradient through unmasked (the same gradient for finite
+    weights, without the mask pass).
+    """
+    from jaxqat.core import unclipped_weight  # pylint: disable=import-outside-toplevel
+    return self.role == "weight" and not self.frozen and unclipped_weight(self.spec)
+
+  @property
   def needs_range(self) -> bool:
     """Whether running it needs a calibrated/initialised range."""
     if not self.has_scale:
@@ -708,7 +721,7 @@ class Quantizer(keras.layers.Layer):
       return x
     s, z, offset = self.current_range(x, training)
     return _ops.quant_dequant(x, self.spec, s, z, offset=offset,
-                              where=f"quantizer {self.where!r}")
+                              where=f"quantizer {self.where!r}", unclipped=self.tracks_unclipped)
 
   def compute_output_shape(self, input_shape):
     return input_shape

@@ -114,6 +114,12 @@ def test_dot_general_zero_point_sums_exact_at_the_largest_contraction():
   assert np.abs(acc).max() < 2 ** 31 and np.abs(cw.sum(0)).max() > 2 ** 21
   expect = acc.astype(np.float32) * (np.float32(sx) * sw)
   np.testing.assert_array_equal(np.asarray(y), expect)
+  # A QAT step's integer forward sums the codes in float32 (exact below 2**24): the same.
+  y_qat = jax.jit(lambda x, w: core.qat_op(
+      "dot_general", x, w, act=(AU8, jnp.float32(sx), jnp.float32(zx)),
+      weight=(wspec, jnp.asarray(sw), jnp.asarray(zw, jnp.float32)), compute="integer",
+      dimension_numbers=DOT))(x, w)
+  np.testing.assert_array_equal(np.asarray(y_qat), expect)
   with pytest.raises(ValueError, match="could overflow the int32"):
     core.quantized_dot_general(jnp.zeros((2, k + 1)), core.quantize_weight(
         jnp.zeros((k + 1, 3)), wenc), DOT, act=act)

@@ -188,3 +188,71 @@ def test_compiled_step_does_not_keep_fake_quantized_operands():
 
   base = memory("float")
   assert memory("fake") - base <= 0.5 * (memory("plain") - base)
+
+
+def _w_shaped_selects(fn, x, w):
+  """How many select_n of ``w``'s shape the gradient of ``fn`` wrt ``w`` traces (nested too)."""
+
+  def walk(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "select_n" and eqn.outvars[0].aval.shape == w.shape:
+        n += 1
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            n += walk(inner)
+    return n
+
+  return walk(jax.make_jaxpr(jax.grad(fn, argnums=1))(x, w).jaxpr)
+
+
+@pytest.mark.parametrize("wspec", [W8, QuantSpec(format="int4", granularity=PerChannel(-1)),
+                                   QuantSpec(format=core.IntFormat(bits=4, signed=True, narrow=True))])
+@pytest.mark.parametrize("compute", ["fake", "integer"])
+def test_tracked_absmax_weight_drops_the_clip_mask_same_values_and_grads(wspec, compute):
+  x, w = _data(5, (8, 64), (64, 16))
+  w = w.at[:, 3].set(0.0).at[7, 5].set(-2.5)  # an all-zero channel and a lone extreme
+  scale, _ = core.weight_range(w, wspec)
+  act = (A8, jnp.float32(0.02), jnp.float32(-20.0), None)
+
+  def f(x, w, tracked):  # the range of this w, as a front end tracks it (no gradient)
+    y = qat_op("dot_general", x, w, act=act, weight=(wspec, scale), compute=compute,
+               weight_tracked=tracked, dimension_numbers=DOT)
+    return jnp.sum(jnp.sin(y))
+
+  assert core.unclipped_weight(wspec)
+  for argnums in (0, 1):
+    got = jax.grad(f, argnums=argnums)(x, w, True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.grad(f, argnums)(x, w, False)))
+  np.testing.assert_array_equal(np.asarray(f(x, w, True)), np.asarray(f(x, w, False)))
+  # The backward builds no weight-shaped mask when tracked (x is (8, 64), w (64, 16)).
+  assert _w_shaped_selects(lambda x, w: f(x, w, True), x, w) == 0
+  assert _w_shaped_selects(lambda x, w: f(x, w, False), x, w) >= 1
+
+
+@pytest.mark.parametrize("wspec", [
+    QuantSpec(format="uint8", granularity=PerChannel(-1)),                     # negatives clip
+    QuantSpec(format="int8", symmetric=False, granularity=PerChannel(-1)),     # rounded zero point
+    QuantSpec(format="int8", granularity=PerChannel(-1), calibration=core.Calibration(
+        method="percentile", percentile=90.0)),                               # clips the tails
+    QuantSpec(format="fp8_e4m3", granularity=PerChannel(-1)),                  # unrounded clip
+    W4L])
+def test_tracked_weight_keeps_the_mask_where_clipping_can_happen(wspec):
+  x, w = _data(6, (8, 64), (64, 16))
+  assert not core.unclipped_weight(wspec)
+  scale, zp = core.weight_range(w, wspec)
+  zp = None if wspec.symmetric or not wspec.is_int else zp
+
+  def f(x, w, tracked):
+    y = qat_op("dot_general", x, w, act=None, weight=(wspec, scale, zp), weight_tracked=tracked,
+               dimension_numbers=DOT)
+    return jnp.sum(jnp.sin(y))
+
+  g_t, g_f = jax.grad(f, argnums=1)(x, w, True), jax.grad(f, argnums=1)(x, w, False)
+  np.testing.assert_array_equal(np.asarray(g_t), np.asarray(g_f))
+  assert _w_shaped_selects(lambda x, w: f(x, w, True), x, w) >= 1
+  with pytest.raises(TypeError, match="weight_tracked: expected a bool"):
+    qat_op("dot_general", x, w, act=None, weight=(wspec, scale), weight_tracked=1,
+           dimension_numbers=DOT)

@@ -138,6 +138,10 @@ def _weight_matmuls(fn, params):
         name = str(eqn.params.get("name", ""))
         if eqn.primitive.name in ("jit", "pjit") and name in _FAKE_QUANT:
           return "quant:" + source(eqn.invars[0])
+        if eqn.primitive.name == "custom_jvp_call" and any(  # a tracked weight's unmasked STE
+            e.primitive.name in ("jit", "pjit") and str(e.params.get("name", "")) in _FAKE_QUANT
+            for j in _sub_jaxprs(eqn) for e in j.eqns):
+          return "quant:" + source(eqn.invars[0])
         if eqn.primitive.name not in _PASS_THROUGH:
           return "other"
         var = eqn.invars[0]

@@ -11,7 +11,7 @@ import pytest
 from jaxqat.core import PerChannel, QuantizationWarning, QuantSpec, Rule
 from jaxqat.core import calibrate as core_calibrate
 from jaxqat.core import quant_dequant as core_qd
-from jaxqat.core import weight_range
+from jaxqat.core import unclipped_weight, weight_range
 import jaxqat.keras as jqk
 from kutil import BACKEND, assert_close, to_np
 
@@ -139,7 +139,11 @@ def test_fixed_weights_track_weight_range_until_freeze(spec):
   k1 = rng.randn(5, 16).astype(np.float32)
   layer.kernel.assign(k1)  # tracked: the range follows the new weight
   assert_close(h0(), expected(k1, *weight_range(jnp.asarray(k1), spec)), 1e-5, "tracking")
+  # Tracked on an absmax signed symmetric grid: no clip mask (tests/keras/test_keras_ops.py).
+  absmax = spec.symmetric and spec.calibration.method == "absmax"
+  assert layer.kernel_quantizer.tracks_unclipped == unclipped_weight(spec) == absmax
   jqk.freeze(q)
+  assert not layer.kernel_quantizer.tracks_unclipped
   s1, z1 = weight_range(jnp.asarray(k1), spec)
   assert_close(to_np(layer.kernel_quantizer.scale), np.asarray(s1), what="stored scale")
   k2 = 3 * rng.randn(5, 16).astype(np.float32)

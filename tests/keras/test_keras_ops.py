@@ -119,3 +119,54 @@ def test_nan_element_passes_no_gradient_as_in_the_core(force_ops):
       return keras.ops.sum(keras.ops.where(keras.ops.isnan(y), 0.0, y))
     _, (g,) = value_and_grads(loss, [x])
     np.testing.assert_array_equal(g, [1.0, 0.0, 0.0, 1.0], err_msg=spec.learning)
+
+
+@pytest.mark.parametrize("force_ops", [True, False])
+@pytest.mark.parametrize("spec", [QuantSpec(format="int8"),
+                                  QuantSpec(format="int4", granularity=PerChannel(-1))])
+def test_unclipped_tracked_weight_same_values_and_grads_as_masked(spec, force_ops):
+  from jaxqat.core import unclipped_weight, weight_range
+  x, _, _ = _inputs(spec)
+  x[:, 2] = 0.0  # an all-zero channel (its scale falls back to 1)
+  s = np.asarray(weight_range(jnp.asarray(x), spec)[0])  # the range a tracked weight has
+  r = np.random.RandomState(2).randn(*x.shape).astype(np.float32)
+  assert unclipped_weight(spec)
+  out = {}
+  for unclipped in (False, True):
+    def loss(x, unclipped=unclipped):
+      y = _ops.quant_dequant(x, spec, s, force_ops=force_ops, unclipped=unclipped)
+      return keras.ops.sum(y * keras.ops.convert_to_tensor(r))
+    out[unclipped] = value_and_grads(loss, [x])
+  np.testing.assert_array_equal(to_np(out[True][0]), to_np(out[False][0]))
+  np.testing.assert_array_equal(to_np(out[True][1][0]), to_np(out[False][1][0]))
+  y = {u: to_np(_ops.quant_dequant(x, spec, s, force_ops=force_ops, unclipped=u))
+       for u in (False, True)}
+  np.testing.assert_array_equal(y[True], y[False])
+  np.testing.assert_array_equal(to_np(out[True][1][0]), r)  # every weight inside: g passes
+
+
+@pytest.mark.parametrize("force_ops", [True, False])
+@pytest.mark.parametrize("spec", [QuantSpec(format="int4"), QuantSpec(format="int4", learning="lsq"),
+                                  QuantSpec(format="int4", symmetric=False, learning="lsq_plus")],
+                         ids=["fixed", "lsq", "lsq_plus"])
+def test_non_finite_inputs_and_gradients_match_the_core(spec, force_ops):
+  # The torch Functions mask by multiplication and fall back to a select on non-finite values.
+  x = np.array([0.3, np.nan, 5.0, -0.2, np.inf, -np.inf, 1.1, -3.0], np.float32)
+  r = np.array([1.0, 2.0, np.inf, -1.0, 3.0, 1.0, -np.inf, 0.5], np.float32)  # upstream grad
+  s = np.float32(0.25)
+  plus = spec.learning == "lsq_plus"
+  args = [x, s] + ([np.float32(-0.3)] if plus else [])
+  kw = lambda a: {"offset": a[2]} if plus else {}  # noqa: E731
+
+  def keras_loss(*a):
+    y = _ops.quant_dequant(a[0], spec, a[1], **kw(a), force_ops=force_ops)
+    return keras.ops.sum(y * keras.ops.convert_to_tensor(r))
+
+  def core_loss(*a):
+    return jnp.sum(core_qd(a[0], spec, a[1], **kw(a)) * r)
+
+  _, g_keras = value_and_grads(keras_loss, args)
+  g_core = jax.grad(core_loss, argnums=tuple(range(len(args))))(*[jnp.asarray(a) for a in args])
+  n = 1 if spec.learning == "fixed" else len(args)  # fixed ranges get no gradient
+  for i in range(n):
+    np.testing.assert_array_equal(np.asarray(g_keras[i]), np.asarray(g_core[i]), err_msg=str(i))

@@ -354,6 +354,7 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
   routed = (list(weights) == [1] and weights[1][2] is None and act_index in (0, None)
             and rule.weight is not None)
   act = weight = None
+  tracked = False
   if routed:
     (wname, out_axes, _), = weights.values()
     if act_index is not None and rule.act is not None:
@@ -364,6 +365,10 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
     weight = _quantizer.ranges(_quantizer.quantize_weight, frame.store, wname, ops[1], spec,
                                ctx.mode, f"{where} weight '{wname}'")
     routed = "stochastic" not in (act, weight)
+    # A fixed-range weight that is not frozen: its range is this kernel's (core.weight_range).
+    stats = frame.store.get(_quantizer.STATS, wname)
+    tracked = (weight is not None and spec.learning == "fixed" and not spec.is_block
+               and stats is not None and _quantizer.FROZEN not in stats)
   if not routed:
     if rule.compute == "integer":
       raise ValueError(f"jaxqat: {where}: compute='integer' cannot run this layer in integer "
@@ -375,7 +380,8 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
   if act is None and rule.act is not None and act_index is not None:
     compute = "fake"  # the input stays float (calibration saw no finite value)
   try:
-    return _Done(core.qat_op(op, ops[0], ops[1], act=act, weight=weight, compute=compute, **kw))
+    return _Done(core.qat_op(op, ops[0], ops[1], act=act, weight=weight, compute=compute,
+                             weight_tracked=tracked, **kw))
   except ValueError as e:
     raise ValueError(f"jaxqat: {where}: {e}") from None
 

@@ -100,18 +100,18 @@ def _quant_promote(args, /, **kwargs):
 
 
 def _take_ranges():
-  """The (act, weight) ranges the hook left for the active layer's op (None, None if none)."""
+  """The (act, weight, weight tracked) the hook left for the active layer's op."""
   stack = _stack()
   layer = stack[-1] if stack else None
   pending = getattr(_STATE, "pending", None)
   _STATE.pending = None
   if pending is None or pending[0] is not layer:
-    return layer, None, None
-  return layer, pending[1], pending[2]
+    return layer, None, None, False
+  return layer, pending[1], pending[2], pending[3]
 
 
 def _run(op, x, w, out_sharding, **kw):
-  layer, act, weight = _take_ranges()
+  layer, act, weight, tracked = _take_ranges()
   compute = getattr(layer, "jaxqat_compute", "fake")
   if compute == "integer" and (act is None or weight is None):
     compute = "fake"  # "float"/"calibrate" mode, or an input that stays float
@@ -121,7 +121,8 @@ def _run(op, x, w, out_sharding, **kw):
     kw["out_sharding"] = out_sharding
     out_sharding = None
   try:
-    y = core.qat_op(op, x, w, act=act, weight=weight, compute=compute, **kw)
+    y = core.qat_op(op, x, w, act=act, weight=weight, compute=compute, weight_tracked=tracked,
+                    **kw)
   except ValueError as e:
     where = getattr(layer, "jaxqat_path", "") or type(layer).__name__
     raise ValueError(f"layer '{where}': {e}") from None
@@ -318,7 +319,10 @@ class _QuantMixin(nnx.Module):
       # The op (core.qat_op) quantizes: hand it the ranges, keep the float operands.
       act = None if self.input_quant is None else self.input_quant.ranges(inputs)
       weight = None if wq is None else wq.ranges(kernel)
-      _STATE.pending = (self, act, weight)
+      # A fixed-range weight that is not frozen: its range is this kernel's (core.weight_range).
+      tracked = (weight is not None and wq.spec.learning == "fixed" and not wq.frozen
+                 and not wq.spec.is_block)
+      _STATE.pending = (self, act, weight, tracked)
       return tuple(args)
     if self.input_quant is not None:
       inputs = self.input_quant(inputs)
