@@ -33,6 +33,80 @@ if os.environ.get("JAXQAT_TEST_XLA_CACHE", "1") == "1":
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Eager jax.random draws compile one XLA program per shape (about a second each on the CI's
+# CPU): the tests' example inputs and Flax's initializers at module construction paid for
+# dozens of them, at collection time in both xdist workers. With threefry's partitionable
+# bits (JAX's default), a draw of n values is the first n values of any longer draw from the
+# same key, so an eager float32 draw of up to _FLAT values is sliced from one compiled draw
+# of _FLAT values: the same bits, one compile per function. Anything else (traced keys,
+# other dtypes or key implementations, a mesh, array bounds) takes JAX's own path.
+# tests/test_conftest.py checks the equality. JAXQAT_TEST_FAST_RANDOM=0 turns it off.
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+from jax._src import core as _jcore  # noqa: E402
+from jax._src import random as _jrandom  # noqa: E402
+
+_FLAT = 1 << 14
+_ORIG_RANDOM = {name: getattr(_jrandom, name) for name in ("normal", "truncated_normal", "uniform")}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _flat_draw(name, key, args):
+  *bounds, dtype = args
+  if name == "uniform":
+    return _ORIG_RANDOM[name](key, (_FLAT,), dtype, *bounds)
+  return _ORIG_RANDOM[name](key, *bounds, (_FLAT,), dtype)
+
+
+def _fast_key(key):
+  if isinstance(key, _jcore.Tracer) or not isinstance(key, jax.Array):
+    return False
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.shape == () and str(jax.random.key_impl(key)) == "threefry2x32"
+  return (key.dtype == np.uint32 and key.shape == (2,)
+          and jax.config.jax_default_prng_impl == "threefry2x32")
+
+
+def _fast(name, key, bounds, shape, dtype, out_sharding):
+  try:
+    shape = tuple(int(d) for d in shape)
+  except TypeError:
+    return None
+  n = int(np.prod(shape, dtype=np.int64))
+  if (out_sharding is not None or not 0 < n <= _FLAT or jax.config.jax_enable_x64
+      or (dtype is not None and np.dtype(dtype) != np.float32)
+      or not all(type(b) in (int, float) for b in bounds)
+      or not jax.config.jax_threefry_partitionable or not _jcore.trace_state_clean()
+      or not jax.sharding.get_abstract_mesh().empty or not _fast_key(key)):
+    return None
+  flat = _flat_draw(name, key, (*(float(b) for b in bounds), np.float32))
+  return jax.numpy.asarray(np.asarray(flat)[:n].reshape(shape))
+
+
+def _normal(key, shape=(), dtype=None, *, out_sharding=None):
+  out = _fast("normal", key, (), shape, dtype, out_sharding)
+  return _ORIG_RANDOM["normal"](key, shape, dtype, out_sharding=out_sharding) if out is None else out
+
+
+def _truncated_normal(key, lower, upper, shape=None, dtype=None, *, out_sharding=None):
+  out = None if shape is None else _fast("truncated_normal", key, (lower, upper), shape, dtype,
+                                         out_sharding)
+  return (_ORIG_RANDOM["truncated_normal"](key, lower, upper, shape, dtype,
+                                           out_sharding=out_sharding) if out is None else out)
+
+
+def _uniform(key, shape=(), dtype=None, minval=0.0, maxval=1.0, *, out_sharding=None):
+  out = _fast("uniform", key, (minval, maxval), shape, dtype, out_sharding)
+  return (_ORIG_RANDOM["uniform"](key, shape, dtype, minval, maxval, out_sharding=out_sharding)
+          if out is None else out)
+
+
+if os.environ.get("JAXQAT_TEST_FAST_RANDOM", "1") == "1":
+  for _mod in (jax.random, _jrandom):
+    _mod.normal, _mod.truncated_normal, _mod.uniform = _normal, _truncated_normal, _uniform
+
+
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
   if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a plain run) cleans up
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
