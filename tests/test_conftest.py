@@ -17,6 +17,9 @@ def test_fast_eager_random_draws_equal_jax():
       (jax.random.normal(jax.random.key(3), (2, 7, 3)), orig["normal"](jax.random.key(3), (2, 7, 3))),
       (jax.random.uniform(jax.random.PRNGKey(5), (11,), minval=-2, maxval=0.5),
        orig["uniform"](jax.random.PRNGKey(5), (11,), None, -2, 0.5)),
+      # Past the first size (2^14), with Keras-like float limits (traced bounds).
+      (jax.random.uniform(jax.random.key(7), (160, 128), minval=-0.171, maxval=0.171),
+       orig["uniform"](jax.random.key(7), (160, 128), None, -0.171, 0.171)),
       (jax.nn.initializers.lecun_normal()(jax.random.key(1), (3, 3, 4, 6)),
        orig["truncated_normal"](jax.random.key(1), -2, 2, (3, 3, 4, 6))
        * np.float32(np.sqrt(1 / 36) / .87962566103423978)),
