@@ -37,11 +37,12 @@ if os.environ.get("JAXQAT_TEST_XLA_CACHE", "1") == "1":
 # CPU): the tests' example inputs and Flax's initializers at module construction paid for
 # dozens of them, at collection time in both xdist workers. With threefry's partitionable
 # bits (JAX's default), a draw of n values is the first n values of any longer draw from the
-# same key, so an eager float32 draw of up to _FLAT[-1] values is sliced from one compiled
-# draw of the next size in _FLAT: the same bits, one compile per function and size. The
-# bounds (Keras's uniform limits differ per layer) are traced arguments, as in JAX's own
-# jitted draws, not compile-time constants. Anything else (traced keys, other dtypes or key
-# implementations, a mesh, array bounds) takes JAX's own path.
+# same key (for 16-bit floats too: each value takes the low half of its 32-bit word), so an
+# eager float32, bfloat16 or float16 draw of up to _FLAT[-1] values is sliced from one
+# compiled draw of the next size in _FLAT: the same bits, one compile per function, dtype
+# and size. The bounds (Keras's uniform limits differ per layer) are traced arguments, as in
+# JAX's own jitted draws, not compile-time constants. Anything else (traced keys, other
+# dtypes or key implementations, a mesh, array bounds) takes JAX's own path.
 # tests/test_conftest.py checks the equality. JAXQAT_TEST_FAST_RANDOM=0 turns it off.
 import functools  # noqa: E402
 
@@ -53,11 +54,14 @@ _FLAT = (1 << 14, 1 << 17, 1 << 20)  # drawing 2^20 values takes ~10 ms
 _ORIG_RANDOM = {name: getattr(_jrandom, name) for name in ("normal", "truncated_normal", "uniform")}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _flat_draw(name, key, bounds, size):
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _flat_draw(name, key, bounds, size, dtype):
   if name == "uniform":
-    return _ORIG_RANDOM[name](key, (size,), np.float32, *bounds)
-  return _ORIG_RANDOM[name](key, *bounds, (size,), np.float32)
+    return _ORIG_RANDOM[name](key, (size,), dtype, *bounds)
+  return _ORIG_RANDOM[name](key, *bounds, (size,), dtype)
 
 
 def _fast_key(key):
@@ -72,16 +76,17 @@ def _fast_key(key):
 def _fast(name, key, bounds, shape, dtype, out_sharding):
   try:
     shape = tuple(int(d) for d in shape)
-  except TypeError:
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+  except (TypeError, ValueError):
     return None
   n = int(np.prod(shape, dtype=np.int64))
   if (out_sharding is not None or not 0 < n <= _FLAT[-1] or jax.config.jax_enable_x64
-      or (dtype is not None and np.dtype(dtype) != np.float32)
+      or dtype not in _FAST_DTYPES
       or not all(type(b) in (int, float) for b in bounds)
       or not jax.config.jax_threefry_partitionable or not _jcore.trace_state_clean()
       or not jax.sharding.get_abstract_mesh().empty or not _fast_key(key)):
     return None
-  flat = _flat_draw(name, key, bounds, next(size for size in _FLAT if n <= size))
+  flat = _flat_draw(name, key, bounds, next(size for size in _FLAT if n <= size), dtype)
   return jax.numpy.asarray(np.asarray(flat)[:n].reshape(shape))
 
 

@@ -20,6 +20,8 @@ def test_fast_eager_random_draws_equal_jax():
       # Past the first size (2^14), with Keras-like float limits (traced bounds).
       (jax.random.uniform(jax.random.key(7), (160, 128), minval=-0.171, maxval=0.171),
        orig["uniform"](jax.random.key(7), (160, 128), None, -0.171, 0.171)),
+      (jax.random.normal(jax.random.key(8), (5, 9), jax.numpy.bfloat16),  # 16-bit floats
+       orig["normal"](jax.random.key(8), (5, 9), jax.numpy.bfloat16)),
       (jax.nn.initializers.lecun_normal()(jax.random.key(1), (3, 3, 4, 6)),
        orig["truncated_normal"](jax.random.key(1), -2, 2, (3, 3, 4, 6))
        * np.float32(np.sqrt(1 / 36) / .87962566103423978)),
