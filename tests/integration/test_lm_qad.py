@@ -124,9 +124,6 @@ def _ce_step_fn(model, opt, batch):
   return loss
 
 
-_ce_step = nnx.jit(_ce_step_fn)
-
-
 @nnx.jit
 def _ce_steps(model, opt, batches):
   """Every step in one program (``nnx.scan``): one compile, no per-step dispatch."""
@@ -187,18 +184,17 @@ def run(w8a8=False):
     res["ptq_w8a8"] = float(_eval_loss(ptq(None), held))
   w4a8 = ptq(_w4a8())
   recipe = QATRecipe(original_steps=FLOAT_STEPS, original_lr=FLOAT_LR, **RECIPE)
-  data = _batches(train[:FINETUNE_CHARS], recipe.steps, seed=2)
+  data = jnp.asarray(_batches(train[:FINETUNE_CHARS], recipe.steps, seed=2))
   students = {}
   for name in ("ptq", "qat", "qad"):
     students[name] = s = nnx.clone(w4a8)
     if name == "ptq":
       continue
     o = nnx.Optimizer(s, qnnx.qat_optimizer(s, *recipe.optimizers()), wrt=nnx.Param)
-    for b in data:
-      b = jnp.asarray(b)
-      if name == "qat":
-        _ce_step(s, o, b)
-      else:
+    if name == "qat":  # every step in one program; QAD by its public step, step by step
+      _ce_steps(s, o, data)
+    else:
+      for b in data:
         qad_train_step(model, s, o, b[:, :-1], loss=QADLoss(temperature=TEMPERATURE))
     _tick(name)
   for name, s in students.items():
