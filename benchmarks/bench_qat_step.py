@@ -70,6 +70,7 @@ CONFIGS = (("float", "float"), ("W8A8 QAT", None), ("W4A4 LSQ QAT", W4A4_LSQ),
            ("W4A4 LSQ int QAT", W4A4_LSQ_INT))
 # Opt-in (--configs): the MLP only, not qwix.
 EXTRA_CONFIGS = (("W4A4 LSQ QAT input fixed", W4A4_LSQ_INPUT_FIXED),)
+RULES = dict(CONFIGS + EXTRA_CONFIGS)  # label -> rules
 CONV_MODELS = ("cnn1d", "resnet")  # from bench_small_models.py
 
 
@@ -346,10 +347,10 @@ def _plan(args):
   out = []
   for name in args.models.split(","):
     for label in args.configs.split(","):
+      extra = label in dict(EXTRA_CONFIGS)
+      if extra and name != "mlp":
+        continue
       for fe in ("linen", "nnx", "qwix"):
-        extra = label in dict(EXTRA_CONFIGS)
-        if extra and name != "mlp":
-          continue
         if fe in fes and not ((label == "float" or extra) and fe == "qwix"):
           out.append((name, label, fe))
   return out
@@ -359,7 +360,7 @@ def _child(spec, args):
   """One configuration in this process: XLA estimate, device peak, median time (JSON)."""
   name, label, fe = spec.split("/")
   model, x, y = _inputs(name)
-  rules = dict(CONFIGS + EXTRA_CONFIGS)[label]
+  rules = RULES[label]
   with jax.numpy_dtype_promotion("standard"):
     r = _runner(name, label, fe, model, x, y, rules, args)
     if r is None:
@@ -420,8 +421,7 @@ def main():
       with jax.numpy_dtype_promotion("standard"):  # optax Adam's float ** int32
         for item in [p for p in plan if p[0] == name]:
           try:
-            r = _runner(name, item[1], item[2], model, x, y,
-                        dict(CONFIGS + EXTRA_CONFIGS)[item[1]], args)
+            r = _runner(name, item[1], item[2], model, x, y, RULES[item[1]], args)
           except ImportError:
             continue
           except Exception as e:  # pylint: disable=broad-except
