@@ -1,5 +1,6 @@
 """Tests for jaxqat.flax.linen.quantize: unmodified Linen models made quantization aware."""
 
+import contextlib
 import functools
 import warnings
 
@@ -564,3 +565,41 @@ def test_bad_act_spec_names_the_layer():
   rules = [Rule(pattern=".*", act=QuantSpec(granularity=PerChannel(3)))]
   with pytest.raises(ValueError, match=r"layer '<root>' \(Dense\) input activation"):
     ql.quantize(nn.Dense(2), rules).init(KEY, _x((2, 8)))
+
+
+def test_calibrate_converts_all_step_sizes_at_once_with_the_per_tensor_values(monkeypatch):
+  from jaxqat.flax.linen import _quantizer  # pylint: disable=g-import-not-at-top
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(8), nn.relu, nn.Dense(3)])
+  x = _x((16, 4))
+  rules = [Rule(pattern=".*", weight=W8.replace(format="int4", learning="lsq"),
+                act=A8.replace(format="int4", learning="lsq_plus", symmetric=False))]
+  qmodel = ql.quantize(model, rules)
+  v0 = jax.jit(qmodel.init)(KEY, x)
+  calls = []
+  real = core.step_size_to_param
+  monkeypatch.setattr(core, "step_size_to_param", lambda s: calls.append(jnp.shape(s)) or real(s))
+  batched = ql.calibrate(qmodel, jax.tree.map(jnp.array, v0), [x])
+  assert calls == [(8 + 8 + 3 + 3,)]  # every step size (per output channel; inputs) at once
+
+  @contextlib.contextmanager
+  def per_tensor():  # calibration as before: one conversion per tensor
+    yield lambda v: v
+
+  monkeypatch.setattr(_quantizer, "batched_step_sizes", per_tensor)
+  calls.clear()
+  single = ql.calibrate(qmodel, jax.tree.map(jnp.array, v0), [x])
+  assert len(calls) == 6  # 3 kernels and 3 inputs
+  flat_b, tree_b = jax.tree_util.tree_flatten(batched)
+  flat_s, tree_s = jax.tree_util.tree_flatten(single)
+  assert tree_b == tree_s
+  for a, b in zip(flat_b, flat_s):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.asarray(a).size > 1 for a in jax.tree.leaves(batched["quant_params"]))
+
+
+def test_batched_step_sizes_names_an_entry_it_cannot_find():
+  from jaxqat.flax.linen import _quantizer  # pylint: disable=g-import-not-at-top
+  with _quantizer.batched_step_sizes() as convert:
+    _quantizer._PENDING.get().add(("layers_0", "kernel"))  # pylint: disable=protected-access
+    with pytest.raises(RuntimeError, match="layers_0/kernel is not in the updated variables"):
+      convert({"quant_params": {}})

@@ -40,8 +40,10 @@ Modes (internal; the public ones are ``quant`` and ``float``):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -140,13 +142,82 @@ def _set_in(tree: dict, keys: tuple, value) -> dict:
   return tree
 
 
-def _learned(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array, role: str) -> dict:
-  """LSQ ``log_scale`` (and LSQ+ offset ``β = -z s``) from a range (floored: init_step_size)."""
+# Inside batched_step_sizes(): the paths of the step sizes stored in place of their log_scale.
+_PENDING = contextvars.ContextVar("jaxqat_linen_pending_step_sizes", default=None)
+
+
+def _learned(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array, role: str,
+             deferred: bool = False) -> dict:
+  """LSQ ``log_scale`` (and LSQ+ offset ``β = -z s``) from a range (floored: init_step_size).
+
+  ``deferred``: ``log_scale`` holds the step size itself, for
+  :func:`batched_step_sizes` to convert.
+  """
   scale = core.init_step_size(scale, role)
-  qp = {"log_scale": core.step_size_to_param(scale)}
+  qp = {"log_scale": scale if deferred else core.step_size_to_param(scale)}
   if spec.learning == "lsq_plus":
     qp["offset"] = (-zp * scale).astype(jnp.float32)
   return qp
+
+
+def _put_learned(store: Store, name: str, spec: core.QuantSpec, scale, zp, role: str,
+                 where: str) -> None:
+  """Stores a learned range set by calibration (deferred inside batched_step_sizes)."""
+  pending = _PENDING.get()
+  store.put(PARAMS, name, _learned(spec, scale, zp, role, deferred=pending is not None), where,
+            "calibration")
+  if pending is not None:
+    top, rest = store._top(PARAMS, name)  # pylint: disable=protected-access
+    pending.add(tuple(store.owner.scope.path) + (top,) + rest)
+
+
+@contextlib.contextmanager
+def batched_step_sizes():
+  """Converts the step sizes calibration sets inside the block with one ``step_size_to_param``.
+
+  :func:`jaxqat.core.step_size_to_param` is elementwise: one call on all the
+  learned step sizes of a model, concatenated, gives the same values as one
+  call per tensor, and a traced program compiles its exact-logarithm search
+  once instead of once per tensor (XLA unrolls each). Inside the block the
+  ``log_scale`` entries calibration sets hold step sizes; the yielded
+  function converts them in the variables it is given (``apply``'s updated
+  collections), found by their paths.
+
+  Yields:
+    ``convert(variables) -> variables``.
+
+  Raises:
+    RuntimeError: (from ``convert``) if a step size set inside the block is
+      not in ``variables``.
+  """
+  pending = set()
+  token = _PENDING.set(pending)
+
+  def convert(variables):
+    paths = sorted(pending)
+    if not paths:
+      return variables
+    found = []
+    for path in paths:
+      entry = variables.get(PARAMS, {})
+      for k in path:
+        entry = entry.get(k) if isinstance(entry, Mapping) else None
+      if not isinstance(entry, Mapping) or "log_scale" not in entry:
+        raise RuntimeError(f"jaxqat: internal error: the step size calibration set at "
+                           f"{'/'.join(map(str, path))} is not in the updated variables")
+      found.append(entry["log_scale"])
+    flat = core.step_size_to_param(jnp.concatenate([jnp.ravel(s) for s in found]))
+    params, start = variables[PARAMS], 0
+    for path, s in zip(paths, found):
+      params = _set_in(dict(params), path + ("log_scale",),
+                       flat[start:start + s.size].reshape(s.shape))
+      start += s.size
+    return {**variables, PARAMS: params}
+
+  try:
+    yield convert
+  finally:
+    _PENDING.reset(token)
 
 
 def _rounding(spec: core.QuantSpec, store: Store, mode: str):
@@ -255,7 +326,7 @@ def quantize_activation(store: Store, name: str, x: jax.Array, spec: core.QuantS
     if spec.learning == "fixed":
       store.put(STATS, name, dict(stats, scale=scale, zero_point=zp), where, "calibration")
     else:
-      store.put(PARAMS, name, _learned(spec, scale, zp, "act"), where, "calibration")
+      _put_learned(store, name, spec, scale, zp, "act", where)
     return x
   # mode == "quant"
   if spec.learning == "fixed":
@@ -328,7 +399,7 @@ def quantize_weight(store: Store, name: str, w: jax.Array, spec: core.QuantSpec,
   if mode in ("set", "freeze") and not store.initializing:
     scale, zp = core.weight_range(w, spec)
     if learned and mode == "set":
-      store.put(PARAMS, name, _learned(spec, scale, zp, "weight"), where, "calibration")
+      _put_learned(store, name, spec, scale, zp, "weight", where)
     elif not learned:
       new = dict(stats, scale=scale, zero_point=zp)
       if mode == "freeze":

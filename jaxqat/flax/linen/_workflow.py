@@ -173,7 +173,8 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
 
   @jax.jit
   def set_ranges(v, args, kwargs):
-    return setter.apply(v, *args, **kwargs, mutable=[STATS, PARAMS])[1]
+    with _quantizer.batched_step_sizes() as convert:
+      return convert(setter.apply(v, *args, **kwargs, mutable=[STATS, PARAMS])[1])
 
   updates = set_ranges(variables, *first)
   variables.update({k: v for k, v in updates.items() if v or k in variables})
