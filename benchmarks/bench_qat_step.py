@@ -171,6 +171,26 @@ class _Runner:
     return statistics.median(self.times)
 
 
+def paired_ratio(times, base_times):
+  """Median and quartiles of the per-round ratios ``times[i] / base_times[i]``.
+
+  The steps run interleaved, one of each configuration per round, so the two
+  times of a round saw the same moment of the machine: the spread of these
+  ratios shows how much of a difference between two configurations is noise.
+  """
+  n = min(len(times), len(base_times))
+  if n < 4:
+    return float("nan"), float("nan"), float("nan")
+  q = statistics.quantiles([a / b for a, b in zip(times[:n], base_times[:n])], n=4)
+  return q[1], q[0], q[2]
+
+
+def fmt_paired(times, base_times):
+  """``"1.07 [1.05-1.09]"``: :func:`paired_ratio` as a table cell."""
+  m, lo, hi = paired_ratio(times, base_times)
+  return "n/a" if m != m else f"{m:.2f} [{lo:.2f}-{hi:.2f}]"
+
+
 def _time(step, state, batch, warmup, repeats):
   del repeats  # the steps are run by main(), interleaved across configurations
   return _Runner(step, state, batch, warmup)
@@ -435,7 +455,7 @@ def main():
             r.run()
       for item, r in runners:
         results[item] = {"ms": r.median * 1e3 if r.times else float("nan"), "xla": r.xla,
-                         "peak": float("nan")}
+                         "peak": float("nan"), "times": r.times}
         r.state = None  # free the buffers
   _table(results)
 
@@ -444,17 +464,22 @@ def _table(results):
   def base(item, key):
     fe = "linen" if item[2] == "qwix" else item[2]
     b = results.get((item[0], "float", fe))
+    if key == "times":
+      return (b or {}).get("times", [])
     return b[key] if b else float("nan")
 
-  print("\n(x float: against the float step of the same front end; qwix against Linen)")
-  print("| model | config | front end | median ms | x float | XLA memory MiB | x float "
-        "| device peak MiB | x float |")
-  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("\n(x float: against the float step of the same front end; qwix against Linen. "
+        "paired: the median [quartiles] of the per-round ratios of interleaved runs)")
+  print("| model | config | front end | median ms | x float | paired x float | XLA memory MiB "
+        "| x float | device peak MiB | x float |")
+  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for item, r in results.items():
     cells = []
     for key, scale in (("ms", 1.0), ("xla", 2.0**-20), ("peak", 2.0**-20)):
       v = r[key]
       cells += [f"{v * scale:.1f}", f"{v / base(item, key):.2f}"]
+      if key == "ms":
+        cells.append(fmt_paired(r.get("times", []), base(item, "times")))
     print(f"| {item[0]} | {item[1]} | {item[2]} | " + " | ".join(cells) + " |")
 
 

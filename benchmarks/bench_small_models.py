@@ -40,6 +40,7 @@ import optax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qat_step import W4A4_LSQ  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import _cpu  # noqa: E402  pylint: disable=g-import-not-at-top
+from bench_qat_step import fmt_paired  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import _Runner  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import parse_args  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import quantize_nnx  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -311,13 +312,17 @@ def main():
     med = {(fe, label): statistics.median(r.times) for fe, label, r in runners}
     mem = {(fe, label): r.memory for fe, label, r in runners}
     print(f"\n{name}: load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("| model | front end | config | median ms | x float | memory MiB | x float |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    times = {(fe, label): r.times for fe, label, r in runners}
+    print("(paired: the median [quartiles] of the per-round ratios to the float step)")
+    print("| model | front end | config | median ms | x float | paired x float | memory MiB "
+          "| x float |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for fe, label, r in runners:
       t, m = med[(fe, label)], mem[(fe, label)]
       t0, m0 = med.get((fe, "float"), float("nan")), mem.get((fe, "float"), float("nan"))
-      print(f"| {name} | {fe} | {label} | {t * 1e3:.1f} | {t / t0:.2f} | {m / 2**20:.1f} | "
-            f"{m / m0:.2f} |", flush=True)
+      paired = fmt_paired(r.times, times.get((fe, "float"), []))
+      print(f"| {name} | {fe} | {label} | {t * 1e3:.1f} | {t / t0:.2f} | {paired} | "
+            f"{m / 2**20:.1f} | {m / m0:.2f} |", flush=True)
       r.state = None  # free the buffers
 
 
