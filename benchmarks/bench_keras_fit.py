@@ -24,6 +24,7 @@ factor.
 import argparse
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -33,6 +34,9 @@ import numpy as np  # noqa: E402
 
 from jaxqat.core import PerChannel, QuantSpec, Rule  # noqa: E402
 import jaxqat.keras as jqk  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_qat_step import fmt_paired  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def cnn(bn: bool):
@@ -55,7 +59,11 @@ def compile_model(m, jit_compile):
 
 
 def time_interleaved(models, x, y, steps):
-  """Median step time of each model, the models' steps interleaved round by round."""
+  """Median step time of each model, the models' steps interleaved round by round.
+
+  Returns the medians of wall time and of CPU time, and the paired ratio of
+  each model's steps to the first model's (``bench_qat_step.fmt_paired``).
+  """
   for m in models:
     for _ in range(3):  # compile + warm up
       m.train_on_batch(x, y)
@@ -67,7 +75,8 @@ def time_interleaved(models, x, y, steps):
       np.asarray(m.train_on_batch(x, y))  # the loss, fetched: the step has finished
       ts.append(time.perf_counter() - t)
       cs.append(time.process_time() - c)
-  return [float(np.median(ts)) for ts in times], [float(np.median(cs)) for cs in cpu]
+  paired = [fmt_paired(ts, times[0]) for ts in times]
+  return [float(np.median(ts)) for ts in times], [float(np.median(cs)) for cs in cpu], paired
 
 
 def main():
@@ -113,9 +122,10 @@ def main():
       jqk.calibrate(q, x[:32], verbose=0)
       models.append(compile_model(q, jit))
       labels.append(name + (" (BN folded)" if bn else ""))
-    times, cpu = time_interleaved(models, x, y, args.steps)
-    for label, t, c in zip(labels, times, cpu):
-      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0], c, c / cpu[0]))
+    times, cpu, paired = time_interleaved(models, x, y, args.steps)
+    for label, t, c, pr in zip(labels, times, cpu, paired):
+      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0], pr, c,
+                   c / cpu[0]))
   threads = ""
   if backend == "torch":
     import torch  # pylint: disable=import-outside-toplevel
@@ -123,10 +133,12 @@ def main():
   print(f"Keras {keras.__version__}, backend {backend} ({'compiled' if jit else 'eager'}), "
         f"{platform.processor() or platform.machine()}{threads}, batch {args.batch} x 32x32x3, "
         f"median of {args.steps} interleaved steps, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-  print("| model | variant | step (ms) | vs float | CPU (ms) | CPU vs float |")
-  print("|---|---|---|---|---|---|")
-  for model, variant, t, r, c, rc in rows:
-    print(f"| {model} | {variant} | {t * 1e3:.1f} | {r:.2f}x | {c * 1e3:.1f} | {rc:.2f}x |")
+  print("(paired: the median [quartiles] of the per-round ratios to the float step)")
+  print("| model | variant | step (ms) | vs float | paired | CPU (ms) | CPU vs float |")
+  print("|---|---|---|---|---|---|---|")
+  for model, variant, t, r, pr, c, rc in rows:
+    print(f"| {model} | {variant} | {t * 1e3:.1f} | {r:.2f}x | {pr} | {c * 1e3:.1f} | "
+          f"{rc:.2f}x |")
 
 
 if __name__ == "__main__":
