@@ -603,3 +603,73 @@ def test_batched_step_sizes_names_an_entry_it_cannot_find():
     _quantizer._PENDING.get().add(("layers_0", "kernel"))  # pylint: disable=protected-access
     with pytest.raises(RuntimeError, match="layers_0/kernel is not in the updated variables"):
       convert({"quant_params": {}})
+
+
+class _ScanStack(nn.Module):
+  """Three scanned Dense blocks (weights stacked along axis 0)."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+
+      @nn.compact
+      def __call__(self, c, _):
+        return jnp.tanh(nn.Dense(8)(c)), None
+
+    scan = nn.scan(Block, variable_axes={True: 0}, split_rngs={"params": True}, length=3)
+    return scan(name="layers")(x, None)[0]
+
+
+class _Tied(nn.Module):
+  """An embedding whose table is used again, transposed, as the output head."""
+
+  @nn.compact
+  def __call__(self, ids):
+    emb = nn.Embed(11, 8)
+    h = nn.relu(nn.Dense(8)(emb(ids)))
+    return emb.attend(h)
+
+
+@pytest.mark.parametrize("model, x", [
+    (nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(8), nn.relu, nn.Dense(3)]), _x((16, 4))),
+    (_ScanStack(), _x((4, 8))),
+    (_Tied(), jnp.arange(12).reshape(3, 4) % 11),
+], ids=["mlp", "scan", "tied"])
+def test_init_converts_all_step_sizes_at_once_with_the_per_tensor_values(monkeypatch, model, x):
+  from jaxqat.flax.linen import _quantizer  # pylint: disable=g-import-not-at-top
+  rules = [Rule(pattern=".*", weight=W8.replace(format="int4", learning="lsq"),
+                act=A8.replace(format="int4", learning="lsq"))]
+  qmodel = ql.quantize(model, rules)
+  calls = []
+  real = core.step_size_to_param
+  monkeypatch.setattr(core, "step_size_to_param", lambda s: calls.append(jnp.shape(s)) or real(s))
+  batched = jax.jit(qmodel.init)(KEY, x)
+  n = sum(np.asarray(a).size for a in jax.tree.leaves(batched["quant_params"]))
+  assert n > 1 and calls == [(n,)]  # every weight's step sizes (per output channel) at once
+
+  @contextlib.contextmanager
+  def per_tensor():  # init as before: one conversion per weight
+    yield lambda v: v
+
+  monkeypatch.setattr(_quantizer, "batched_step_sizes", per_tensor)
+  calls.clear()
+  single = jax.jit(qmodel.init)(KEY, x)
+  # (nn.scan traces its body more than once at init)
+  assert len(calls) >= len(jax.tree.leaves(single["quant_params"])) > 0
+  flat_b, tree_b = jax.tree_util.tree_flatten(batched)
+  flat_s, tree_s = jax.tree_util.tree_flatten(single)
+  assert tree_b == tree_s
+  for a, b in zip(flat_b, flat_s):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_with_output_gives_the_output_apply_gives():
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+  rules = [Rule(pattern=".*", weight=W8.replace(format="int4", learning="lsq"), act=None)]
+  qmodel = ql.quantize(model, rules)
+  x = _x((16, 4))
+  out, v = qmodel.init_with_output(KEY, x)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(qmodel.apply(v, x)))
+  v2 = qmodel.init(KEY, x)  # batched conversion: the same variables
+  for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence, Union
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,51 @@ class QuantizedModule(nn.Module):
       model_kwargs = {k: v for k, v in kwargs.items() if k not in _FLAX_INIT_KWARGS}
       _remember(self, args, model_kwargs)
     return super().init_with_output(rngs, *args, method=method, **kwargs)
+
+  @nn.nowrap
+  def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ
+    """``nn.Module.init``, with the LSQ step sizes converted all at once.
+
+    The step sizes init gives LSQ weights become their ``log_scale``
+    parameters through one :func:`jaxqat.core.step_size_to_param` call on all
+    of them: the same values as one call per weight, and a jitted init
+    compiles the exact-logarithm search once instead of once per weight. (The
+    forward pass init runs, whose output it drops, quantizes with the step
+    sizes themselves; ``init_with_output`` converts per weight, so that its
+    output is the one ``apply`` gives.)
+
+    Args:
+      rngs: the PRNG key(s), as for ``nn.Module.init``.
+      *args: the model's example inputs.
+      **kwargs: ``nn.Module.init``'s keyword arguments (``method``,
+        ``mutable``...) and the model's.
+
+    Returns:
+      The variables: ``params`` plus ``quant_stats`` (and ``quant_params``
+      for LSQ weights).
+
+    Raises:
+      ValueError: as ``__call__`` (a spec that does not fit a layer, a
+        collection that is not mutable inside a lifted transform...).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxqat.core import QuantSpec, Rule
+      >>> rules = [Rule(pattern=".*", weight=QuantSpec(format="int4", learning="lsq"))]
+      >>> qmodel = quantize(nn.Sequential([nn.Dense(3), nn.Dense(2)]), rules)
+      >>> v = qmodel.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> jax.tree.map(jnp.shape, v["quant_params"])
+      {'layers_0': {'kernel': {'log_scale': ()}}, 'layers_1': {'kernel': {'log_scale': ()}}}
+      >>> out, v2 = qmodel.init_with_output(jax.random.key(0), jnp.ones((1, 4)))
+      >>> all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v2)))
+      True
+    """
+    with _quantizer.batched_step_sizes() as convert:
+      variables = super().init(rngs, *args, **kwargs)
+      converted = convert(variables)
+    if isinstance(variables, flax.core.FrozenDict):
+      converted = flax.core.freeze(converted)
+    return converted
 
   @nn.nowrap
   def example(self) -> tuple[tuple, dict]:

@@ -160,15 +160,25 @@ def _learned(spec: core.QuantSpec, scale: jax.Array, zp: jax.Array, role: str,
   return qp
 
 
+def _pending_path(store: Store, name: str) -> tuple:
+  top, rest = store._top(PARAMS, name)  # pylint: disable=protected-access
+  return tuple(store.owner.scope.path) + (top,) + rest
+
+
 def _put_learned(store: Store, name: str, spec: core.QuantSpec, scale, zp, role: str,
-                 where: str) -> None:
-  """Stores a learned range set by calibration (deferred inside batched_step_sizes)."""
+                 where: str, why: str = "calibration") -> None:
+  """Stores a learned range (set by init or calibration; deferred inside batched_step_sizes)."""
   pending = _PENDING.get()
   store.put(PARAMS, name, _learned(spec, scale, zp, role, deferred=pending is not None), where,
-            "calibration")
+            why)
   if pending is not None:
-    top, rest = store._top(PARAMS, name)  # pylint: disable=protected-access
-    pending.add(tuple(store.owner.scope.path) + (top,) + rest)
+    pending.add(_pending_path(store, name))
+
+
+def _deferred(store: Store, name: str) -> bool:
+  """Whether ``name``'s ``log_scale`` holds a step size that batched_step_sizes converts."""
+  pending = _PENDING.get()
+  return pending is not None and _pending_path(store, name) in pending
 
 
 @contextlib.contextmanager
@@ -179,9 +189,10 @@ def batched_step_sizes():
   learned step sizes of a model, concatenated, gives the same values as one
   call per tensor, and a traced program compiles its exact-logarithm search
   once instead of once per tensor (XLA unrolls each). Inside the block the
-  ``log_scale`` entries calibration sets hold step sizes; the yielded
-  function converts them in the variables it is given (``apply``'s updated
-  collections), found by their paths.
+  ``log_scale`` entries that ``init`` or calibration set hold step sizes
+  (a forward pass inside the block quantizes with them as they are); the
+  yielded function converts them in the variables it is given (``init``'s
+  variables or ``apply``'s updated collections), found by their paths.
 
   Yields:
     ``convert(variables) -> variables``.
@@ -388,7 +399,7 @@ def quantize_weight(store: Store, name: str, w: jax.Array, spec: core.QuantSpec,
     if not spec.is_block:
       scale, zp = core.weight_range(w, spec)
       if learned:
-        store.put(PARAMS, name, _learned(spec, scale, zp, "weight"), where, "init")
+        _put_learned(store, name, spec, scale, zp, "weight", where, "init")
       else:
         stats.update(scale=scale, zero_point=zp)
     store.put(STATS, name, stats, where, "init")
@@ -413,6 +424,8 @@ def quantize_weight(store: Store, name: str, w: jax.Array, spec: core.QuantSpec,
     if qp is None:
       raise ValueError(f"jaxqat: {where} has no '{PARAMS}/{name}' variable; apply the model "
                        "with the variables of its init() and calibrate()")
+    if _deferred(store, name):  # inside init: the step size itself, converted afterwards
+      return _qdq(w, spec, store, mode, qp["log_scale"], offset=qp.get("offset"))
     return _qdq(w, spec, store, mode, log_scale=qp["log_scale"], offset=qp.get("offset"))
   if FROZEN in stats:
     return _qdq(w, spec, store, mode, stats["scale"], stats["zero_point"])
