@@ -251,7 +251,14 @@ def _torch_functions():
     return bool(torch.isfinite(t.sum()))
 
   def inside_mask(code, q):
-    """1.0 where clipping left the code unchanged, else 0.0 (a NaN code: 0.0), float32."""
+    """1.0 where clipping left the code unchanged, else 0.0 (a NaN code: 0.0), float32.
+
+    Written over ``code`` (a float32 buffer of the forward's own, no longer needed):
+    on CPU every fresh activation-sized buffer is first-touch page faults (see
+    ``LsqFakeQuant``).
+    """
+    if code.dtype == torch.float32:
+      return code.eq_(q)
     return torch.eq(code, q, out=torch.empty_like(code, dtype=torch.float32))
 
   def masked(g, inside):
@@ -265,6 +272,7 @@ def _torch_functions():
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax, unclipped):  # pylint: disable=arguments-differ
+      # Two buffers of x's size: the codes (then the mask, in place) and the output.
       sc = f32(s).clamp_min(SCALE_EPS)
       code = torch.div(f32(x), sc).round_()  # the shape of x (s broadcasts against it)
       if z is not None:
@@ -294,6 +302,13 @@ def _torch_functions():
     inside, the clipped code outside) while its inputs are at hand and keeps
     only ``ds`` and the clip mask; the backward is one masked product and one
     reduction.
+
+    Without an offset the forward writes three buffers of x's size, the three it
+    keeps (``ds``, the mask, the output), each op after the first writing over a
+    buffer whose value is no longer needed: on CPU every fresh activation-sized
+    buffer costs first-touch page faults (glibc returns freed blocks this large to
+    the system), which in eager Keras training cost more than the arithmetic
+    (issue 12: 22-40k faults per step of a 5-conv CNN).
     """
 
     @staticmethod
@@ -306,40 +321,45 @@ def _torch_functions():
         z = torch.div(f32(b).neg(), sc).round_()
         code = code.add_(z)
       q = code.clamp(qmin, qmax)
-      # Clipped where clipping changed the code; a NaN code counts as clipped (the core's LSQ).
+      # Clipped where clipping changed the code; a NaN code counts as clipped (the core's
+      # LSQ). The mask is written over the codes: inside, code == q.
       inside = inside_mask(code, q)
-      # d x_hat / d s: round(v) - v inside (= code - z - v), the clipped code q outside.
+      del code
+      # d x_hat / d s: round(v) - v inside (= q - z - v there), the clipped code q outside.
       # (torch.addcmul took 3 ms over 1M floats, a product and a difference 1.2 ms.)
-      if z is None:  # inside q == code, so q - v * 1 is code - v; outside q - v * 0 = q
-        ds = torch.mul(v, inside)
-        ds = torch.sub(q, ds, out=ds)
-        t = code.sub_(v) if not finite(ds) else None
-      else:  # (q - q * inside) + t * inside
-        t = code.sub_(z).sub_(v)
-        ds = torch.mul(q, inside)
-        ds = torch.sub(q, ds, out=ds).add_(torch.mul(t, inside))
-        t = t if not finite(ds) else None
-      if t is not None:  # a non-finite value: the exact select
+      if z is None:  # inside q - v * 1 is round(v) - v; outside q - v * 0 = q
+        ds = torch.sub(q, v.mul_(inside), out=v)
+        exact = finite(ds)
+      else:  # (q - q * inside) + t * inside, t = (q - z) - v
+        t = torch.sub(q, z).sub_(v)
+        ds = torch.sub(q, torch.mul(q, inside, out=v), out=v).add_(t.mul_(inside))
+        exact = finite(ds)
+        del t
+      if not exact:  # a non-finite value (x, or v * 0): the exact select, recomputed
+        v = torch.div(f32(x), sc)
+        t = torch.round(v).sub_(v) if z is None else torch.round(v).add_(z).sub_(z).sub_(v)
         ds = torch.where(inside > 0, t, q)
-      del t, code
+        del t, v
       if z is not None:
         q = q.sub_(z)
-      y = torch.mul(q, sc, out=v) if v.dtype == x.dtype and v.shape == q.shape else q * sc
       ctx.save_for_backward(ds, inside)
       ctx.shapes = (s.shape, s.dtype, None if b is None else b.shape,
                     None if b is None else b.dtype, grad_scale)
-      return y.to(x.dtype)
+      return q.mul_(sc).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):  # pylint: disable=arguments-differ
       ds, inside = ctx.saved_tensors
       s_shape, s_dtype, b_shape, b_dtype, grad_scale = ctx.shapes
-      gx = masked(g, inside)
       g32 = f32(g)
       if math.prod(s_shape) == 1:  # one step size: a dot product, one pass
         gs = torch.dot(g32.reshape(-1), ds.reshape(-1)).reshape(s_shape)
       else:
         gs = _torch_sum_to_shape(ds * g32, s_shape)  # ds is kept: retain_graph may call again
+      # A finite gs is a sum of finite products g * ds over every element (an infinite or
+      # NaN g gives an infinite or NaN term whatever ds is), so g is finite and the mask's
+      # product is exact without masked()'s own pass over g.
+      gx = torch.mul(g, inside).to(g.dtype) if finite(gs) else masked(g, inside)
       gs = gs.mul_(grad_scale).to(s_dtype)
       gb = None
       if b_shape is not None:  # the clipped elements' gradient: g times the 0/1 mask, as the core

@@ -149,10 +149,18 @@ def test_unclipped_tracked_weight_same_values_and_grads_as_masked(spec, force_op
 @pytest.mark.parametrize("spec", [QuantSpec(format="int4"), QuantSpec(format="int4", learning="lsq"),
                                   QuantSpec(format="int4", symmetric=False, learning="lsq_plus")],
                          ids=["fixed", "lsq", "lsq_plus"])
-def test_non_finite_inputs_and_gradients_match_the_core(spec, force_ops):
-  # The torch Functions mask by multiplication and fall back to a select on non-finite values.
+@pytest.mark.parametrize("non_finite", ["both", "input", "grad"])
+def test_non_finite_inputs_and_gradients_match_the_core(spec, force_ops, non_finite):
+  # The torch Functions mask by multiplication and fall back to a select on non-finite values;
+  # LSQ's backward reads a finite upstream gradient off its step-size sum. "grad" puts an
+  # infinite gradient on an element whose step-size derivative is 0 (x = 0) and on a clipped one.
   x = np.array([0.3, np.nan, 5.0, -0.2, np.inf, -np.inf, 1.1, -3.0], np.float32)
   r = np.array([1.0, 2.0, np.inf, -1.0, 3.0, 1.0, -np.inf, 0.5], np.float32)  # upstream grad
+  if non_finite == "input":
+    r = np.array([1.0, 2.0, 0.5, -1.0, 3.0, 1.0, -2.0, 0.5], np.float32)
+  elif non_finite == "grad":
+    x = np.array([0.3, 0.0, 5.0, -0.2, 9.0, -7.0, 1.1, -3.0], np.float32)
+    r = np.array([1.0, np.inf, np.inf, -1.0, 3.0, 1.0, -np.inf, np.nan], np.float32)
   s = np.float32(0.25)
   plus = spec.learning == "lsq_plus"
   args = [x, s] + ([np.float32(-0.3)] if plus else [])
@@ -170,3 +178,35 @@ def test_non_finite_inputs_and_gradients_match_the_core(spec, force_ops):
   n = 1 if spec.learning == "fixed" else len(args)  # fixed ranges get no gradient
   for i in range(n):
     np.testing.assert_array_equal(np.asarray(g_keras[i]), np.asarray(g_core[i]), err_msg=str(i))
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch autograd Functions")
+@pytest.mark.parametrize("kind,fresh", [("fixed", 2), ("lsq", 3), ("lsq_plus", 4)])
+def test_torch_functions_write_few_activation_sized_buffers(kind, fresh):
+  # On CPU each fresh activation-sized buffer is first-touch page faults: the forward writes
+  # over buffers it no longer needs. LSQ keeps its step-size derivative and the 0/1 mask
+  # (and returns the output): three buffers; LSQ+ adds one temporary, fixed ranges keep a mask.
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+
+  x = torch.tensor(np.random.RandomState(0).randn(64, 256).astype(np.float32) * 3,
+                   requires_grad=True)
+  s = torch.tensor(0.25, requires_grad=True)
+  b = torch.tensor(0.1, requires_grad=True)
+  with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    if kind == "fixed":
+      y = _ops.torch_fake_quant(x, torch.tensor(0.25), None, -8, 7)
+    else:
+      y = _ops.torch_lsq_fake_quant(x, s, b if kind == "lsq_plus" else None, -8, 7)
+  big = [e.name for e in prof.events() if e.self_cpu_memory_usage >= x.nbytes]
+  assert len(big) == fresh, big
+  saved = y.grad_fn.saved_tensors
+  assert [tuple(t.shape) for t in saved] == [(64, 256)] * (1 if kind == "fixed" else 2)
+  inside = saved[-1]
+  v = x.detach() / 0.25
+  code = torch.round(v) + (torch.round(-b.detach() / 0.25) if kind == "lsq_plus" else 0)
+  want_inside = ((code >= -8) & (code <= 7)).float()
+  np.testing.assert_array_equal(inside.numpy(), want_inside.numpy())
+  if kind != "fixed":
+    want_ds = torch.where(want_inside > 0, torch.round(v) - v, code.clamp(-8, 7))
+    np.testing.assert_array_equal(saved[0].numpy(), want_ds.numpy())
