@@ -13,7 +13,10 @@ The steps of the three variants of a model run interleaved (one step of each
 per round), so that a slow moment of a shared machine hits all alike; the
 median over ``--steps`` rounds is reported in a Markdown table with the
 machine load: wall time, and the process's CPU time (all its threads), which
-a loaded machine disturbs less.
+a loaded machine disturbs less; and the median number of page faults per step
+(minor faults of the process: on torch's CPU eager path every fresh buffer
+that glibc takes from the system is first-touch faults, which cost float and
+QAT alike but grow with the number of fresh activation-sized buffers).
 
 On a shared machine run torch with ``--threads 1``: torch's intra-op thread
 pool spins while it waits, so with more threads than idle cores a step can
@@ -24,6 +27,7 @@ factor.
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -61,22 +65,27 @@ def compile_model(m, jit_compile):
 def time_interleaved(models, x, y, steps):
   """Median step time of each model, the models' steps interleaved round by round.
 
-  Returns the medians of wall time and of CPU time, and the paired ratio of
-  each model's steps to the first model's (``bench_qat_step.fmt_paired``).
+  Returns the medians of wall time, of CPU time and of page faults per step,
+  and the paired ratio of each model's steps to the first model's
+  (``bench_qat_step.fmt_paired``).
   """
   for m in models:
     for _ in range(3):  # compile + warm up
       m.train_on_batch(x, y)
   times = [[] for _ in models]
   cpu = [[] for _ in models]
+  faults = [[] for _ in models]
   for _ in range(steps):
-    for m, ts, cs in zip(models, times, cpu):
+    for m, ts, cs, fs in zip(models, times, cpu, faults):
+      f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t, c = time.perf_counter(), time.process_time()
       np.asarray(m.train_on_batch(x, y))  # the loss, fetched: the step has finished
       ts.append(time.perf_counter() - t)
       cs.append(time.process_time() - c)
+      fs.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
   paired = [fmt_paired(ts, times[0]) for ts in times]
-  return [float(np.median(ts)) for ts in times], [float(np.median(cs)) for cs in cpu], paired
+  med = lambda vs: [float(np.median(v)) for v in vs]  # noqa: E731
+  return med(times), med(cpu), med(faults), paired
 
 
 def main():
@@ -122,10 +131,10 @@ def main():
       jqk.calibrate(q, x[:32], verbose=0)
       models.append(compile_model(q, jit))
       labels.append(name + (" (BN folded)" if bn else ""))
-    times, cpu, paired = time_interleaved(models, x, y, args.steps)
-    for label, t, c, pr in zip(labels, times, cpu, paired):
+    times, cpu, faults, paired = time_interleaved(models, x, y, args.steps)
+    for label, t, c, f, pr in zip(labels, times, cpu, faults, paired):
       rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0], pr, c,
-                   c / cpu[0]))
+                   c / cpu[0], f))
   threads = ""
   if backend == "torch":
     import torch  # pylint: disable=import-outside-toplevel
@@ -134,11 +143,12 @@ def main():
         f"{platform.processor() or platform.machine()}{threads}, batch {args.batch} x 32x32x3, "
         f"median of {args.steps} interleaved steps, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
   print("(paired: the median [quartiles] of the per-round ratios to the float step)")
-  print("| model | variant | step (ms) | vs float | paired | CPU (ms) | CPU vs float |")
-  print("|---|---|---|---|---|---|---|")
-  for model, variant, t, r, pr, c, rc in rows:
+  print("| model | variant | step (ms) | vs float | paired | CPU (ms) | CPU vs float "
+        "| page faults / step |")
+  print("|---|---|---|---|---|---|---|---|")
+  for model, variant, t, r, pr, c, rc, f in rows:
     print(f"| {model} | {variant} | {t * 1e3:.1f} | {r:.2f}x | {pr} | {c * 1e3:.1f} | "
-          f"{rc:.2f}x |")
+          f"{rc:.2f}x | {f:.0f} |")
 
 
 if __name__ == "__main__":
