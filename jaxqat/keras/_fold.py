@@ -287,6 +287,10 @@ class QuantConvBatchNorm(keras.layers.Layer):
     r = ops.divide(sigma, gamma_c)
     axes = tuple(range(len(y_q.shape) - 1))
     mean_q, var_q = ops.moments(ops.cast(y_q, "float32"), axes=axes)
+    # Keras computes the variance as E[y^2] - E[y]^2: a constant channel (common after
+    # fake-quantized inputs) can come out slightly negative, and r^2 (up to 1/_GAMMA_MIN^2)
+    # turns that into a negative var_b + eps and a NaN output (seen on torch).
+    var_q = ops.maximum(var_q, 0.0)
     mean_b = ops.multiply(mean_q, r)
     var_b = ops.multiply(var_q, ops.square(r))
     b = ops.convert_to_tensor(self.conv.bias) if self.conv.use_bias else ops.zeros_like(mmean)

@@ -102,6 +102,27 @@ def test_fold_training_with_zero_gamma_outputs_beta_and_gamma_gets_a_gradient():
   assert abs(g - g_ref) < 0.02 * abs(g_ref) and abs(g_ref) > 0.1, (g, g_ref)
 
 
+def test_fold_training_with_a_constant_channel_stays_finite():
+  # Keras's moments is E[y^2] - E[y]^2: for a constant channel it can be slightly negative
+  # (torch: -0.008 at y = 343), and the fold's r^2 (gamma clamped to 1e-6: 1e12) made
+  # var_B + eps negative and the output NaN. Seen training a MobileNetV2 (W4A4 LSQ, torch).
+  keras.utils.set_random_seed(0)
+  conv = keras.layers.Conv2D(2, 1, use_bias=False, name="c")
+  bn = keras.layers.BatchNormalization(name="bn")
+  rng = np.random.RandomState(0)
+  x = np.stack([np.full((16, 6, 6), 343.0001, np.float32),  # channel 0 of the output: constant
+                rng.randn(16, 6, 6).astype(np.float32)], -1)
+  bn(conv(x))
+  conv.kernel.assign(np.array([[[[1.0, 0.3], [0.0, 1.0]]]], np.float32))
+  bn.gamma.assign(np.array([1e-7, 1.0], np.float32))
+  bn.beta.assign(np.array([0.25, -0.5], np.float32))
+  fused = _fused(conv, bn, x, QuantSpec(format="int8", granularity=PerChannel(-1)))
+  out = to_np(fused(x, training=True))
+  assert np.isfinite(out).all()
+  np.testing.assert_allclose(out[..., 0], 0.25, atol=1e-3)  # gamma * 0 / sigma_B + beta
+  assert np.isfinite(to_np(fused.bn.moving_variance)).all()
+
+
 def _mlp(seed=0):
   keras.utils.set_random_seed(seed)
   return keras.Sequential([keras.Input((5,)), keras.layers.Dense(16, activation="relu", name="a"),
