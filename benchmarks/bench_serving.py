@@ -1,7 +1,10 @@
 """Serving latency of converted int8 / int4 models against the float model (Flax Linen).
 
 Models: the MLP (four 1024x1024 Dense layers) and the transformer (4 layers,
-width 256, 4 heads, MLP 1024, sequence 128) of ``bench_qat_step.py``.
+width 256, 4 heads, MLP 1024, sequence 128) of ``bench_qat_step.py``; opt-in
+(``--models cnn1d,resnet``), the small 1-D CNN (four Conv1D(64, 3), 40 steps)
+and the small ResNet at 32x32x3 (BatchNorm on running statistics) of
+``bench_small_models.py``, whose served convolutions are int8 x int8 -> int32.
 Configurations: the float model; W8A8 converted (int8 per-channel weights,
 int8 per-tensor inputs: int8 x int8 -> int32 dots); W4A8 converted (packed
 int4 per-channel weights, int8 inputs); W8 weight-only converted (int8
@@ -11,7 +14,7 @@ interleaved round by round in one process, so a slow moment of the machine
 hits them alike. Weight memory is the converted model's
 ``ql.size_report`` (codes, scales, zero points) against float32.
 
-Run: ``python benchmarks/bench_serving.py [--models mlp,transformer]
+Run: ``python benchmarks/bench_serving.py [--models mlp,transformer,cnn1d,resnet]
 [--batches 1,256] [--repeats 20]``.
 """
 
@@ -44,6 +47,11 @@ def _input(name, batch):
   key = jax.random.key(0)
   if name == "mlp":
     return MLP(), jax.random.normal(key, (batch, 1024))
+  if name in ("cnn1d", "resnet"):
+    import bench_small_models as small  # pylint: disable=g-import-not-at-top
+    shape = small.SHAPES[name][0]
+    model = small.LinenCNN1D() if name == "cnn1d" else small.LinenResNet(train=False)
+    return model, jax.random.normal(key, (batch,) + shape[1:])
   return Transformer(), jax.random.normal(key, (batch, 128, 256))
 
 

@@ -195,10 +195,57 @@ def test_conv_integer_path_with_affine_input_and_padding(groups):
   bound = ((k + 5) * u * 1.01) * act.scale * wenc.scale.reshape(1, 1, 1, -1) * sab.astype(jnp.float32)
   assert float(jnp.max(jnp.abs(y - ref) - bound)) <= 0.0
   ops = _int_ops(lambda x: core.quantized_conv_general_dilated(x, qt, act=act, **kw_), x)
-  assert ops[0] == ("conv_general_dilated", ("int8", "int8"), "int32")
+  # On CPU the int8 convolution runs as an int8 dot over the input's windows (im2col).
+  conv = "dot_general" if jax.default_backend() == "cpu" else "conv_general_dilated"
+  assert ops[0] == (conv, ("int8", "int8"), "int32")
   np.testing.assert_array_equal(
       np.asarray(core.quantized_conv_general_dilated(x, qt, act=act, integer=False, **kw_)),
       np.asarray(ref))
+
+
+# (logical input shape N, S..., C; kernel spatial shape; layouts; strides; padding;
+#  lhs_dilation; rhs_dilation; feature groups)
+_CONV_CASES = [
+    ((4, 9, 6), (3,), ("NWC", "WIO", "NWC"), (1,), "SAME", None, None, 1),
+    ((4, 9, 6), (3,), ("NWC", "WIO", "NWC"), (2,), "VALID", None, None, 1),
+    ((4, 9, 6), (4,), ("NCW", "OIW", "NCW"), (2,), [(2, -1)], (2,), (3,), 2),
+    ((2, 7, 8, 6), (3, 3), ("NHWC", "HWIO", "NHWC"), (2, 1), "SAME", None, (1, 2), 3),
+    ((2, 7, 8, 6), (3, 2), ("NCHW", "OIHW", "NCHW"), (1, 2), [(1, 0), (0, 2)], (2, 1), None, 1),
+    ((2, 7, 8, 6), (3, 3), ("NHWC", "HWIO", "NCHW"), (1, 1), "SAME", None, None, 6),
+    ((2, 5, 6, 7, 4), (2, 3, 1), ("NDHWC", "DHWIO", "NDHWC"), (1, 2, 1), "SAME_LOWER", None,
+     None, 2),
+    ((3, 10, 5), (1,), ("NWC", "WIO", "NWC"), (3,), "SAME", None, None, 1),
+]
+
+
+@pytest.mark.parametrize("case", _CONV_CASES, ids=lambda c: f"{c[2][0]}-g{c[7]}-{c[4]}")
+def test_int8_conv_equals_xla_integer_convolution(case):
+  """The CPU im2col int8 convolution gives XLA's int32 convolution element for element.
+
+  Every layout, stride, padding (strings, explicit, negative), input and kernel dilation and
+  feature grouping (depthwise included), on codes spanning the whole int8 range.
+  """
+  xs, ks, layouts, strides, padding, lhs_d, rhs_d, groups = case
+  rng = np.random.default_rng(0)
+  lhs, rhs, _ = layouts
+  x = rng.integers(-128, 128, xs).astype(np.int8)  # N, S..., C
+  w = rng.integers(-128, 128, ks + (xs[-1] // groups, 2 * groups)).astype(np.int8)  # S..., I, O
+  sx = "N" + "".join(c for c in lhs if c not in "NC") + "C"
+  sw = "".join(c for c in rhs if c not in "IO") + "IO"
+  x = np.transpose(x, [sx.index(c) for c in lhs])
+  w = np.transpose(w, [sw.index(c) for c in rhs])
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, layouts)
+  ref = lax.conv_general_dilated(x, w, strides, padding, lhs_d, rhs_d, dn, groups,
+                                 preferred_element_type=jnp.int32)
+  got = jax.jit(lambda x, w: core._integer._int8_conv(  # pylint: disable=protected-access
+      x, w, dn, strides, padding, lhs_d, rhs_d, groups))(x, w)
+  assert got.dtype == jnp.int32 and got.shape == ref.shape
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert int(np.abs(np.asarray(ref)).max()) > 127**2  # sums beyond any single product
+  if jax.default_backend() == "cpu":
+    ops = _int_ops(lambda x, w: core._integer._int8_conv(  # pylint: disable=protected-access
+        x, w, dn, strides, padding, lhs_d, rhs_d, groups), x, w)
+    assert ops == [("dot_general", ("int8", "int8"), "int32")]
 
 
 def test_gpu_convolution_takes_the_dequantize_path(monkeypatch):
