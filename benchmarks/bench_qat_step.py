@@ -316,6 +316,9 @@ def bench_nnx(model_name, x, y, rules, warmup, repeats):
 def bench_qwix(model, x, y, bits, warmup, repeats):
   """qwix QAT (QtProvider) on the same Linen model, if qwix is installed."""
   import qwix  # pylint: disable=g-import-not-at-top
+  if isinstance(model, str):  # a conv model of bench_small_models.py
+    import bench_small_models as small  # pylint: disable=g-import-not-at-top
+    return _time(*small.qwix_step(model, bits, x), (x, y), warmup, repeats)
   rule = qwix.QtRule(module_path=".*", weight_qtype=f"int{bits}", act_qtype=f"int{bits}")
   qmodel = qwix.quantize_model(model, qwix.QtProvider([rule]))
   v = jax.jit(qmodel.init)(jax.random.key(0), x)

@@ -125,6 +125,24 @@ def linen_step(name, rules, x, y):
   return _adam_step(loss), _adam_state(trainable, rest)
 
 
+def qwix_step(name, bits, x):
+  """(jitted step, state) for the Linen model under qwix QAT (``QtProvider``, int``bits``)."""
+  import qwix  # pylint: disable=g-import-not-at-top
+  model = LinenCNN1D() if name == "cnn1d" else LinenResNet(True)
+  rule = qwix.QtRule(module_path=".*", weight_qtype=f"int{bits}", act_qtype=f"int{bits}")
+  model = qwix.quantize_model(model, qwix.QtProvider([rule]))
+  v = jax.jit(model.init)(jax.random.key(0), x)
+  trainable = {"params": v["params"]}
+  rest = {k: v[k] for k in v if k != "params"}
+  mutable = ["batch_stats"] if "batch_stats" in rest else []
+
+  def loss(t, rest, x, y):
+    out, upd = model.apply({**rest, **t}, x, mutable=mutable)
+    return _xent(out, y), upd
+
+  return _adam_step(loss), _adam_state(trainable, rest)
+
+
 # ---------------------------------------------------------------------------
 # NNX.
 # ---------------------------------------------------------------------------
