@@ -6,7 +6,10 @@ sequence of 40 steps with 16 channels, mean pool, Dense(10); batch 128;
 blocks (16, 32, 64 channels; BatchNorm in training mode), global average
 pool, Dense(10); batch 64. Configurations: float, W8A8 (the default rules)
 and W4A4 LSQ (int4 weights per output channel and int4 inputs, learned step
-sizes). Keras folds each Conv+BatchNorm pair when quantizing.
+sizes). Keras folds each Conv+BatchNorm pair when quantizing. Opt-in
+(``--configs``): "W8A8 int" and "W4A4 LSQ int", the same with
+``compute="integer"`` (int8 x int8 -> int32 forward; Keras then leaves the
+Conv+BatchNorm pairs unfolded, a folded pair has no integer forward).
 
 One step = softmax cross-entropy, gradients and an Adam update, jitted
 (Keras: ``train_on_batch`` with ``jit_compile=True``). Every configuration
@@ -18,7 +21,8 @@ compiled step (arguments + outputs + temporaries - aliased), as
 ``bench_qat_step.py`` measures it (not available for Keras's internal step).
 
 Usage: ``KERAS_BACKEND=jax python benchmarks/bench_small_models.py
-[--models cnn1d,resnet] [--frontends nnx,linen,keras] [--repeats 20]``
+[--models cnn1d,resnet] [--frontends nnx,linen,keras] [--repeats 20]
+[--configs "float,W8A8,W4A4 LSQ,W8A8 int,W4A4 LSQ int"]``
 """
 
 from __future__ import annotations
@@ -38,14 +42,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_qat_step import W4A4_LSQ  # noqa: E402  pylint: disable=g-import-not-at-top
+from bench_qat_step import W4A4_LSQ, W4A4_LSQ_INT  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxqat.core import default_rules  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import _cpu  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import fmt_paired  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import _Runner  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import parse_args  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import quantize_nnx  # noqa: E402  pylint: disable=g-import-not-at-top
 
-CONFIGS = (("float", "float"), ("W8A8", None), ("W4A4 LSQ", W4A4_LSQ))
+CONFIGS = (("float", "float"), ("W8A8", None), ("W4A4 LSQ", W4A4_LSQ),
+           # opt-in (--configs): compute="integer", int8 x int8 -> int32 forward
+           ("W8A8 int", default_rules(compute="integer")), ("W4A4 LSQ int", W4A4_LSQ_INT))
 SHAPES = {"cnn1d": ((128, 40, 16), 10), "resnet": ((64, 32, 32, 3), 10)}
 
 
