@@ -502,8 +502,11 @@ def _int8_conv(qx: Array, qw: Array, dn, window_strides, padding, lhs_dilation, 
   zero = jnp.zeros((), x.dtype)
   x = lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation)]
               + [(0, 0, 0)])
-  out_sp = [max(0, (n - ((k - 1) * r + 1)) // s + 1)
+  out_sp = [(n - ((k - 1) * r + 1)) // s + 1
             for n, k, r, s in zip(x.shape[1:-1], ksp, rhs_dilation, window_strides)]
+  if min(out_sp) <= 0:  # an empty output: XLA's op gives its shape
+    return lax.conv_general_dilated(qx, qw, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dn, feature_group_count, preferred_element_type=jnp.int32)
   cols = []
   for offset in itertools.product(*(range(k) for k in ksp)):
     start = [0] + [o * r for o, r in zip(offset, rhs_dilation)] + [0]
