@@ -138,6 +138,53 @@ def test_residuals_are_inputs_and_ranges_only():
   assert kept_bytes(plain) > kept_bytes(lean) + 4 * 256 * 128
 
 
+def test_backward_ties_only_large_saved_arrays():
+  """recompute_bwd ties arrays of >= 2**16 elements to the cotangent, not smaller ones."""
+  big, small = jnp.ones((256, 256)), jnp.ones((3, 16, 64))  # 65536 and 3072 elements
+  fn = lambda a, b: (jnp.sum(a), jnp.sum(b))  # noqa: E731 (its vjp never reads a or b)
+  jaxpr = jax.make_jaxpr(lambda a, b, g: core._integer.recompute_bwd(  # pylint: disable=protected-access
+      fn, (a, b), (g, g)))(big, small, jnp.float32(1.0)).jaxpr
+  barrier, = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+  users = {v: [e.primitive.name for e in jaxpr.eqns if v in e.invars] for v in barrier.outvars[:2]}
+  assert users[barrier.outvars[0]] == ["mul"]  # the big one: times the one made from g
+  assert users[barrier.outvars[1]] == ["reduce_sum"]  # the small one: read as saved
+  assert core._integer._TIE_MIN_SIZE == 2**16  # pylint: disable=protected-access
+
+
+def test_small_kernel_conv_step_memory_near_float():
+  """A QAT step of convolutions with small (untied) kernels: XLA's memory within 1.10x float."""
+  ks = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(ks[0], (64, 128, 64))
+  kernels = [jax.random.normal(k, (3, 64, 64)) * 0.1 for k in ks[1:]]  # 12288 elements each
+  dn = ("NWC", "WIO", "NWC")
+  a = (QuantSpec(format="int8", symmetric=False), jnp.float32(0.05), jnp.float32(-3.0), None)
+
+  def loss(mode, ws, x):
+    h = x
+    for w in ws:
+      if mode == "float":
+        h = lax.conv_general_dilated(h, w, (1,), "SAME", dimension_numbers=dn)
+      else:
+        sw = jnp.max(jnp.abs(w), axis=(0, 1), keepdims=True) / 127
+        h = qat_op("conv_general_dilated", h, w, act=a, weight=(W8, sw), weight_tracked=True,
+                   window_strides=(1,), padding="SAME", dimension_numbers=dn)
+      h = jax.nn.relu(h)
+    return jnp.mean(h ** 2)
+
+  def memory(mode):
+    step = jax.jit(lambda ws, x: jax.tree.map(lambda w, g: w - 0.1 * g, ws,
+                                              jax.grad(lambda ws: loss(mode, ws, x))(ws)),
+                   donate_argnums=0)
+    m = step.lower(kernels, x).compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - (
+        m.alias_size_in_bytes)
+
+  fl, q = memory("float"), memory("qat")
+  assert q <= 1.10 * fl, (q, fl)
+  g = jax.grad(lambda ws: loss("qat", ws, x))(kernels)
+  assert all(float(jnp.abs(t).max()) > 0 for t in g)
+
+
 def test_errors():
   x, w = _data(7)
   a, wq = (A8, 0.1, 0.0, None), (QuantSpec(format="fp8_e4m3"), None, None, None)
