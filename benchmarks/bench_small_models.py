@@ -43,12 +43,12 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qat_step import W4A4_LSQ, W4A4_LSQ_INT  # noqa: E402  pylint: disable=g-import-not-at-top
-from jaxqat.core import default_rules  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import _cpu  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import fmt_paired  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import _Runner  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import parse_args  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_qat_step import quantize_nnx  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxqat.core import default_rules  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CONFIGS = (("float", "float"), ("W8A8", None), ("W4A4 LSQ", W4A4_LSQ),
            # opt-in (--configs): compute="integer", int8 x int8 -> int32 forward
@@ -121,6 +121,11 @@ def linen_step(name, rules, x, y):
       # Linen calibrate keeps batch_stats immutable: calibrate the same model with
       # BatchNorm on its running statistics (same variables).
       v = ql.calibrate(ql.quantize(make(False), rules), v, [x])
+  return _linen_train(model, v)
+
+
+def _linen_train(model, v):
+  """(jitted Adam step, state) of a Linen model with variables ``v`` (BatchNorm updated)."""
   trainable = {k: v[k] for k in ("params", "quant_params") if k in v}
   rest = {k: v[k] for k in v if k not in trainable}
   mutable = ["batch_stats"] if "batch_stats" in rest else []
@@ -138,16 +143,7 @@ def qwix_step(name, bits, x):
   model = LinenCNN1D() if name == "cnn1d" else LinenResNet(True)
   rule = qwix.QtRule(module_path=".*", weight_qtype=f"int{bits}", act_qtype=f"int{bits}")
   model = qwix.quantize_model(model, qwix.QtProvider([rule]))
-  v = jax.jit(model.init)(jax.random.key(0), x)
-  trainable = {"params": v["params"]}
-  rest = {k: v[k] for k in v if k != "params"}
-  mutable = ["batch_stats"] if "batch_stats" in rest else []
-
-  def loss(t, rest, x, y):
-    out, upd = model.apply({**rest, **t}, x, mutable=mutable)
-    return _xent(out, y), upd
-
-  return _adam_step(loss), _adam_state(trainable, rest)
+  return _linen_train(model, jax.jit(model.init)(jax.random.key(0), x))
 
 
 # ---------------------------------------------------------------------------

@@ -148,7 +148,6 @@ def test_backward_ties_only_large_saved_arrays():
   users = {v: [e.primitive.name for e in jaxpr.eqns if v in e.invars] for v in barrier.outvars[:2]}
   assert users[barrier.outvars[0]] == ["mul"]  # the big one: times the one made from g
   assert users[barrier.outvars[1]] == ["reduce_sum"]  # the small one: read as saved
-  assert core._integer._TIE_MIN_SIZE == 2**16  # pylint: disable=protected-access
 
 
 def test_small_kernel_conv_step_memory_near_float():
