@@ -487,9 +487,12 @@ def _int8_conv(qx: Array, qw: Array, dn, window_strides, padding, lhs_dilation, 
   equals ``lax.conv_general_dilated(qx, qw, ..., preferred_element_type=int32)``
   element for element. Other backends run that op.
   """
-  if jax.default_backend() != "cpu":
+  def xla_conv():
     return lax.conv_general_dilated(qx, qw, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dn, feature_group_count, preferred_element_type=jnp.int32)
+
+  if jax.default_backend() != "cpu":
+    return xla_conv()
   lhs_spec, rhs_spec, out_spec = dn
   nsp = len(lhs_spec) - 2
   lhs_dilation = tuple(lhs_dilation or (1,) * nsp)
@@ -505,8 +508,7 @@ def _int8_conv(qx: Array, qw: Array, dn, window_strides, padding, lhs_dilation, 
   out_sp = [(n - ((k - 1) * r + 1)) // s + 1
             for n, k, r, s in zip(x.shape[1:-1], ksp, rhs_dilation, window_strides)]
   if min(out_sp) <= 0:  # an empty output: XLA's op gives its shape
-    return lax.conv_general_dilated(qx, qw, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dn, feature_group_count, preferred_element_type=jnp.int32)
+    return xla_conv()
   cols = []
   for offset in itertools.product(*(range(k) for k in ksp)):
     start = [0] + [o * r for o, r in zip(offset, rhs_dilation)] + [0]

@@ -238,16 +238,16 @@ def test_int8_conv_equals_xla_integer_convolution(case):
   dn = lax.conv_dimension_numbers(x.shape, w.shape, layouts)
   ref = lax.conv_general_dilated(x, w, strides, padding, lhs_d, rhs_d, dn, groups,
                                  preferred_element_type=jnp.int32)
-  got = jax.jit(lambda x, w: core._integer._int8_conv(  # pylint: disable=protected-access
-      x, w, dn, strides, padding, lhs_d, rhs_d, groups))(x, w)
+  conv = lambda x, w: core._integer._int8_conv(  # noqa: E731  pylint: disable=protected-access
+      x, w, dn, strides, padding, lhs_d, rhs_d, groups)
+  got = jax.jit(conv)(x, w)
   assert got.dtype == jnp.int32 and got.shape == ref.shape
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
   if not ref.size:
     return
   assert int(np.abs(np.asarray(ref)).max()) > 127**2  # sums beyond any single product
   if jax.default_backend() == "cpu":
-    ops = _int_ops(lambda x, w: core._integer._int8_conv(  # pylint: disable=protected-access
-        x, w, dn, strides, padding, lhs_d, rhs_d, groups), x, w)
+    ops = _int_ops(conv, x, w)
     assert ops == [("dot_general", ("int8", "int8"), "int32")]
 
 
