@@ -194,10 +194,16 @@ def test_conv_integer_path_with_affine_input_and_padding(groups):
   u = 2.0**-24
   bound = ((k + 5) * u * 1.01) * act.scale * wenc.scale.reshape(1, 1, 1, -1) * sab.astype(jnp.float32)
   assert float(jnp.max(jnp.abs(y - ref) - bound)) <= 0.0
-  ops = _int_ops(lambda x: core.quantized_conv_general_dilated(x, qt, act=act, **kw_), x)
-  # On CPU the int8 convolution runs as an int8 dot over the input's windows (im2col).
-  conv = "dot_general" if jax.default_backend() == "cpu" else "conv_general_dilated"
-  assert ops[0] == (conv, ("int8", "int8"), "int32")
+  fn = lambda x: core.quantized_conv_general_dilated(x, qt, act=act, **kw_)  # noqa: E731
+  if jax.default_backend() == "cpu":
+    # On CPU this depthwise int8 convolution is a sum of int32 products of the codes, with
+    # no float dot or convolution.
+    assert _int_ops(fn, x) == []
+    muls = [e for e in _eqns(jax.make_jaxpr(fn)(x).jaxpr) if e.primitive.name == "mul"
+            and e.outvars[0].aval.dtype == jnp.int32 and e.outvars[0].aval.size >= y.size]
+    assert len(muls) >= 9  # one per kernel offset
+  else:
+    assert _int_ops(fn, x)[0] == ("conv_general_dilated", ("int8", "int8"), "int32")
   np.testing.assert_array_equal(
       np.asarray(core.quantized_conv_general_dilated(x, qt, act=act, integer=False, **kw_)),
       np.asarray(ref))
@@ -219,14 +225,18 @@ _CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("form", ["dot", "sum"])
 @pytest.mark.parametrize("case", _CONV_CASES, ids=lambda c: f"{c[2][0]}-g{c[7]}-{c[4]}")
-def test_int8_conv_equals_xla_integer_convolution(case):
-  """The CPU im2col int8 convolution gives XLA's int32 convolution element for element.
+def test_int8_conv_equals_xla_integer_convolution(case, form, monkeypatch):
+  """The CPU int8 convolution gives XLA's int32 convolution element for element.
 
-  Every layout, stride, padding (strings, explicit, negative), input and kernel dilation and
-  feature grouping (depthwise included), on codes spanning the whole int8 range.
+  Both of its forms (an int8 dot over the input's windows, a sum of int32 products per
+  kernel offset), every layout, stride, padding (strings, explicit, negative), input and
+  kernel dilation and feature grouping (depthwise included), on codes spanning the whole
+  int8 range.
   """
   xs, ks, layouts, strides, padding, lhs_d, rhs_d, groups = case
+  monkeypatch.setattr(core._integer, "_SUM_MAX_GROUP", 0 if form == "dot" else 10**6)  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
   lhs, rhs, _ = layouts
   x = rng.integers(-128, 128, xs).astype(np.int8)  # N, S..., C
@@ -248,7 +258,27 @@ def test_int8_conv_equals_xla_integer_convolution(case):
   assert int(np.abs(np.asarray(ref)).max()) > 127**2  # sums beyond any single product
   if jax.default_backend() == "cpu":
     ops = _int_ops(conv, x, w)
-    assert ops == [("dot_general", ("int8", "int8"), "int32")]
+    assert ops == ([("dot_general", ("int8", "int8"), "int32")] if form == "dot" else [])
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU forms of the convolution")
+@pytest.mark.parametrize("cin,cout,groups,form", [
+    (32, 32, 32, "sum"),  # depthwise
+    (32, 96, 32, "sum"),  # depthwise, channel multiplier 3
+    (128, 128, 16, "sum"),  # groups of 8 x 8 channels
+    (256, 256, 16, "dot"),  # groups of 16 x 16
+    (3, 16, 1, "sum"),  # a stem over 3 channels
+    (8, 8, 1, "dot"),
+    (16, 64, 1, "dot"),
+])
+def test_int8_conv_form_follows_the_group_width(cin, cout, groups, form):
+  """Narrow feature groups sum products; wide ones (and one group of 64 channels) take the dot."""
+  x = jnp.zeros((1, 6, 6, cin), jnp.int8)
+  w = jnp.zeros((3, 3, cin // groups, cout), jnp.int8)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  ops = _int_ops(lambda x, w: core._integer._int8_conv(  # pylint: disable=protected-access
+      x, w, dn, (1, 1), "SAME", None, None, groups), x, w)
+  assert ops == ([("dot_general", ("int8", "int8"), "int32")] if form == "dot" else [])
 
 
 def test_gpu_convolution_takes_the_dequantize_path(monkeypatch):

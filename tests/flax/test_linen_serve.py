@@ -131,7 +131,7 @@ def net():
               y=apply_served(sv, *inputs))
 
 
-def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net):
+def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net, monkeypatch):
   inputs, served, sv, fake, y = net["inputs"], net["served"], net["sv"], net["fake"], net["y"]
   x, _, img, _ = inputs
   s = sv["served"]
@@ -160,9 +160,14 @@ def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net):
   assert err <= 1e-2 * float(jnp.max(jnp.abs(fake["mlp"]))), err
   # The served forward's program (its jaxpr lowered, dead code removed): every matmul / conv
   # is int8 x int8 -> int32: dense, einsum, attend, conv1d, tied, the chain's two, and per
-  # conv the conv and the batch-1 conv that removes the input zero point (on CPU each
-  # convolution is an int8 dot over the input's windows, `_integer._int8_conv`).
+  # conv the conv and the batch-1 conv that removes the input zero point. On CPU each
+  # convolution is an int8 dot over the input's windows (`_integer._int8_conv`), or, for
+  # these narrow ones, a sum of int32 products of the codes: both give the same output.
+  monkeypatch.setattr(core._integer, "_SUM_MAX_GROUP", 0)  # pylint: disable=protected-access
   hlo = jax.jit(lambda *a: served.apply(sv, *a)).lower(*inputs).as_text()
+  y_dot = jax.jit(served.apply)(sv, *inputs)
+  for name in ("conv", "depthwise", "mlp"):
+    np.testing.assert_array_equal(np.asarray(y_dot[name]), np.asarray(y[name]), err_msg=name)
   conv = "dot_general" if jax.default_backend() == "cpu" else "convolution"
   assert _ops(hlo) == sorted([(conv, "i8", "i8", "i32")] * 4
                              + [("dot_general", "i8", "i8", "i32")] * 7), _ops(hlo)

@@ -143,7 +143,7 @@ def test_w8a8_parity_per_layer_and_model(w8a8):
   assert type(qat.fc).__name__ == "QuantLinear" and qat.fc.kernel[...].dtype == jnp.float32
 
 
-def test_served_jaxpr_is_integer_and_holds_no_float_kernel(w8a8):
+def test_served_jaxpr_is_integer_and_holds_no_float_kernel(w8a8, monkeypatch):
   qat, served, _ = w8a8
   graphdef, state = nnx.split(served)
   kernel_shapes = {tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(qat, nnx.Param))
@@ -154,12 +154,18 @@ def test_served_jaxpr_is_integer_and_holds_no_float_kernel(w8a8):
   codes = [v for p, v in nnx.to_flat_state(state) if p[-1] == "values"]
   assert len(codes) == 6 and all(v[...].dtype == jnp.int8 for v in codes)
   assert all(isinstance(v, _serve.ServedArray) and not isinstance(v, nnx.Param) for v in codes)
-  jaxpr = jax.make_jaxpr(lambda st, ids: nnx.merge(graphdef, st)(ids))(state, IDS)
+  y = _fwd(served, IDS)
+  # On CPU a convolution is an int8 dot over the input's windows (`_integer._int8_conv`) or,
+  # when narrow, a sum of int32 products of the codes; the dot form is counted below, and
+  # both give the same output.
+  monkeypatch.setattr(core._integer, "_SUM_MAX_GROUP", 0)  # pylint: disable=protected-access
+  fwd = lambda st, ids: nnx.merge(graphdef, st)(ids)  # noqa: E731
+  np.testing.assert_array_equal(_np(jax.jit(fwd)(state, IDS)), _np(y))
+  jaxpr = jax.make_jaxpr(fwd)(state, IDS)
   ops = [(e.primitive.name, tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype))
          for e in jaxpr.jaxpr.eqns if e.primitive.name in ("dot_general", "conv_general_dilated")]
   ints = [o for o in ops if o[1] == ("int8", "int8") and o[2] == "int32"]
-  # dw, conv (plus the zero-point correction conv each), lg, ein, fc, attend; on CPU each
-  # convolution is an int8 dot over the input's windows (`_integer._int8_conv`).
+  # dw, conv (plus the zero-point correction conv each), lg, ein, fc, attend.
   cpu = jax.default_backend() == "cpu"
   assert {o[0] for o in ints} == ({"dot_general"} if cpu else
                                   {"dot_general", "conv_general_dilated"})
