@@ -471,9 +471,8 @@ def _conv_pads(x_spatial, w_spatial, window_strides, padding, rhs_dilation):
   return [tuple(p) for p in padding]
 
 
-# _int8_conv sums products elementwise (instead of a dot over the windows) when a feature
-# group has at most this many input x output channels (several groups: depthwise and narrow
-# grouped convolutions) or fewer than this many (one group: a stem over 1-3 channels).
+# _int8_conv sums products elementwise (instead of a dot over the windows) for grouped
+# convolutions whose groups have at most this many input x output channels (depthwise ones).
 _SUM_MAX_GROUP = 64
 
 
@@ -489,15 +488,17 @@ def _int8_conv(qx: Array, qw: Array, dn, window_strides, padding, lhs_dilation, 
   windows (im2col: each kernel offset's strided slice of the padded, dilated
   input, stacked on the feature axis), with one batch dimension per feature
   group; the windows are a temporary int8 array of ``prod(kernel)`` times
-  the input's elements. A dot whose groups have a few channels each is
+  the input's elements. A dot over many groups of a few channels each is
   slow in any form (a 3x3 depthwise 16x32x32x64 convolution took 33 ms as
   this dot, about as long as XLA's float and int8 convolutions), so for
   groups of at most ``_SUM_MAX_GROUP`` input x output channels the
   convolution is instead a sum of one product of int32 codes per kernel
   offset and group input channel (0.5 ms there; 7x7 depthwise 8x56x56x96:
   372 -> 3.6 ms; 16 groups of 8 x 8 channels: 37 -> 4 ms; at 16 x 16 the dot
-  wins again; with one group, 1 x 8 channels: 1.7 -> 0.2 ms, 3 x 16 about
-  even, 4 x 16 and 8 x 8 the dot). The int32 sums are exact either way, so the result
+  wins again). One group always takes the dot: XLA fuses an elementwise sum
+  into each of its consumers, and a 3-channel stem's sum, recomputed in
+  seven fusions of a ResNet's training step, made the step 0.14x slower.
+  The int32 sums are exact either way, so the result
   equals ``lax.conv_general_dilated(qx, qw, ..., preferred_element_type=int32)``
   element for element. Other backends run that op.
   """
@@ -532,8 +533,7 @@ def _int8_conv(qx: Array, qw: Array, dn, window_strides, padding, lhs_dilation, 
   k = len(cols)
   g = feature_group_count
   w = w.reshape((k, cin_g, g, cout // g))  # K, Cg, G, Og
-  narrow = cin_g * (cout // g)
-  if narrow < _SUM_MAX_GROUP or (g > 1 and narrow == _SUM_MAX_GROUP):  # a sum of products
+  if g > 1 and cin_g * (cout // g) <= _SUM_MAX_GROUP:  # a sum of products
     wk = w.astype(jnp.int32)
     acc = None
     for i, col in enumerate(cols):

@@ -117,15 +117,15 @@ def check_compute(qcls, layer, *, weight_spec, act_spec, compute: str, where: st
     ...               act_spec=None, compute="integer", where="layer 'emb'")
     Traceback (most recent call last):
     ...
-    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense and Conv1D/2D/3D layers)
+    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D and DepthwiseConv1D/2D layers)
   """
   if compute == "fake":
     return
   reason = None
   if qcls is None or qcls.integer_op is None or qcls.call is not QuantLayer.call:
     name = type(layer).__name__ if qcls is None else qcls.__name__
-    reason = (f"{name} has no integer forward (it runs Dense, EinsumDense and Conv1D/2D/3D "
-              "layers)")
+    reason = (f"{name} has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D and "
+              "DepthwiseConv1D/2D layers)")
   elif getattr(layer, "lora_enabled", False):
     reason = "LoRA is enabled (the integer forward has no LoRA term)"
   else:
@@ -152,7 +152,7 @@ class QuantLayer:
 
   **Compute modes** (:attr:`jaxqat.core.Rule.compute`). ``"fake"`` runs the
   float layer's ``call`` on fake-quantized operands. ``"integer"`` (Dense,
-  EinsumDense and Conv1D/2D/3D, JAX backend) runs the layer's matmul,
+  EinsumDense, Conv1D/2D/3D and DepthwiseConv1D/2D, JAX backend) runs the layer's matmul,
   einsum or convolution through :func:`jaxqat.core.qat_op`: int8 x int8 ->
   int32 with one rescale in the forward, the same straight-through backward
   as ``"fake"``. It needs integer specs of <= 8 bits for the input (per
@@ -413,8 +413,9 @@ class _IntegerConv:
                 dimension_numbers=(lhs, spatial + "IO", lhs),
                 feature_group_count=int(channels) // int(w.shape[-2]))
     if self.use_bias:
-      shape = ((1,) * (self.rank + 1) + (self.filters,) if self.data_format == "channels_last"
-               else (1, self.filters) + (1,) * self.rank)
+      out = int(w.shape[-1])
+      shape = ((1,) * (self.rank + 1) + (out,) if self.data_format == "channels_last"
+               else (1, out) + (1,) * self.rank)
       y = ops.add(y, ops.reshape(self.bias, shape))
     return y if self.activation is None else self.activation(y)
 
@@ -442,13 +443,39 @@ class _DepthwiseAxes:
     return (nd - 1,)
 
 
+class _IntegerDepthwise(_IntegerConv):
+  """The integer forward of DepthwiseConv1D/2D: a grouped convolution, as the float layers run it.
+
+  The kernel ``(spatial..., C, M)`` (M the depth multiplier) becomes the
+  ``(spatial..., 1, C * M)`` kernel of a convolution with ``C`` feature groups;
+  its per-channel ranges are laid out the same way (one per output channel).
+  """
+
+  def _integer_op(self, x, w, act, weight):
+    *spatial, c, m = (int(d) for d in w.shape)
+    spec, *ranges, tracked = weight
+
+    def flat(r):  # a range over (C, M) -> over the C * M output channels
+      if r is None or len(r.shape) < len(w.shape):
+        return r
+      return ops.reshape(ops.broadcast_to(r, tuple(r.shape[:-2]) + (c, m)),
+                         tuple(r.shape[:-2]) + (1, c * m))
+
+    if isinstance(spec.granularity, spec_lib.PerChannel):
+      spec = spec.replace(granularity=spec_lib.PerChannel(len(w.shape) - 1))
+    weight = (spec, *(flat(r) for r in ranges), tracked)
+    return super()._integer_op(x, ops.reshape(w, (*spatial, 1, c * m)), act, weight)
+
+
 @_register
-class QuantDepthwiseConv1D(_DepthwiseAxes, QuantLayer, keras.layers.DepthwiseConv1D):
+class QuantDepthwiseConv1D(_IntegerDepthwise, _DepthwiseAxes, QuantLayer,
+                           keras.layers.DepthwiseConv1D):
   quant_weights = (("kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantDepthwiseConv2D(_DepthwiseAxes, QuantLayer, keras.layers.DepthwiseConv2D):
+class QuantDepthwiseConv2D(_IntegerDepthwise, _DepthwiseAxes, QuantLayer,
+                           keras.layers.DepthwiseConv2D):
   quant_weights = (("kernel", "kernel_quantizer"),)
 
 

@@ -225,13 +225,14 @@ _CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["dot", "sum"])
-@pytest.mark.parametrize("case", _CONV_CASES, ids=lambda c: f"{c[2][0]}-g{c[7]}-{c[4]}")
+@pytest.mark.parametrize("case,form", [(c, f) for c in _CONV_CASES
+                                       for f in (("dot", "sum") if c[7] > 1 else ("dot",))],
+                         ids=lambda c: c if isinstance(c, str) else f"{c[2][0]}-g{c[7]}-{c[4]}")
 def test_int8_conv_equals_xla_integer_convolution(case, form, monkeypatch):
   """The CPU int8 convolution gives XLA's int32 convolution element for element.
 
-  Both of its forms (an int8 dot over the input's windows, a sum of int32 products per
-  kernel offset), every layout, stride, padding (strings, explicit, negative), input and
+  Both of its forms (an int8 dot over the input's windows; for feature groups, a sum of
+  int32 products per kernel offset), every layout, stride, padding (strings, explicit, negative), input and
   kernel dilation and feature grouping (depthwise included), on codes spanning the whole
   int8 range.
   """
@@ -267,12 +268,12 @@ def test_int8_conv_equals_xla_integer_convolution(case, form, monkeypatch):
     (32, 96, 32, "sum"),  # depthwise, channel multiplier 3
     (128, 128, 16, "sum"),  # groups of 8 x 8 channels
     (256, 256, 16, "dot"),  # groups of 16 x 16
-    (3, 16, 1, "sum"),  # a stem over 3 channels
-    (8, 8, 1, "dot"),
-    (16, 64, 1, "dot"),
+    (32, 32, 16, "sum"),  # groups of 2 x 2 channels
+    (3, 16, 1, "dot"),  # one group: always the dot
+    (1, 8, 1, "dot"),
 ])
 def test_int8_conv_form_follows_the_group_width(cin, cout, groups, form):
-  """Narrow feature groups sum products; wide ones (and one group of 64 channels) take the dot."""
+  """Narrow feature groups sum products; wide ones and a single group take the dot."""
   x = jnp.zeros((1, 6, 6, cin), jnp.int8)
   w = jnp.zeros((3, 3, cin // groups, cout), jnp.int8)
   dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))

@@ -1,5 +1,7 @@
 """compute="integer" in Keras (JAX backend): int8 x int8 -> int32 forward, the fake path's STE."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -84,7 +86,8 @@ def test_integer_dense_within_the_core_bound_same_gradients_int8_dot():
   assert "i8[4,24]" in jaxpr and "i8[24,5]" in jaxpr and "preferred_element_type=int32" in jaxpr
 
 
-@pytest.mark.parametrize("name", ["einsum", "conv2d", "conv1d_causal"])
+@pytest.mark.parametrize("name", ["einsum", "conv2d", "conv1d_causal", "depthwise2d",
+                                  "depthwise1d"])
 def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
   make, shape, act = {
       "einsum": (lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 4),
@@ -94,6 +97,12 @@ def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
       # (no activation: a ReLU's mask would follow the forwards' rounding differences)
       "conv1d_causal": (lambda: keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2,
                                                     name="l"), (2, 9, 3), A8_LSQ),
+      # per (channel, multiplier) kernel ranges laid out over the C * M output channels
+      "depthwise2d": (lambda: keras.layers.DepthwiseConv2D(3, strides=2, padding="same",
+                                                           depth_multiplier=2, name="l"),
+                      (2, 7, 7, 3), A8),
+      "depthwise1d": (lambda: keras.layers.DepthwiseConv1D(3, dilation_rate=2, name="l"),
+                      (2, 9, 4), A8_LSQ),
   }[name]
   q, x, r = _layer(make, shape, act)
   (yi, gxi, gvi), (yf, gxf, gvf) = _both(q, x, r)
@@ -103,8 +112,13 @@ def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
     assert_close(gvi[k], gvf[k], tol=1e-6, what=k)
   tv = [v.value for v in q.trainable_variables]
   ntv = [v.value for v in q.non_trainable_variables]
-  jaxpr = str(jax.make_jaxpr(lambda x: q.stateless_call(tv, ntv, x)[0])(x))
-  assert "preferred_element_type=int32" in jaxpr and ":i8[" in jaxpr.replace(" ", "")
+  jaxpr = str(jax.make_jaxpr(lambda x: q.stateless_call(tv, ntv, x)[0])(x)).replace(" ", "")
+  # int8 codes, summed in int32: by an int8 dot, or (depthwise, on CPU) by int32 products
+  assert ":i8[" in jaxpr
+  if name.startswith("depthwise") and jax.default_backend() == "cpu":
+    assert len(re.findall(r":i32\[[\d,]*\]=mul", jaxpr)) >= 3  # one per kernel offset
+  else:
+    assert "preferred_element_type=int32" in jaxpr
 
 
 def _mlp(compute, seed=0):
