@@ -49,12 +49,12 @@ from jaxqat.core import default_rules  # noqa: E402  pylint: disable=g-import-no
 import jaxqat.keras as jqk  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+_DEFAULT_SUM = _integer._SUM_MAX_GROUP  # pylint: disable=protected-access
+
+
 def _forced_dot(dot: bool):
   """Sets the grouped-convolution form for what is traced next (the A/B of --compare-dot)."""
   _integer._SUM_MAX_GROUP = 0 if dot else _DEFAULT_SUM  # pylint: disable=protected-access
-
-
-_DEFAULT_SUM = _integer._SUM_MAX_GROUP  # pylint: disable=protected-access
 
 
 def _model(name, size, seed=0):
