@@ -162,7 +162,7 @@ def test_each_layer_type_and_whole_model_parity_and_integer_jaxpr(net, monkeypat
   # is int8 x int8 -> int32: dense, einsum, attend, conv1d, tied, the chain's two, and per
   # conv the conv and the batch-1 conv that removes the input zero point. On CPU each
   # convolution is an int8 dot over the input's windows (`_integer._int8_conv`), or, for
-  # these narrow ones, a sum of int32 products of the codes: both give the same output.
+  # the depthwise one, a sum of int32 products of the codes: both give the same output.
   monkeypatch.setattr(core._integer, "_SUM_MAX_GROUP", 0)  # pylint: disable=protected-access
   hlo = jax.jit(lambda *a: served.apply(sv, *a)).lower(*inputs).as_text()
   y_dot = jax.jit(served.apply)(sv, *inputs)

@@ -156,7 +156,7 @@ def test_served_jaxpr_is_integer_and_holds_no_float_kernel(w8a8, monkeypatch):
   assert all(isinstance(v, _serve.ServedArray) and not isinstance(v, nnx.Param) for v in codes)
   y = _fwd(served, IDS)
   # On CPU a convolution is an int8 dot over the input's windows (`_integer._int8_conv`) or,
-  # when narrow, a sum of int32 products of the codes; the dot form is counted below, and
+  # when depthwise, a sum of int32 products of the codes; the dot form is counted below, and
   # both give the same output.
   monkeypatch.setattr(core._integer, "_SUM_MAX_GROUP", 0)  # pylint: disable=protected-access
   fwd = lambda st, ids: nnx.merge(graphdef, st)(ids)  # noqa: E731

@@ -189,7 +189,7 @@ def test_whole_model_parity_and_artefacts(tmp_path, monkeypatch):
   import jax
   from jaxqat.core import _integer
   # On CPU a convolution is an int8 dot over the input's windows (`_integer._int8_conv`) or,
-  # when narrow, a sum of int32 products of the codes; the dot form is counted below, and
+  # when depthwise, a sum of int32 products of the codes; the dot form is counted below, and
   # both give the same output.
   monkeypatch.setattr(_integer, "_SUM_MAX_GROUP", 0)
   tv = [v.value for v in served.trainable_variables]
