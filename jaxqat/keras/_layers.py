@@ -443,28 +443,52 @@ class _DepthwiseAxes:
     return (nd - 1,)
 
 
-class _IntegerDepthwise(_IntegerConv):
-  """The integer forward of DepthwiseConv1D/2D: a grouped convolution, as the float layers run it.
+def depthwise_as_grouped(spec, shape, *tensors):
+  """A depthwise kernel ``(k..., C, M)`` laid out as a grouped convolution's ``(k..., 1, C*M)``.
 
-  The kernel ``(spatial..., C, M)`` (M the depth multiplier) becomes the
-  ``(spatial..., 1, C * M)`` kernel of a convolution with ``C`` feature groups;
-  its per-channel ranges are laid out the same way (one per output channel).
+  Keras's JAX backend runs ``DepthwiseConv1D/2D`` so: ``C`` feature groups,
+  ``M`` (the depth multiplier) output channels each. Per-channel ranges over
+  ``(C, M)`` (or one of them) follow the kernel, one per output channel, and
+  a per-channel spec becomes per output channel (the last axis).
+
+  Args:
+    spec: the kernel's QuantSpec.
+    shape: the kernel's shape ``(k..., C, M)``.
+    *tensors: ranges in broadcast layout (scale, zero point, offset), None or
+      scalars (per tensor) are returned as they are.
+
+  Returns:
+    ``(spec, grouped kernel shape, [tensors])``.
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxqat.core import PerChannel, QuantSpec
+    >>> spec, shape, (s,) = depthwise_as_grouped(QuantSpec(granularity=PerChannel((2, 3))),
+    ...                                          (3, 3, 2, 2), np.array([[[[1., 2.], [3., 4.]]]]))
+    >>> spec.granularity, shape, np.asarray(s).tolist()
+    (PerChannel(axis=3), (3, 3, 1, 4), [[[[1.0, 2.0, 3.0, 4.0]]]])
   """
+  nd = len(shape)
+  c, m = int(shape[-2]), int(shape[-1])
+
+  def flat(t):
+    if t is None or not len(t.shape):
+      return t
+    return ops.reshape(ops.broadcast_to(t, (1,) * (nd - 2) + (c, m)), (1,) * (nd - 1) + (c * m,))
+
+  if isinstance(spec.granularity, spec_lib.PerChannel):
+    spec = spec.replace(granularity=spec_lib.PerChannel(nd - 1))
+  return spec, tuple(int(d) for d in shape[:-2]) + (1, c * m), [flat(t) for t in tensors]
+
+
+class _IntegerDepthwise(_IntegerConv):
+  """The integer forward of DepthwiseConv1D/2D: a grouped convolution, as the float layers run it
+  (:func:`depthwise_as_grouped`)."""
 
   def _integer_op(self, x, w, act, weight):
-    *spatial, c, m = (int(d) for d in w.shape)
     spec, *ranges, tracked = weight
-
-    def flat(r):  # a range over (C, M) -> over the C * M output channels
-      if r is None or len(r.shape) < len(w.shape):
-        return r
-      return ops.reshape(ops.broadcast_to(r, tuple(r.shape[:-2]) + (c, m)),
-                         tuple(r.shape[:-2]) + (1, c * m))
-
-    if isinstance(spec.granularity, spec_lib.PerChannel):
-      spec = spec.replace(granularity=spec_lib.PerChannel(len(w.shape) - 1))
-    weight = (spec, *(flat(r) for r in ranges), tracked)
-    return super()._integer_op(x, ops.reshape(w, (*spatial, 1, c * m)), act, weight)
+    spec, shape, ranges = depthwise_as_grouped(spec, tuple(w.shape), *ranges)
+    return super()._integer_op(x, ops.reshape(w, shape), act, (spec, *ranges, tracked))
 
 
 @_register

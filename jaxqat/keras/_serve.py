@@ -440,33 +440,20 @@ def _depthwise(fl, x, w, act, integer):
   survive that reshape: the kernel is then dequantized first (the fake-quant
   arithmetic).
   """
-  import dataclasses
-  import jax.numpy as jnp
   from jax import lax
   from jaxqat.core import dequantize, fake_quantize_input, quantized_conv_general_dilated
   x = ops.convert_to_tensor(x)
   dn, strides, dilation = _conv_args(fl, x)
   chan = x.shape[-1] if fl.data_format == "channels_last" else x.shape[1]
   kw = dict(rhs_dilation=dilation, dimension_numbers=dn, feature_group_count=chan)
-  shape = tuple(w.shape)
-  nd = len(shape)
-  conv_shape = shape[:-2] + (1, shape[-2] * shape[-1])
   if isinstance(w.spec.granularity, spec_lib.PerBlock):
+    conv_shape = _layers.depthwise_as_grouped(w.spec, tuple(w.shape))[1]
     return lax.conv_general_dilated(fake_quantize_input(x, act),
                                     dequantize(w).reshape(conv_shape), strides, fl.padding, **kw)
+  spec, _, (scale, zero_point) = _layers.depthwise_as_grouped(w.spec, tuple(w.shape), w.scale,
+                                                              w.zero_point)
   values = w.values.reshape(w.values.shape[:-2] + (1, -1))
-  full = (1,) * (nd - 2) + shape[-2:]
-
-  def to_conv(t):
-    if t is None or not t.ndim:
-      return t
-    return jnp.broadcast_to(t, full).reshape((1,) * (nd - 1) + (conv_shape[-1],))
-
-  spec = w.spec
-  if isinstance(spec.granularity, spec_lib.PerChannel):
-    spec = spec.replace(granularity=spec_lib.PerChannel(axis=nd - 1))
-  wc = dataclasses.replace(w, values=values, scale=to_conv(w.scale),
-                           zero_point=to_conv(w.zero_point), spec=spec)
+  wc = dataclasses.replace(w, values=values, scale=scale, zero_point=zero_point, spec=spec)
   return quantized_conv_general_dilated(x, wc, strides, fl.padding, act=act, integer=integer, **kw)
 
 
