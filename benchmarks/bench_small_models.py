@@ -278,22 +278,29 @@ def _keras_rules(rules):
   return rules
 
 
+def keras_compiled(name, rules, x, y):
+  """The Keras model, float or quantized with ``rules`` and calibrated, compiled (Adam)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import jaxqat.keras as jqk  # pylint: disable=g-import-not-at-top
+  m = keras_model(name)
+  if rules != "float":
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      # A Conv folded with its BatchNorm has no integer forward: integer rules run unfolded.
+      fold = all(getattr(r, "compute", "fake") == "fake" for r in rules or ())
+      m = jqk.quantize(m, _keras_rules(rules), fold_batchnorm=fold)
+      jqk.calibrate(m, x[:32], verbose=0)
+  m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  return m
+
+
 class _KerasRunner:
+  """``train_on_batch``: the compiled step plus Keras's per-call Python (state in, state out)."""
 
   def __init__(self, name, rules, x, y, warmup):
-    import keras  # pylint: disable=g-import-not-at-top
-    import jaxqat.keras as jqk  # pylint: disable=g-import-not-at-top
-    m = keras_model(name)
     xn, yn = np.asarray(x), np.asarray(y)
-    if rules != "float":
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # A Conv folded with its BatchNorm has no integer forward: integer rules run unfolded.
-        fold = all(getattr(r, "compute", "fake") == "fake" for r in rules or ())
-        m = jqk.quantize(m, _keras_rules(rules), fold_batchnorm=fold)
-        jqk.calibrate(m, xn[:32], verbose=0)
-    m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True,
-              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m = keras_compiled(name, rules, xn, yn)
     self.model, self.x, self.y, self.times = m, xn, yn, []
     self.memory = float("nan")
     for _ in range(max(warmup, 1)):
@@ -305,7 +312,32 @@ class _KerasRunner:
     self.times.append(time.perf_counter() - t)
 
 
+def keras_step(name, rules, x, y):
+  """(jitted step, state): the Keras model's own ``train_step``, as ``fit`` runs it.
+
+  ``fit`` on JAX keeps the variables' values as one state between steps and
+  calls ``jax.jit(model.train_step, donate_argnums=0)`` on it; this is that
+  step (``train_on_batch`` adds, per call, reading every variable into the
+  state and writing the new state back). Being a plain jitted step, it also
+  gives XLA's memory estimate, as for NNX and Linen.
+  """
+  xn, yn = np.asarray(x), np.asarray(y)
+  m = keras_compiled(name, rules, xn, yn)
+  m.train_on_batch(xn, yn)  # builds the optimizer's and the metrics' variables
+  state = m._get_jax_state(trainable_variables=True, non_trainable_variables=True,  # pylint: disable=protected-access
+                           optimizer_variables=True, metrics_variables=True)
+  state = jax.tree.map(jnp.copy, state)  # the step donates it; the model keeps its own
+
+  def step(state, x, y):
+    return m.train_step(state, (x, y))[1]
+
+  return jax.jit(step, donate_argnums=0), state
+
+
 # ---------------------------------------------------------------------------
+
+
+STEPS = {"nnx": nnx_step, "linen": linen_step, "keras-step": keras_step}
 
 
 def main():
@@ -323,7 +355,7 @@ def main():
           if fe == "keras":
             r = _KerasRunner(name, rules, x, y, args.warmup)
           else:
-            step, state = (nnx_step if fe == "nnx" else linen_step)(name, rules, x, y)
+            step, state = STEPS[fe](name, rules, x, y)
             r = _Runner(step, state, (x, y), args.warmup)
           runners.append((fe, label, r))
       load = os.getloadavg()[0]

@@ -54,8 +54,11 @@ import numpy as np
 from jaxqat.core._serialize import spec_from_dict
 from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras._backend import keras
+from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
+from jaxqat.keras._layers import conv_core_op
+from jaxqat.keras._layers import quantizer_ranges
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
 from jaxqat.keras._quantizer import run_quantizer
@@ -255,18 +258,27 @@ class QuantConvBatchNorm(keras.layers.Layer):
     self.kernel_quantizer.calibrate_from([kernel * factor.reshape(
         self._channel_shape(kernel.shape))])
 
+  def _quantized_conv(self, x, kernel, training):
+    """``conv(Q(x), Q(kernel))``: on JAX through ``jaxqat.core.qat_op`` (its lean backward)."""
+    iq, kq = self.input_quantizer, self.kernel_quantizer
+    if is_jax() and (iq is not None or kq is not None) and all(
+        q is None or q.active for q in (iq, kq)):
+      return conv_core_op("fake", self.conv, x, kernel, quantizer_ranges(iq, x, training),
+                          quantizer_ranges(kq, kernel, training, tracked=True),
+                          depthwise=self.depthwise)
+    if iq is not None:
+      x = run_quantizer(iq, x, training=training)
+    if kq is not None:
+      kernel = run_quantizer(kq, kernel, training=training)
+    return self._conv(x, kernel)
+
   def call(self, inputs, training=None):
-    x = inputs
-    if self.input_quantizer is not None:
-      x = run_quantizer(self.input_quantizer, x, training=training)
+    x = ops.convert_to_tensor(inputs)
     bn = self.bn
     use_batch = bool(training) and bn.trainable and not self.freeze_bn
     gamma, beta, mmean, mvar = self._bn_params()
     if not use_batch:  # the deployed computation
-      w_q = self.folded_kernel(gamma, mvar)
-      if self.kernel_quantizer is not None:
-        w_q = run_quantizer(self.kernel_quantizer, w_q, training=training)
-      y = self._conv(x, w_q)
+      y = self._quantized_conv(x, self.folded_kernel(gamma, mvar), training)
       return ops.add(y, ops.cast(self.folded_bias(), y.dtype))
     # Training with batch statistics, one convolution (module doc, steps 1-4).
     # The fold uses gamma with its magnitude clamped away from zero (see
@@ -277,11 +289,9 @@ class QuantConvBatchNorm(keras.layers.Layer):
     gamma_c = ops.where(ops.less(gamma, 0.0), ops.minimum(gamma, -_GAMMA_MIN),
                         ops.maximum(gamma, _GAMMA_MIN))
     kernel = ops.convert_to_tensor(self.conv.kernel)
-    w_q = ops.multiply(kernel, ops.reshape(ops.cast(ops.divide(gamma_c, sigma), kernel.dtype),
+    w_f = ops.multiply(kernel, ops.reshape(ops.cast(ops.divide(gamma_c, sigma), kernel.dtype),
                                            self._channel_shape(kernel.shape)))
-    if self.kernel_quantizer is not None:
-      w_q = run_quantizer(self.kernel_quantizer, w_q, training=training)
-    y_q = self._conv(x, w_q)
+    y_q = self._quantized_conv(x, w_f, training)
     # y_raw = y_q * r approximates conv(x, w); its moments are those of y_q
     # scaled by r (exact algebra, so y_raw is never materialized).
     r = ops.divide(sigma, gamma_c)

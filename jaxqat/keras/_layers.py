@@ -203,27 +203,36 @@ class QuantLayer:
     sig = inspect.signature(super().call)
     self._super_takes_training = "training" in sig.parameters
 
-  # -- compute="integer" -----------------------------------------------------
+  # -- the core op (JAX): jaxqat.core.qat_op, both compute modes -------------
 
-  def _integer_ranges(self, inputs, training):
-    """``(act, weight)`` for :func:`jaxqat.core.qat_op`, or None to run the fake path now."""
-    if self.compute != "integer" or self.input_quantizer is None:
+  def _core_ranges(self, inputs, training):
+    """``(act, weight, w)`` for :func:`jaxqat.core.qat_op`, or None to run the float ``call``.
+
+    On the JAX backend a layer with a core op (Dense, EinsumDense, Conv,
+    DepthwiseConv) runs it through ``qat_op`` in both compute modes, as the
+    NNX and Linen layers do: with ``compute="fake"`` its lean backward keeps
+    ``x``, ``w`` and the ranges and recomputes the fake quantization, instead
+    of keeping the fake-quantized operands and clip masks of the plain
+    composition (same values and gradients). Elsewhere (other backends, LoRA,
+    a quantizer calibrating or set to float) the float layer's ``call`` runs
+    on fake-quantized operands.
+    """
+    if (self.integer_op is None or not is_jax() or getattr(self, "lora_enabled", False)
+        or not hasattr(self, "weight_quantizers")):
       return None
     (attr, _), = self.quant_weights
-    wq = self.weight_quantizers.get(attr)
-    if wq is None or not (self.input_quantizer.active and wq.active):
-      return None  # calibrating, or a quantizer set to float
+    wq, iq = self.weight_quantizers.get(attr), self.input_quantizer
+    if (wq is None and iq is None) or any(q is not None and not q.active for q in (iq, wq)):
+      return None  # nothing quantized, calibrating, or a quantizer set to float
+    if self.compute == "integer" and (wq is None or iq is None):
+      return None  # never built so (check_compute), kept for safety
     from jaxqat.keras._quantizer import _unwrap  # pylint: disable=import-outside-toplevel
     w = _unwrap(getattr(self, attr))
-    ranges = []
-    for q, t in ((self.input_quantizer, inputs), (wq, w)):
-      rng = q.current_range(t, training)
-      ranges.append((q.spec,) + tuple(None if r is None else _unwrap(r) for r in rng))
-    # The weight's entry ends with whether it is tracked unclipped (_qat_op passes it on).
-    return ranges[0], ranges[1] + (wq.tracks_unclipped,), w
+    return (quantizer_ranges(iq, inputs, training),
+            quantizer_ranges(wq, w, training, tracked=True), w)
 
-  def _integer_op(self, x, w, act, weight):
-    """The layer's op through :func:`jaxqat.core.qat_op` (compute="integer")."""
+  def _core_op(self, x, w, act, weight):
+    """The layer's op through :func:`jaxqat.core.qat_op` (``act``/``weight`` of ``_core_ranges``)."""
     raise NotImplementedError
 
   def _bias_activation(self, y):
@@ -304,10 +313,10 @@ class QuantLayer:
     return run_quantizer(q, ops.convert_to_tensor(var), training=training)
 
   def call(self, inputs, *args, training=None, **kwargs):
-    integer = self._integer_ranges(inputs, training) if self.compute == "integer" else None
-    if integer is not None:
-      act, weight, w = integer
-      return self._integer_op(ops.convert_to_tensor(inputs), w, act, weight)
+    core = self._core_ranges(inputs, training)
+    if core is not None:
+      act, weight, w = core
+      return self._core_op(ops.convert_to_tensor(inputs), w, act, weight)
     if self.input_quantizer is not None:
       inputs = run_quantizer(self.input_quantizer, inputs, training=training)
     if self._super_takes_training:
@@ -365,11 +374,53 @@ def _register(cls):
   return keras.saving.register_keras_serializable(package="jaxqat")(cls)
 
 
-def _qat_op(op, x, w, act, weight, **kw):
-  """``core.qat_op`` in integer mode; ``weight`` is ``_integer_ranges``' (tracked flag last)."""
+def quantizer_ranges(q, t, training, tracked: bool = False):
+  """``(spec, scale, zero_point, offset)`` of quantizer ``q`` for tensor ``t``, or None.
+
+  The operand entry :func:`jaxqat.core.qat_op` takes; with ``tracked`` (a
+  weight) it ends with whether ``q`` tracks ``t`` unclipped
+  (:attr:`Quantizer.tracks_unclipped`, ``qat_op``'s ``weight_tracked``).
+  """
+  if q is None:
+    return None
+  from jaxqat.keras._quantizer import _unwrap  # pylint: disable=import-outside-toplevel
+  rng = q.current_range(t, training)
+  out = (q.spec,) + tuple(None if r is None else _unwrap(r) for r in rng)
+  return out + (q.tracks_unclipped,) if tracked else out
+
+
+def core_op(compute, op, x, w, act, weight, **kw):
+  """``jaxqat.core.qat_op`` in ``compute`` mode; ``weight`` from :func:`quantizer_ranges`."""
   from jaxqat.core import qat_op  # pylint: disable=import-outside-toplevel
-  return qat_op(op, x, w, act=act, weight=weight[:-1], compute="integer",
-                weight_tracked=weight[-1], **kw)
+  return qat_op(op, x, w, act=act, weight=None if weight is None else weight[:-1],
+                compute=compute, weight_tracked=bool(weight and weight[-1]), **kw)
+
+
+def conv_core_op(compute, conv, x, w, act, weight, depthwise: bool = False):
+  """The convolution of the Keras layer ``conv`` (no bias) through :func:`core_op`.
+
+  As Keras's JAX backend runs it: ``conv_general_dilated`` with the layer's
+  strides, padding (``"causal"``: the past padded), dilation and feature
+  groups; a depthwise kernel as a grouped one (:func:`depthwise_as_grouped`).
+  """
+  if depthwise and weight is not None:
+    spec, *ranges, tracked = weight
+    spec, shape, ranges = depthwise_as_grouped(spec, tuple(w.shape), *ranges)
+    w, weight = ops.reshape(w, shape), (spec, *ranges, tracked)
+  elif depthwise:
+    shape = tuple(w.shape)
+    w = ops.reshape(w, shape[:-2] + (1, shape[-2] * shape[-1]))
+  padding = conv.padding.upper()
+  if padding == "CAUSAL":  # Conv1D: the past padded by the convolution (x is quantized unpadded)
+    padding = ((conv.dilation_rate[0] * (conv.kernel_size[0] - 1), 0),)
+  spatial = "DHW"[3 - conv.rank:]
+  lhs = "N" + spatial + "C" if conv.data_format == "channels_last" else "NC" + spatial
+  channels = x.shape[-1] if conv.data_format == "channels_last" else x.shape[1]
+  return core_op(compute, "conv_general_dilated", x, w, act, weight,
+                 window_strides=tuple(conv.strides), padding=padding,
+                 rhs_dilation=tuple(conv.dilation_rate),
+                 dimension_numbers=(lhs, spatial + "IO", lhs),
+                 feature_group_count=int(channels) // int(w.shape[-2]))
 
 
 @_register
@@ -377,9 +428,9 @@ class QuantDense(QuantLayer, keras.layers.Dense):
   quant_weights = (("_kernel", "kernel_quantizer"),)
   integer_op = "dot_general"
 
-  def _integer_op(self, x, w, act, weight):
+  def _core_op(self, x, w, act, weight):
     dims = (((len(x.shape) - 1,), (0,)), ((), ()))
-    return self._bias_activation(_qat_op(self.integer_op, x, w, act, weight,
+    return self._bias_activation(core_op(self.compute, self.integer_op, x, w, act, weight,
                                          dimension_numbers=dims))
 
 
@@ -391,29 +442,21 @@ class QuantEinsumDense(QuantLayer, keras.layers.EinsumDense):
   def channel_axes(self, attr, shape):
     return _einsum_output_axes(self.equation, len(shape))
 
-  def _integer_op(self, x, w, act, weight):
-    return self._bias_activation(_qat_op(self.integer_op, x, w, act, weight,
+  def _core_op(self, x, w, act, weight):
+    return self._bias_activation(core_op(self.compute, self.integer_op, x, w, act, weight,
                                          subscripts=self.equation))
 
 
-class _IntegerConv:
-  """The integer forward of Conv1D/2D/3D: the float layers' convolution, bias, activation."""
+class _CoreConv:
+  """The core op of Conv1D/2D/3D: the float layers' convolution, bias, activation."""
 
   integer_op = "conv_general_dilated"
+  depthwise = False
 
-  def _integer_op(self, x, w, act, weight):
-    padding = self.padding.upper()
-    if padding == "CAUSAL":  # Conv1D: the past padded by the convolution (x is quantized unpadded)
-      padding = ((self.dilation_rate[0] * (self.kernel_size[0] - 1), 0),)
-    spatial = "DHW"[3 - self.rank:]
-    lhs = "N" + spatial + "C" if self.data_format == "channels_last" else "NC" + spatial
-    channels = x.shape[-1] if self.data_format == "channels_last" else x.shape[1]
-    y = _qat_op(self.integer_op, x, w, act, weight, window_strides=tuple(self.strides),
-                padding=padding, rhs_dilation=tuple(self.dilation_rate),
-                dimension_numbers=(lhs, spatial + "IO", lhs),
-                feature_group_count=int(channels) // int(w.shape[-2]))
+  def _core_op(self, x, w, act, weight):
+    y = conv_core_op(self.compute, self, x, w, act, weight, depthwise=self.depthwise)
     if self.use_bias:
-      out = int(w.shape[-1])
+      out = int(y.shape[-1] if self.data_format == "channels_last" else y.shape[1])
       shape = ((1,) * (self.rank + 1) + (out,) if self.data_format == "channels_last"
                else (1, out) + (1,) * self.rank)
       y = ops.add(y, ops.reshape(self.bias, shape))
@@ -421,17 +464,17 @@ class _IntegerConv:
 
 
 @_register
-class QuantConv1D(_IntegerConv, QuantLayer, keras.layers.Conv1D):
+class QuantConv1D(_CoreConv, QuantLayer, keras.layers.Conv1D):
   quant_weights = (("_kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantConv2D(_IntegerConv, QuantLayer, keras.layers.Conv2D):
+class QuantConv2D(_CoreConv, QuantLayer, keras.layers.Conv2D):
   quant_weights = (("_kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantConv3D(_IntegerConv, QuantLayer, keras.layers.Conv3D):
+class QuantConv3D(_CoreConv, QuantLayer, keras.layers.Conv3D):
   quant_weights = (("_kernel", "kernel_quantizer"),)
 
 
@@ -481,26 +524,18 @@ def depthwise_as_grouped(spec, shape, *tensors):
   return spec, tuple(int(d) for d in shape[:-2]) + (1, c * m), [flat(t) for t in tensors]
 
 
-class _IntegerDepthwise(_IntegerConv):
-  """The integer forward of DepthwiseConv1D/2D: a grouped convolution, as the float layers run it
-  (:func:`depthwise_as_grouped`)."""
-
-  def _integer_op(self, x, w, act, weight):
-    spec, *ranges, tracked = weight
-    spec, shape, ranges = depthwise_as_grouped(spec, tuple(w.shape), *ranges)
-    return super()._integer_op(x, ops.reshape(w, shape), act, (spec, *ranges, tracked))
-
-
 @_register
-class QuantDepthwiseConv1D(_IntegerDepthwise, _DepthwiseAxes, QuantLayer,
+class QuantDepthwiseConv1D(_CoreConv, _DepthwiseAxes, QuantLayer,
                            keras.layers.DepthwiseConv1D):
   quant_weights = (("kernel", "kernel_quantizer"),)
+  depthwise = True
 
 
 @_register
-class QuantDepthwiseConv2D(_IntegerDepthwise, _DepthwiseAxes, QuantLayer,
+class QuantDepthwiseConv2D(_CoreConv, _DepthwiseAxes, QuantLayer,
                            keras.layers.DepthwiseConv2D):
   quant_weights = (("kernel", "kernel_quantizer"),)
+  depthwise = True
 
 
 @_register
