@@ -11,17 +11,22 @@ sizes). Keras folds each Conv+BatchNorm pair when quantizing. Opt-in
 ``compute="integer"`` (int8 x int8 -> int32 forward; Keras then leaves the
 Conv+BatchNorm pairs unfolded, a folded pair has no integer forward).
 
-One step = softmax cross-entropy, gradients and an Adam update, jitted
-(Keras: ``train_on_batch`` with ``jit_compile=True``). Every configuration
-is compiled and warmed up first; then the steps run interleaved (one step of
-each configuration per round), so that a slow moment of a shared machine
-hits all alike; the table gives the median per configuration and its ratio
-to the float step of the same front end. Memory: XLA's estimate for the
-compiled step (arguments + outputs + temporaries - aliased), as
-``bench_qat_step.py`` measures it (not available for Keras's internal step).
+One step = softmax cross-entropy, gradients and an Adam update, jitted.
+Keras runs twice: ``keras`` times ``train_on_batch`` (``jit_compile=True``),
+which adds Keras's per-call Python (every variable read into the step's
+state and written back; it grows with the quantizers' variables), and
+``keras-step`` times the model's own jitted ``train_step`` on a carried
+state, which is what ``fit`` runs per step (``--frontends`` picks them).
+Every configuration is compiled and warmed up first; then the steps run
+interleaved (one step of each configuration per round), so that a slow
+moment of a shared machine hits all alike; the table gives the median per
+configuration and its ratio to the float step of the same front end.
+Memory: XLA's estimate for the compiled step (arguments + outputs +
+temporaries - aliased), as ``bench_qat_step.py`` measures it (not available
+for ``train_on_batch``).
 
 Usage: ``KERAS_BACKEND=jax python benchmarks/bench_small_models.py
-[--models cnn1d,resnet] [--frontends nnx,linen,keras] [--repeats 20]
+[--models cnn1d,resnet] [--frontends nnx,linen,keras,keras-step] [--repeats 20]
 [--configs "float,W8A8,W4A4 LSQ,W8A8 int,W4A4 LSQ int"]``
 """
 
@@ -341,7 +346,8 @@ STEPS = {"nnx": nnx_step, "linen": linen_step, "keras-step": keras_step}
 
 
 def main():
-  args = parse_args(__doc__, "cnn1d,resnet", "nnx,linen,keras", configs="float,W8A8,W4A4 LSQ")
+  args = parse_args(__doc__, "cnn1d,resnet", "nnx,linen,keras,keras-step",
+                    configs="float,W8A8,W4A4 LSQ")
   fes = args.frontends.split(",")
   configs = [c for c in CONFIGS if c[0] in args.configs.split(",")]
   print(f"machine: {_cpu()}; {jax.devices()[0].device_kind} ({jax.default_backend()}); "

@@ -58,6 +58,7 @@ from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
 from jaxqat.keras._layers import conv_core_op
+from jaxqat.keras._layers import quantizer_operand
 from jaxqat.keras._layers import quantizer_ranges
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
@@ -263,6 +264,7 @@ class QuantConvBatchNorm(keras.layers.Layer):
     iq, kq = self.input_quantizer, self.kernel_quantizer
     if is_jax() and (iq is not None or kq is not None) and all(
         q is None or q.active for q in (iq, kq)):
+      x, kernel = quantizer_operand(iq, x), quantizer_operand(kq, kernel)
       return conv_core_op("fake", self.conv, x, kernel, quantizer_ranges(iq, x, training),
                           quantizer_ranges(kq, kernel, training, tracked=True),
                           depthwise=self.depthwise)

@@ -206,7 +206,7 @@ class QuantLayer:
   # -- the core op (JAX): jaxqat.core.qat_op, both compute modes -------------
 
   def _core_ranges(self, inputs, training):
-    """``(act, weight, w)`` for :func:`jaxqat.core.qat_op`, or None to run the float ``call``.
+    """``(act, weight, x, w)`` for :func:`jaxqat.core.qat_op`, or None to run the float ``call``.
 
     On the JAX backend a layer with a core op (Dense, EinsumDense, Conv,
     DepthwiseConv) runs it through ``qat_op`` in both compute modes, as the
@@ -227,12 +227,13 @@ class QuantLayer:
     if self.compute == "integer" and (wq is None or iq is None):
       return None  # never built so (check_compute), kept for safety
     from jaxqat.keras._quantizer import _unwrap  # pylint: disable=import-outside-toplevel
-    w = _unwrap(getattr(self, attr))
-    return (quantizer_ranges(iq, inputs, training),
-            quantizer_ranges(wq, w, training, tracked=True), w)
+    x = quantizer_operand(iq, ops.convert_to_tensor(inputs))
+    w = quantizer_operand(wq, _unwrap(getattr(self, attr)))
+    return (quantizer_ranges(iq, x, training),
+            quantizer_ranges(wq, w, training, tracked=True), x, w)
 
   def _core_op(self, x, w, act, weight):
-    """The layer's op through :func:`jaxqat.core.qat_op` (``act``/``weight`` of ``_core_ranges``)."""
+    """The layer's op through :func:`jaxqat.core.qat_op` (operands from ``_core_ranges``)."""
     raise NotImplementedError
 
   def _bias_activation(self, y):
@@ -315,8 +316,8 @@ class QuantLayer:
   def call(self, inputs, *args, training=None, **kwargs):
     core = self._core_ranges(inputs, training)
     if core is not None:
-      act, weight, w = core
-      return self._core_op(ops.convert_to_tensor(inputs), w, act, weight)
+      act, weight, x, w = core
+      return self._core_op(x, w, act, weight)
     if self.input_quantizer is not None:
       inputs = run_quantizer(self.input_quantizer, inputs, training=training)
     if self._super_takes_training:
@@ -372,6 +373,21 @@ _DOC = """Quantized :class:`keras.layers.{base}`: {what}.
 
 def _register(cls):
   return keras.saving.register_keras_serializable(package="jaxqat")(cls)
+
+
+def quantizer_operand(q, t):
+  """``t`` as quantizer ``q``'s own ``__call__`` receives it (a float cast to its compute dtype).
+
+  The float path calls the quantizer layer, and Keras casts its floating
+  input to the layer's compute dtype (``mixed_bfloat16``: bfloat16); the core
+  op gets its operands so too. ``t`` is returned as it is when ``q`` is None.
+  """
+  if q is None:
+    return t
+  dtype = keras.backend.standardize_dtype(t.dtype)
+  if "float" in dtype and dtype != q.compute_dtype:
+    return ops.cast(t, q.compute_dtype)
+  return t
 
 
 def quantizer_ranges(q, t, training, tracked: bool = False):

@@ -180,3 +180,44 @@ def test_keras_qat_step_memory_within_the_float_step(config, monkeypatch):
   monkeypatch.setattr(_fold, "is_jax", lambda: False)
   kept = _step_memory(*_cnn(rules, fold))
   assert kept > 1.05 * lean, (kept / base, lean / base, config)
+
+
+def _mixed_bfloat16_paths(name, monkeypatch):
+  """(forward, input grad, variable grads) of both paths, the global policy mixed_bfloat16."""
+  make, shape = LAYERS[name]
+  keras.utils.set_random_seed(0)
+  x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+  layer = make()
+  layer(x)
+  q = _layers.quantize_in_place(layer, W8, A8)
+  q.input_quantizer.calibrate_from([x])
+  assert q.compute_dtype == "bfloat16" and q.input_quantizer.compute_dtype == "bfloat16"
+  r = np.random.RandomState(1).randn(*q.compute_output_shape(shape)).astype(np.float32)
+  out = []
+  for _ in range(2):
+    tv = [v.value for v in q.trainable_variables]
+    ntv = [v.value for v in q.non_trainable_variables]
+    y = jax.jit(lambda xx: q.stateless_call(tv, ntv, xx)[0])(x)
+    out.append((np.asarray(y), *_grads(q, x, r)[1:3]))
+    monkeypatch.setattr(_layers.QuantLayer, "_core_ranges", lambda self, *a: None)
+  return out
+
+
+# Dense and EinsumDense: under stateless_call Keras's own float Conv2D computes in float32 when the
+# policy is mixed_bfloat16 (its ``__call__`` in bfloat16); the core op takes its operands in
+# the quantizers' compute dtype (bfloat16) as the quantizer layers do.
+@pytest.mark.parametrize("name", ["dense_rank3", "einsum"])
+def test_mixed_bfloat16_core_op_equals_the_float_call(name, monkeypatch):
+  keras.config.set_dtype_policy("mixed_bfloat16")
+  try:
+    # (standard promotion: the float call adds a float32 bias to its bfloat16 product)
+    with jax.numpy_dtype_promotion("standard"):
+      (y, gx, gv), (y2, gx2, gv2) = _mixed_bfloat16_paths(name, monkeypatch)
+  finally:
+    keras.config.set_dtype_policy("float32")
+  assert y.dtype == y2.dtype
+  np.testing.assert_array_equal(y, y2)
+  # Under autodiff XLA fuses the two programs' bfloat16 arithmetic differently: a few ulps.
+  assert_close(gx, gx2, tol=2**-6, what="input grad")
+  for k in gv:
+    assert_close(gv[k], gv2[k], tol=2**-6, what=k)
