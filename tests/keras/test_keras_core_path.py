@@ -168,6 +168,9 @@ W4A4_LSQ = [Rule(pattern=".*", weight=W4_LSQ, act=QuantSpec(format="int4", learn
 @pytest.mark.parametrize("config", ["w8a8_folded", "w8a8_unfolded", "w4_lsq_a4_folded",
                                     "w4a4_lsq_unfolded"])
 def test_keras_qat_step_memory_within_the_float_step(config, monkeypatch):
+  if jax.device_count() > 1:  # an earlier test in this process forced several CPU devices
+    pytest.skip("with several devices core.recompute_bwd leaves out the tie that keeps XLA "
+                "from merging the recomputation into the forward (its docstring)")
   rules, fold, bound = {"w8a8_folded": (default_rules(), True, 1.10),
                         "w8a8_unfolded": (default_rules(), False, 1.10),
                         "w4_lsq_a4_folded": (W4_LSQ_A4, True, 1.10),
