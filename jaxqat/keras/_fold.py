@@ -54,12 +54,12 @@ import numpy as np
 from jaxqat.core._serialize import spec_from_dict
 from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras._backend import keras
-from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
 from jaxqat.keras._layers import conv_core_op
 from jaxqat.keras._layers import quantizer_operand
 from jaxqat.keras._layers import quantizer_ranges
+from jaxqat.keras._layers import takes_core_op
 from jaxqat.keras._quantizer import Quantizer
 from jaxqat.keras._quantizer import check_act_spec
 from jaxqat.keras._quantizer import run_quantizer
@@ -262,8 +262,7 @@ class QuantConvBatchNorm(keras.layers.Layer):
   def _quantized_conv(self, x, kernel, training):
     """``conv(Q(x), Q(kernel))``: on JAX through ``jaxqat.core.qat_op`` (its lean backward)."""
     iq, kq = self.input_quantizer, self.kernel_quantizer
-    if is_jax() and (iq is not None or kq is not None) and all(
-        q is None or q.active for q in (iq, kq)):
+    if takes_core_op(iq, kq):
       x, kernel = quantizer_operand(iq, x), quantizer_operand(kq, kernel)
       return conv_core_op("fake", self.conv, x, kernel, quantizer_ranges(iq, x, training),
                           quantizer_ranges(kq, kernel, training, tracked=True),

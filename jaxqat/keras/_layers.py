@@ -47,6 +47,7 @@ from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._quantizer import Quantizer
+from jaxqat.keras._quantizer import _unwrap
 from jaxqat.keras._quantizer import check_act_spec
 from jaxqat.keras._quantizer import run_quantizer
 
@@ -217,16 +218,13 @@ class QuantLayer:
     a quantizer calibrating or set to float) the float layer's ``call`` runs
     on fake-quantized operands.
     """
-    if (self.integer_op is None or not is_jax() or getattr(self, "lora_enabled", False)
+    if (self.integer_op is None or getattr(self, "lora_enabled", False)
         or not hasattr(self, "weight_quantizers")):
       return None
     (attr, _), = self.quant_weights
     wq, iq = self.weight_quantizers.get(attr), self.input_quantizer
-    if (wq is None and iq is None) or any(q is not None and not q.active for q in (iq, wq)):
-      return None  # nothing quantized, calibrating, or a quantizer set to float
-    if self.compute == "integer" and (wq is None or iq is None):
-      return None  # never built so (check_compute), kept for safety
-    from jaxqat.keras._quantizer import _unwrap  # pylint: disable=import-outside-toplevel
+    if not takes_core_op(iq, wq):
+      return None
     x = quantizer_operand(iq, ops.convert_to_tensor(inputs))
     w = quantizer_operand(wq, _unwrap(getattr(self, attr)))
     return (quantizer_ranges(iq, x, training),
@@ -375,6 +373,16 @@ def _register(cls):
   return keras.saving.register_keras_serializable(package="jaxqat")(cls)
 
 
+def takes_core_op(*quantizers) -> bool:
+  """Whether an op with these quantizers (None: operand left float) runs ``core.qat_op``.
+
+  On the JAX backend, when something is quantized and no quantizer is
+  calibrating or set to float (those run the float layer's ``call``).
+  """
+  return (is_jax() and any(q is not None for q in quantizers)
+          and all(q is None or q.active for q in quantizers))
+
+
 def quantizer_operand(q, t):
   """``t`` as quantizer ``q``'s own ``__call__`` receives it (a float cast to its compute dtype).
 
@@ -399,7 +407,6 @@ def quantizer_ranges(q, t, training, tracked: bool = False):
   """
   if q is None:
     return None
-  from jaxqat.keras._quantizer import _unwrap  # pylint: disable=import-outside-toplevel
   rng = q.current_range(t, training)
   out = (q.spec,) + tuple(None if r is None else _unwrap(r) for r in rng)
   return out + (q.tracks_unclipped,) if tracked else out

@@ -125,7 +125,7 @@ def test_folded_conv_batchnorm_core_op_equals_the_float_call(training, monkeypat
   assert sum(isinstance(l, _fold.QuantConvBatchNorm) for l in q.layers) == 2
   r = np.random.RandomState(1).randn(*q.output.shape[1:]).astype(np.float32)[None]
   core = _grads(q, x, r, training=training)
-  monkeypatch.setattr(_fold, "is_jax", lambda: False)  # the float conv on quantized operands
+  monkeypatch.setattr(_fold, "takes_core_op", lambda *q: False)  # the float conv
   _compare(core, _grads(q, x, r, training=training))
 
 
@@ -180,7 +180,7 @@ def test_keras_qat_step_memory_within_the_float_step(config, monkeypatch):
   assert lean <= bound * base, (lean / base, config)
   # The float call on fake-quantized operands keeps their copies and masks: more memory.
   monkeypatch.setattr(_layers.QuantLayer, "_core_ranges", lambda self, *a: None)
-  monkeypatch.setattr(_fold, "is_jax", lambda: False)
+  monkeypatch.setattr(_fold, "takes_core_op", lambda *q: False)
   kept = _step_memory(*_cnn(rules, fold))
   assert kept > 1.05 * lean, (kept / base, lean / base, config)
 
