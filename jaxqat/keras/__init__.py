@@ -53,6 +53,7 @@ from jaxqat.keras._saving import save as save
 from jaxqat.keras._sensitivity import sensitivity as sensitivity
 from jaxqat.keras._sensitivity import mixed_precision as mixed_precision
 from jaxqat.keras._serve import convert as convert
+from jaxqat.keras import _serve_inplace  # noqa: F401  (registers jaxqat>ServedModel)
 from jaxqat.keras._serve import size_report as size_report
 from jaxqat.keras._serve import export_serving as export_serving
 from jaxqat.keras._layers import ComputeModeError as ComputeModeError

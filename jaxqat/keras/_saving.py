@@ -66,16 +66,41 @@ def _get_config(self):
   return {"model": inner, "quantization": record_of(self)}
 
 
-def _quantized_class(base):
-  if base not in _CLASSES:
+def recording_class(base, get_config, registered: str, cache: dict):
+  """A subclass of the model class ``base`` whose config is ``get_config``'s, saved as ``registered``.
+
+  It keeps ``base``'s name, module and docstring (a ``MyModel`` stays an instance of
+  ``MyModel``); one class per ``base`` in ``cache``.
+  """
+  if base not in cache:
     cls = type(base.__name__, (base,), {
-        "get_config": _get_config, "__module__": base.__module__,
+        "get_config": get_config, "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__})
     from keras.src.saving import object_registration  # the class -> name half of the registry
-    object_registration.GLOBAL_CUSTOM_NAMES[cls] = _REGISTERED
-    _CLASSES[base] = cls
-  return _CLASSES[base]
+    object_registration.GLOBAL_CUSTOM_NAMES[cls] = registered
+    cache[base] = cls
+  return cache[base]
+
+
+def register_loader(name: str, key: str, reapply, doc: str):
+  """Registers ``jaxqat>name``, whose ``from_config`` loads a recording class's config.
+
+  The config is ``{"model": <the model as its own class>, key: <record>}``;
+  ``reapply(model, record)`` redoes what the record says on the loaded model.
+  """
+  def from_config(cls, config):
+    if not isinstance(config, dict) or "model" not in config or key not in config:
+      raise ValueError(f"jaxqat>{name}: the config must hold 'model' and {key!r}")
+    model = keras.saving.deserialize_keras_object(config["model"])
+    return reapply(model, config[key])
+
+  def get_config(self):  # pragma: no cover - required by the registry, never an instance
+    raise NotImplementedError
+
+  cls = type(name, (), {"from_config": classmethod(from_config), "get_config": get_config,
+                        "__doc__": doc, "__module__": __name__})
+  return keras.saving.register_keras_serializable(package="jaxqat", name=name)(cls)
 
 
 def mark(model, record, in_place_layers) -> None:
@@ -90,7 +115,7 @@ def mark(model, record, in_place_layers) -> None:
   object.__setattr__(model, "_jaxqat_base", base)
   object.__setattr__(model, "_jaxqat_record", record)
   object.__setattr__(model, "_jaxqat_inplace", list(in_place_layers))
-  model.__class__ = _quantized_class(base)
+  model.__class__ = recording_class(base, _get_config, _REGISTERED, _CLASSES)
 
 
 def reapply(model, record):
@@ -123,22 +148,12 @@ def reapply(model, record):
   return model
 
 
-@keras.saving.register_keras_serializable(package="jaxqat", name="QuantizedModel")
-class QuantizedModel:
-  """Loads the config of a model returned by ``quantize`` (see the module doc).
+QuantizedModel = register_loader(
+    "QuantizedModel", "quantization", reapply,
+    """Loads the config of a model returned by ``quantize`` (see the module doc).
 
   Not a class of models: ``from_config`` returns the model, of its own class.
-  """
-
-  @classmethod
-  def from_config(cls, config):
-    if not isinstance(config, dict) or "model" not in config or "quantization" not in config:
-      raise ValueError("jaxqat>QuantizedModel: the config must hold 'model' and 'quantization'")
-    model = keras.saving.deserialize_keras_object(config["model"])
-    return reapply(model, config["quantization"])
-
-  def get_config(self):  # pragma: no cover - required by the registry, never an instance
-    raise NotImplementedError
+  """)
 
 
 def save(path, model) -> None:

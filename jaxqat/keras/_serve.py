@@ -11,6 +11,16 @@ that stayed float keep their float weights). The served layers are
 registered under the ``jaxqat>`` package, so the served model saves and
 loads as ``.keras`` with ``safe_mode`` on and no ``custom_objects``.
 
+Quantized layers that a rebuilt graph cannot hold -- those inside custom
+(subclassed) layers, such as the attention projections of a model zoo's
+transformer block, and quantized subclasses of supported layers or
+embedding-like layers -- are **served in place** on a copy of the model
+instead (:mod:`jaxqat.keras._serve_inplace`): the copy keeps its own class and
+every layer object; each quantized layer keeps its own ``call`` but holds
+codes and scales in place of its float weights, dequantized when it runs,
+with its input fake-quantized by its fixed range (the dequantize path: the
+QAT model's values in inference, computed in float).
+
 Served layers: :class:`ServedDense` (Dense), :class:`ServedEinsumDense`,
 :class:`ServedConv` (Conv1D/2D/3D, and a folded Conv+BatchNorm:
 the folded kernel's codes and the folded bias), :class:`ServedDepthwiseConv`
@@ -153,59 +163,23 @@ def _traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-class ServedLayer(keras.layers.Layer):
-  """Base of the served layers: weight codes, scales and the input's range.
+class StoredWeights:
+  """Mixin of a layer holding quantized weights as codes and scales, and its input's range.
 
-  Built from the configuration :func:`convert` writes; the values are
-  assigned by :func:`convert` (or loaded from a ``.keras`` file).
-
-  Args:
-    layer: the float layer (or its serialized config) whose arguments
-      (activation, strides, padding, equation...) the served layer uses; it is
-      never built, so it holds no weights.
-    weight: ``{"name", "shape", "spec", "packed", "codes_dtype", "codes_format",
-      "stored_shape", "scale_dtype", "scale_format", "scale_shape",
-      "zero_point", "tensor_scale", "dtype"}``: the quantized weight and how
-      it is stored (see :func:`convert`); ``spec`` ``None``: a float weight of
-      ``shape`` and ``dtype``.
-    act: ``{"spec", "scale_shape", "zero_point"}`` of the input's fixed range,
-      or ``None`` (float input).
-    bias_shape: the float bias's shape, or ``None``.
-    integer: allow the integer path (JAX backend).
-    **kwargs: Keras layer arguments.
+  The host lists its weights in ``_slots()`` (``(attribute prefix, weight
+  info, spec)``; the info as :func:`convert` writes it) and sets ``act_info``
+  and ``aspec``; :meth:`_add_stored` creates the variables
+  (``<prefix>codes``, ``<prefix>scale``...), the other methods read them.
   """
 
-  def __init__(self, layer, weight, act=None, bias_shape=None, integer: bool = True, **kwargs):
-    kwargs["trainable"] = False
-    super().__init__(**kwargs)
-    if isinstance(layer, keras.layers.Layer):
-      layer = keras.saving.serialize_keras_object(layer)
-    self.float_config = layer
-    # Not tracked: an unbuilt float layer, read for its arguments only.
-    object.__setattr__(self, "_float", keras.saving.deserialize_keras_object(layer))
-    self.weight_info = dict(weight)
-    self.act_info = None if act is None else dict(act)
-    self.bias_shape = None if bias_shape is None else tuple(bias_shape)
-    self.integer = bool(integer)
-    self.wspec = spec_from_dict(weight.get("spec"), where=f"{self.name} weight spec")
-    self.aspec = None if act is None else spec_from_dict(act["spec"], where=f"{self.name} act")
-    self.supports_masking = True
-
   def _slots(self) -> list:
-    """``(attribute prefix, weight info, spec)`` of each weight (prefix ``""``: ``codes``...)."""
-    return [("", self.weight_info, self.wspec)]
+    raise NotImplementedError
 
   def _slot(self, prefix: str):
     return {p: (w, s) for p, w, s in self._slots()}[prefix]
 
-  def _add(self, attr, name, shape, dtype, default):
-    """Creates ``self.<attr>``, initialised from convert's values when it gave them."""
-    value = (vars(self).get("_init_values") or {}).get(attr)
-    init = default if value is None else (lambda shape, dtype=None, v=value: v)
-    setattr(self, attr, self.add_weight(name=name, shape=tuple(shape), dtype=dtype,
-                                        initializer=init, trainable=False))
-
-  def build(self, input_shape=None):
+  def _add_stored(self):
+    """Creates the variables of every weight slot and of the input range (see ``_slots``)."""
     for p, w, spec in self._slots():
       name = w["name"]
       if spec is None:
@@ -223,16 +197,13 @@ class ServedLayer(keras.layers.Layer):
       self._add("input_scale", "input_scale", a["scale_shape"], "float32", "ones")
       if a["zero_point"]:
         self._add("input_zero_point", "input_zero_point", a["scale_shape"], "int32", "zeros")
-    if self.bias_shape is not None:
-      self._add("bias", "bias", self.bias_shape, self.weight_info["dtype"], "zeros")
-    object.__setattr__(self, "_init_values", None)
-    self.built = True
 
-  # -- the weights and the input range ----------------------------------------------
-
-  @property
-  def weight_name(self) -> str:
-    return self.weight_info["name"]
+  def _add(self, attr, name, shape, dtype, default):
+    """Creates ``self.<attr>``, initialised from convert's values when it gave them."""
+    value = (vars(self).get("_init_values") or {}).get(attr)
+    init = default if value is None else (lambda shape, dtype=None, v=value: v)
+    setattr(self, attr, self.add_weight(name=name, shape=tuple(shape), dtype=dtype,
+                                        initializer=init, trainable=False))
 
   def _stored_arrays(self, prefix: str = "", read=None) -> dict:
     """The stored arrays of one weight by role (``codes``, ``scale``...; absent ones ``None``)."""
@@ -344,6 +315,61 @@ class ServedLayer(keras.layers.Layer):
     if blocked:
       y = ops.reshape(y, shape)
     return ops.cast(y, w["dtype"])
+
+
+
+class ServedLayer(StoredWeights, keras.layers.Layer):
+  """Base of the served layers: weight codes, scales and the input's range.
+
+  Built from the configuration :func:`convert` writes; the values are
+  assigned by :func:`convert` (or loaded from a ``.keras`` file).
+
+  Args:
+    layer: the float layer (or its serialized config) whose arguments
+      (activation, strides, padding, equation...) the served layer uses; it is
+      never built, so it holds no weights.
+    weight: ``{"name", "shape", "spec", "packed", "codes_dtype", "codes_format",
+      "stored_shape", "scale_dtype", "scale_format", "scale_shape",
+      "zero_point", "tensor_scale", "dtype"}``: the quantized weight and how
+      it is stored (see :func:`convert`); ``spec`` ``None``: a float weight of
+      ``shape`` and ``dtype``.
+    act: ``{"spec", "scale_shape", "zero_point"}`` of the input's fixed range,
+      or ``None`` (float input).
+    bias_shape: the float bias's shape, or ``None``.
+    integer: allow the integer path (JAX backend).
+    **kwargs: Keras layer arguments.
+  """
+
+  def __init__(self, layer, weight, act=None, bias_shape=None, integer: bool = True, **kwargs):
+    kwargs["trainable"] = False
+    super().__init__(**kwargs)
+    if isinstance(layer, keras.layers.Layer):
+      layer = keras.saving.serialize_keras_object(layer)
+    self.float_config = layer
+    # Not tracked: an unbuilt float layer, read for its arguments only.
+    object.__setattr__(self, "_float", keras.saving.deserialize_keras_object(layer))
+    self.weight_info = dict(weight)
+    self.act_info = None if act is None else dict(act)
+    self.bias_shape = None if bias_shape is None else tuple(bias_shape)
+    self.integer = bool(integer)
+    self.wspec = spec_from_dict(weight.get("spec"), where=f"{self.name} weight spec")
+    self.aspec = None if act is None else spec_from_dict(act["spec"], where=f"{self.name} act")
+    self.supports_masking = True
+
+  def _slots(self) -> list:
+    """``(attribute prefix, weight info, spec)`` of each weight (prefix ``""``: ``codes``...)."""
+    return [("", self.weight_info, self.wspec)]
+
+  def build(self, input_shape=None):
+    self._add_stored()
+    if self.bias_shape is not None:
+      self._add("bias", "bias", self.bias_shape, self.weight_info["dtype"], "zeros")
+    object.__setattr__(self, "_init_values", None)
+    self.built = True
+
+  @property
+  def weight_name(self) -> str:
+    return self.weight_info["name"]
 
   def _finish(self, y):
     if self.bias_shape is not None:
@@ -647,6 +673,11 @@ def _float_layer(layer, fcls):
   return fcls.from_config(config)
 
 
+def graph_servable(layer) -> bool:
+  """Whether convert rebuilds ``layer`` (a quantized layer of a graph) as a served layer class."""
+  return isinstance(layer, _fold.QuantConvBatchNorm) or any(type(layer) is k[0] for k in _KINDS)
+
+
 def _plan(layer, path, integer, pack):
   """(served class, constructor kwargs, values) for a quantized layer; raises if it cannot serve."""
   if isinstance(layer, _fold.QuantConvBatchNorm):
@@ -780,17 +811,22 @@ def convert(model, *, integer: bool = True, pack: bool = True):
 
   Returns:
     A new Sequential/Functional model with served layers; ``model`` is not
-    modified.
+    modified. If a quantized layer sits inside a custom layer, or is of a
+    class without a served class (a subclass of a supported layer, an
+    embedding-like layer), every quantized layer is served in place on a
+    copy of ``model`` instead (see the module doc), which keeps the model's
+    class and saves and loads as ``.keras`` (``integer`` has no effect
+    there: the copy's layers dequantize their weights).
 
   Raises:
     TypeError: if ``model`` is not a Keras model, is subclassed, or
-      ``integer``/``pack`` are not bools.
+      ``integer``/``pack`` are not bools; or if a model to serve in place
+      can be neither deep-copied nor saved and loaded.
     ValueError: if the model has no quantized layers, or a quantizer has no
       range (never calibrated) or is in ``"float"`` mode (message names the
-      layer); nothing is built.
-    NotImplementedError: for a quantized layer without a served version
-      (a generated subclass, LoRA) or a quantized layer inside another layer
-      (message names it).
+      layer); nothing is returned.
+    NotImplementedError: for LoRA, or a folded Conv+BatchNorm in a model
+      served in place (message names the layer).
 
   Examples:
     >>> import keras, numpy as np
@@ -811,6 +847,9 @@ def convert(model, *, integer: bool = True, pack: bool = True):
   if not _saving.quant_entries(model):
     raise ValueError(f"model: {model.name!r} has no quantized layers; call "
                      "jaxqat.keras.quantize (and calibrate) before convert")
+  from jaxqat.keras import _serve_inplace  # it builds on this module
+  if _serve_inplace.needs_in_place(model):
+    return _serve_inplace.serve_copy(model, pack)
   cloner = _Cloner(integer, pack)
   cloner.check(model)
   served = cloner.graph(model)
@@ -855,7 +894,20 @@ def size_report(served):
     raise TypeError(f"served: expected a keras.Model, got {type(served).__name__}")
   rows, n = [], 0
   for path, layer in _served_layers(served):
-    if isinstance(layer, ServedLayer):
+    if isinstance(layer, StoredWeights) and not isinstance(layer, ServedLayer):
+      n += 1  # served in place: its stored weights, then the float weights it kept
+      stored = set()
+      for prefix, w, _ in layer._slots():
+        row = size_row(f"{path}/{w['name']}", layer.qtensor_numpy(prefix), w["dtype"])
+        rows.append(dataclasses.replace(row, quant_bytes=layer.stored_bytes(prefix)))
+        stored |= {id(getattr(layer, prefix + r)) for r in _ROLES if hasattr(layer, prefix + r)}
+      stored |= {id(getattr(layer, a)) for a in ("input_scale", "input_zero_point")
+                 if hasattr(layer, a)}
+      for v in _graph.own_weights(layer):
+        if id(v) not in stored:
+          a = to_numpy(v)
+          rows.append(size_row(f"{path}/{v.name}", a, a.dtype))
+    elif isinstance(layer, ServedLayer):
       n += 1
       for prefix, w, spec in layer._slots():
         name = f"{path}/{w['name']}"

@@ -80,3 +80,19 @@ def assert_close(a, b, tol=1e-6, what=""):
   scale = max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
   err = float(np.max(np.abs(a - b))) if a.size else 0.0
   assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+@keras.saving.register_keras_serializable(package="jaxqat_test")
+class ReversibleEmbedding(keras.layers.Embedding):
+  """An Embedding subclass with its own call (as in transformer libraries): the tied output
+  projection of a language model."""
+
+  def call(self, inputs, reverse=False):
+    if reverse:
+      return keras.ops.matmul(inputs, keras.ops.transpose(self.embeddings))
+    return super().call(inputs)
+
+  def compute_output_spec(self, inputs, reverse=False):
+    if reverse:
+      return keras.KerasTensor(inputs.shape[:-1] + (self.input_dim,), dtype=inputs.dtype)
+    return super().compute_output_spec(inputs)

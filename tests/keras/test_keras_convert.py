@@ -8,7 +8,7 @@ import pytest
 
 from jaxqat.core import PerChannel, QuantSpec, Rule, QuantizationWarning
 import jaxqat.keras as jqk
-from kutil import to_np
+from kutil import ReversibleEmbedding, to_np
 
 
 def _seq():
@@ -73,20 +73,6 @@ def test_bad_inputs_are_clear_errors():
     jqk.quantize(unbuilt)
   with pytest.raises(TypeError, match="rules"):
     jqk.quantize(_seq(), ["not a rule"])
-
-
-class ReversibleEmbedding(keras.layers.Embedding):
-  """A subclass with its own call (as in transformer libraries): tied output projection."""
-
-  def call(self, inputs, reverse=False):
-    if reverse:
-      return keras.ops.matmul(inputs, keras.ops.transpose(self.embeddings))
-    return super().call(inputs)
-
-  def compute_output_spec(self, inputs, reverse=False):
-    if reverse:
-      return keras.KerasTensor(inputs.shape[:-1] + (self.input_dim,), dtype=inputs.dtype)
-    return super().compute_output_spec(inputs)
 
 
 class ScaledDense(keras.layers.Dense):

@@ -481,3 +481,53 @@ def test_mx_weights_quantize_calibrate_and_serve_bit_exact():
                                                            granularity=PerBlock(32, axis=0)),
                              act=default_act_spec())])
     np.testing.assert_array_equal(to_np(convert(q)(x)), to_np(q(x)))
+
+
+@keras.saving.register_keras_serializable(package="jaxqat_test")
+class _Mixer(keras.layers.Layer):
+  """A custom layer that creates and calls its own quantizable sublayers (as model zoos do)."""
+
+  def __init__(self, units, **kwargs):
+    super().__init__(**kwargs)
+    self.units = units
+    self.heads = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, units // 2),
+                                          bias_axes="de", name="heads")
+    self.out = keras.layers.Dense(units, name="out")
+
+  def build(self, input_shape):
+    self.heads.build(input_shape)
+    self.out.build((*input_shape[:-1], self.units))
+
+  def call(self, x):
+    h = self.heads(x)
+    return self.out(keras.ops.reshape(h, (-1, x.shape[1], self.units)))
+
+  def get_config(self):
+    return {**super().get_config(), "units": self.units}
+
+
+def test_layers_inside_a_custom_layer_serve_in_place(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = _seq((5, 6), _Mixer(8, name="mixer"), keras.layers.Dense(3, name="head"))
+  x = RNG.normal(size=(4, 5, 6)).astype("float32")
+  q = jqk.quantize(model, W4A8)
+  with pytest.raises(ValueError, match=r"layer 'mixer/heads' input quantizer: no range"):
+    convert(q)
+  jqk.calibrate(q, x)
+  served = convert(q)
+  heads = served.get_layer("mixer").heads
+  assert type(heads).__name__ == "InPlaceServedEinsumDense" and heads.kernel_codes.dtype == "int8"
+  assert tuple(heads.kernel_codes.shape) == (6, 2, 2)  # int4 codes, two to a byte
+  assert type(served.get_layer("head")).__name__ == "InPlaceServedDense"
+  ref, out = to_np(q(x)), to_np(served(x))
+  if BACKEND == "jax":  # the QAT layers run jaxqat.core.qat_op; served, the float call
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  else:
+    np.testing.assert_array_equal(out, ref)
+  rows = {r.layer: r for r in size_report(served).rows}
+  assert rows["mixer/heads/kernel"].format == "int4"
+  assert rows["mixer/heads/kernel"].quant_bytes == 6 * 2 * 2 + 2 * 4 * 4
+  path = str(tmp_path / "served.keras")
+  served.save(path)
+  back = keras.saving.load_model(path)
+  np.testing.assert_array_equal(to_np(back(x)), out)

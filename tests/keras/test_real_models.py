@@ -8,6 +8,7 @@ Conv+BatchNorm inside a custom layer. These tests also run on the torch backend
 """
 
 import os
+import tempfile
 import warnings
 
 import keras
@@ -17,7 +18,7 @@ import pytest
 import jaxqat.keras as jqk
 from jaxqat.core import QuantizationWarning
 from jaxqat.keras import _graph
-from kutil import to_np
+from kutil import ReversibleEmbedding, to_np
 
 _WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
                   keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Embedding)
@@ -373,3 +374,74 @@ def test_functional_subclass_that_cannot_be_rebuilt_is_converted_in_place():
   rep = jqk.report(q)
   assert rep["proj"].reason.startswith("converted in place: UnrebuildableBackbone could not be "
                                        "rebuilt from its config")
+
+
+# -- convert: layers inside custom layers and subclasses of Keras layers, served in place --------
+
+
+def test_convert_serves_layers_inside_custom_layers_in_place_and_reloads(tmp_path):
+  keras.utils.set_random_seed(0)
+  ids = np.random.RandomState(0).randint(0, 16, (4, 5)).astype("int32")
+  q = jqk.quantize(Backbone())
+  jqk.calibrate(q, ids)
+  ref = to_np(q(ids))
+  served = jqk.convert(q)
+  # The QAT model is untouched: same classes, same output.
+  assert type(q.get_layer("derived").proj).__name__ == "QuantDense"
+  np.testing.assert_array_equal(to_np(q(ids)), ref)
+  # The copy keeps its class; every quantized layer holds codes and scales, no float weight.
+  assert isinstance(served, Backbone)
+  proj = served.get_layer("derived").proj
+  assert type(proj).__name__ == "InPlaceServedDense" and isinstance(proj, keras.layers.Dense)
+  names = {v.name: str(v.dtype) for v in proj.weights}
+  assert names == {"bias": "float32", "kernel_codes": "int8", "kernel_scale": "float32",
+                   "input_scale": "float32", "input_zero_point": "int32"}, names
+  pos = served.get_layer("pos")
+  assert [v.name for v in pos.weights] == ["position_embeddings_codes", "position_embeddings_scale"]
+  assert not [v for _, _, l in _graph.walk(served) for v in _graph.own_weights(l)
+              if len(v.shape) >= 2 and str(v.dtype) == "float32" and not v.name.endswith("scale")]
+  # The values of the QAT model in inference: dequantized weights, fixed input ranges.
+  out = to_np(served(ids))
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  rep = jqk.size_report(served)
+  rows = {r.layer: r for r in rep.rows}
+  assert rows["derived/proj/kernel"].format == "int8_narrow"
+  assert rows["derived/proj/kernel"].quant_bytes == 8 * 8 + 8 * 4  # codes + one scale a column
+  assert rows["pos/position_embeddings"].quant_bytes == 5 * 8 + 5 * 4
+  # The .keras file holds the codes and reloads through the model's own class.
+  path = str(tmp_path / "served.keras")
+  served.save(path)
+  back = keras.saving.load_model(path)
+  assert isinstance(back, Backbone)
+  assert type(back.get_layer("pos")).__name__ == "InPlaceServedPositionEmbedding"
+  np.testing.assert_array_equal(to_np(back(ids)), out)
+
+
+def test_convert_serves_a_subclass_with_its_own_call_in_place():
+  keras.utils.set_random_seed(0)
+  ids = keras.Input((5,), dtype="int32")
+  emb = ReversibleEmbedding(16, 8, name="emb")
+  h = keras.layers.Dense(8, name="ffn")(emb(ids))
+  model = keras.Model(ids, emb(h, reverse=True))
+  x = np.random.RandomState(0).randint(0, 16, (4, 5)).astype("int32")
+  q = jqk.quantize(model)
+  jqk.calibrate(q, x)
+  served = jqk.convert(q)
+  assert type(served.get_layer("emb")).__name__ == "InPlaceServedReversibleEmbedding"
+  assert str(served.get_layer("emb").embeddings_codes.dtype) == "int8"
+  np.testing.assert_allclose(to_np(served(x)), to_np(q(x)), rtol=1e-6, atol=1e-6)
+  path = os.path.join(tempfile.mkdtemp(), "served.keras")
+  served.save(path)
+  back = keras.saving.load_model(path)
+  assert type(back.get_layer("emb")).__name__ == "InPlaceServedReversibleEmbedding"
+  np.testing.assert_array_equal(to_np(back(x)), to_np(served(x)))
+  # A folded Conv+BatchNorm has no in-place serving: a clear error, nothing returned.
+  inp = keras.Input((6, 6, 2))
+  c = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(4, 3, name="conv")(inp))
+  ids2 = keras.Input((5,), dtype="int32")
+  out = keras.layers.Dense(2)(keras.layers.Flatten()(c)) + keras.ops.sum(
+      ReversibleEmbedding(16, 2, name="emb2")(ids2), axis=1)
+  qb = jqk.quantize(keras.Model([inp, ids2], out), fold_batchnorm=True)
+  jqk.calibrate(qb, [np.ones((2, 6, 6, 2), "float32"), x[:2]])
+  with pytest.raises(NotImplementedError, match="folded Conv\\+BatchNorm cannot be served"):
+    jqk.convert(qb)
