@@ -67,7 +67,7 @@ def _get_config(self):
 
 
 def recording_class(base, get_config, registered: str, cache: dict):
-  """A subclass of the model class ``base`` whose config is ``get_config``'s, saved as ``registered``.
+  """A subclass of the model class ``base`` with ``get_config``, saved as ``registered``.
 
   It keeps ``base``'s name, module and docstring (a ``MyModel`` stays an instance of
   ``MyModel``); one class per ``base`` in ``cache``.

@@ -179,31 +179,37 @@ class StoredWeights:
     return {p: (w, s) for p, w, s in self._slots()}[prefix]
 
   def _add_stored(self):
-    """Creates the variables of every weight slot and of the input range (see ``_slots``)."""
+    """Creates the variables of every weight slot and of the input range (see ``_slots``).
+
+    Not autocast: under mixed precision the codes and scales keep their stored dtypes (the
+    dequantized weight is cast once, at the end).
+    """
     for p, w, spec in self._slots():
       name = w["name"]
       if spec is None:
         self._add(p + "weight", name, w["shape"], w["dtype"], "zeros")
         continue
-      self._add(p + "codes", f"{name}_codes", w["stored_shape"], w["codes_dtype"], "zeros")
+      self._add(p + "codes", f"{name}_codes", w["stored_shape"], w["codes_dtype"], "zeros", False)
       self._add(p + "scale", f"{name}_scale", w["scale_shape"], w.get("scale_dtype", "float32"),
-                "ones")
+                "ones", False)
       if w["zero_point"]:
-        self._add(p + "zero_point", f"{name}_zero_point", w["scale_shape"], "int32", "zeros")
+        self._add(p + "zero_point", f"{name}_zero_point", w["scale_shape"], "int32", "zeros",
+                  False)
       if w.get("tensor_scale"):
-        self._add(p + "tensor_scale", f"{name}_tensor_scale", (), "float32", "ones")
+        self._add(p + "tensor_scale", f"{name}_tensor_scale", (), "float32", "ones", False)
     a = self.act_info
     if a is not None and a.get("scale_shape") is not None:
-      self._add("input_scale", "input_scale", a["scale_shape"], "float32", "ones")
+      self._add("input_scale", "input_scale", a["scale_shape"], "float32", "ones", False)
       if a["zero_point"]:
-        self._add("input_zero_point", "input_zero_point", a["scale_shape"], "int32", "zeros")
+        self._add("input_zero_point", "input_zero_point", a["scale_shape"], "int32", "zeros",
+                  False)
 
-  def _add(self, attr, name, shape, dtype, default):
+  def _add(self, attr, name, shape, dtype, default, autocast=True):
     """Creates ``self.<attr>``, initialised from convert's values when it gave them."""
     value = (vars(self).get("_init_values") or {}).get(attr)
     init = default if value is None else (lambda shape, dtype=None, v=value: v)
     setattr(self, attr, self.add_weight(name=name, shape=tuple(shape), dtype=dtype,
-                                        initializer=init, trainable=False))
+                                        initializer=init, trainable=False, autocast=autocast))
 
   def _stored_arrays(self, prefix: str = "", read=None) -> dict:
     """The stored arrays of one weight by role (``codes``, ``scale``...; absent ones ``None``)."""
@@ -658,6 +664,12 @@ def _weight_plan(name, q, w, dtype, path, pack, prefix=""):
   if q is None:
     return ({"name": name, "shape": list(w.shape), "spec": None, "dtype": dtype},
             {prefix + "weight": w.astype(dtype)})
+  # The QAT layer quantizes the weight in its quantizer's compute dtype (bfloat16 under
+  # mixed_bfloat16: the range and the codes of bfloat16(w)); so do its codes and dequantized
+  # values here.
+  cdt = getattr(q, "compute_dtype", None)
+  if cdt and np.issubdtype(w.dtype, np.floating) and np.dtype(cdt) != w.dtype:
+    w, dtype = w.astype(np.dtype(cdt)), str(np.dtype(cdt))
   enc = _saving.quantizer_encoding(q, w, f"layer {path!r} {name} quantizer")
   qt = _quantize_weight_jit()(jnp.asarray(w, jnp.dtype(dtype)), enc, pack=pack)
   info, values = _stored(qt, pack, prefix)

@@ -46,6 +46,7 @@ from jaxqat.keras import _saving
 from jaxqat.keras import _serve
 from jaxqat.keras._backend import is_jax
 from jaxqat.keras._backend import keras
+from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
 
 RECORD_VERSION = 1
@@ -78,7 +79,10 @@ class InPlaceServed(_serve.StoredWeights):
     try:
       for e in self._jaxqat_served["weights"]:
         saved[e["attr"]] = vars(self).get(e["attr"])
-        object.__setattr__(self, e["attr"], self._ops_weight(e["prefix"]))
+        w = self._ops_weight(e["prefix"])
+        if getattr(self, "autocast", True) and self.compute_dtype != e["info"]["dtype"]:
+          w = ops.cast(w, self.compute_dtype)  # as Keras autocasts a float variable it reads
+        object.__setattr__(self, e["attr"], w)
       return super().call(*args, **kwargs)
     finally:
       for attr, value in saved.items():

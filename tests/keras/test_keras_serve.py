@@ -531,3 +531,34 @@ def test_layers_inside_a_custom_layer_serve_in_place(tmp_path):
   served.save(path)
   back = keras.saving.load_model(path)
   np.testing.assert_array_equal(to_np(back(x)), out)
+
+
+def test_mixed_bfloat16_serves_the_weights_qat_computed_with(monkeypatch):
+  """Under mixed_bfloat16 a QAT layer quantizes bfloat16(w): the served codes are those codes
+  (graph-served and served in place), and the served model computes in bfloat16 too."""
+  from jaxqat.keras._quantizer import run_quantizer
+  monkeypatch.setattr(keras.mixed_precision, "global_policy", keras.mixed_precision.global_policy)
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    keras.utils.set_random_seed(0)
+    x = RNG.normal(size=(4, 5, 6)).astype("float32")
+    for model in (_seq((5, 6), keras.layers.Dense(8, name="d"), keras.layers.Dense(3)),
+                  _seq((5, 6), _Mixer(8, name="mixer"), keras.layers.Dense(3))):
+      q = jqk.quantize(model)
+      jqk.calibrate(q, x)
+      served = convert(q)
+      ql, sl = ((q.get_layer("d"), served.get_layer("d")) if "d" in [l.name for l in q.layers]
+                else (q.get_layer("mixer").out, served.get_layer("mixer").out))
+      wq = ql.weight_quantizers["_kernel"]
+      qat_w = to_np(run_quantizer(wq, keras.ops.cast(ql._kernel, "bfloat16"), training=False))
+      prefix = "" if isinstance(sl, jqk.ServedLayer) else "kernel_"
+      served_w = to_np(sl._ops_weight(prefix))
+      np.testing.assert_array_equal(served_w.astype("float32"), qat_w.astype("float32"))
+      ref, out = to_np(q(x)), to_np(served(x))
+      assert out.dtype == ref.dtype == keras.ops.dtype(keras.ops.ones((), "bfloat16"))
+      # The matmuls round to bfloat16 in another order, and a last-place difference can move
+      # the next layer's input by one step: close, not equal.
+      out, ref = out.astype("float32"), ref.astype("float32")
+      assert np.linalg.norm(out - ref) <= 2e-2 * np.linalg.norm(ref)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
