@@ -336,7 +336,7 @@ def _in_place_class(layer):
 
 def _convert_in_place(root, ctx, how):
   """Quantizes, in place, every supported layer under ``root`` that is still float."""
-  for loc, path, layer in _graph.walk(root, stop=lambda l: isinstance(l, _QUANT)):
+  for loc, path, layer in _graph.walk(root, stop=_fold.quant_leaf):
     if isinstance(layer, _QUANT) or not _in_place_class(layer):
       continue
     path = ctx.path_of(layer, path)
@@ -397,7 +397,7 @@ def _statuses(root, ctx, how):
   """The record entries of every layer with weights (quantized or not)."""
   out = []
   items = [([], "", root)] if _graph.own_weights(root) else []
-  items += list(_graph.walk(root, stop=lambda l: isinstance(l, _QUANT)))
+  items += list(_graph.walk(root, stop=_fold.quant_leaf))
   for loc, path, layer in items:
     path = ctx.path_of(layer, path)
     rule = ctx.rules.match(path)
@@ -424,7 +424,7 @@ def quant_layers(model) -> list:
     >>> [type(l).__name__ for l in quant_layers(m)]
     ['QuantDense']
   """
-  return [layer for _, _, layer in _graph.walk(model, stop=lambda l: isinstance(l, _QUANT))
+  return [layer for _, _, layer in _graph.walk(model, stop=_fold.quant_leaf)
           if isinstance(layer, _QUANT)]
 
 
@@ -433,7 +433,7 @@ def _check_float(model):
     raise ValueError(f"model: {model.name!r} is quantized already (by jaxqat.keras.quantize); "
                      "quantize the float model instead (jaxqat.keras.set_mode(model, 'float') "
                      "runs this one in float)")
-  for _, path, layer in _graph.walk(model, stop=lambda l: isinstance(l, _QUANT)):
+  for _, path, layer in _graph.walk(model, stop=_fold.quant_leaf):
     if isinstance(layer, _QUANT):  # a standalone Quantizer layer is the user's, not ours
       raise ValueError(f"model: {model.name!r} is quantized already (layer {path!r} is a "
                        f"{type(layer).__name__}); quantize the float model instead")

@@ -56,6 +56,7 @@ from jaxqat.core._serialize import spec_to_dict
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import ops
 from jaxqat.keras._backend import to_numpy
+from jaxqat.keras import _layers
 from jaxqat.keras._layers import conv_core_op
 from jaxqat.keras._layers import quantizer_operand
 from jaxqat.keras._layers import quantizer_ranges
@@ -339,3 +340,17 @@ class QuantConvBatchNorm(keras.layers.Layer):
     })
     return config
 
+
+
+QUANT = (_layers.QuantLayer, QuantConvBatchNorm)
+
+
+def quant_leaf(layer) -> bool:
+  """Whether a walk over a model stops at ``layer`` (``stop=`` of ``_graph.walk``).
+
+  At a quantized layer, whose sublayers are its own -- except an
+  embedding-like layer quantized by :func:`~jaxqat.keras._layers.gathered_class`,
+  whose sublayers (a vision model's patch projection) are quantized, listed
+  and served on their own.
+  """
+  return isinstance(layer, QUANT) and not _layers.is_gathered(layer)

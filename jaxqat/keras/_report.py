@@ -106,7 +106,7 @@ def report(model) -> QuantizationReport:
   record = _saving.record_of(model) or {}
   entries = {repr(e["at"]): e for e in record.get("layers", [])}
   items = [([], "", model)] if _graph.own_weights(model) else []
-  items += list(_graph.walk(model, stop=lambda l: isinstance(l, _QUANT)))
+  items += list(_graph.walk(model, stop=_fold.quant_leaf))
   layers = []
   for loc, path, layer in items:
     entry = entries.get(repr(loc), {})

@@ -220,7 +220,7 @@ def quant_entries(model) -> list:
   """``(path, layer)`` of every quantized layer (QuantLayer, QuantConvBatchNorm) of ``model``."""
   from jaxqat.keras import _fold
   quant = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
-  walk = _graph.walk(model, stop=lambda l: isinstance(l, quant))
+  walk = _graph.walk(model, stop=_fold.quant_leaf)
   return [(path, layer) for _, path, layer in walk
           if isinstance(layer, quant)]
 

@@ -40,6 +40,7 @@ import tempfile
 import numpy as np
 
 from jaxqat.core._serialize import spec_from_dict
+from jaxqat.keras import _fold
 from jaxqat.keras import _graph
 from jaxqat.keras import _layers
 from jaxqat.keras import _saving
@@ -185,7 +186,7 @@ def apply(layer, entry: dict, values=None) -> None:
 
 def needs_in_place(model) -> bool:
   """Whether ``model`` holds a quantized layer that convert must serve in place."""
-  for _, _, layer in _graph.walk(model, stop=lambda l: isinstance(l, _serve._QUANT)):
+  for _, _, layer in _graph.walk(model, stop=_fold.quant_leaf):
     if isinstance(layer, _layers.QuantLayer) and not _serve.graph_servable(layer):
       return True
     if isinstance(layer, _serve._QUANT) or isinstance(layer, keras.Sequential) or \
@@ -228,7 +229,7 @@ def serve_copy(model, pack: bool):
     ValueError: as :func:`plan`.
     TypeError: if the model cannot be copied (:func:`private_copy`).
   """
-  for _, path, layer in _graph.walk(model, stop=lambda l: isinstance(l, _serve._QUANT)):
+  for _, path, layer in _graph.walk(model, stop=_fold.quant_leaf):
     if isinstance(layer, _serve._QUANT) and not isinstance(layer, _layers.QuantLayer):
       raise NotImplementedError(
           f"layer {path!r}: a folded Conv+BatchNorm cannot be served in a model whose other "
@@ -236,7 +237,7 @@ def serve_copy(model, pack: bool):
           "a served class); quantize it with fold_batchnorm=False")
   served = private_copy(model)
   todo = [(layer, *plan(layer, path, pack)) for _, path, layer in _graph.walk(
-      served, stop=lambda l: isinstance(l, _serve._QUANT)) if isinstance(layer, _layers.QuantLayer)]
+      served, stop=_fold.quant_leaf) if isinstance(layer, _layers.QuantLayer)]
   for layer, entry, values in todo:
     apply(layer, entry, values)
   base = vars(served).get("_jaxqat_base", type(served))

@@ -445,3 +445,75 @@ def test_convert_serves_a_subclass_with_its_own_call_in_place():
   jqk.calibrate(qb, [np.ones((2, 6, 6, 2), "float32"), x[:2]])
   with pytest.raises(NotImplementedError, match="folded Conv\\+BatchNorm cannot be served"):
     jqk.convert(qb)
+
+
+# -- untied output projections, and embedding-like layers holding a projection ------------------
+
+
+def test_untied_reversible_embedding_quantizes_its_output_projection():
+  keras.utils.set_random_seed(0)
+  ids = keras.Input((5,), dtype="int32")
+  emb = keras.layers.ReversibleEmbedding(16, 8, tie_weights=False, name="emb")
+  model = keras.Model(ids, emb(keras.layers.Dense(8, name="ffn")(emb(ids)), reverse=True))
+  x = np.random.RandomState(0).randint(0, 16, (4, 5)).astype("int32")
+  q = jqk.quantize(model)
+  rep = jqk.report(q)["emb"]
+  assert [(w.name, w.quantized) for w in rep.weights] == [("embeddings", True),
+                                                          ("reverse_embeddings", True)]
+  assert rep.weights[1].spec.granularity.axes == (1,)  # one scale per output logit
+  jqk.calibrate(q, x)
+  layer = q.get_layer("emb")
+  w = to_np(layer.reverse_embeddings)
+  s = to_np(layer.reverse_embeddings_quantizer.scale)
+  assert s.shape == (1, 16)
+  wq = np.clip(np.round(w / s), -127, 127) * s
+  h = to_np(q.get_layer("ffn")(to_np(layer(x))))
+  np.testing.assert_allclose(to_np(q(x)), h @ wq, rtol=1e-5, atol=1e-5)
+  served = jqk.convert(q)
+  assert str(served.get_layer("emb").reverse_embeddings_codes.dtype) == "int8"
+  np.testing.assert_allclose(to_np(served(x)), to_np(q(x)), rtol=1e-6, atol=1e-6)
+
+
+@keras.saving.register_keras_serializable(package="jaxqat_test")
+class PatchEmbedding(keras.layers.Layer):
+  """A vision model's embeddings: a patch projection (Conv2D) plus a learned position table."""
+
+  def __init__(self, dim, **kwargs):
+    super().__init__(**kwargs)
+    self.dim = dim
+    self.projection = keras.layers.Conv2D(dim, 4, strides=4, name="projection")
+
+  def build(self, input_shape):
+    self.projection.build(input_shape)
+    n = (input_shape[1] // 4) * (input_shape[2] // 4)
+    self.position_embeddings = self.add_weight(name="position_embeddings", shape=(1, n, self.dim),
+                                               initializer="random_normal")
+
+  def call(self, images):
+    p = self.projection(images)
+    return keras.ops.reshape(p, (-1, p.shape[1] * p.shape[2], self.dim)) + self.position_embeddings
+
+  def get_config(self):
+    return {**super().get_config(), "dim": self.dim}
+
+
+def test_embedding_like_layer_quantizes_the_projection_it_holds(tmp_path):
+  keras.utils.set_random_seed(0)
+  images = keras.Input((8, 8, 3))
+  model = keras.Model(images, keras.layers.Dense(4, name="head")(PatchEmbedding(6, name="patch")(
+      images)))
+  x = np.random.RandomState(0).rand(2, 8, 8, 3).astype("float32")
+  q = jqk.quantize(model)
+  rep = jqk.report(q)
+  assert sorted(rep.quantized_paths()) == ["head", "patch", "patch/projection"]
+  assert type(q.get_layer("patch").projection).__name__ == "QuantConv2D"
+  jqk.calibrate(q, x)
+  served = jqk.convert(q)
+  proj = served.get_layer("patch").projection
+  assert type(proj).__name__ == "InPlaceServedConv2D" and str(proj.kernel_codes.dtype) == "int8"
+  np.testing.assert_allclose(to_np(served(x)), to_np(q(x)), rtol=1e-6, atol=1e-6)
+  path = str(tmp_path / "q.keras")
+  jqk.save(path, q)
+  back = jqk.restore(path)
+  assert type(back.get_layer("patch").projection).__name__ == "QuantConv2D"
+  np.testing.assert_array_equal(to_np(back(x)), to_np(q(x)))
