@@ -541,7 +541,7 @@ def test_mixed_bfloat16_serves_the_weights_qat_computed_with(monkeypatch):
   keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
     keras.utils.set_random_seed(0)
-    x = RNG.normal(size=(4, 5, 6)).astype("float32")
+    x = np.random.default_rng(0).normal(size=(4, 5, 6)).astype("float32")  # not the shared RNG
     for model in (_seq((5, 6), keras.layers.Dense(8, name="d"), keras.layers.Dense(3)),
                   _seq((5, 6), _Mixer(8, name="mixer"), keras.layers.Dense(3))):
       q = jqk.quantize(model)
