@@ -51,7 +51,7 @@ from jaxqat.keras._backend import to_numpy
 
 __all__ = ["quantize", "quant_layers", "copy_weights"]
 
-_QUANT = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
+_QUANT = _fold.QUANT  # quantized layers (QuantLayer, QuantConvBatchNorm)
 
 
 def _is_model(layer) -> bool:

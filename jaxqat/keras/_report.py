@@ -13,7 +13,7 @@ from jaxqat.keras._backend import keras
 
 __all__ = ["report"]
 
-_QUANT = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
+_QUANT = _fold.QUANT  # quantized layers (QuantLayer, QuantConvBatchNorm)
 
 
 def _weight_name(var, layer) -> str:

@@ -219,10 +219,8 @@ def restore(path):
 def quant_entries(model) -> list:
   """``(path, layer)`` of every quantized layer (QuantLayer, QuantConvBatchNorm) of ``model``."""
   from jaxqat.keras import _fold
-  quant = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
   walk = _graph.walk(model, stop=_fold.quant_leaf)
-  return [(path, layer) for _, path, layer in walk
-          if isinstance(layer, quant)]
+  return [(path, layer) for _, path, layer in walk if isinstance(layer, _fold.QUANT)]
 
 
 def weight_quantizers(layer) -> list:

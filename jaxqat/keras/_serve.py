@@ -87,7 +87,7 @@ __all__ = ["convert", "size_report", "export_serving", "ServedLayer", "ServedDen
            "ServedEinsumDense", "ServedConv", "ServedDepthwiseConv", "ServedSeparableConv",
            "ServedEmbedding"]
 
-_QUANT = (_layers.QuantLayer, _fold.QuantConvBatchNorm)
+_QUANT = _fold.QUANT  # quantized layers (QuantLayer, QuantConvBatchNorm)
 
 
 def _register(cls):
