@@ -4,9 +4,12 @@ Each model below has the shape of a failure seen on third-party code: a tied
 output head applied through a nested ``Module.apply`` with the transposed
 embedding as its kernel; GPT-2's Conv1D, whose kernel reaches
 ``lax.dot_general`` through ``kernel.transpose()``; an einsum kernel of shape
-(D, heads, head_dim) under ``PerOutputChannel()``. Each runs the default W8A8
-workflow and a few steps of W4A8 LSQ QAT, and the jaxpr shows that every
-matmul with a weight operand takes the fake-quantized weight.
+(D, heads, head_dim) under ``PerOutputChannel()``; the HF Flax causal-LM
+wrapper (its body assigned to ``self.model`` in ``setup``, the head tied by
+reading ``self.model.variables``, an RMSNorm and a (1, N, D) position table of
+its own). Each runs the default W8A8 workflow, a few steps of W4A8 LSQ QAT and
+``convert``, and the jaxpr shows that every matmul with a weight operand takes
+the fake-quantized weight.
 """
 
 import warnings
@@ -79,6 +82,43 @@ class GPT2(nn.Module):
     for i in range(self.n_layer):
       h = GPT2Block(name=f"h_{i}")(h)
     return wte.attend(nn.LayerNorm(name="ln_f")(h))
+
+
+class RMSNorm(nn.Module):
+  """A port's own norm layer: one vector parameter, no matmul."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * w
+
+
+class HFStyleBody(nn.Module):
+  """Embedding plus a (1, T, D) position table added by broadcasting, one MLP, RMSNorm."""
+
+  def setup(self):
+    self.wte = nn.Embed(V, D)
+    self.position_embeddings = self.param("position_embeddings", nn.initializers.normal(0.1),
+                                          (1, T, D))
+    self.mlp = nn.Dense(D)
+    self.norm = RMSNorm()
+
+  def __call__(self, ids):
+    h = self.wte(ids) + self.position_embeddings[:, :ids.shape[1]]
+    return self.norm(h + jnp.tanh(self.mlp(h)))
+
+
+class HFStyleCausalLM(nn.Module):
+  """As the HF Flax causal LMs: ``self.model`` in setup, head tied through ``.variables``."""
+
+  def setup(self):
+    self.model = HFStyleBody()
+    self.lm_head = nn.Dense(V, use_bias=False)
+
+  def __call__(self, ids):
+    h = self.model(ids)
+    kernel = self.model.variables["params"]["wte"]["embedding"].T
+    return self.lm_head.apply({"params": {"kernel": kernel}}, h)
 
 
 class HeadsEinsum(nn.Module):
@@ -176,6 +216,7 @@ MODELS = {
     "tied_head_nested_apply": (TiedHeadLM, 2),
     "gpt2_conv1d_transposed": (GPT2, 5),  # 4 Conv1D per block (all float before) + the head
     "einsum_heads_kernel": (HeadsEinsum, 3),
+    "hf_causal_lm_wrapper": (HFStyleCausalLM, 2),  # mlp + the tied head (wte is a lookup)
 }
 
 
@@ -264,3 +305,35 @@ def test_per_output_channel_einsum_kernel_has_one_scale_per_head_and_dim():
   np.testing.assert_allclose(scale, jnp.abs(w).max(0, keepdims=True) / 127, rtol=1e-6)
   assert len(np.unique(np.asarray(scale))) == 16  # not shared across heads
   assert v["quant_stats"]["attn_vec_einsum"]["kernel"]["scale"].shape == (1, 1, D)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_convert_serves_the_qat_model(name):
+  make, _ = MODELS[name]
+  ids = _ids()
+  qmodel = ql.quantize(make())
+  v = ql.calibrate(qmodel, jax.jit(qmodel.init)(KEY, ids), [ids])
+  y = jax.jit(qmodel.apply)(v, ids)
+  served, sv = ql.convert(qmodel, v, integer=False)
+  np.testing.assert_array_equal(jax.jit(served.apply)(sv, ids), y)  # bit for bit
+  leaves = jax.tree_util.tree_leaves_with_path(sv["params"])
+  assert not [p for p, x in leaves if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+              and "position_embeddings" not in jax.tree_util.keystr(p)]  # no float weight
+  served, sv = ql.convert(qmodel, v)  # integer kernels: float rounding, rare one-step flips
+  y_int = jax.jit(served.apply)(sv, ids)
+  assert float(jnp.linalg.norm(y_int - y) / jnp.linalg.norm(y)) < 2e-3
+  assert float(jnp.mean(jnp.abs(y_int - y) < 1e-5 * jnp.abs(y).max())) > 0.95
+
+
+def test_hf_style_wrapper_keeps_its_tree_and_reports_norms_as_elementwise():
+  ids = _ids()
+  model = HFStyleCausalLM()
+  params = model.init(KEY, ids)["params"]
+  qmodel = ql.quantize(model)  # the body's name "model" is not taken by the wrapper
+  v = qmodel.init(KEY, ids)
+  assert jax.tree.structure(v["params"]) == jax.tree.structure(params)
+  r = ql.report(qmodel, ql.calibrate(qmodel, {**v, "params": params}, [ids]))
+  assert r["model/norm"].status == "unsupported"
+  assert "elementwise" in r["model/norm"].reason
+  assert "elementwise" in r["model"].reason  # its own parameter: the position table
+  assert r["lm_head"].status == "quantized" and r["lm_head"].weights[0].shape == (D, V)

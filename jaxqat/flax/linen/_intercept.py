@@ -37,7 +37,9 @@ How an unmodified Linen model gets quantized:
    in the ``served`` collection, and ``served`` runs the converted model: a
    quantized weight is no longer in ``params``; ``Module.param`` hands the
    layer a stand-in (its dequantized codes, only used if the layer reads the
-   weight outside an intercepted op, and removed by XLA otherwise) and the
+   weight outside an intercepted op, and removed by XLA otherwise; a model
+   that reads the weight from ``Module.variables``, as the tied heads of the
+   HF Flax ports do, finds the same stand-in there) and the
    intercepted op is replaced by the core's integer kernel
    (:func:`jaxqat.core.quantized_dot_general`, ``quantized_einsum``,
    ``quantized_conv_general_dilated``, ``quantized_take``) with the input as
@@ -225,7 +227,12 @@ class Context:
       if own or path in self.layers:
         rec = self.layers.setdefault(path, LayerRecord(type(module).__name__, rule))
         rec.params.update((k, tuple(jnp.shape(v))) for k, v in own)
-        rec.elementwise = type(module).__module__ in _ELEMENTWISE_MODULES
+        # Flax's norms and activations, and any layer whose parameters are all
+        # vectors or broadcast tables with a leading 1 (a model's own RMSNorm,
+        # LayerScale, class token, (1, N, D) position table): no matmul weight.
+        rec.elementwise = (type(module).__module__ in _ELEMENTWISE_MODULES
+                           or all(len(shape) <= 1 or shape[0] == 1
+                                  for shape in rec.params.values()))
     return out
 
   def record(self, frame: Frame, name: str, spec: Optional[core.QuantSpec], act=None):
@@ -886,6 +893,53 @@ def _wrap_param(orig: Callable) -> Callable:
   return param
 
 
+def _with_stand_ins(ctx: "Context", module: nn.Module, variables):
+  """``variables`` with each converted weight's stand-in back in ``params``.
+
+  A served layer's weight lives as codes in ``served``; a model that reads
+  it from ``Module.variables`` instead of ``Module.param`` (the tied LM head
+  of the HF Flax ports: ``self.transformer.variables["params"]["wte"]
+  ["embedding"].T``) finds the dequantized codes there, the same stand-in
+  object ``param`` hands out (so an intercepted op still sees the weight).
+  """
+  served = variables.get(SERVED)
+  if not served:
+    return variables
+  path = ctx.locate(module)[0]
+
+  def merge(params, tree, where):
+    out = dict(params)
+    for name, value in tree.items():
+      if isinstance(value, core.QTensor):
+        if name not in out:
+          stand_ins = ctx.placeholders.setdefault(_join(*where), {})
+          if name not in stand_ins:
+            stand_ins[name] = core.dequantize(value)
+          out[name] = stand_ins[name]
+      elif isinstance(value, collections.abc.Mapping):
+        sub = out.get(name, {})
+        if isinstance(sub, collections.abc.Mapping):
+          out[name] = merge(sub, value, where + (name,))
+    return out
+
+  return {**variables, "params": merge(variables.get("params", {}), served, (path,))}
+
+
+def _wrap_variables(orig: property) -> property:
+  """Served mode: ``Module.variables`` holds the converted weights' stand-ins in ``params``."""
+
+  @functools.wraps(orig.fget)
+  def variables(self):
+    out = orig.fget(self)
+    ctx = current_context()
+    if ctx is None or ctx.mode != SERVED or _STATE.in_op or not _STATE.frames:
+      return out
+    with _guard():
+      return _with_stand_ins(ctx, self, out)
+
+  return property(variables)
+
+
 # --------------------------------------------------------------------------
 # Installing the wrappers.
 # --------------------------------------------------------------------------
@@ -1015,7 +1069,7 @@ def _wrap_apply(orig: Callable) -> Callable:
 def _targets() -> list:
   out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
          (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
-         (nn.Module, "apply"), (nn.Module, "param")]
+         (nn.Module, "apply"), (nn.Module, "param"), (nn.Module, "variables")]
   try:  # Array.T and Array.transpose() call this module's transpose
     from jax._src.numpy import lax_numpy  # pylint: disable=g-import-not-at-top
     if callable(getattr(lax_numpy, "transpose", None)):
@@ -1034,6 +1088,8 @@ def _wrapped(mod, name: str, orig: Callable) -> Callable:
     return _wrap_apply(orig)
   if name == "param":
     return _wrap_param(orig)
+  if name == "variables":
+    return _wrap_variables(orig)
   return _wrap_op(name, orig)
 
 

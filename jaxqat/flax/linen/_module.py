@@ -150,6 +150,18 @@ class QuantizedModule(nn.Module):
       context.warn(where)
     return out
 
+  def _register_submodules(self, name, val):
+    """Flax adopts Module fields as children; ``model`` is not one.
+
+    The wrapped model runs in this module's own scope (its params tree is
+    the float model's, unprefixed), so its name must not be reserved here: a
+    model whose ``setup`` assigns ``self.model = ...`` (the HF Flax causal
+    LMs) would otherwise meet a ``NameInUseError``.
+    """
+    if name == "model":
+      return
+    super()._register_submodules(name, val)  # pytype: disable=attribute-error
+
   @nn.nowrap
   def init_with_output(self, rngs, *args, method=None, **kwargs):  # pylint: disable=arguments-differ
     """``nn.Module.init_with_output`` (and so ``init``); remembers the example inputs' shapes."""
