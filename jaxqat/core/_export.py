@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxqat.core import _batches
 from jaxqat.core import _encoding
 from jaxqat.core import _quantize
 from jaxqat.core import _spec as spec_lib
@@ -129,9 +130,55 @@ class SizeReport:
     return "\n".join(lines)
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def plain_outputs(tree: Any) -> Any:
+  """``tree`` with every pytree node jax.export cannot serialize made a dict.
+
+  Tuples, lists, dicts and ``None`` are kept; a NamedTuple, a dataclass
+  output (a Flax ``struct.dataclass``, the HF ``ModelOutput`` classes) or any
+  other registered node becomes a dict of its children, keyed by field name.
+
+  Args:
+    tree: a model's output.
+
+  Returns:
+    The same arrays in built-in containers.
+
+  Examples:
+    >>> import collections, jax.numpy as jnp
+    >>> Out = collections.namedtuple("Out", "logits aux")
+    >>> sorted(plain_outputs(Out(jnp.ones(2), None)))
+    ['aux', 'logits']
+  """
+  if tree is None or isinstance(tree, (jax.Array, np.ndarray, np.generic, bool, int, float)):
+    return tree
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return {f: plain_outputs(getattr(tree, f)) for f in tree._fields}
+  if type(tree) in (tuple, list):
+    return type(tree)(plain_outputs(v) for v in tree)
+  if type(tree) is dict:
+    return {k: plain_outputs(v) for k, v in tree.items()}
+  children, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+  if len(children) == 1 and children[0][1] is tree:
+    return tree  # a leaf of another kind: jax.export says what it makes of it
+  return {_key_name(path[0]): plain_outputs(v) for path, v in children}
+
+
 def export_serving(fn: Callable, *example_args: Any, batch_polymorphic: bool = False,
-                   platforms: Optional[Sequence[str]] = None) -> bytes:
+                   platforms: Optional[Sequence[str]] = None, **example_kwargs: Any) -> bytes:
   """Serializes ``fn`` with :mod:`jax.export` (StableHLO); reload with :func:`load_serving`.
+
+  Array inputs, positional or keyword, are the program's inputs; keyword
+  arguments that hold no array (``deterministic=True``, ``None``) are fixed
+  into the program. Outputs in containers jax.export cannot serialize (a
+  model's output dataclass or NamedTuple) come back as dicts of their fields
+  (:func:`plain_outputs`).
 
   Args:
     fn: the serving function (closing over the converted weights).
@@ -141,12 +188,15 @@ def export_serving(fn: Callable, *example_args: Any, batch_polymorphic: bool = F
       exported program takes any batch size.
     platforms: target platforms (default: the current backend), e.g.
       ``("cpu", "cuda")``.
+    **example_kwargs: keyword inputs of ``fn``: arrays (given again by name
+      when the program is called) or Python values (fixed).
 
   Returns:
     The serialized program (bytes).
 
   Raises:
-    TypeError: if ``fn`` is not callable.
+    TypeError: if ``fn`` is not callable, or a keyword input mixes arrays
+      and Python values.
     ValueError: if there are no example arguments.
 
   Examples:
@@ -154,22 +204,42 @@ def export_serving(fn: Callable, *example_args: Any, batch_polymorphic: bool = F
     >>> blob = export_serving(lambda x: x * 2, jnp.ones((3,)))
     >>> load_serving(blob)(jnp.arange(3.0))
     Array([0., 2., 4.], dtype=float32)
+    >>> f = lambda x, *, scale, negate=False: -x * scale if negate else x * scale
+    >>> run = load_serving(export_serving(f, jnp.ones(2), scale=jnp.ones(2), negate=True))
+    >>> run(jnp.ones(2), scale=jnp.full(2, 3.0))
+    Array([-3., -3.], dtype=float32)
   """
   if not callable(fn):
     raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
-  if not example_args:
+  if not example_args and not example_kwargs:
     raise ValueError("example_args: give at least one example input")
+  fixed, traced = {}, {}
+  for name, value in example_kwargs.items():
+    arrays, _ = _batches.split_static(value)
+    static_leaves = [l for l in jax.tree.leaves(value) if not _batches.is_array(l)]
+    if not arrays:
+      fixed[name] = value
+    elif static_leaves:
+      raise TypeError(f"example_kwargs: '{name}' mixes arrays and Python values "
+                      f"({type(static_leaves[0]).__name__}); give arrays only, or only fixed "
+                      "values")
+    else:
+      traced[name] = value
   specs = []
   scope = jax.export.SymbolicScope()
-  for a in jax.tree_util.tree_leaves(example_args):
+  for a in jax.tree_util.tree_leaves((example_args, traced)):
     shape = tuple(a.shape)
     if batch_polymorphic and shape:
       sym = jax.export.symbolic_shape("b", scope=scope)
       shape = (sym[0],) + shape[1:]
     specs.append(jax.ShapeDtypeStruct(shape, a.dtype))
-  treedef = jax.tree_util.tree_structure(example_args)
-  args = jax.tree_util.tree_unflatten(treedef, specs)
-  exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+  treedef = jax.tree_util.tree_structure((example_args, traced))
+  args, kwargs = jax.tree_util.tree_unflatten(treedef, specs)
+
+  def serve(*a, **k):
+    return plain_outputs(fn(*a, **k, **fixed))
+
+  exported = jax.export.export(jax.jit(serve), platforms=platforms)(*args, **kwargs)
   return bytes(exported.serialize())
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -276,3 +277,58 @@ def test_bad_input_names_the_layer_or_entry_and_changes_nothing(net, tmp_path):
     with pytest.raises(ValueError, match=msg):
       serve.load_encodings(qmodel, v0, data)
   _assert_same(v0, before)  # nothing applied
+
+
+# ---------------------------------------------------------------------------
+# Flags among the inputs (train=False), keyword inputs and dataclass outputs.
+# ---------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class _Output:
+  logits: jax.Array
+  hidden: jax.Array
+  attentions: object = None
+
+
+class _FlagNet(nn.Module):
+  """The Flax examples' pattern: ``__call__(x, train)`` with BatchNorm and Dropout."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True, mask=None):
+    h = nn.Dense(8, name="hidden")(x)
+    h = nn.BatchNorm(use_running_average=not train, name="bn")(h)
+    h = nn.Dropout(0.5, deterministic=not train)(nn.relu(h))
+    if mask is not None:
+      h = h * mask
+    return _Output(nn.Dense(3, name="head")(h), h)
+
+
+@pytest.mark.parametrize("batch", ["tuple", "dict"])
+def test_calibrate_keeps_python_flags_static(batch):
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  qmodel = ql.quantize(_FlagNet())
+  v = qmodel.init(KEY, x, False)
+  data = [(x, False)] if batch == "tuple" else [{"x": x, "train": False}]
+  v = ql.calibrate(qmodel, v, data)  # a traced flag failed here (bool of a tracer)
+  # The head's input range is that of its eval-mode input (running averages, no dropout).
+  h = _FlagNet().apply({k: v[k] for k in ("params", "batch_stats")}, x, False).hidden
+  np.testing.assert_allclose(float(v["quant_stats"]["head"]["input"]["scale"]),
+                             (float(h.max()) - min(float(h.min()), 0.0)) / 255, rtol=1e-5)
+
+
+def test_export_serving_takes_keyword_inputs_fixes_flags_and_returns_dataclass_fields():
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  mask = (jax.random.uniform(jax.random.key(2), (16, 8)) > 0.3).astype(jnp.float32)
+  qmodel = ql.quantize(_FlagNet())
+  v = ql.calibrate(qmodel, qmodel.init(KEY, x, False), [{"x": x, "train": False, "mask": mask}])
+  served, sv = ql.convert(qmodel, v)
+  want = served.apply(sv, x, train=False, mask=mask)
+  run = core.load_serving(ql.export_serving(served, sv, x, mask=mask, train=False,
+                                            batch_polymorphic=True))
+  out = run(x[:5], mask=mask[:5])  # train is fixed in the program; mask is an input
+  assert sorted(out) == ["attentions", "hidden", "logits"] and out["attentions"] is None
+  np.testing.assert_allclose(out["logits"], want.logits[:5], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out["hidden"], want.hidden[:5], rtol=1e-6, atol=1e-6)
+  with pytest.raises(TypeError, match="'mask' mixes arrays and Python values"):
+    ql.export_serving(served, sv, x, mask=(mask, "no"))

@@ -362,3 +362,45 @@ def test_act_quant_point_serves_its_encoding():
   np.testing.assert_array_equal(_np(served(x)), _np(qat(x)))
   assert "out_quant/input" in {e["name"] for e in
                                _encodings.export_encodings(qat)["activation_encodings"]}
+
+
+class _FlagNet(nnx.Module):
+  """``__call__(x, train)``: BatchNorm and Dropout follow a Python flag."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(4, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x, train: bool = True, mask=None):
+    h = self.bn(self.hidden(x), use_running_average=not train)
+    h = self.drop(nnx.relu(h), deterministic=not train)
+    if mask is not None:
+      h = h * mask
+    return {"logits": self.head(h), "hidden": h}
+
+
+@pytest.mark.parametrize("batch", ["tuple", "dict"])
+def test_calibrate_keeps_python_flags_static(batch):
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  model = _FlagNet(nnx.Rngs(0))
+  model.bn.mean[...] = jnp.full((8,), 0.3)  # running statistics that differ from the batch's
+  want = model(x, False)["hidden"]
+  qnnx.quantize(model)
+  data = [(x, False)] if batch == "tuple" else [{"x": x, "train": False}]
+  qnnx.calibrate(model, data)  # a traced flag failed here (bool of a tracer)
+  np.testing.assert_allclose(float(model.head.input_quant.scale[...]),
+                             (float(want.max()) - min(float(want.min()), 0.0)) / 255, rtol=1e-5)
+
+
+def test_export_serving_takes_keyword_inputs_and_fixes_flags():
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  mask = (jax.random.uniform(jax.random.key(2), (16, 8)) > 0.3).astype(jnp.float32)
+  model = qnnx.quantize(_FlagNet(nnx.Rngs(0)))
+  qnnx.calibrate(model, [{"x": x, "train": False, "mask": mask}])
+  served = qnnx.convert(model)
+  want = served(x, train=False, mask=mask)
+  run = core.load_serving(qnnx.export_serving(served, x, mask=mask, train=False))
+  out = run(x, mask=mask)
+  np.testing.assert_allclose(out["logits"], want["logits"], rtol=1e-6, atol=1e-6)

@@ -237,7 +237,7 @@ def size_report(served_module: _module.QuantizedModule,
 
 
 def export_serving(served_module: _module.QuantizedModule, served_variables: Mapping[str, Any],
-                   *example_args, batch_polymorphic: bool = False) -> bytes:
+                   *example_args, batch_polymorphic: bool = False, **example_kwargs) -> bytes:
   """Serializes the served forward with :mod:`jax.export` (weights baked in as int8 constants).
 
   Args:
@@ -246,6 +246,9 @@ def export_serving(served_module: _module.QuantizedModule, served_variables: Map
     *example_args: example inputs (arrays or ``jax.ShapeDtypeStruct``), the
       positional arguments of the model.
     batch_polymorphic: make every input's leading axis symbolic (any batch).
+    **example_kwargs: the model's keyword arguments: arrays (inputs of the
+      program, given by name) or Python values such as ``train=False``
+      (fixed into the program).
 
   Returns:
     The serialized program; :func:`jaxqat.core.load_serving` reloads it as a
@@ -269,8 +272,8 @@ def export_serving(served_module: _module.QuantizedModule, served_variables: Map
   _check_served(served_module)
   served_variables = _check_variables(served_variables)
   _check_flag(batch_polymorphic, "batch_polymorphic")
-  return core.export_serving(lambda *a: served_module.apply(served_variables, *a), *example_args,
-                             batch_polymorphic=batch_polymorphic)
+  return core.export_serving(lambda *a, **k: served_module.apply(served_variables, *a, **k),
+                             *example_args, batch_polymorphic=batch_polymorphic, **example_kwargs)
 
 
 # --------------------------------------------------------------------------

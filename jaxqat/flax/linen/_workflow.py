@@ -11,6 +11,7 @@ tracking. See ``docs/contract.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -18,6 +19,7 @@ import jax
 import optax
 
 from jaxqat import core
+from jaxqat.core._batches import join_static, split_static
 from jaxqat.flax.linen import _intercept
 from jaxqat.flax.linen import _module
 from jaxqat.flax.linen import _quantizer
@@ -100,7 +102,8 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
     variables: its variables (from ``qmodel.init``, float params loaded).
     data: an iterable of batches; a batch is an array (one positional
       argument), a tuple of positional arguments, or a dict of keyword
-      arguments.
+      arguments. Arrays are traced; other values (``train=False``) reach
+      the model as they are (one compilation per distinct value).
     steps: at most this many batches (``None``: all).
 
   Returns:
@@ -133,8 +136,9 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
   variables[STATS] = _replace_entries(variables.get(STATS, {}), fresh)
   observe = _module.with_mode(qmodel, "calibrate")
 
-  @jax.jit
-  def step(v, args, kwargs):
+  @functools.partial(jax.jit, static_argnums=2)
+  def step(v, arrays, static):  # flags (train=False) stay Python values
+    args, kwargs = join_static(arrays, static)
     return observe.apply(v, *args, **kwargs, mutable=[STATS])[1][STATS]
 
   first, n = None, 0
@@ -144,7 +148,7 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
     args, kwargs = _call(batch)
     if first is None:
       first = (args, kwargs)
-    variables[STATS] = step(variables, args, kwargs)
+    variables[STATS] = step(variables, *split_static((args, kwargs)))
     n += 1
   if n == 0:
     raise ValueError("data: calibration needs at least one batch, got an empty iterable")
@@ -171,12 +175,13 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
       variables[PARAMS] = _drop(variables[PARAMS], path)
   setter = _module.with_mode(qmodel, "set")
 
-  @jax.jit
-  def set_ranges(v, args, kwargs):
+  @functools.partial(jax.jit, static_argnums=2)
+  def set_ranges(v, arrays, static):
+    args, kwargs = join_static(arrays, static)
     with _quantizer.batched_step_sizes() as convert:
       return convert(setter.apply(v, *args, **kwargs, mutable=[STATS, PARAMS])[1])
 
-  updates = set_ranges(variables, *first)
+  updates = set_ranges(variables, *split_static(first))
   variables.update({k: v for k, v in updates.items() if v or k in variables})
   return variables
 

@@ -670,7 +670,7 @@ def size_report(served: nnx.Module) -> core.SizeReport:
 
 
 def export_serving(served: nnx.Module, *example_args: Any, batch_polymorphic: bool = False,
-                   platforms=None) -> bytes:
+                   platforms=None, **example_kwargs: Any) -> bytes:
   """Serializes the served model's forward pass with :mod:`jax.export`.
 
   The model's state (codes, scales, float parameters of float layers) is
@@ -682,6 +682,9 @@ def export_serving(served: nnx.Module, *example_args: Any, batch_polymorphic: bo
     *example_args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
     batch_polymorphic: make every input's leading axis symbolic.
     platforms: target platforms (default: the current backend).
+    **example_kwargs: the model's keyword arguments: arrays (inputs of the
+      program, given by name) or Python values such as ``train=False``
+      (fixed into the program).
 
   Returns:
     The serialized program (bytes).
@@ -705,11 +708,11 @@ def export_serving(served: nnx.Module, *example_args: Any, batch_polymorphic: bo
     raise TypeError(f"served: expected a flax.nnx.Module, got {type(served).__name__}")
   graphdef, state = nnx.split(served)
 
-  def forward(*args):
-    return nnx.merge(graphdef, state)(*args)
+  def forward(*args, **kwargs):
+    return nnx.merge(graphdef, state)(*args, **kwargs)
 
   return core.export_serving(forward, *example_args, batch_polymorphic=batch_polymorphic,
-                             platforms=platforms)
+                             platforms=platforms, **example_kwargs)
 
 
 def served_meta(model: nnx.Module) -> dict:

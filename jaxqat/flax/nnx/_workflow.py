@@ -27,6 +27,7 @@ import jax
 import optax
 from flax import nnx
 
+from jaxqat.core._batches import join_static, split_static
 from jaxqat.flax.nnx import _intercept
 from jaxqat.flax.nnx._convert import is_quantized
 from jaxqat.flax.nnx._quantizer import ACT
@@ -213,7 +214,9 @@ def calibrate(
     model: a quantized model.
     data: an iterable of batches: each an array (``model(batch)``), a tuple
       of positional arguments (``model(*batch)``) or a dict of keyword
-      arguments (``model(**batch)``).
+      arguments (``model(**batch)``). Arrays are traced; other values
+      (``train=False``) reach the model as they are (one compilation per
+      distinct value).
     steps: the largest number of batches to use (default: all).
     forward: ``forward(model, batch)`` to run instead of calling the model
       (it is jitted with ``nnx.jit``).
@@ -244,10 +247,11 @@ def calibrate(
   qs = _check_model(model, "calibrate")
   fwd = forward if forward is not None else _call
 
-  def step(m, b):
-    fwd(m, b)
+  def step(m, arrays, static):  # flags in a batch (train=False) stay Python values
+    fwd(m, join_static(arrays, static))
 
-  step_fn = nnx.jit(step)
+  jitted = nnx.jit(step, static_argnums=2)
+  step_fn = lambda m, b: jitted(m, *split_static(b))  # noqa: E731
   _intercept.take_resolutions()
   for q in qs:
     q.mode = "calibrate"
