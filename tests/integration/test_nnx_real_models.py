@@ -10,6 +10,8 @@ few steps of W4A8 LSQ QAT, and the jaxpr shows that every matmul with a
 weight operand receives it through a fake-quant call.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -331,3 +333,77 @@ def test_calibrate_and_freeze_compile_once_per_spec_and_shape_on_24_layers():
   x5 = jax.random.normal(jax.random.key(0), (4, 5))
   calib2 = _count_compiles(lambda: qnnx.calibrate(qnnx.quantize(Deep(24, 5), rules2), [x5]))
   assert calib2.count("jit(_weight_state)") == 1 and calib2.count("jit(_observer_state)") == 1
+
+
+# ---------------------------------------------------------------------------
+# Shapes of the jax-ml/bonsai model zoo: a lookup that reads an Embed's table
+# directly (Qwen3), class token and position table of a ViT embedding layer.
+# ---------------------------------------------------------------------------
+
+
+class DirectLookup(nnx.Module):
+  """``self.embedder.embedding[...].at[ids].get()``: the Embed itself is never called."""
+
+  def __init__(self, rngs):
+    self.embedder = nnx.Embed(V, D, rngs=rngs)
+    self.head = nnx.Linear(D, D, rngs=rngs)
+
+  def __call__(self, ids):
+    h = self.head(self.embedder.embedding[...].at[(ids,)].get())
+    return h + h @ self.embedder.embedding[:].T @ self.embedder.embedding[...]  # Mamba2's tie
+
+
+class PatchEmbed(nnx.Module):
+  """A ViT embedding layer: class token (1, 1, D), position table (1, N, D), a Linear."""
+
+  def __init__(self, rngs):
+    self.proj = nnx.Linear(6, D, rngs=rngs)
+    self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, D)))
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, 5, D)))
+
+  def __call__(self, x):
+    h = self.proj(x)
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, D))
+    return jnp.concatenate([cls, h], axis=1) + self.pos[...]
+
+
+def test_served_weight_read_directly_is_dequantized_with_a_warning():
+  ids = jax.random.randint(jax.random.key(1), (3, 5), 0, V)
+  model = qnnx.quantize(DirectLookup(nnx.Rngs(0)))
+  qnnx.calibrate(model, [ids])
+  y = model(ids)  # fake quant: the lookup read the float table
+  with pytest.warns(core.QuantizationWarning, match="read directly by a module other than"):
+    served = qnnx.convert(model)
+    ys = served(ids)
+  qt = served.embedder.embedding.qtensor()
+  table = core.dequantize(qt)  # the served lookup and tie: the dequantized codes
+  h = served.head(table[ids])
+  np.testing.assert_allclose(ys, h + h @ table.T @ table, rtol=1e-6, atol=1e-6)
+  assert 0 < float(jnp.abs(ys - y).max()) < 0.05 * float(jnp.abs(y).max())
+  # Kept float, the table serves the fake-quant model's values exactly.
+  model = qnnx.quantize(DirectLookup(nnx.Rngs(0)), [Rule(pattern="embedder", skip=True),
+                                                    Rule(pattern=".*", weight=QuantSpec())])
+  served = qnnx.convert(model)
+  np.testing.assert_array_equal(served(ids), model(ids))
+
+
+def test_class_token_and_position_table_stay_float_without_a_warning():
+  x = jax.random.normal(jax.random.key(1), (3, 4, 6))
+  model = PatchEmbed(nnx.Rngs(0))
+  y_float = model(x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", core.QuantizationWarning)
+    qnnx.quantize(model, methods={"": "__call__"})
+    qnnx.calibrate(model, [x])
+  r = qnnx.report(model)
+  floats = {w.name: w.reason for w in r.float_weights()}
+  assert "fed no matmul" in floats["cls_token"] and "fed no matmul" in floats["pos"]
+  assert "proj" in [l.path for l in r.layers if l.status == "quantized"]
+  y = model(x)
+  assert 0 < float(jnp.abs(y - y_float).max()) < 0.05 * float(jnp.abs(y_float).max())
+  # The fake-quant call adds the float tables; so does the served model (it quantized
+  # them before, 0.9% of the output off).
+  np.testing.assert_array_equal(qnnx.convert(model, integer=False)(x), y)
+  served = qnnx.convert(model)  # the integer matmul of proj: float rounding only
+  np.testing.assert_allclose(served(x), y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(served.cls_token[...], model.cls_token[...])

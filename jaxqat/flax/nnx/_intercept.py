@@ -258,7 +258,8 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
       wq.output_channel_spec = weight_spec if weight_spec.is_output_channel else None
       wqs[name] = wq
     if act_spec is not None:
-      aqs[name] = Quantizer(act_spec, role=ACT, shape=(1, 1), stack_shape=stack, path=where)
+      aqs[name] = Quantizer(act_spec, role=ACT, shape=(1, 1), stack_shape=stack, path=where,
+                            optional=_TABLE if _broadcast_table(inner) else False)
     names.append((name, tuple(parts)))
   for attr in (_W, _A, "jaxqat_params"):
     if attr in vars(module):
@@ -266,10 +267,20 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   module.__class__ = _intercept_class(type(module), methods)
   module.jaxqat_params = tuple(names)
   module.jaxqat_path = path
+  module.jaxqat_matmul_weights = None  # names seen feeding a matmul (None: never called)
   module.jaxqat_stack_ndim = stack_ndim
   module.jaxqat_weight_quant = nnx.Dict(wqs) if wqs else nnx.data(None)
   module.jaxqat_input_quant = nnx.Dict(aqs) if aqs else nnx.data(None)
   return module
+
+
+_TABLE = ("a broadcast table (leading axis 1: a class token, a (1, N, D) position table) that "
+          "fed no matmul during calibration; it stays float")
+
+
+def _broadcast_table(shape) -> bool:
+  """A parameter shaped like an addend broadcast over the batch, not a matmul weight."""
+  return len(shape) >= 1 and shape[0] == 1
 
 
 def reresolve(module, name: str, axes: tuple[int, ...]) -> bool:
@@ -374,13 +385,36 @@ def _intercepted_call(self, method, args, kwargs):
   for p, new, old in zip(rest_paths, jax.tree_util.tree_leaves(new_rest), rest_vals):
     if new is not old:
       _get_param(self, p)[...] = new
-  unused = [w.name for w in weights.values() if w.own and w.name not in interp.used]
+  _record_matmul_weights(self, {w.name for w in weights.values() if w.own} & interp.used)
+  unused = [w.name for p, w in weights.items() if w.own and w.name not in interp.used
+            and not _broadcast_table(_get_param(self, p).shape[self.jaxqat_stack_ndim:])]
   if unused and method == "__call__":
     warnings.warn(
         f"jaxqat: layer '{self.jaxqat_path}' ({type(self).jaxqat_float_type.__name__}): "
         f"parameters {unused} feed no matmul/convolution that jaxqat can identify (see "
         "jaxqat.flax.nnx._intercept); they stay in float", core.QuantizationWarning, stacklevel=3)
   return out
+
+
+def _record_matmul_weights(module, names: set) -> None:
+  """Adds ``names`` to the weights ``module`` was seen to feed to a matmul (a static attribute).
+
+  ``convert`` and ``report`` keep the other weights float, as the fake-quant
+  call uses them (a class token, a position table added to the activations).
+  """
+  prev = getattr(module, "jaxqat_matmul_weights", None)
+  new = tuple(sorted(set(prev or ()) | names))
+  if new != prev:
+    try:
+      module.jaxqat_matmul_weights = new
+    except Exception:  # pylint: disable=broad-except  # a transform that forbids it: unknown
+      pass
+
+
+def feeds_matmul(module, name: str) -> bool:
+  """Whether weight ``name`` of an intercepted module fed a matmul (True if never called)."""
+  used = getattr(module, "jaxqat_matmul_weights", None)
+  return used is None or name in used
 
 
 class _Labeled:

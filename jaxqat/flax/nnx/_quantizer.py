@@ -153,7 +153,8 @@ class Quantizer(nnx.Module):
       that initialises the step size (and offset); default: step size 1.
     optional: for activation quantizers, whether seeing no data during
       :func:`calibrate` is expected (``Embed``'s query quantizer, used only
-      by ``attend``): it then stays float without a warning (reported).
+      by ``attend``): it then stays float without a warning (reported); a
+      string is the reason the report gives.
 
   Raises:
     TypeError: if ``spec`` is not a QuantSpec.
@@ -224,7 +225,7 @@ class Quantizer(nnx.Module):
     self.mode = "quant"
     self.frozen = False  # fixed-range weights: stored range instead of tracking
     self.calibrated = role == WEIGHT or spec.is_block  # activations: range set by calibrate
-    self.optional = bool(optional)
+    self.optional = optional if isinstance(optional, str) else bool(optional)
     self.disabled = ""  # why an activation quantizer stays float after calibrate
     self.output_channel_spec = None  # intercepted weights: PerOutputChannel() resolved per op
     full = stack_shape + base
@@ -332,7 +333,9 @@ class Quantizer(nnx.Module):
     values, ok = _observer_state(stats, self.spec, len(self.stack_shape), self._full())
     ok = bool(ok)
     if not ok:
-      if self.optional:
+      if isinstance(self.optional, str):
+        self.disabled = self.optional
+      elif self.optional:
         self.disabled = ("attend() was not called during calibration (lookup only); the query "
                          "of attend stays float")
       else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flax import nnx
 
 from jaxqat import core
+from jaxqat.flax.nnx import _intercept
 from jaxqat.flax.nnx._convert import _own_params
 from jaxqat.flax.nnx._convert import path_str
 
@@ -58,10 +59,13 @@ def report(model: nnx.Module) -> core.QuantizationReport:
   layers = []
   for path, layer_type, status, rule, reason in entries:
     node = nodes[path]
-    quant = {}
+    quant, unused = {}, set()
     act, act_reason = None, ""
     if status == "quantized" and hasattr(type(node), "jaxqat_weights"):
       for parts, wq, aq in node.jaxqat_weights():
+        if wq is not None and not _intercept.feeds_matmul(node, ".".join(map(str, parts))):
+          unused.add(tuple(parts))
+          wq = None
         quant[tuple(parts)] = wq
         if aq is not None:
           if aq.disabled:
@@ -77,6 +81,9 @@ def report(model: nnx.Module) -> core.QuantizationReport:
         weights.append(core.WeightReport(name, tuple(var.shape), wq.spec, ""))
       else:
         why = reason if status != "quantized" else _float_reason(var)
+        if parts in unused:
+          why = ("fed no matmul or convolution when the layer ran (e.g. an added class token "
+                 "or position table)")
         weights.append(core.WeightReport(name, tuple(var.shape), None, why))
     how = "; ".join(r for r in (reason, act_reason) if r)
     layers.append(core.LayerReport(path, layer_type, status, weights, act, rule, how))

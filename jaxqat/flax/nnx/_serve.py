@@ -62,6 +62,7 @@ like any variable.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -170,10 +171,22 @@ class ServedWeight(nnx.Module):
     return tuple(self.qtensor().shape)
 
   def __getitem__(self, index):
-    if index is not Ellipsis:
-      raise TypeError("ServedWeight: only weight[...] is supported (a served weight holds "
-                      "codes; use .qtensor() or jaxqat.core.dequantize)")
-    return _Operand(self.qtensor())
+    stack = _layers._stack()  # pylint: disable=protected-access
+    if stack and any(v is self for v in vars(stack[-1]).values()):
+      if index is not Ellipsis:
+        raise TypeError("ServedWeight: only weight[...] is supported (a served weight holds "
+                        "codes; use .qtensor() or jaxqat.core.dequantize)")
+      return _Operand(self.qtensor())  # its own layer's op
+    # Read directly by another module (``embedder.embedding[...].at[ids].get()``,
+    # ``h @ embed.embedding[:].T``): the fake-quant model read the float weight there,
+    # the served model has only codes.
+    warnings.warn(
+        "jaxqat: a served weight is read directly by a module other than its layer (not "
+        "through the layer's call): the served model uses its dequantized codes there, where "
+        "the fake-quant model read the float weight, so the two differ by that weight's "
+        "rounding; keep the layer float (Rule(pattern=..., skip=True)) to serve the float "
+        "weight", core.QuantizationWarning, stacklevel=2)
+    return core.dequantize(self.qtensor())[index]
 
 
 class ServedEncoding(nnx.Module):
@@ -490,6 +503,8 @@ def _intercept_plan(node, where: str) -> dict:
     wq = node.jaxqat_weight_quant.get(name) if node.jaxqat_weight_quant is not None else None
     aq = node.jaxqat_input_quant.get(name) if node.jaxqat_input_quant is not None else None
     qt = None
+    if not _intercept.feeds_matmul(node, name):
+      wq = None  # added, not multiplied, in the fake-quant call: served float too
     if wq is not None:  # unpacked: the codes keep the weight's shape and path
       _, qt = _weight_encoding(wq, _param(node, parts)[...], f"{where}/{name}", False)
     plan[name] = (qt, wq, _act_encoding(aq, f"{where}/{name}", "convert"))
