@@ -64,6 +64,7 @@ from __future__ import annotations
 # pylint: disable=import-outside-toplevel,protected-access
 
 import dataclasses
+import inspect
 import json
 
 import numpy as np
@@ -812,9 +813,10 @@ def convert(model, *, integer: bool = True, pack: bool = True):
   quantizer left float (it saw no finite value in calibration) stays float.
 
   Args:
-    model: a Sequential or Functional model returned by
-      :func:`jaxqat.keras.quantize` (nested Sequential/Functional models
-      included), calibrated.
+    model: a model returned by :func:`jaxqat.keras.quantize`, calibrated:
+      Sequential or Functional (nested ones included) are rebuilt as a
+      graph; a subclassed model, or one whose quantized layers sit inside
+      custom layers, is served in place on a copy that keeps its class.
     integer: allow the integer path (int8 x int8 -> int32) on the JAX
       backend; ``False`` serves with the dequantize path (equal to the
       fake-quant model bit for bit).
@@ -941,7 +943,8 @@ def size_report(served):
 
 
 
-def export_serving(served, *example_args, batch_polymorphic: bool = False) -> bytes:
+def export_serving(served, *example_args, batch_polymorphic: bool = False,
+                   **example_kwargs) -> bytes:
   """Serializes the served model's forward pass with :mod:`jax.export` (JAX backend only).
 
   Wraps :func:`jaxqat.core.export_serving` around a stateless call of the
@@ -953,6 +956,9 @@ def export_serving(served, *example_args, batch_polymorphic: bool = False) -> by
     served: a model returned by :func:`convert` (any Keras model works).
     *example_args: the model's inputs (arrays or ``jax.ShapeDtypeStruct``).
     batch_polymorphic: make the leading axis of every input symbolic.
+    **example_kwargs: keyword arguments of the model's ``call``: arrays
+      (inputs of the program, given by name, e.g. a ``mask``) or Python
+      values (fixed into the program).
 
   Returns:
     The serialized program (bytes).
@@ -983,8 +989,13 @@ def export_serving(served, *example_args, batch_polymorphic: bool = False) -> by
   tv = [v.value for v in served.trainable_variables]
   ntv = [v.value for v in served.non_trainable_variables]
 
-  def forward(*args):
-    out, _ = served.stateless_call(tv, ntv, *args, training=False)
+  params = inspect.signature(served.call).parameters
+  if "training" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    example_kwargs.setdefault("training", False)
+
+  def forward(*args, **kwargs):
+    out, _ = served.stateless_call(tv, ntv, *args, **kwargs)
     return out
 
-  return core_export(forward, *example_args, batch_polymorphic=batch_polymorphic)
+  return core_export(forward, *example_args, batch_polymorphic=batch_polymorphic,
+                     **example_kwargs)

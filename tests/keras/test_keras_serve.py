@@ -562,3 +562,44 @@ def test_mixed_bfloat16_serves_the_weights_qat_computed_with(monkeypatch):
       assert np.linalg.norm(out - ref) <= 2e-2 * np.linalg.norm(ref)
   finally:
     keras.mixed_precision.set_global_policy("float32")
+
+
+@keras.saving.register_keras_serializable(package="jaxqat_tests")
+class _Gated(keras.Model):
+  """A subclassed model whose call takes a keyword array and a Python flag."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.hidden = keras.layers.Dense(8, name="hidden")
+    self.head = keras.layers.Dense(3, name="head")
+
+  def call(self, x, gate=None, negate=False):
+    h = keras.ops.relu(self.hidden(x))
+    if gate is not None:
+      h = h * gate
+    y = self.head(h)
+    return {"logits": -y if negate else y, "hidden": h}
+
+
+def test_subclassed_model_converts_and_exports_with_keyword_inputs():
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(6, 4)).astype("float32")
+  gate = (rng.uniform(size=(6, 8)) > 0.3).astype("float32")
+  model = _Gated()
+  model(x)
+  q = jqk.calibrate(jqk.quantize(model), x)
+  served = convert(q)  # a subclassed model: served in place on a copy (it was refused)
+  assert type(served).__name__ == "_Gated" and served is not q
+  np.testing.assert_array_equal(to_np(served(x, gate=gate)["logits"]),
+                                to_np(q(x, gate=gate)["logits"]))
+  formats = {r.layer: r.format for r in size_report(served).rows}
+  assert formats["hidden/kernel"] == formats["head/kernel"] == "int8_narrow"
+  if BACKEND != "jax":  # jax.export runs on the JAX backend
+    return
+  run = load_serving(export_serving(served, x, gate=gate, negate=True))
+  out = run(x, gate=gate[::-1].copy())  # gate is an input of the program; negate is fixed
+  want = served(x, gate=gate[::-1].copy(), negate=True)
+  np.testing.assert_allclose(np.asarray(out["logits"]), to_np(want["logits"]), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["hidden"]), to_np(want["hidden"]), rtol=1e-6,
+                             atol=1e-6)
