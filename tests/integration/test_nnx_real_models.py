@@ -342,15 +342,25 @@ def test_calibrate_and_freeze_compile_once_per_spec_and_shape_on_24_layers():
 
 
 class DirectLookup(nnx.Module):
-  """``self.embedder.embedding[...].at[ids].get()``: the Embed itself is never called."""
+  """Qwen3's ``self.embedder.embedding[...].at[ids].get()``: the Embed is never called."""
 
   def __init__(self, rngs):
     self.embedder = nnx.Embed(V, D, rngs=rngs)
     self.head = nnx.Linear(D, D, rngs=rngs)
 
   def __call__(self, ids):
-    h = self.head(self.embedder.embedding[...].at[(ids,)].get())
-    return h + h @ self.embedder.embedding[:].T @ self.embedder.embedding[...]  # Mamba2's tie
+    return self.head(self.embedder.embedding[...].at[(ids,)].get())
+
+
+class TiedByHand(nnx.Module):
+  """Mamba2's tie: the Embed looks up, and its table is read again for the head."""
+
+  def __init__(self, rngs):
+    self.embedder = nnx.Embed(V, D, rngs=rngs)
+    self.mix = nnx.Linear(D, D, rngs=rngs)
+
+  def __call__(self, ids):
+    return self.mix(self.embedder(ids)) @ self.embedder.embedding[:].T
 
 
 class PatchEmbed(nnx.Module):
@@ -367,24 +377,34 @@ class PatchEmbed(nnx.Module):
     return jnp.concatenate([cls, h], axis=1) + self.pos[...]
 
 
-def test_served_weight_read_directly_is_dequantized_with_a_warning():
+@pytest.mark.parametrize("weight", [QuantSpec(), QuantSpec(format="int4", learning="lsq")])
+def test_layer_read_directly_and_never_called_stays_float(weight):
   ids = jax.random.randint(jax.random.key(1), (3, 5), 0, V)
-  model = qnnx.quantize(DirectLookup(nnx.Rngs(0)))
+  model = qnnx.quantize(DirectLookup(nnx.Rngs(0)), [Rule(pattern=".*", weight=weight,
+                                                         act=core.default_act_spec())])
   qnnx.calibrate(model, [ids])
-  y = model(ids)  # fake quant: the lookup read the float table
-  with pytest.warns(core.QuantizationWarning, match="read directly by a module other than"):
-    served = qnnx.convert(model)
-    ys = served(ids)
-  qt = served.embedder.embedding.qtensor()
-  table = core.dequantize(qt)  # the served lookup and tie: the dequantized codes
-  h = served.head(table[ids])
-  np.testing.assert_allclose(ys, h + h @ table.T @ table, rtol=1e-6, atol=1e-6)
-  assert 0 < float(jnp.abs(ys - y).max()) < 0.05 * float(jnp.abs(y).max())
-  # Kept float, the table serves the fake-quant model's values exactly.
-  model = qnnx.quantize(DirectLookup(nnx.Rngs(0)), [Rule(pattern="embedder", skip=True),
-                                                    Rule(pattern=".*", weight=QuantSpec())])
-  served = qnnx.convert(model)
+  r = qnnx.report(model)
+  assert r["embedder"].status == "unsupported" and "never called" in r["embedder"].reason
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", core.QuantizationWarning)
+    served = qnnx.convert(model, integer=False)
+  # The served lookup reads the float table, as the fake-quant model did (W4: 30% off before).
   np.testing.assert_array_equal(served(ids), model(ids))
+  np.testing.assert_array_equal(served.embedder.embedding[...], model.embedder.embedding[...])
+  assert served.head.kernel.values[...].dtype == jnp.int8
+
+
+def test_served_weight_also_read_directly_is_dequantized_with_a_warning():
+  ids = jax.random.randint(jax.random.key(1), (3, 5), 0, V)
+  model = qnnx.quantize(TiedByHand(nnx.Rngs(0)))
+  qnnx.calibrate(model, [ids])
+  y = model(ids)  # fake quant: the lookup is quantized, the tie read the float table
+  with pytest.warns(core.QuantizationWarning, match="read directly by a module other than"):
+    served = qnnx.convert(model, integer=False)
+    ys = served(ids)
+  table = core.dequantize(served.embedder.embedding.qtensor())
+  np.testing.assert_allclose(ys, served.mix(table[ids]) @ table.T, rtol=1e-6, atol=1e-6)
+  assert 0 < float(jnp.abs(ys - y).max()) < 0.05 * float(jnp.abs(y).max())
 
 
 def test_class_token_and_position_table_stay_float_without_a_warning():

@@ -79,6 +79,25 @@ def _stack():
   return _STATE.layers
 
 
+def mark_ran(layer) -> None:
+  """Records (a static attribute) that ``layer``'s own op ran: its weight reached it.
+
+  :func:`~jaxqat.flax.nnx.convert` keeps float the weight of a quantized
+  layer that never ran while others did: another module read the weight
+  directly (``embedder.embedding[...].at[ids].get()``), in float.
+  """
+  if not vars(layer).get("jaxqat_ran", False):
+    try:
+      layer.jaxqat_ran = True
+    except Exception:  # pylint: disable=broad-except  # a transform that forbids it
+      pass
+
+
+def ran(layer) -> bool:
+  """Whether :func:`mark_ran` saw ``layer`` run."""
+  return bool(vars(layer).get("jaxqat_ran", False))
+
+
 @contextlib.contextmanager
 def _active(layer):
   stack = _stack()
@@ -331,6 +350,7 @@ class _QuantMixin(nnx.Module):
     return (inputs, kernel) + tuple(args[2:])
 
   def __call__(self, *args, **kwargs):
+    mark_ran(self)
     with _active(self):
       return super().__call__(*args, **kwargs)
 
@@ -567,6 +587,7 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
     return super().jaxqat_quantize_operands(args)  # attend: (query, embedding)
 
   def attend(self, *args, **kwargs):
+    mark_ran(self)
     with _active(self):
       return super().attend(*args, **kwargs)
 

@@ -6,6 +6,7 @@ from flax import nnx
 
 from jaxqat import core
 from jaxqat.flax.nnx import _intercept
+from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._convert import _own_params
 from jaxqat.flax.nnx._convert import path_str
 
@@ -56,9 +57,12 @@ def report(model: nnx.Module) -> core.QuantizationReport:
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module):
       nodes.setdefault(path_str(path), node)
+  model_ran = any(_layers.ran(n) for n in nodes.values())
   layers = []
   for path, layer_type, status, rule, reason in entries:
     node = nodes[path]
+    never_ran = (status == "quantized" and model_ran and isinstance(node, _layers._QuantMixin)  # pylint: disable=protected-access
+                 and not _layers.ran(node))
     quant, unused = {}, set()
     act, act_reason = None, ""
     if status == "quantized" and hasattr(type(node), "jaxqat_weights"):
@@ -72,6 +76,11 @@ def report(model: nnx.Module) -> core.QuantizationReport:
             act_reason = f"input stays float: {aq.disabled}"
           elif act is None:
             act = aq.spec
+    if never_ran:
+      status, reason, quant = "unsupported", (
+          "never called while the model ran (calibrate, QAT): unused by that data, or another "
+          "module reads its weight directly (embedding[...].at[ids].get()), in float; convert "
+          "keeps it float"), {}
     weights = []
     for parts, var in _own_params(node):
       parts = tuple(parts)

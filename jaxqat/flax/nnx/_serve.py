@@ -587,6 +587,7 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
                      "jaxqat.flax.nnx.quantize(model, rules) (and calibrate) first")
   _check_modes(model, "convert")
   plans: dict[tuple, tuple] = {}
+  model_ran = any(_layers.ran(n) for _, n in _owners(model))
   for path, node in _owners(model):
     where = path_str(path) or "<root>"
     if isinstance(node, _intercept.InterceptMixin):
@@ -601,6 +602,8 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
       plans[path] = ("act", _act_encoding(node.quantizer, where, "convert"))
       continue
     wq = getattr(node, node.quant_attr)
+    if model_ran and not _layers.ran(node):
+      wq = None  # never called: its weight was read directly, in float (see report)
     act = _act_encoding(node.input_quant, where, "convert")
     qt, float_dtype = None, None
     if wq is not None:
