@@ -407,18 +407,30 @@ def test_served_weight_also_read_directly_is_dequantized_with_a_warning():
   assert 0 < float(jnp.abs(ys - y).max()) < 0.05 * float(jnp.abs(y).max())
 
 
+class TinyViT(nnx.Module):
+  """The embedding layer (intercepted: it has weights of its own) and a head."""
+
+  def __init__(self, rngs):
+    self.embed = PatchEmbed(rngs)
+    self.head = nnx.Linear(D, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.embed(x))
+
+
 def test_class_token_and_position_table_stay_float_without_a_warning():
   x = jax.random.normal(jax.random.key(1), (3, 4, 6))
-  model = PatchEmbed(nnx.Rngs(0))
+  model = TinyViT(nnx.Rngs(0))
   y_float = model(x)
   with warnings.catch_warnings():
     warnings.simplefilter("error", core.QuantizationWarning)
-    qnnx.quantize(model, methods={"": "__call__"})
+    qnnx.quantize(model)
     qnnx.calibrate(model, [x])
   r = qnnx.report(model)
   floats = {w.name: w.reason for w in r.float_weights()}
   assert "fed no matmul" in floats["cls_token"] and "fed no matmul" in floats["pos"]
-  assert "proj" in [l.path for l in r.layers if l.status == "quantized"]
+  # The projection runs inside the intercepted layer (on a traced copy): it ran.
+  assert {"embed/proj", "head"} <= {l.path for l in r.layers if l.status == "quantized"}
   y = model(x)
   assert 0 < float(jnp.abs(y - y_float).max()) < 0.05 * float(jnp.abs(y_float).max())
   # The fake-quant call adds the float tables; so does the served model (it quantized
@@ -426,4 +438,5 @@ def test_class_token_and_position_table_stay_float_without_a_warning():
   np.testing.assert_array_equal(qnnx.convert(model, integer=False)(x), y)
   served = qnnx.convert(model)  # the integer matmul of proj: float rounding only
   np.testing.assert_allclose(served(x), y, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(served.cls_token[...], model.cls_token[...])
+  np.testing.assert_array_equal(served.embed.cls_token[...], model.embed.cls_token[...])
+  assert served.embed.proj.kernel.values[...].dtype == jnp.int8

@@ -75,6 +75,7 @@ from flax import nnx
 from jax.extend import core as jex_core
 
 from jaxqat import core
+from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
 from jaxqat.flax.nnx._quantizer import WEIGHT
@@ -369,8 +370,11 @@ def _intercepted_call(self, method, args, kwargs):
     a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
     m = nnx.merge(graphdef, qstate, state)
     out = float_call(m, *a, **kw)
+    ran[:] = [tuple(p) for p, n in nnx.iter_graph(m) if p and _layers.ran(n)]
     _, _, new_rest = nnx.split(m, qfilter, ...)
     return out, new_rest
+
+  ran: list = []  # the quantized layers inside that ran (on the traced copy)
 
   in_vals = rest_vals + [arg_leaves[i] for i in dyn_idx]
   closed, out_shape = jax.make_jaxpr(inner, return_shape=True)(*in_vals)
@@ -380,6 +384,11 @@ def _intercepted_call(self, method, args, kwargs):
   interp = _Interpreter(f"layer '{self.jaxqat_path}'" if self.jaxqat_path else "<root>")
   outs = interp.run(closed.jaxpr, closed.consts, in_vals, labels)
   out, new_rest = jax.tree_util.tree_unflatten(out_def, outs)
+  for p in ran:  # as if they had run on this module itself
+    try:
+      _layers.mark_ran(_get_param(self, p))
+    except (AttributeError, KeyError, IndexError, TypeError):
+      pass
   # Write back only the state the call changed (batch statistics, observers, RNG counts):
   # state it passed through may belong to another trace (captured by a closure).
   for p, new, old in zip(rest_paths, jax.tree_util.tree_leaves(new_rest), rest_vals):

@@ -95,7 +95,7 @@ def mark_ran(layer) -> None:
 
 def ran(layer) -> bool:
   """Whether :func:`mark_ran` saw ``layer`` run."""
-  return bool(vars(layer).get("jaxqat_ran", False))
+  return bool(getattr(layer, "__dict__", {}).get("jaxqat_ran", False))
 
 
 @contextlib.contextmanager
