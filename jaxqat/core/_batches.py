@@ -76,20 +76,7 @@ def join_static(arrays, static: Hashable) -> Any:
   """
   treedef, leaves = static
   it = iter(arrays)
-  return jax.tree.unflatten(treedef, [next(it) if isinstance(leaf, _ArrayLeaf) else leaf for leaf in leaves])
+  return jax.tree.unflatten(treedef, [next(it) if leaf is _ARRAY else leaf for leaf in leaves])
 
 
-class _ArrayLeaf:
-  """Marks an array leaf's place in the static description."""
-
-  def __repr__(self):
-    return "<array>"
-
-  def __eq__(self, other):
-    return isinstance(other, _ArrayLeaf)
-
-  def __hash__(self):
-    return hash(_ArrayLeaf)
-
-
-_ARRAY = _ArrayLeaf()
+_ARRAY = object()  # an array leaf's place in the static description (hashed by identity)

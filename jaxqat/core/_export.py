@@ -215,8 +215,9 @@ def export_serving(fn: Callable, *example_args: Any, batch_polymorphic: bool = F
     raise ValueError("example_args: give at least one example input")
   fixed, traced = {}, {}
   for name, value in example_kwargs.items():
-    arrays, _ = _batches.split_static(value)
-    static_leaves = [l for l in jax.tree.leaves(value) if not _batches.is_array(l)]
+    leaves = jax.tree.leaves(value)
+    arrays = [l for l in leaves if _batches.is_array(l)]
+    static_leaves = [l for l in leaves if not _batches.is_array(l)]
     if not arrays:
       fixed[name] = value
     elif static_leaves:

@@ -412,12 +412,7 @@ def _record_matmul_weights(module, names: set) -> None:
   call uses them (a class token, a position table added to the activations).
   """
   prev = getattr(module, "jaxqat_matmul_weights", None)
-  new = tuple(sorted(set(prev or ()) | names))
-  if new != prev:
-    try:
-      module.jaxqat_matmul_weights = new
-    except Exception:  # pylint: disable=broad-except  # a transform that forbids it: unknown
-      pass
+  _layers.set_static(module, "jaxqat_matmul_weights", tuple(sorted(set(prev or ()) | names)))
 
 
 def feeds_matmul(module, name: str) -> bool:

@@ -79,6 +79,18 @@ def _stack():
   return _STATE.layers
 
 
+def set_static(module, name: str, value) -> None:
+  """Sets a static attribute that records what a run saw (``nnx.jit`` carries it out).
+
+  A transform that forbids changing the graph leaves it unset (unknown).
+  """
+  if getattr(module, "__dict__", {}).get(name) != value:
+    try:
+      setattr(module, name, value)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
 def mark_ran(layer) -> None:
   """Records (a static attribute) that ``layer``'s own op ran: its weight reached it.
 
@@ -86,11 +98,7 @@ def mark_ran(layer) -> None:
   layer that never ran while others did: another module read the weight
   directly (``embedder.embedding[...].at[ids].get()``), in float.
   """
-  if not vars(layer).get("jaxqat_ran", False):
-    try:
-      layer.jaxqat_ran = True
-    except Exception:  # pylint: disable=broad-except  # a transform that forbids it
-      pass
+  set_static(layer, "jaxqat_ran", True)
 
 
 def ran(layer) -> bool:
