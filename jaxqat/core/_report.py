@@ -39,6 +39,19 @@ class QuantizationWarning(UserWarning):
 LAYER_STATUSES = ("quantized", "skipped", "unmatched", "unsupported", "failed")
 
 
+def is_broadcast_table(shape) -> bool:
+  """Whether a parameter is an addend broadcast over the batch, not a matmul weight.
+
+  Leading axis 1, rank >= 2: a class token ``(1, 1, D)``, a position table
+  ``(1, N, D)``.
+
+  Examples:
+    >>> is_broadcast_table((1, 197, 768)), is_broadcast_table((768, 3072))
+    (True, False)
+  """
+  return len(shape) >= 2 and shape[0] == 1
+
+
 def describe_spec(spec: Optional[spec_lib.QuantSpec]) -> str:
   """A short human description of a spec (``"float"`` for ``None``).
 

@@ -745,8 +745,7 @@ class _Cloner:
 
   def check(self, model, prefix=""):
     """Makes every plan (so that errors come before anything is built)."""
-    base = vars(model).get("_jaxqat_base", type(model))
-    if not (issubclass(base, keras.Sequential) or _graph.is_functional(model)):
+    if not is_graph_model(model):
       raise TypeError(f"model: convert takes a Sequential or Functional model; {prefix or ''}"
                       f"{model.name!r} is a subclassed {type(model).__name__}")
     for layer in model.layers:
@@ -869,6 +868,12 @@ def convert(model, *, integer: bool = True, pack: bool = True):
   served = cloner.graph(model)
   cloner.fill()
   return served
+
+
+def is_graph_model(model) -> bool:
+  """Whether ``model`` is Sequential or Functional (its class before ``quantize``'s record)."""
+  base = vars(model).get("_jaxqat_base", type(model))
+  return issubclass(base, keras.Sequential) or _graph.is_functional(model)
 
 
 def _served_layers(model):

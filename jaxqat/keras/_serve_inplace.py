@@ -186,8 +186,7 @@ def apply(layer, entry: dict, values=None) -> None:
 
 def needs_in_place(model) -> bool:
   """Whether ``model`` holds a quantized layer that convert must serve in place."""
-  base = vars(model).get("_jaxqat_base", type(model))
-  if not (issubclass(base, keras.Sequential) or _graph.is_functional(model)):
+  if not _serve.is_graph_model(model):
     return True  # a subclassed model: no graph to rebuild
   for _, _, layer in _graph.walk(model, stop=_fold.quant_leaf):
     if isinstance(layer, _layers.QuantLayer) and not _serve.graph_servable(layer):

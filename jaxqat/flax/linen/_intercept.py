@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import opt_einsum
 
 from jaxqat import core
+from jaxqat.core._report import is_broadcast_table
 from jaxqat.flax.linen import _quantizer
 
 
@@ -231,7 +232,7 @@ class Context:
         # vectors or broadcast tables with a leading 1 (a model's own RMSNorm,
         # LayerScale, class token, (1, N, D) position table): no matmul weight.
         rec.elementwise = (type(module).__module__ in _ELEMENTWISE_MODULES
-                           or all(len(shape) <= 1 or shape[0] == 1
+                           or all(len(shape) <= 1 or is_broadcast_table(shape)
                                   for shape in rec.params.values()))
     return out
 

@@ -75,6 +75,7 @@ from flax import nnx
 from jax.extend import core as jex_core
 
 from jaxqat import core
+from jaxqat.core._report import is_broadcast_table
 from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
@@ -260,7 +261,7 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
       wqs[name] = wq
     if act_spec is not None:
       aqs[name] = Quantizer(act_spec, role=ACT, shape=(1, 1), stack_shape=stack, path=where,
-                            optional=_TABLE if _broadcast_table(inner) else False)
+                            optional=_TABLE if is_broadcast_table(inner) else False)
     names.append((name, tuple(parts)))
   for attr in (_W, _A, "jaxqat_params"):
     if attr in vars(module):
@@ -277,11 +278,6 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
 
 _TABLE = ("a broadcast table (leading axis 1: a class token, a (1, N, D) position table) that "
           "fed no matmul during calibration; it stays float")
-
-
-def _broadcast_table(shape) -> bool:
-  """A parameter shaped like an addend broadcast over the batch, not a matmul weight."""
-  return len(shape) >= 1 and shape[0] == 1
 
 
 def reresolve(module, name: str, axes: tuple[int, ...]) -> bool:
@@ -396,7 +392,7 @@ def _intercepted_call(self, method, args, kwargs):
       _get_param(self, p)[...] = new
   _record_matmul_weights(self, {w.name for w in weights.values() if w.own} & interp.used)
   unused = [w.name for p, w in weights.items() if w.own and w.name not in interp.used
-            and not _broadcast_table(_get_param(self, p).shape[self.jaxqat_stack_ndim:])]
+            and not is_broadcast_table(_get_param(self, p).shape[self.jaxqat_stack_ndim:])]
   if unused and method == "__call__":
     warnings.warn(
         f"jaxqat: layer '{self.jaxqat_path}' ({type(self).jaxqat_float_type.__name__}): "
