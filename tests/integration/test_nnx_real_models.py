@@ -275,6 +275,56 @@ def test_embedder_decode_gets_one_scale_per_vocabulary_row():
   assert qnnx.report(model)["embedder"].reason == "intercepted decode, encode"
 
 
+def test_tied_embedder_lookup_reads_the_quantized_table_and_serves_equal():
+  # encode gathered rows of the float table while decode multiplied by the quantized one;
+  # the served model holds codes only, so it was 1.2% off the fake-quant model.
+  model = qnnx.quantize(TiedLM())
+  qnnx.calibrate(model, [_IDS])
+  table = model.embedder.table[...]
+  tq = model.embedder.jaxqat_weight_quant["table"](table)
+  assert float(jnp.abs(tq - table).max()) > 0
+  np.testing.assert_array_equal(model.embedder.encode(_IDS),
+                                jnp.take(tq, _IDS, axis=0) * np.sqrt(D))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", core.QuantizationWarning)
+    served = qnnx.convert(model, integer=False)
+  np.testing.assert_array_equal(served(_IDS), model(_IDS))
+
+
+class EncodeOnly(nnx.Module):
+  """A custom embedder whose table feeds no matmul of its own."""
+
+  def __init__(self, rngs):
+    self.table = nnx.Param(jax.random.normal(rngs.params(), (V, D)))
+
+  def encode(self, ids):
+    return jnp.take(self.table[...], ids, axis=0)
+
+
+class HeadReadsTable(nnx.Module):
+  """Intercepted (own weight w); multiplies by its child's table read directly."""
+
+  def __init__(self, rngs):
+    self.emb = EncodeOnly(rngs)
+    self.lin = nnx.Linear(D, D, rngs=rngs)
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (D, D)) / np.sqrt(D))
+
+  def __call__(self, ids):
+    return (self.lin(self.emb.encode(ids)) @ self.w[...]) @ self.emb.table[...].T
+
+
+def test_served_module_reading_a_childs_codes_gets_them_dequantized():
+  # The served root's call read the child's int8 codes as if they were floats: 52x off.
+  ids = jax.random.randint(jax.random.key(1), (3, 5), 0, V)
+  model = qnnx.quantize(HeadReadsTable(nnx.Rngs(0)))
+  qnnx.calibrate(model, [ids])
+  y = model(ids)
+  served = qnnx.convert(model, integer=False)
+  assert served.emb.table[...].dtype == jnp.int8
+  np.testing.assert_array_equal(served(ids), y)
+  np.testing.assert_allclose(qnnx.convert(model)(ids), y, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Calibrate/freeze compile once per distinct (spec, shape), not once per quantizer.
 # ---------------------------------------------------------------------------
@@ -440,3 +490,131 @@ def test_class_token_and_position_table_stay_float_without_a_warning():
   np.testing.assert_allclose(served(x), y, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(served.embed.cls_token[...], model.embed.cls_token[...])
   assert served.embed.proj.kernel.values[...].dtype == jnp.int8
+
+
+# ---------------------------------------------------------------------------
+# bonsai's SAM 2: legacy graph-mode modules (``pytree=False``) holding their
+# blocks in plain lists, and a position encoding whose weight is used by two
+# methods (``__call__`` and ``forward_with_coords``).
+# ---------------------------------------------------------------------------
+
+
+def _legacy_net(pytree: bool):
+  """One architecture, as a pytree Module (``nnx.List``) or a legacy one (a plain list)."""
+
+  class Block(nnx.Module, pytree=pytree):
+
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(D, D, rngs=rngs)
+      self.norm = nnx.LayerNorm(D, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(nnx.relu(self.lin(x)))
+
+  class Net(nnx.Module, pytree=pytree):
+    """Intercepted (its own weight ``w``), with quantized layers in a list."""
+
+    def __init__(self, rngs):
+      self.stem = nnx.Conv(3, D, (3, 3), rngs=rngs)
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (D, D)) / np.sqrt(D))
+      blocks = [Block(rngs), Block(rngs)]
+      self.blocks = nnx.List(blocks) if pytree else blocks
+
+    def __call__(self, x):
+      h = self.stem(x)
+      for b in self.blocks:
+        h = b(h)
+      return (h @ self.w[...]).mean(axis=(1, 2))
+
+  return Net(nnx.Rngs(0))
+
+
+def _qat_and_serve(model, x, y):
+  qnnx.quantize(model, _w4a8_lsq())
+  qnnx.calibrate(model, [x])
+  opt = nnx.Optimizer(model, qnnx.qat_optimizer(model, optax.adam(1e-2), optax.adam(1e-2)),
+                      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy(m(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(m)
+    with jax.numpy_dtype_promotion("standard"):  # optax's step count
+      opt.update(m, grads)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(3)]
+  served = qnnx.convert(model, integer=False)
+  rows = [(l.path, l.status, l.reason) for l in qnnx.report(model).layers]
+  return losses, model(x), served(x), rows
+
+
+def test_legacy_graph_mode_module_with_plain_lists_trains_and_serves_as_its_pytree_twin():
+  # calibrate raised TraceContextError: the intercepted class was a pytree Module, which
+  # took the attributes a legacy instance had set before the swap for static ones.
+  x = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
+  y = jax.nn.one_hot(jnp.arange(4) % D, D)
+  twin = _qat_and_serve(_legacy_net(True), x, y)
+  legacy = _qat_and_serve(_legacy_net(False), x, y)
+  assert legacy[0] == twin[0] and twin[0][-1] < twin[0][0]
+  np.testing.assert_array_equal(legacy[1], twin[1])
+  np.testing.assert_array_equal(legacy[2], twin[2])
+  np.testing.assert_array_equal(legacy[2], legacy[1])  # served = QAT
+  assert legacy[3] == twin[3]
+  assert {p for p, s, _ in legacy[3] if s == "quantized"} == {
+      "", "stem", "blocks/0/lin", "blocks/1/lin"}
+
+
+class RandomPosEnc(nnx.Module):
+  """SAM 2's PositionEmbeddingRandom: one Gaussian matrix, a grid and a coordinate method."""
+
+  def __init__(self, rngs):
+    self.g = nnx.Param(jax.random.normal(rngs.params(), (2, D)))
+
+  def encode(self, c):
+    return jnp.sin(c @ self.g[...])
+
+  def __call__(self, n):
+    grid = jnp.stack(jnp.meshgrid(jnp.linspace(0, 1, n), jnp.linspace(0, 1, n)), -1)
+    return self.encode(grid)
+
+  def forward_with_coords(self, c):
+    return self.encode(c / 3.0)
+
+  def make_cache(self, n):
+    return nnx.Variable(jnp.zeros((n, D)))  # not a forward pass: runs in float
+
+
+class Prompt(nnx.Module):
+
+  def __init__(self, rngs):
+    self.pe = RandomPosEnc(rngs)
+    self.lin = nnx.Linear(D, 3, rngs=rngs)
+
+  def __call__(self, c):
+    return self.lin(self.pe(4).mean((0, 1)) + self.pe.forward_with_coords(c))
+
+
+def test_other_public_methods_of_an_intercepted_module_are_intercepted_too():
+  c = jax.random.uniform(jax.random.key(1), (5, 2))
+  model = qnnx.quantize(Prompt(nnx.Rngs(0)))
+  qnnx.calibrate(model, [c])
+  r = qnnx.report(model)["pe"]
+  assert r.reason == "intercepted __call__; also encode, forward_with_coords, make_cache"
+  g = model.pe.g[...]
+  gq = model.pe.jaxqat_weight_quant["g"](g)
+  assert float(jnp.abs(gq - g).max()) > 0
+  aq = model.pe.jaxqat_input_quant["g"]
+  # forward_with_coords multiplies by the fake-quantized matrix, as __call__ does
+  # (it read the float matrix: the served model, which holds codes, was 2.05 off).
+  np.testing.assert_allclose(model.pe.forward_with_coords(c), jnp.sin(aq(c / 3.0) @ gq),
+                             rtol=1e-6, atol=1e-6)
+  # encode called by __call__ runs inside __call__'s interception (quantized once).
+  grid = jnp.stack(jnp.meshgrid(jnp.linspace(0, 1, 4), jnp.linspace(0, 1, 4)), -1)
+  np.testing.assert_allclose(model.pe(4), jnp.sin(aq(grid) @ gq), rtol=1e-6, atol=1e-6)
+  assert model.pe.make_cache(3)[...].shape == (3, D)
+  served = qnnx.convert(model, integer=False)
+  np.testing.assert_array_equal(served(c), model(c))
+  np.testing.assert_array_equal(served.pe.forward_with_coords(c), model.pe.forward_with_coords(c))
+  assert served.pe.g[...].dtype == jnp.int8

@@ -311,9 +311,10 @@ def quantize(
       warnings.warn(msg, core.QuantizationWarning, stacklevel=2)
       entry(p, node, "failed", rule, "no method to intercept")
       continue
+    also = _intercept.secondary_methods(type(node)) if names is None else ()
     _intercept.intercept(node, float_w, rule.weight, rule.act, path=shown, stack_ndim=k,
-                         methods=methods_here)
-    how = "intercepted " + ", ".join(methods_here)
+                         methods=methods_here, also=also)
+    how = "intercepted " + ", ".join(methods_here) + ("; also " + ", ".join(also) if also else "")
     entry(p, node, "quantized", rule, how)
   unused = ruleset.warn_unused("NNX model")
   model.jaxqat_layers = tuple(entries)

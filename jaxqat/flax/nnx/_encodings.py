@@ -127,11 +127,7 @@ def owners(model):
       yield tuple(path), node
 
 
-def get_param(owner, parts):
-  obj = owner
-  for p in parts:
-    obj = obj[p] if isinstance(obj, (nnx.List, nnx.Dict)) else getattr(obj, p)
-  return obj
+get_param = _layers.get_path
 
 
 def promoted_weight(layer) -> jax.Array:

@@ -37,9 +37,19 @@ level lower, on the primitives:
 **Which methods.** A module with its own ``__call__`` has ``__call__``
 intercepted; a module with weights and no ``__call__`` (an embedder with
 ``encode``/``decode``) has every public method its class defines
-intercepted. ``quantize(model, rules, methods={path_regex: names})``
-chooses the methods explicitly, for any module, including one without
-weights of its own (a root module computing ``h @ self.embed.embedding.T``).
+intercepted. A module with a ``__call__`` also has its other public methods
+intercepted, as secondary methods (SAM 2's random position encoding is
+called as ``pe(size)`` and as ``pe.forward_with_coords(points)``, both a
+matmul on its Gaussian matrix): without that, the fake-quant model would
+read the weight in float there while the served model holds only codes. A
+secondary method whose result holds objects other than arrays and plain
+Python values (a cache module it creates) runs in float. A method called
+while the same module is being intercepted (``__call__`` calling
+``self.encode``) runs inside that interception, not in one of its own.
+``quantize(model, rules, methods={path_regex: names})`` chooses the methods
+explicitly (no secondary methods then), for any module, including one
+without weights of its own (a root module computing
+``h @ self.embed.embedding.T``).
 
 **Output channels.** A weight spec with ``PerOutputChannel()`` is resolved
 **per op**: the dataflow pass follows each weight axis through the layout
@@ -59,13 +69,22 @@ activations (no weight operand, e.g. attention scores) are left in float
 that reaches a matmul only through a non-layout op (e.g. ``w * mask``,
 ``w / norm(w)``) or inside ``scan``/``while``/``cond``/custom-gradient
 functions is not identified (a warning names the module's own parameters
-that ``__call__`` never fed to a matmul); embedding lookups (``take``) in an
-intercepted method stay float; input quantizers of intercepted modules are
-per tensor (the operand layout inside an einsum is not known in advance).
+that ``__call__`` never fed to a matmul); input quantizers of intercepted
+modules are per tensor (the operand layout inside an einsum is not known in
+advance).
+
+**Other uses of a weight.** A weight that feeds a matmul (in this call, or
+in an earlier call of the module: ``decode`` before ``encode``) is read
+fake-quantized by its other uses too -- a row lookup (``take``), an add --
+since the served model holds its codes only (Gemma's tied embedder). A
+weight that feeds no matmul (a lookup-only table, a position table) stays
+float, in the fake-quant and the served model alike.
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -128,28 +147,46 @@ class InterceptMixin(nnx.Module):
 _CLASSES: dict[tuple, type] = {}
 
 
-def _wrapper(method: str, call_fn):
+# ids of the module copies whose call is being traced by an interception (this thread).
+_TRACING = threading.local()
+
+
+def _tracing() -> set:
+  if not hasattr(_TRACING, "ids"):
+    _TRACING.ids = set()
+  return _TRACING.ids
+
+
+def _wrapper(method: str, call_fn, secondary: bool = False):
   def call(self, *args, **kwargs):
-    return (call_fn or _intercepted_call)(self, method, args, kwargs)
+    if id(self) in _tracing():  # called by an intercepted method of this module: inside it
+      return getattr(type(self).jaxqat_float_type, method)(self, *args, **kwargs)
+    return (call_fn or _intercepted_call)(self, method, args, kwargs, secondary=secondary)
 
   call.__name__ = method
   return call
 
 
-def _intercept_class(cls: type, methods: tuple[str, ...], *, mixin: Optional[type] = None,
-                     prefix: str = "Intercepted", call_fn=None) -> type:
+def _intercept_class(cls: type, methods: tuple[str, ...], also: tuple[str, ...] = (), *,
+                     mixin: Optional[type] = None, prefix: str = "Intercepted",
+                     call_fn=None) -> type:
   """The subclass of ``cls`` whose ``methods`` call ``call_fn(self, method, args, kwargs)``.
 
-  Defaults: :class:`InterceptMixin` and the interception of this module; the
-  served form of an intercepted module (:mod:`._serve`) passes its own.
+  ``also`` are secondary methods (see the module docstring). Defaults:
+  :class:`InterceptMixin` and the interception of this module; the served
+  form of an intercepted module (:mod:`._serve`) passes its own.
   """
   mixin = InterceptMixin if mixin is None else mixin
-  key = (cls, methods, mixin)
+  key = (cls, methods, also, mixin)
   if key not in _CLASSES:
     ns = {m: _wrapper(m, call_fn) for m in methods}
+    ns.update({m: _wrapper(m, call_fn, secondary=True) for m in also})
     ns.update({"__module__": mixin.__module__, "jaxqat_float_type": cls,
-               "jaxqat_methods": methods})
-    _CLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), ns)
+               "jaxqat_methods": methods, "jaxqat_also": also})
+    # A legacy graph-mode module (``pytree=False``) keeps that mode: a pytree subclass would
+    # treat the attributes its instances set before the swap as static (no state found).
+    _CLASSES[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), ns,
+                         pytree=getattr(cls, "_pytree__is_pytree", True))
   return _CLASSES[key]
 
 
@@ -164,29 +201,51 @@ def default_methods(cls: type) -> tuple[str, ...]:
     >>> default_methods(Embedder)
     ('decode', 'encode')
   """
-  names = set()
+  if _defines_call(cls):
+    return ("__call__",)
+  return _public_methods(cls)
+
+
+def secondary_methods(cls: type) -> tuple[str, ...]:
+  """The other public methods of a class with ``__call__`` (see the module docstring).
+
+  Examples:
+    >>> from flax import nnx
+    >>> class PosEnc(nnx.Module):
+    ...   def __call__(self, size): ...
+    ...   def forward_with_coords(self, xy): ...
+    >>> secondary_methods(PosEnc)
+    ('forward_with_coords',)
+  """
+  return _public_methods(cls) if _defines_call(cls) else ()
+
+
+def _own_classes(cls: type):
   for c in cls.__mro__:
     if c in (nnx.Module, nnx.Pytree, object):
       break
-    if "__call__" in vars(c):
-      return ("__call__",)
+    yield c
+
+
+def _defines_call(cls: type) -> bool:
+  return any("__call__" in vars(c) for c in _own_classes(cls))
+
+
+def _public_methods(cls: type) -> tuple[str, ...]:
+  names = set()
+  for c in _own_classes(cls):
     for name, v in vars(c).items():
-      if not name.startswith("_") and callable(v) and not isinstance(v, (staticmethod,
-                                                                           classmethod, type)):
+      if not name.startswith("_") and inspect.isfunction(v):
         names.add(name)
   return tuple(sorted(names))
 
 
-def _get_param(module, parts):
-  obj = module
-  for p in parts:
-    obj = obj[p] if isinstance(obj, (nnx.List, nnx.Dict)) else getattr(obj, p)
-  return obj
+_get_param = _layers.get_path
 
 
 def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
               act_spec: Optional[core.QuantSpec], *, path: str = "", stack_ndim: int = 0,
-              methods: Optional[Sequence[str]] = None):
+              methods: Optional[Sequence[str]] = None, also: Optional[Sequence[str]] = None):
   """Makes ``module`` quantize the matmuls/convolutions on its weights.
 
   Converts in place (see the module docstring): the class becomes a
@@ -230,7 +289,10 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   """
   if stack_ndim < 0:
     raise ValueError(f"layer '{path}': stack_ndim must be >= 0, got {stack_ndim}")
+  if also is None:
+    also = secondary_methods(type(module)) if methods is None else ()
   methods = tuple(methods) if methods is not None else default_methods(type(module))
+  also = tuple(m for m in also if m not in methods)
   if not methods:
     raise ValueError(f"layer '{path}' ({type(module).__name__}): no method to intercept (no "
                      "__call__ and no public method); pass methods={path: names} to quantize")
@@ -266,7 +328,7 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   for attr in (_W, _A, "jaxqat_params"):
     if attr in vars(module):
       raise ValueError(f"layer '{path}': attribute '{attr}' exists already")
-  module.__class__ = _intercept_class(type(module), methods)
+  module.__class__ = _intercept_class(type(module), methods, also)
   module.jaxqat_params = tuple(names)
   module.jaxqat_path = path
   module.jaxqat_matmul_weights = None  # names seen feeding a matmul (None: never called)
@@ -339,7 +401,11 @@ def _weights_of(self) -> dict:
   return out
 
 
-def _intercepted_call(self, method, args, kwargs):
+def _plain(x) -> bool:
+  return x is None or isinstance(x, (bool, int, float, complex, str, bytes))
+
+
+def _intercepted_call(self, method, args, kwargs, secondary: bool = False):
   float_call = getattr(type(self).jaxqat_float_type, method)
   weights = _weights_of(self)
   quants = [q for w in weights.values() for q in (w.wq, w.aq) if q is not None]
@@ -365,21 +431,43 @@ def _intercepted_call(self, method, args, kwargs):
       leaves[i] = v
     a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
     m = nnx.merge(graphdef, qstate, state)
-    out = float_call(m, *a, **kw)
+    _tracing().add(id(m))
+    try:
+      out = float_call(m, *a, **kw)
+    finally:
+      _tracing().discard(id(m))
     ran[:] = [tuple(p) for p, n in nnx.iter_graph(m) if p and _layers.ran(n)]
     _, _, new_rest = nnx.split(m, qfilter, ...)
-    return out, new_rest
+    leaves, out_tree[0] = jax.tree_util.tree_flatten(out)
+    out_static[:] = [None if _is_array(leaf) else leaf for leaf in leaves]
+    out_is_array[:] = [_is_array(leaf) for leaf in leaves]
+    return [leaf for leaf in leaves if _is_array(leaf)], new_rest
 
   ran: list = []  # the quantized layers inside that ran (on the traced copy)
+  out_tree: list = [None]  # the output's structure, its leaves that are not arrays
+  out_static: list = []
+  out_is_array: list = []
 
   in_vals = rest_vals + [arg_leaves[i] for i in dyn_idx]
   closed, out_shape = jax.make_jaxpr(inner, return_shape=True)(*in_vals)
+  odd = [type(v).__name__ for v, a in zip(out_static, out_is_array) if not a and not _plain(v)]
+  if odd:
+    if secondary:  # e.g. a method that builds a cache module: not a forward pass
+      return float_call(self, *args, **kwargs)
+    raise TypeError(f"jaxqat: layer '{self.jaxqat_path}': intercepted method {method!r} returns "
+                    f"{odd[0]} values; an intercepted method may return arrays and plain "
+                    "Python values (pass methods={path: names} to quantize to choose others)")
   out_def = jax.tree_util.tree_structure(out_shape)
 
   labels = [weights.get(p) for p in rest_paths] + [None] * len(dyn_idx)
   interp = _Interpreter(f"layer '{self.jaxqat_path}'" if self.jaxqat_path else "<root>")
-  outs = interp.run(closed.jaxpr, closed.consts, in_vals, labels)
-  out, new_rest = jax.tree_util.tree_unflatten(out_def, outs)
+  seen = {w.name for w in weights.values() if w.own} & set(
+      getattr(self, "jaxqat_matmul_weights", None) or ())  # by other calls (decode)
+  outs = interp.run(closed.jaxpr, closed.consts, in_vals, labels, seen)
+  arrays, new_rest = jax.tree_util.tree_unflatten(out_def, outs)
+  it = iter(arrays)
+  out = jax.tree_util.tree_unflatten(
+      out_tree[0], [next(it) if a else v for v, a in zip(out_static, out_is_array)])
   for p in ran:  # as if they had run on this module itself
     try:
       _layers.mark_ran(_get_param(self, p))
@@ -472,8 +560,9 @@ class _Interpreter:
     self.where = where
     self.used: set[str] = set()
     self._cache: dict = {}
+    self._to_matmul: set[str] = set()
 
-  def run(self, jaxpr, consts, args, weights):
+  def run(self, jaxpr, consts, args, weights, to_matmul=frozenset()):
     labeled = []
     for a, w in zip(args, weights):
       if w is None:
@@ -482,6 +571,8 @@ class _Interpreter:
       k = a.ndim - w.rank
       axes = [frozenset({i - k}) if i >= k else frozenset() for i in range(a.ndim)]
       labeled.append(_Labeled(w, a, [], axes))
+    self._to_matmul = set(to_matmul) | _reaching_matmuls(
+        jaxpr, [None if l is None else l.weight for l in labeled])
     outs, _ = self.eval(jaxpr, consts, args, labeled)
     return outs
 
@@ -570,12 +661,47 @@ class _Interpreter:
         axes = _layout_axes(eqn, eqn.invars[0].aval.shape, l.axes)
         out_labs = [_Labeled(l.weight, l.root, l.ops + [(eqn, invals[1:])], axes)]
       else:
-        outs = _bind(eqn, invals)
+        # Any other use (a lookup, an add) of a weight that a matmul here quantizes reads it
+        # quantized too: the served model holds its codes only (Gemma's tied embedder
+        # gathers rows in ``encode`` and multiplies in ``decode``).
+        ops = [self._quantized(l, None) if l is not None and l.weight.wq is not None
+               and l.weight.name in self._to_matmul else x for x, l in zip(invals, inlabs)]
+        outs = _bind(eqn, ops)
       for v, o, l in zip(eqn.outvars, outs, out_labs):
         env[v] = o
         if l is not None:
           lab[v] = l
     return [read(v) for v in jaxpr.outvars], [rlab(v) for v in jaxpr.outvars]
+
+
+def _reaching_matmuls(jaxpr, weights) -> set:
+  """Names of the weights (``_Weight`` per input, or None) that reach a matmul of ``jaxpr``.
+
+  The labels of :meth:`_Interpreter.eval` without evaluating: through layout ops
+  and nested calls.
+  """
+  names: set = set()
+
+  def walk(jaxpr, labels):
+    lab = {v: w for v, w in zip(jaxpr.invars, labels) if w is not None}
+    for eqn in jaxpr.eqns:
+      inl = [None if isinstance(v, jex_core.Literal) else lab.get(v) for v in eqn.invars]
+      if not any(w is not None for w in inl):
+        continue
+      name = eqn.primitive.name
+      if name in _MATMUL and any(w is not None for w in inl[:2]):
+        names.update(w.name for w in inl[:2] if w is not None)
+      elif name in _INLINE and "jaxpr" in eqn.params:
+        inner = eqn.params["jaxpr"]
+        for v, w in zip(eqn.outvars, walk(getattr(inner, "jaxpr", inner), inl)):
+          if w is not None:
+            lab[v] = w
+      elif name in _LAYOUT and inl[0] is not None and not any(w is not None for w in inl[1:]):
+        lab[eqn.outvars[0]] = inl[0]
+    return [None if isinstance(v, jex_core.Literal) else lab.get(v) for v in jaxpr.outvars]
+
+  walk(jaxpr, weights)
+  return names
 
 
 def _bind(eqn, invals):

@@ -79,6 +79,27 @@ def _stack():
   return _STATE.layers
 
 
+# Nodes reached by item (``[key]``), not attribute: NNX containers, and the plain lists, tuples
+# and dicts that legacy graph-mode modules (``pytree=False``) hold sub-modules in.
+_ITEM_NODES = (nnx.List, nnx.Dict, list, tuple, dict)
+
+
+def get_path(node, parts):
+  """The node at ``parts`` (a graph path, as ``nnx.iter_graph`` gives it) below ``node``."""
+  for p in parts:
+    node = node[p] if isinstance(node, _ITEM_NODES) else getattr(node, p)
+  return node
+
+
+def set_path(node, parts, value) -> None:
+  """Puts ``value`` at ``parts`` below ``node`` (the parent must exist)."""
+  parent = get_path(node, parts[:-1])
+  if isinstance(parent, _ITEM_NODES):
+    parent[parts[-1]] = value
+  else:
+    setattr(parent, parts[-1], value)
+
+
 def set_static(module, name: str, value) -> None:
   """Sets a static attribute that records what a run saw (``nnx.jit`` carries it out).
 

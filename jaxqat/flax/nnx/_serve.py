@@ -403,6 +403,7 @@ class _ServedWeightQuant(nnx.Module):
     self.spec = qt.spec
     self.dtype = np.dtype(qt.dtype)
     self.stack_shape = tuple(stack_shape)
+    self.shape = tuple(qt.shape)[len(self.stack_shape):]  # as a Quantizer's: one layer's
     self.mode = "quant"
     self.output_channel_spec = None
 
@@ -429,51 +430,58 @@ class ServedInterceptMixin(nnx.Module):
   """Mixed into a served intercepted module's class (see :func:`convert`)."""
 
 
-def _served_intercept_class(cls: type, methods: tuple[str, ...]) -> type:
-  return _intercept._intercept_class(cls, methods, mixin=ServedInterceptMixin, prefix="Served",  # pylint: disable=protected-access
+def _served_intercept_class(cls: type) -> type:
+  """The served class of an intercepted class ``cls`` (same methods)."""
+  return _intercept._intercept_class(cls.jaxqat_float_type, cls.jaxqat_methods, cls.jaxqat_also,  # pylint: disable=protected-access
+                                     mixin=ServedInterceptMixin, prefix="Served",
                                      call_fn=_served_intercepted_call)
 
 
-def _set_var(owner, parts, var) -> None:
-  parent = _param(owner, parts[:-1])
-  if isinstance(parent, (nnx.List, nnx.Dict)):
-    parent[parts[-1]] = var
-  else:
-    setattr(parent, parts[-1], var)
 
 
-def _served_intercepted_call(self, method, args, kwargs):
+def _served_intercepted_call(self, method, args, kwargs, secondary: bool = False):
   """Dequantizes the codes in a copy of the module and runs the interception on it.
 
   The copy's weights are the dequantized codes (the fake-quant weights, bit
   for bit), its weight "quantizers" the identity and its input quantizers
   the served encodings, so the call computes what the fake-quant module
-  computes. State the call changes (batch statistics...) is written back.
+  computes. Served intercepted modules inside it are treated the same way:
+  the fake-quant call read their weights quantized where it multiplied by
+  them (a root module's ``h @ self.embedder.table[...].T``), never their
+  codes. State the call changes (batch statistics...) is written back.
   """
-  cls = type(self)
   graphdef, state = nnx.split(self)
   tmp = nnx.merge(graphdef, state)
-  ws, ins = tmp.jaxqat_served_weights, tmp.jaxqat_served_inputs
-  own = set()
-  for name, parts in tmp.jaxqat_params:
-    own.add(tuple(parts))
-    if ws is not None and name in ws:
-      codes = _param(tmp, parts)[...]  # a new variable: merge may share the module's own
-      _set_var(tmp, tuple(parts), ServedArray(core.dequantize(ws[name].qtensor(codes))))
-  del tmp.jaxqat_served_weights, tmp.jaxqat_served_inputs
-  tmp.__class__ = _intercept._intercept_class(cls.jaxqat_float_type, cls.jaxqat_methods)  # pylint: disable=protected-access
-  tmp.jaxqat_weight_quant = ws
-  tmp.jaxqat_input_quant = ins
-  out = _intercept._intercepted_call(tmp, method, args, kwargs)  # pylint: disable=protected-access
+  skip = set()  # paths of codes (dequantized in the copy)
+  for path, node in list(nnx.iter_graph(tmp)):
+    if isinstance(node, ServedInterceptMixin):
+      skip.update(tuple(path) + tuple(parts) for _, parts in node.jaxqat_params)
+      _unserve(node)
+  out = _intercept._intercepted_call(tmp, method, args, kwargs, secondary)  # pylint: disable=protected-access
   new = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(tmp))}
   for p, var in nnx.to_flat_state(nnx.state(self)):
     p = tuple(p)
-    if p in own or not p or p[0] in ("jaxqat_served_weights", "jaxqat_served_inputs"):
+    if not p or p in skip or "jaxqat_served_weights" in p or "jaxqat_served_inputs" in p:
       continue
     nv = new.get(p)
     if nv is not None and nv[...] is not var[...]:
       _param(self, p)[...] = nv[...]
   return out
+
+
+def _unserve(node) -> None:
+  """Turns a served intercepted module (a copy) into an intercepted one of dequantized codes."""
+  cls = type(node)
+  ws, ins = node.jaxqat_served_weights, node.jaxqat_served_inputs
+  for name, parts in node.jaxqat_params:
+    if ws is not None and name in ws:
+      codes = _param(node, parts)[...]  # a new variable: merge may share the module's own
+      _layers.set_path(node, tuple(parts), ServedArray(core.dequantize(ws[name].qtensor(codes))))
+  del node.jaxqat_served_weights, node.jaxqat_served_inputs
+  node.__class__ = _intercept._intercept_class(cls.jaxqat_float_type, cls.jaxqat_methods,  # pylint: disable=protected-access
+                                               cls.jaxqat_also)
+  node.jaxqat_weight_quant = ws
+  node.jaxqat_input_quant = ins
 
 
 SERVED_LAYERS: dict[type, type] = {
@@ -518,12 +526,12 @@ def _serve_intercepted(node, plan: dict) -> None:
   for name, parts in node.jaxqat_params:
     qt, wq, act = plan[name]
     if qt is not None:
-      _set_var(node, tuple(parts), ServedArray(qt.values))
+      _layers.set_path(node, tuple(parts), ServedArray(qt.values))
       ws[name] = _ServedWeightQuant(qt, wq.stack_shape)
     if act is not None:
       ins[name] = _ServedInputQuant(act)
   del node.jaxqat_weight_quant, node.jaxqat_input_quant
-  node.__class__ = _served_intercept_class(cls.jaxqat_float_type, cls.jaxqat_methods)
+  node.__class__ = _served_intercept_class(cls)
   node.jaxqat_served_weights = nnx.Dict(ws) if ws else nnx.data(None)
   node.jaxqat_served_inputs = nnx.Dict(ins) if ins else nnx.data(None)
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxqat.core._batches import join_static, split_static
 from jaxqat.flax.nnx import _intercept
+from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._convert import is_quantized
 from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
@@ -40,11 +41,7 @@ __all__ = ["quantizers", "set_mode", "freeze", "unfreeze", "calibrate", "qat_opt
 _USER_MODES = ("quant", "float")
 
 
-def _get(module, parts):
-  obj = module
-  for p in parts:
-    obj = obj[p] if isinstance(obj, (nnx.List, nnx.Dict)) else getattr(obj, p)
-  return obj
+_get = _layers.get_path
 
 
 def _owners(model) -> Iterator[tuple[tuple, Any]]:
