@@ -78,7 +78,7 @@ def _fq_forward(x, scale, zero_point, noise, fmt):
   cdt = _grid.compute_dtype(x.dtype)
   x32 = x.astype(cdt)
   s = jnp.maximum(scale.astype(cdt), _grid.SCALE_EPS)
-  v = x32 / s
+  v = _grid.scaled(x32, s)
   if isinstance(fmt, formats_lib.IntFormat):
     r = _grid.grid_round(v, fmt, noise)
     if zero_point is None:
@@ -278,7 +278,7 @@ def _lsq_forward(x, step, offset, noise, fmt):
   cdt = _grid.compute_dtype(x.dtype)
   x32 = x.astype(cdt)
   s = jnp.maximum(step.astype(cdt), _grid.SCALE_EPS)
-  v = x32 / s
+  v = _grid.scaled(x32, s)
   if isinstance(fmt, formats_lib.IntFormat):
     r = _grid.grid_round(v, fmt, noise)
     if offset is None:
@@ -521,7 +521,7 @@ def _block_elements(x, eff, elem):
   scale gives 0 too (the block decodes to NaN through its scale).
   """
   ok = eff > 0
-  v = jnp.where(ok, x / jnp.where(ok, eff, jnp.ones_like(eff)), 0.0)
+  v = jnp.where(ok, _grid.scaled(x, jnp.where(ok, eff, jnp.ones_like(eff))), 0.0)
   q = _grid.float_round(jnp.clip(v, -elem.max, elem.max), elem)
   inside = (jnp.abs(x) <= elem.max * eff) | (eff == 0)
   return q, inside

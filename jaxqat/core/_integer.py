@@ -215,7 +215,8 @@ def _input_codes(x: Array, act: Encoding) -> tuple[Array, Array]:
   cdt = _grid.compute_dtype(x.dtype)
   s = jnp.maximum(act.scale.astype(cdt), _grid.SCALE_EPS)
   z = jnp.zeros((), jnp.int32) if act.zero_point is None else act.zero_point.astype(jnp.int32)
-  code = jnp.clip(_grid.round_half_even(x.astype(cdt) / s) + z.astype(cdt), fmt.qmin, fmt.qmax)
+  code = jnp.clip(_grid.round_half_even(_grid.scaled(x.astype(cdt), s)) + z.astype(cdt),
+                  fmt.qmin, fmt.qmax)
   code = code.astype(jnp.int32)
   if fmt.qmax > 127:
     code, z = code - 128, z - 128

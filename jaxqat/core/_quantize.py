@@ -180,7 +180,7 @@ def quantize(
   xl = _grid.to_layout(x, spec)
   s = _grid.scale_to_layout(scale, x.shape, spec)
   cdt = _grid.compute_dtype(x.dtype)
-  v = xl.astype(cdt) / s.astype(cdt)
+  v = _grid.scaled(xl.astype(cdt), s.astype(cdt))
   if spec.is_int:
     zp = None
     z = jnp.zeros((), cdt)
