@@ -285,7 +285,10 @@ def _lsq_forward(x, step, offset, noise, fmt):
       qs = jnp.clip(r, fmt.qmin, fmt.qmax)
       clipped_ds = qs  # qmin or qmax where clipped
     else:
-      z = _grid.round_half_even(-offset.astype(cdt) / s)
+      # The zero point is an integer code, so it lies on the grid: an offset
+      # that drifts past it (post-ReLU inputs calibrate to z == qmin) acts as
+      # the end code, as the served encoding does.
+      z = jnp.clip(_grid.round_half_even(-offset.astype(cdt) / s), fmt.qmin, fmt.qmax)
       qs = jnp.clip(r, fmt.qmin - z, fmt.qmax - z)  # q - z
       clipped_ds = qs + z
     inside = qs == r  # clipping did not change the code

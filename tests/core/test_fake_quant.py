@@ -303,6 +303,29 @@ def test_lsq_plus_gradients_with_offset():
   np.testing.assert_allclose(np.asarray(y), _np_int_fq(x, s, z, 0, 255), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("z", [-140, -129, 128, 300])
+def test_lsq_plus_offset_past_the_grid_acts_as_the_end_code_as_served(z):
+  """An offset whose zero point drifted off [qmin, qmax] quantizes with the end code.
+
+  Post-ReLU inputs calibrate to z == qmin; a QAT step can move the offset past
+  it. The served encoding stores an int8 zero point, so fake quant must use the
+  clipped one too, or the served model differs from the trained one.
+  """
+  spec = QuantSpec(format="int8", symmetric=False, learning="lsq_plus")
+  s = 0.02
+  x = np.abs(np.asarray(_x((400,), scale=2.0), np.float32)) * (1 if z < 0 else -1)
+  y = core.lsq_fake_quant(jnp.asarray(x), s, jnp.float32(-z * s), spec=spec)
+  zc = int(np.clip(z, -128, 127))
+  np.testing.assert_allclose(np.asarray(y), _np_int_fq(x, s, zc, -128, 127), rtol=1e-6, atol=1e-7)
+  enc = core.encoding_from_state(
+      spec, {"log_scale": core.step_size_to_param(jnp.float32(s)), "offset": jnp.float32(-z * s)})
+  assert int(enc.zero_point) == zc
+  # The offset still gets the clipped elements' gradient, so it can come back.
+  gb = jax.grad(lambda b: jnp.sum(core.lsq_fake_quant(jnp.asarray(x), s, b, spec=spec)))(
+      jnp.float32(-z * s))
+  assert float(gb) != 0.0
+
+
 @pytest.mark.parametrize("gran", [PerChannel(0), PerChannel(-1), PerBlock(4, axis=1)], ids=str)
 def test_lsq_gradients_per_channel_and_block_sum_over_covered_elements(gran):
   spec = QuantSpec(format="int4", granularity=gran, learning="lsq")

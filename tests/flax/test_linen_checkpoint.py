@@ -129,3 +129,32 @@ def test_save_refuses_an_existing_directory(tmp_path):
   ql.save(tmp_path / "ckpt", v)
   with pytest.raises(ValueError, match=r"path: .*ckpt exists already"):
     ql.save(tmp_path / "ckpt", v)
+
+
+class _Partitioned(nn.Module):
+  """Parameters boxed by nn.with_logical_partitioning (flax examples lm1b, wmt)."""
+
+  @nn.compact
+  def __call__(self, x):
+    p = nn.with_logical_partitioning
+    x = nn.LayerNorm(scale_init=p(nn.initializers.ones, ("embed",)),
+                     bias_init=p(nn.initializers.zeros, ("embed",)))(x)
+    return nn.Dense(3, kernel_init=p(nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+
+
+def test_partitioning_boxes_survive_restore_and_restore_served(tmp_path):
+  x = _x()
+  qmodel = ql.quantize(_Partitioned(), FIXED)
+  v = ql.calibrate(qmodel, qmodel.init(_key(0), x), [x])
+  y = qmodel.apply(v, x)
+  ql.save(str(tmp_path / "ck"), v)
+  r = ql.restore(str(tmp_path / "ck"), qmodel.init(_key(5), x))
+  box = r["params"]["Dense_0"]["kernel"]
+  assert isinstance(box, nn.LogicallyPartitioned) and box.names == ("embed", "mlp")
+  np.testing.assert_array_equal(np.asarray(qmodel.apply(r, x)), np.asarray(y))
+  served, sv = ql.convert(qmodel, v)
+  ql.save_served(str(tmp_path / "sv"), served, sv)
+  served2, sv2 = ql.restore_served(str(tmp_path / "sv"), qmodel)
+  ln = sv2["params"]["LayerNorm_0"]["scale"]
+  assert isinstance(ln, nn.LogicallyPartitioned) and ln.names == ("embed",)
+  np.testing.assert_array_equal(np.asarray(served2.apply(sv2, x)), np.asarray(served.apply(sv, x)))

@@ -673,3 +673,105 @@ def test_init_with_output_gives_the_output_apply_gives():
   v2 = qmodel.init(KEY, x)  # batched conversion: the same variables
   for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _AE(nn.Module):
+  def setup(self):
+    self.enc, self.dec = nn.Dense(4), nn.Dense(8)
+
+  def encode(self, x):
+    return self.enc(x)
+
+  def __call__(self, x):
+    return self.dec(self.encode(x))
+
+
+class _EncOnly(nn.Module):
+  def setup(self):
+    self.enc = nn.Dense(4)
+
+  def __call__(self, x):
+    return self.enc(x)
+
+
+def test_apply_method_of_the_wrapped_model_runs_quantized_qat_and_served():
+  x = jax.random.normal(jax.random.key(3), (6, 8))
+  q = ql.quantize(_AE())
+  v = ql.calibrate(q, q.init(jax.random.key(0), x), [x])
+  twin = ql.quantize(_EncOnly())
+  twin.init(jax.random.key(0), x)  # its example inputs, for convert
+  tv = {c: {"enc": t["enc"]} for c, t in v.items()}
+  want = twin.apply(tv, x)
+  for method in ("encode", _AE.encode):
+    np.testing.assert_array_equal(np.asarray(q.apply(v, x, method=method)), np.asarray(want))
+  flt = _AE().apply({"params": v["params"]}, x, method="encode")
+  assert float(jnp.max(jnp.abs(want - flt))) > 1e-4  # it is quantized
+  served, sv = ql.convert(q, v)
+  tserved, tsv = ql.convert(twin, tv)
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x, method="encode")),
+                                np.asarray(tserved.apply(tsv, x)))
+  with pytest.raises(AttributeError, match="nope"):
+    q.apply(v, x, method="nope")
+
+
+class _Decoder(nn.Module):
+  """Writes its own 'cache' collection on every call, as flax attention does with decode=True."""
+  decode: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Dense(4)(x)
+    if self.decode:
+      idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      if not self.is_initializing():
+        idx.value = idx.value + 1
+      y = y + idx.value.astype(y.dtype)
+    return y
+
+
+def test_models_writing_their_own_collections_calibrate_report_and_convert():
+  x = jax.random.normal(jax.random.key(2), (5, 8))
+  q = ql.quantize(_Decoder())
+  v = ql.calibrate(q, q.init(jax.random.key(0), x), [x, 2 * x])
+  assert int(v["cache"]["index"]) == 0  # the model's state is not changed by calibrate
+  twin = ql.quantize(_Decoder(decode=False))
+  vt = ql.calibrate(twin, twin.init(jax.random.key(0), x), [x, 2 * x])
+  for a, b in zip(jax.tree.leaves(v["quant_stats"]), jax.tree.leaves(vt["quant_stats"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert ql.report(q, v).quantized_paths() == ["Dense_0"]
+  served, sv = ql.convert(q, v)
+  assert int(sv["cache"]["index"]) == 0
+  y, st = q.apply(v, x, mutable=["cache"])
+  ys, sst = served.apply(sv, x, mutable=["cache"])
+  np.testing.assert_allclose(np.asarray(ys), np.asarray(y), rtol=1e-6, atol=1e-6)
+  assert int(st["cache"]["index"]) == int(sst["cache"]["index"]) == 1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_flax_rnn_cells_calibrate_over_every_step_and_match_the_unrolled_cell(cell):
+  """nn.RNN scans its cell with the params broadcast: the cell's quantizers are shared by the
+  steps, and calibration observes every step's input."""
+  make = {"lstm": lambda: nn.LSTMCell(8), "gru": lambda: nn.GRUCell(8)}[cell]
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  q = ql.quantize(nn.RNN(make()))
+  v = ql.calibrate(q, q.init(jax.random.key(0), x), [x])
+  first = "ii" if cell == "lstm" else "ir"  # the cell's input-to-hidden Dense
+  dense = ql.quantize(nn.Dense(8))
+  flat = x.reshape(-1, 3)
+  ref = ql.calibrate(dense, dense.init(jax.random.key(0), flat), [flat])
+  assert float(v["quant_stats"]["cell"][first]["input"]["scale"]) == float(
+      ref["quant_stats"]["input"]["scale"])
+  y = q.apply(v, x)
+  qcell = ql.quantize(make())
+  cv = {c: t["cell"] for c, t in v.items()}
+  carry = make().initialize_carry(jax.random.key(0), x[:, 0].shape)
+  outs = []
+  for t in range(x.shape[1]):
+    carry, out = qcell.apply(cv, carry, x[:, t])
+    outs.append(out)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(jnp.stack(outs, 1)), rtol=1e-5, atol=1e-6)
+  flt = nn.RNN(make()).apply({"params": v["params"]}, x)
+  assert float(jnp.max(jnp.abs(y - flt))) > 1e-4  # quantized
+  served, sv = ql.convert(q, v, integer=False)
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
+  assert len(ql.report(q, v).quantized_paths()) == (8 if cell == "lstm" else 6)

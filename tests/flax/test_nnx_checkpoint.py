@@ -136,3 +136,68 @@ def test_invalid_mode_in_the_metadata_names_the_quantizer(saved, tmp_path):
   with pytest.raises(ValueError, match=r"quantizer 'head/kernel_quant': the checkpoint's "
                      r"mode/flags are invalid \(mode 'calibrate'"):
     qnnx.restore(path, qnnx.quantize(Net(1), RULES))
+
+
+class _WithDropout(nnx.Module):
+  """Holds an RNG stream (a typed key array) in its state."""
+
+  def __init__(self, seed):
+    rngs = nnx.Rngs(seed)
+    self.lin = nnx.Linear(4, 3, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.drop(self.lin(x))
+
+
+def test_models_holding_rng_streams_round_trip_with_their_keys(tmp_path):
+  x = np.ones((2, 4), np.float32)
+  m = _WithDropout(0)
+  qnnx.quantize(m)
+  qnnx.calibrate(m, [x])
+  m.drop.rngs()  # advance the stream: the count and key differ from a fresh model's
+  qnnx.save(str(tmp_path / "ck"), m)
+  m2 = _WithDropout(7)
+  qnnx.quantize(m2)
+  qnnx.restore(str(tmp_path / "ck"), m2)
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(m2.drop.rngs.key[...])),
+                                np.asarray(jax.random.key_data(m.drop.rngs.key[...])))
+  assert int(m2.drop.rngs.count[...]) == int(m.drop.rngs.count[...]) >= 1
+  np.testing.assert_array_equal(np.asarray(m2(x)), np.asarray(m(x)))  # same dropout mask too
+
+
+class _ScaledEmbed(nnx.Embed):
+  def __call__(self, ids):
+    return super().__call__(ids) * np.float32(np.sqrt(self.features))
+
+
+class _Tied(nnx.Module):
+  def __init__(self, seed, vocab=16):
+    self.emb = _ScaledEmbed(vocab, 8, rngs=nnx.Rngs(seed))
+
+  def __call__(self, ids):
+    return self.emb.attend(self.emb(ids))
+
+
+def test_fresh_target_takes_the_output_channels_and_lookups_calibrate_resolved(tmp_path):
+  """A tied embedding resolves PerOutputChannel() to its rows in calibrate; a fresh twin
+  (not run yet) restores it, and its first call reads the table as the saved model does."""
+  from jaxqat.core import PerOutputChannel  # pylint: disable=import-outside-toplevel
+  rules = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerOutputChannel(),
+                                               learning="lsq"), act=A)]
+  ids = np.arange(6).reshape(2, 3)
+  m = _Tied(0)
+  qnnx.quantize(m, rules)
+  qnnx.calibrate(m, [ids])
+  assert m.emb.jaxqat_weight_quant["embedding"].spec.granularity == PerChannel(-2)
+  qnnx.save(str(tmp_path / "ck"), m)
+  bad = _Tied(1, vocab=12)
+  qnnx.quantize(bad, rules)
+  with pytest.raises(ValueError, match="embedding"):
+    qnnx.restore(str(tmp_path / "ck"), bad)
+  assert bad.emb.jaxqat_weight_quant["embedding"].spec.granularity == PerChannel(-1)  # unchanged
+  m2 = _Tied(1)
+  qnnx.quantize(m2, rules)
+  qnnx.restore(str(tmp_path / "ck"), m2)
+  assert m2.emb.jaxqat_weight_quant["embedding"].spec.granularity == PerChannel(-2)
+  np.testing.assert_array_equal(np.asarray(m2(ids)), np.asarray(m(ids)))

@@ -168,3 +168,34 @@ def test_module_with_weights_and_no_public_method_fails_with_a_warning():
                     "and no public method"):
     q = qnnx.quantize(Bare(), RULES)
   assert qnnx.report(q)[""].status == "failed"
+
+
+class _ScaledEmbed(nnx.Embed):
+  """examples/gemma's ScaledEmbed: an Embed subclass with its own __call__ (intercepted)."""
+
+  def __call__(self, ids):
+    return super().__call__(ids) * np.float32(np.sqrt(self.features))
+
+
+class _TiedLM(nnx.Module):
+  def __init__(self):
+    self.emb = _ScaledEmbed(16, 8, rngs=nnx.Rngs(0))
+    self.mix = nnx.Param(jnp.full((8, 8), 0.5))  # used elementwise only: stays float
+
+  def __call__(self, ids):
+    return self.emb.attend(self.emb(ids) * self.mix[...][0])
+
+
+def test_unused_weight_warning_spares_tables_another_method_multiplies_by():
+  """An Embed subclass's first call only looks the table up; its ``attend`` (a tied head)
+  multiplies by it later: no warning. A weight of a module without other methods that feeds
+  no matmul is named at once."""
+  ids = jnp.arange(6).reshape(2, 3)
+  m = _TiedLM()
+  qnnx.quantize(m, RULES, methods={"": ("__call__",)})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    qnnx.calibrate(m, [ids])
+  msgs = [str(w.message) for w in caught if issubclass(w.category, core.QuantizationWarning)]
+  assert not [t for t in msgs if "'emb'" in t]  # the table feeds attend's matmul
+  assert [t for t in msgs if "['mix'] feed no matmul" in t]

@@ -404,3 +404,28 @@ def test_export_serving_takes_keyword_inputs_and_fixes_flags():
   run = core.load_serving(qnnx.export_serving(served, x, mask=mask, train=False))
   out = run(x, mask=mask)
   np.testing.assert_allclose(out["logits"], want["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_near_tie_inputs_quantize_alike_eager_compiled_and_on_the_integer_path():
+  """Inputs within an ulp of a rounding tie get one code everywhere.
+
+  XLA computes ``x / s`` as ``x * (1 / s)`` once compiled; eager op-by-op
+  division is exact, so near-ties used to flip one code between eager QAT and
+  the served integer path (73 of 750 such inputs).
+  """
+  m = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  qnnx.quantize(m)
+  qnnx.calibrate(m, [jnp.asarray([[0.0, 2.345600128173828, 1.0, 0.5]], jnp.float32)])
+  s = np.float32(m.input_quant.scale[...])
+  ties = np.float32((np.arange(1, 250) + 0.5) * s)
+  near = np.concatenate([np.nextafter(ties, np.float32(0)), ties, np.nextafter(ties, np.float32(9))])
+  x = jnp.asarray(np.pad(near[:, None], ((0, 0), (0, 3))), jnp.float32)
+  spec = m.input_quant.spec
+  eager = core.fake_quant(x, m.input_quant.scale[...], m.input_quant.zero_point[...], spec)
+  compiled = jax.jit(core.fake_quant, static_argnums=3)(
+      x, m.input_quant.scale[...], m.input_quant.zero_point[...], spec)
+  np.testing.assert_array_equal(np.asarray(eager), np.asarray(compiled))
+  y = np.asarray(m(x))
+  for integer in (True, False):
+    np.testing.assert_allclose(np.asarray(qnnx.convert(m, integer=integer)(x)), y,
+                               rtol=1e-5, atol=1e-5 * np.abs(y).max())

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import flax.linen as nn
 import orbax.checkpoint as ocp
 
 from jaxqat.flax.linen import _quantizer
@@ -50,6 +51,30 @@ def _unflatten(flat: dict) -> dict:
       node = node.setdefault(h, {})
     node[last] = v
   return out
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _rebox(restored: dict, template: Mapping[str, Any]) -> dict:
+  """``restored`` with each boxed parameter of ``template`` boxed again.
+
+  Flax metadata boxes (``nn.with_logical_partitioning``, ``nn.Partitioned``)
+  are pytree nodes: orbax writes their ``value`` and reads it back as a
+  ``{'value': array}`` dict, which a model cannot run on.
+  """
+  boxes, _ = jax.tree_util.tree_flatten_with_path(dict(template), is_leaf=_is_box)
+  for p, box in boxes:
+    if not _is_box(box):
+      continue
+    *head, last = [str(getattr(k, "key", getattr(k, "idx", k))) for k in p]
+    node = restored
+    for h in head:
+      node = node[h]
+    inner = node[last]
+    node[last] = box.replace_boxed(inner["value"] if isinstance(inner, Mapping) else inner)
+  return restored
 
 
 def save(path, variables: Mapping[str, Any]) -> None:
@@ -163,7 +188,7 @@ def restore(path, variables: Mapping[str, Any]) -> dict:
       if not np.array_equal(np.asarray(got[k]), np.asarray(w)):
         raise ValueError(f"restore: {path}: entry '{k}': the checkpoint was quantized with "
                          f"another QuantSpec than the model's for '{k[:-len('/fingerprint')]}'")
-  return restored
+  return _rebox(restored, variables)
 
 
 # --------------------------------------------------------------------------
@@ -182,8 +207,25 @@ def _served_leaves(tree, prefix=()):
   if isinstance(tree, Mapping):
     for k, v in tree.items():
       yield from _served_leaves(v, prefix + (str(k),))
+  elif _is_box(tree):
+    yield "/".join(prefix), tree
   else:
     yield "/".join(prefix), tree
+
+
+def _box_meta(key: str, box) -> dict:
+  """The JSON record of a Flax partitioning box around a served float parameter."""
+  if type(box) not in (nn.Partitioned, nn.LogicallyPartitioned) or box.mesh is not None or (
+      getattr(box, "rules", None) is not None):
+    raise TypeError(f"served_variables: '{key}' is boxed in {type(box).__name__} with a mesh or "
+                    "rules; save_served keeps nn.Partitioned / nn.LogicallyPartitioned names only "
+                    "(unbox it with flax.linen.meta.unbox, or drop the mesh)")
+  return {"type": "boxed", "box": type(box).__name__, "names": list(box.names)}
+
+
+def _box_from_meta(info: dict, value):
+  cls = {"Partitioned": nn.Partitioned, "LogicallyPartitioned": nn.LogicallyPartitioned}
+  return cls[info["box"]](value, tuple(info["names"]))
 
 
 def save_served(path, served_module, served_variables: Mapping[str, Any]) -> None:
@@ -236,6 +278,10 @@ def save_served(path, served_module, served_variables: Mapping[str, Any]) -> Non
     elif isinstance(v, core.Encoding):
       fields = [f for f in _ENC_FIELDS if getattr(v, f) is not None]
       leaves[key] = {"type": "encoding", "spec": core.spec_to_dict(v.spec), "fields": fields}
+    elif _is_box(v):
+      leaves[key] = _box_meta(key, v)
+      arrays[f"{key}/value"] = v.unbox()
+      continue
     else:
       arrays[key] = v
       continue
@@ -305,6 +351,9 @@ def restore_served(path, qmodel) -> tuple[Any, dict]:
   out = {}
   try:
     for key, info in meta["leaves"].items():
+      if info["type"] == "boxed":
+        out[key] = _box_from_meta(info, flat.pop(f"{key}/value"))
+        continue
       fields = {f: flat.pop(f"{key}/{f}") for f in info["fields"]}
       spec = core.spec_from_dict(info["spec"])
       if info["type"] == "qtensor":

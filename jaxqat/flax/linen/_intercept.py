@@ -218,10 +218,13 @@ class Context:
     frame = Frame(module, path, rule if active else None, self, store, key)
     self.order.setdefault(path, len(self.order))
     _STATE.frames.append(frame)
+    lifted = _lift_jaxqat_collections(module, context.method_name, self.mode)
     try:
       out = next_fun(*args, **kwargs)
     finally:
       _STATE.frames.pop()
+      for name, value in lifted.items():
+        object.__setattr__(module, name, value)
     if context.method_name != "setup":
       with _guard():
         own = frame.own_params()
@@ -256,6 +259,46 @@ class Context:
       warnings.warn(f"jaxqat: no layer of the {where} was quantized (no rule matched a layer "
                     "with a weight that reaches an intercepted op); it runs in float",
                     core.QuantizationWarning, stacklevel=4)
+
+
+def _filter_names(f):
+  """The collection names of a Flax collection filter made of names (else None)."""
+  if f is False or f is None:
+    return ()
+  if isinstance(f, str):
+    return (f,)
+  if isinstance(f, (tuple, list)) and all(isinstance(c, str) for c in f):
+    return tuple(f)
+  return None
+
+
+def _lift_jaxqat_collections(module, method: str, mode: str) -> dict:
+  """Lets ``flax.linen.RNN``'s scan see jaxqat's collections; returns the fields to restore.
+
+  ``nn.RNN`` scans its cell over time with the parameters broadcast (one
+  cell for every step) and no other collection visible, so its cell's
+  quantizers could neither be created nor read. They are shared by the steps
+  as the parameters are: broadcast with them, except that calibration
+  carries ``quant_stats`` through the steps (each step's input updates the
+  observers). Left alone where the RNN already names a jaxqat collection or
+  uses filters other than names.
+  """
+  if not isinstance(module, nn.RNN) or method != "__call__":
+    return {}
+  broadcast, carry = _filter_names(module.variable_broadcast), _filter_names(module.variable_carry)
+  axes = tuple(module.variable_axes)
+  ours = (_quantizer.STATS, _quantizer.PARAMS, SERVED, ENCODINGS)
+  if broadcast is None or carry is None or "params" not in broadcast or any(
+      c in broadcast + carry + axes for c in ours):
+    return {}
+  if mode == "calibrate":
+    new = {"variable_broadcast": broadcast + ours[1:], "variable_carry": carry + ours[:1]}
+  else:
+    new = {"variable_broadcast": broadcast + ours}
+  old = {k: getattr(module, k) for k in new}
+  for k, v in new.items():
+    object.__setattr__(module, k, v)
+  return old
 
 
 @contextlib.contextmanager

@@ -129,6 +129,27 @@ class QuantizedModule(nn.Module):
         quantizer used before calibration, or a quantized model inside
         another.
     """
+    return self.run_method("__call__", *args, **kwargs)
+
+  def run_method(self, name: str, *args, **kwargs):
+    """Runs the wrapped model's method ``name`` with quantization.
+
+    ``qmodel.apply(variables, x, method="encode")`` (or
+    ``method=Model.encode``) comes here: the model's other entry points
+    (an encoder and a decoder run apart in beam search, a generator) run
+    quantized, in every mode, on the same variables.
+
+    Args:
+      name: the name of a method of the wrapped model.
+      *args: its positional arguments.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      The method's output.
+
+    Raises:
+      ValueError: as ``__call__``.
+    """
     mode = _check_mode(self.mode)
     if mode == _intercept.SERVED and any(c in self.variables for c in (_quantizer.STATS,
                                                                        _quantizer.PARAMS)):
@@ -141,10 +162,10 @@ class QuantizedModule(nn.Module):
     # Bound to this module's own scope: the params tree is the model's, unprefixed.
     model = self.model.clone(parent=self.scope, _deep_clone=True)
     with _intercept.active(context):
-      out = model(*args, **kwargs)
+      out = getattr(model, name)(*args, **kwargs)
     if _RUNS:
       _RUNS[-1].append(context)
-    if self.is_initializing():
+    if self.is_initializing() and name == "__call__":
       where = f"Linen model {type(self.model).__name__}"
       ruleset.warn_unused(where)
       context.warn(where)
@@ -168,7 +189,57 @@ class QuantizedModule(nn.Module):
     if method is None:
       model_kwargs = {k: v for k, v in kwargs.items() if k not in _FLAX_INIT_KWARGS}
       _remember(self, args, model_kwargs)
-    return super().init_with_output(rngs, *args, method=method, **kwargs)
+    return super().init_with_output(rngs, *args, method=self._model_method(method), **kwargs)
+
+  @nn.nowrap
+  def apply(self, variables, *args, method=None, **kwargs):  # pylint: disable=arguments-differ
+    """``nn.Module.apply``; ``method`` may name a method of the wrapped model.
+
+    Args:
+      variables: the variables (from ``init``, ``calibrate``, ``convert``).
+      *args: the model's inputs.
+      method: ``None`` (the model's ``__call__``), the name of a method of
+        the wrapped model or that method itself (``Model.encode``): it runs
+        quantized (see :meth:`run_method`); other callables as in
+        ``nn.Module.apply`` (they receive this QuantizedModule).
+      **kwargs: ``nn.Module.apply``'s keyword arguments (``mutable``,
+        ``rngs``...) and the model's.
+
+    Returns:
+      As ``nn.Module.apply``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> class AE(nn.Module):
+      ...   def setup(self):
+      ...     self.enc, self.dec = nn.Dense(2), nn.Dense(4)
+      ...   def encode(self, x):
+      ...     return self.enc(x)
+      ...   def __call__(self, x):
+      ...     return self.dec(self.encode(x))
+      >>> qmodel = quantize(AE())
+      >>> x = jnp.ones((1, 4))
+      >>> v = qmodel.init(jax.random.key(0), x)
+      >>> qmodel.apply(v, x, method="encode", mutable=["quant_stats"])[0].shape
+      (1, 2)
+    """
+    return super().apply(variables, *args, method=self._model_method(method), **kwargs)
+
+  @nn.nowrap
+  def _model_method(self, method):
+    """``method`` of ``apply``/``init``: a method of the wrapped model, run by ``run_method``."""
+    if method is None:
+      return None
+    name = method if isinstance(method, str) else getattr(method, "__name__", None)
+    model_cls = type(self.model)
+    own = getattr(model_cls, name, None) if isinstance(name, str) else None
+    if own is None or (not isinstance(method, str) and own is not method):
+      return method  # not the model's: Flax's own handling
+    if name == "__call__":
+      return None
+    if hasattr(nn.Module, name):
+      return method
+    return lambda module, *a, **k: module.run_method(name, *a, **k)
 
   @nn.nowrap
   def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ

@@ -84,10 +84,9 @@ def _run(qmodel: _module.QuantizedModule, variables: dict, mode: str, pack: bool
   """
   args, kwargs = qmodel.example()
   model = _module.with_mode(qmodel, mode, pack=pack, integer=True)
-  cols = [SERVED, ENCODINGS]
-
   def run(v):
-    return model.apply(v, *args, **kwargs, mutable=cols)[1]
+    out = model.apply(v, *args, **kwargs, mutable=_workflow.mutable(v, SERVED, ENCODINGS))[1]
+    return {k: out[k] for k in (SERVED, ENCODINGS) if k in out}
 
   if mode == _intercept.INSPECT:
     return jax.eval_shape(run, variables)

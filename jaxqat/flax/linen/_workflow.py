@@ -34,6 +34,18 @@ def _check_variables(variables) -> dict:
   return {k: v for k, v in variables.items()}
 
 
+def mutable(variables: Mapping[str, Any], *own: str) -> list:
+  """``own`` collections plus the model's own state collections, for ``apply(mutable=...)``.
+
+  jaxqat's runs (calibrate, freeze, report, convert) keep only what they
+  collect in ``own``; a model that writes its own state on every call (a
+  decoding ``cache``, ``batch_stats`` in training mode, a sown collection)
+  must still be allowed to, or Flax refuses the run. Those writes are
+  dropped: the variables given stay the model's.
+  """
+  return list(own) + [c for c in variables if c not in ("params", STATS, PARAMS) + own]
+
+
 def _call(batch) -> tuple[tuple, dict]:
   """A batch as (args, kwargs): an array, a tuple of positional args, a dict of kwargs."""
   if isinstance(batch, Mapping):
@@ -139,7 +151,7 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
   @functools.partial(jax.jit, static_argnums=2)
   def step(v, arrays, static):  # flags (train=False) stay Python values
     args, kwargs = join_static(arrays, static)
-    return observe.apply(v, *args, **kwargs, mutable=[STATS])[1][STATS]
+    return observe.apply(v, *args, **kwargs, mutable=mutable(v, STATS))[1][STATS]
 
   first, n = None, 0
   for batch in data:
@@ -179,7 +191,8 @@ def calibrate(qmodel: _module.QuantizedModule, variables: Mapping[str, Any], dat
   def set_ranges(v, arrays, static):
     args, kwargs = join_static(arrays, static)
     with _quantizer.batched_step_sizes() as convert:
-      return convert(setter.apply(v, *args, **kwargs, mutable=[STATS, PARAMS])[1])
+      updates = setter.apply(v, *args, **kwargs, mutable=mutable(v, STATS, PARAMS))[1]
+      return convert({k: updates[k] for k in (STATS, PARAMS) if k in updates})
 
   updates = set_ranges(variables, *split_static(first))
   variables.update({k: v for k, v in updates.items() if v or k in variables})
@@ -225,7 +238,7 @@ def freeze(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> dic
 
   @jax.jit
   def run(v):
-    return frz.apply(v, *args, **kwargs, mutable=[STATS])[1][STATS]
+    return frz.apply(v, *args, **kwargs, mutable=mutable(v, STATS))[1][STATS]
 
   variables[STATS] = run(variables)
   return variables
@@ -373,7 +386,7 @@ def report(qmodel: _module.QuantizedModule, variables: Mapping[str, Any]) -> cor
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", core.QuantizationWarning)
-      jax.eval_shape(lambda v: flt.apply(v, *args, **kwargs), variables)
+      jax.eval_shape(lambda v: flt.apply(v, *args, **kwargs, mutable=mutable(v)), variables)
   finally:
     _module._RUNS.pop()  # pylint: disable=protected-access
   ctx = runs[-1]

@@ -46,6 +46,8 @@ from flax import nnx
 
 from jaxqat import core
 from jaxqat.core._report import describe_spec
+from jaxqat.flax.nnx import _intercept
+from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._convert import path_str
 from jaxqat.flax.nnx._quantizer import Quantizer
 from jaxqat.flax.nnx._serve import served_meta
@@ -67,11 +69,75 @@ def _quant_meta(model) -> dict:
   return out
 
 
+_SEEN_ATTRS = ("jaxqat_ran", "jaxqat_matmul_weights")
+
+
+def _seen_meta(model) -> dict:
+  """What the model's runs saw (layers that ran, weights that fed a matmul), per module path.
+
+  ``convert`` and the fake-quant call depend on it (a weight read only by a
+  lookup stays float; a tied table looked up before its matmul ran is read
+  quantized), so a restored model that has not run yet behaves as the saved one.
+  """
+  out = {}
+  for p, node in nnx.iter_graph(model):
+    seen = {a: getattr(node, "__dict__", {})[a] for a in _SEEN_ATTRS
+            if getattr(node, "__dict__", {}).get(a) is not None}
+    if seen:
+      out[path_str(p)] = {a: (list(v) if isinstance(v, tuple) else v) for a, v in seen.items()}
+  return out
+
+
+def _restore_seen(model, seen) -> None:
+  if not isinstance(seen, dict):
+    return
+  for p, node in nnx.iter_graph(model):
+    for a, v in (seen.get(path_str(p)) or {}).items():
+      if a in _SEEN_ATTRS:
+        _layers.set_static(node, a, tuple(v) if isinstance(v, list) else bool(v))
+
+
+def _adopt_resolved_channels(model, qsaved: dict) -> list:
+  """Takes the checkpoint's output-channel axes for intercepted weights not resolved yet.
+
+  An intercepted module's ``PerOutputChannel()`` weight starts on the last
+  axis and is resolved per op by a run (``calibrate``): a tied embedding
+  read by ``attend`` quantizes per row. A freshly quantized target has not
+  run yet, so where the checkpoint holds the same spec resolved to other
+  axes, the target's quantizer is re-made for them, as calibrate would.
+
+  Returns:
+    ``(module, name, old quantizer)`` of each change, to undo it.
+  """
+  changed = []
+  for p, node in nnx.iter_graph(model):
+    wqs = getattr(node, "jaxqat_weight_quant", None) if isinstance(
+        node, _intercept.InterceptMixin) else None
+    if wqs is None:
+      continue
+    for name in list(wqs.keys()):
+      wq, saved = wqs[name], qsaved.get(path_str(tuple(p) + ("jaxqat_weight_quant", name)))
+      if wq.output_channel_spec is None or not isinstance(saved, dict) or (
+          saved.get("fingerprint") == core.spec_fingerprint(wq.spec)):
+        continue
+      try:
+        spec = core.spec_from_dict(saved["spec"])
+      except Exception:  # pylint: disable=broad-except
+        continue  # reported by restore's spec check
+      axes = spec.granularity.axes if isinstance(spec.granularity, core.PerChannel) else ()
+      if wq.output_channel_spec.resolve_output_channel(axes) == spec:
+        _intercept.reresolve(node, name, axes)
+        changed.append((node, name, wq))
+  return changed
+
+
 def _flat(tree) -> dict[str, tuple]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for kp, leaf in leaves:
     key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in kp)
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)  # orbax stores a key's raw data
     out[key] = (tuple(leaf.shape), np.dtype(leaf.dtype))
   return out
 
@@ -107,7 +173,8 @@ def save(path: Union[str, os.PathLike], model: nnx.Module, *, force: bool = Fals
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory, state, force=force)
   ckptr.wait_until_finished()
-  meta = {"schema": _SCHEMA, "quantizers": _quant_meta(model), "served": served_meta(model)}
+  meta = {"schema": _SCHEMA, "quantizers": _quant_meta(model), "served": served_meta(model),
+          "seen": _seen_meta(model)}
   with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
 
@@ -191,6 +258,17 @@ def restore(path: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"path: no checkpoint directory at {directory!r}")
   meta = _read_meta(directory)
+  changed = _adopt_resolved_channels(model, meta["quantizers"])
+  try:
+    return _restore_checked(directory, model, meta)
+  except BaseException:
+    for node, name, wq in changed:  # a refused checkpoint changes nothing
+      node.jaxqat_weight_quant[name] = wq
+    raise
+
+
+def _restore_checked(directory: str, model: nnx.Module, meta: dict) -> nnx.Module:
+  """:func:`restore` once the target's output channels follow the checkpoint."""
   problems = []
   qsaved, qmodel = meta["quantizers"], _quant_meta(model)
   if sorted(set(qmodel) - set(qsaved)):
@@ -263,4 +341,5 @@ def restore(path: Union[str, os.PathLike], model: nnx.Module) -> nnx.Module:
       node.frozen = bool(s["frozen"])
       node.calibrated = bool(s["calibrated"])
       node.disabled = str(s.get("disabled", ""))
+  _restore_seen(model, meta.get("seen"))
   return model
