@@ -217,10 +217,11 @@ class QuantizedModule(nn.Module):
       ...     return self.enc(x)
       ...   def __call__(self, x):
       ...     return self.dec(self.encode(x))
+      >>> from jaxqat.flax.linen import calibrate
       >>> qmodel = quantize(AE())
       >>> x = jnp.ones((1, 4))
-      >>> v = qmodel.init(jax.random.key(0), x)
-      >>> qmodel.apply(v, x, method="encode", mutable=["quant_stats"])[0].shape
+      >>> v = calibrate(qmodel, qmodel.init(jax.random.key(0), x), [x])
+      >>> qmodel.apply(v, x, method="encode").shape
       (1, 2)
     """
     return super().apply(variables, *args, method=self._model_method(method), **kwargs)
