@@ -775,3 +775,25 @@ def test_flax_rnn_cells_calibrate_over_every_step_and_match_the_unrolled_cell(ce
   served, sv = ql.convert(q, v, integer=False)
   np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
   assert len(ql.report(q, v).quantized_paths()) == (8 if cell == "lstm" else 6)
+
+
+class _Sampler(nn.Module):
+  """Draws from its own RNG stream on every call (flax examples seq2seq's decoder)."""
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Dense(4)(x)
+    return y + 0.0 * jax.random.normal(self.make_rng("noise"), y.shape)
+
+
+def test_models_drawing_from_rng_streams_freeze_report_and_convert():
+  x = jax.random.normal(jax.random.key(2), (5, 8))
+  q = ql.quantize(_Sampler())
+  v = q.init({"params": jax.random.key(0), "noise": jax.random.key(1)}, x)
+  v = ql.calibrate(q, v, [{"x": x, "rngs": {"noise": jax.random.key(3)}}])
+  v = ql.freeze(q, v)
+  assert ql.report(q, v).quantized_paths() == ["Dense_0"]
+  served, sv = ql.convert(q, v, integer=False)
+  rngs = {"noise": jax.random.key(4)}
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x, rngs=rngs)),
+                                np.asarray(q.apply(v, x, rngs=rngs)))

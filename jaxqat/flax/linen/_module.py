@@ -12,7 +12,7 @@ in :mod:`jaxqat.flax.linen._intercept`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.core
 import flax.linen as nn
@@ -188,7 +188,7 @@ class QuantizedModule(nn.Module):
     """``nn.Module.init_with_output`` (and so ``init``); remembers the example inputs' shapes."""
     if method is None:
       model_kwargs = {k: v for k, v in kwargs.items() if k not in _FLAX_INIT_KWARGS}
-      _remember(self, args, model_kwargs)
+      _remember(self, args, model_kwargs, rngs)
     return super().init_with_output(rngs, *args, method=self._model_method(method), **kwargs)
 
   @nn.nowrap
@@ -300,16 +300,31 @@ class QuantizedModule(nn.Module):
                        "qmodel.init(rng, *inputs) (or calibrate) first: freeze and report trace "
                        "the model with inputs shaped like init's")
     zeros = lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
-    return jax.tree.map(zeros, ex[0]), jax.tree.map(zeros, ex[1])
+    kwargs = jax.tree.map(zeros, ex[1])
+    if len(ex) > 2 and ex[2]:  # streams the model draws from while it runs (Flax apply's rngs)
+      kwargs["rngs"] = {name: jax.random.key(0) for name in ex[2]}
+    return jax.tree.map(zeros, ex[0]), kwargs
 
 
 _FLAX_INIT_KWARGS = ("mutable", "capture_intermediates")
 _RUNS: list = []  # collectors of the Contexts of the runs in progress (report)
 
 
-def _remember(qmodel: QuantizedModule, args, kwargs) -> None:
-  """Stores the abstract example inputs on the (unbound) quantized model."""
-  object.__setattr__(qmodel, "_jaxqat_example", (_abstract(tuple(args)), _abstract(dict(kwargs))))
+def _remember(qmodel: QuantizedModule, args, kwargs, rngs=None) -> None:
+  """Stores the abstract example inputs on the (unbound) quantized model.
+
+  With them, the names of the RNG streams given to ``init`` or in a batch's
+  ``rngs`` other than ``params`` (a decoder sampling from an ``"lstm"``
+  stream), so that the runs on the example inputs get keys for them.
+  """
+  kwargs = dict(kwargs)
+  streams = kwargs.pop("rngs", None)
+  names = set()
+  for r in (rngs, streams):
+    if isinstance(r, Mapping):
+      names.update(str(k) for k in r if k != "params")
+  object.__setattr__(qmodel, "_jaxqat_example", (_abstract(tuple(args)), _abstract(kwargs),
+                                                 tuple(sorted(names))))
 
 
 def set_mode(qmodel: QuantizedModule, mode: str) -> QuantizedModule:
