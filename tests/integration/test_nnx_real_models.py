@@ -618,3 +618,51 @@ def test_other_public_methods_of_an_intercepted_module_are_intercepted_too():
   np.testing.assert_array_equal(served(c), model(c))
   np.testing.assert_array_equal(served.pe.forward_with_coords(c), model.pe.forward_with_coords(c))
   assert served.pe.g[...].dtype == jnp.int8
+
+
+class _ScaledEmbed(nnx.Embed):
+  """examples/gemma's ScaledEmbed, here untied: an Embed subclass with its own __call__."""
+
+  def __call__(self, ids):
+    return super().__call__(ids) * np.float32(np.sqrt(self.features))
+
+
+class _UntiedLM(nnx.Module):
+  def __init__(self, rngs):
+    self.emb = _ScaledEmbed(V, D, rngs=rngs)
+    self.head = nnx.Linear(D, 3, rngs=rngs)
+
+  def __call__(self, ids):
+    return self.head(self.emb(ids))
+
+
+def test_intercepted_lookup_quantizes_rows_as_the_embed_layer_and_linen_do():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jaxqat.flax import linen as ql  # pylint: disable=import-outside-toplevel
+  rules = [Rule(pattern=".*", weight=QuantSpec(format="int4"), act=core.default_act_spec())]
+  model = _UntiedLM(nnx.Rngs(0))
+  table = model.emb.embedding[...]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", core.QuantizationWarning)
+    qnnx.quantize(model, rules)
+    qnnx.calibrate(model, [_IDS])
+    served = qnnx.convert(model, integer=False)
+  assert qnnx.report(model)["emb"].weights[0].quantized
+  # The Embed layer's own quantized lookup: one int4 scale per row.
+  plain = nnx.Embed(V, D, rngs=nnx.Rngs(0))
+  plain.embedding[...] = table
+  qnnx.quantize(plain, rules)
+  want = plain(_IDS) * np.float32(np.sqrt(D))
+  assert float(jnp.max(jnp.abs(want - table[_IDS] * np.float32(np.sqrt(D))))) > 1e-3
+  np.testing.assert_array_equal(model.emb(_IDS), want)
+  np.testing.assert_array_equal(served(_IDS), model(_IDS))
+  assert served.emb.embedding[...].dtype == jnp.int8
+
+  class LinenScaled(nn.Embed):
+    def __call__(self, ids):
+      return super().__call__(ids) * np.float32(np.sqrt(self.features))
+
+  q = ql.quantize(LinenScaled(V, D), rules)
+  v = q.init(jax.random.key(0), _IDS)
+  v["params"]["embedding"] = table
+  np.testing.assert_array_equal(q.apply(ql.calibrate(q, v, [_IDS]), _IDS), want)

@@ -73,12 +73,18 @@ that ``__call__`` never fed to a matmul); input quantizers of intercepted
 modules are per tensor (the operand layout inside an einsum is not known in
 advance).
 
-**Other uses of a weight.** A weight that feeds a matmul (in this call, or
+**Lookups and other uses of a weight.** A row lookup of a weight
+(``jnp.take``, ``table[ids]``: a ``gather`` with the weight as operand) reads
+it fake-quantized, one scale per row under ``PerOutputChannel()``, as
+``nnx.Embed`` and Linen's ``take`` do (an ``nnx.Embed`` subclass with its own
+``__call__``, Gemma's ``ScaledEmbed``, is intercepted and looks up the
+quantized table); its input quantizer, which no matmul fed, stays unused
+without a warning. A weight that feeds a matmul or a lookup (in this call, or
 in an earlier call of the module: ``decode`` before ``encode``) is read
-fake-quantized by its other uses too -- a row lookup (``take``), an add --
-since the served model holds its codes only (Gemma's tied embedder). A
-weight that feeds no matmul (a lookup-only table, a position table) stays
-float, in the fake-quant and the served model alike.
+fake-quantized by its other uses too (an add), since the served model holds
+its codes only. A weight that feeds neither (a position table added to the
+activations, a class token) stays float, in the fake-quant and the served
+model alike.
 """
 
 from __future__ import annotations
@@ -659,6 +665,16 @@ class _Interpreter:
         inner = eqn.params["jaxpr"]
         outs, out_labs = self.eval(getattr(inner, "jaxpr", inner), getattr(inner, "consts", ()),
                                    invals, inlabs)
+      elif _is_lookup(name, inlabs) and inlabs[0].weight.wq is not None:
+        # A row lookup (``jnp.take``, ``table[ids]``) reads the quantized table, one scale
+        # per looked-up row under PerOutputChannel(), as the Embed layers and Linen's take.
+        l = inlabs[0]
+        rows = frozenset().union(*[l.axes[a] for a in eqn.params["dimension_numbers"]
+                                   .start_index_map])
+        outs = _bind(eqn, [self._quantized(l, rows)] + invals[1:])
+        self.used.add(l.weight.name)
+        if getattr(l.weight.aq, "optional", None) is False:
+          _layers.set_static(l.weight.aq, "optional", _LOOKUP)
       elif name in _LAYOUT and inlabs[0] is not None and not any(inlabs[1:]):
         outs = _bind(eqn, invals)
         l = inlabs[0]
@@ -678,6 +694,16 @@ class _Interpreter:
     return [read(v) for v in jaxpr.outvars], [rlab(v) for v in jaxpr.outvars]
 
 
+_LOOKUP = ("the table was only looked up during calibration (no matmul read it): there is no "
+           "input to quantize")
+
+
+def _is_lookup(name: str, labels) -> bool:
+  """Whether an equation gathers from a weight (operand 0) with unlabeled indices."""
+  return name == "gather" and labels[0] is not None and not any(
+      l is not None for l in labels[1:])
+
+
 def _reaching_matmuls(jaxpr, weights) -> set:
   """Names of the weights (``_Weight`` per input, or None) that reach a matmul of ``jaxpr``.
 
@@ -695,6 +721,8 @@ def _reaching_matmuls(jaxpr, weights) -> set:
       name = eqn.primitive.name
       if name in _MATMUL and any(w is not None for w in inl[:2]):
         names.update(w.name for w in inl[:2] if w is not None)
+      elif _is_lookup(name, inl):
+        names.add(inl[0].name)
       elif name in _INLINE and "jaxpr" in eqn.params:
         inner = eqn.params["jaxpr"]
         for v, w in zip(eqn.outvars, walk(getattr(inner, "jaxpr", inner), inl)):
