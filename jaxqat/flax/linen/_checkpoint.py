@@ -68,7 +68,7 @@ def _rebox(restored: dict, template: Mapping[str, Any]) -> dict:
   for p, box in boxes:
     if not _is_box(box):
       continue
-    *head, last = [str(getattr(k, "key", getattr(k, "idx", k))) for k in p]
+    *head, last = _key(p).split("/")
     node = restored
     for h in head:
       node = node[h]

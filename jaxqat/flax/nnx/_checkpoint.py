@@ -75,9 +75,10 @@ _SEEN_ATTRS = ("jaxqat_ran", "jaxqat_matmul_weights")
 def _seen_meta(model) -> dict:
   """What the model's runs saw (layers that ran, weights that fed a matmul), per module path.
 
-  ``convert`` and the fake-quant call depend on it (a weight read only by a
-  lookup stays float; a tied table looked up before its matmul ran is read
-  quantized), so a restored model that has not run yet behaves as the saved one.
+  ``convert`` and the fake-quant call depend on it (a layer's weight that
+  another module read directly while the layer never ran stays float; a
+  weight an earlier call fed to a matmul is read quantized by its other
+  uses), so a restored model that has not run yet behaves as the saved one.
   """
   out = {}
   for p, node in nnx.iter_graph(model):

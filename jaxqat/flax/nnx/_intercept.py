@@ -485,11 +485,8 @@ def _intercepted_call(self, method, args, kwargs, secondary: bool = False):
     if new is not old:
       _get_param(self, p)[...] = new
   _record_matmul_weights(self, {w.name for w in weights.values() if w.own} & interp.used)
-  # With other intercepted methods, warned from the second call on: a first call may only
-  # look a table up that another method (a tied head's ``attend``) multiplies by later.
-  wait = prior is None and bool(getattr(type(self), "jaxqat_also", ()))
   unused = [w.name for p, w in weights.items() if w.own and w.name not in interp.used
-            and w.name not in (prior or ()) and not wait
+            and w.name not in (prior or ())
             and not is_broadcast_table(_get_param(self, p).shape[self.jaxqat_stack_ndim:])]
   if unused and method == "__call__":
     warnings.warn(
