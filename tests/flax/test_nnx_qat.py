@@ -147,3 +147,19 @@ def test_calibrate_through_qad_forward_captures_sown_values():
     np.testing.assert_array_equal(getattr(captured, name).input_quant.scale[...],
                                   getattr(plain, name).input_quant.scale[...])
   assert not hasattr(captured, "feat")  # the sown value was captured, not left on the model
+
+
+def test_nnx_rnn_cell_calibrates_over_every_step_as_linen_does():
+  """nnx.RNN scans its cell: the cell's input quantizer sees every step (the same range as
+  a Linear calibrated on all steps flattened), and the served model is the trained one."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  m = nnx.RNN(nnx.LSTMCell(3, 8, rngs=nnx.Rngs(0)))
+  yf = m(x)
+  qnnx.quantize(m)
+  qnnx.calibrate(m, [x])
+  lin = qnnx.quantize(nnx.Linear(3, 8, rngs=nnx.Rngs(0)))
+  qnnx.calibrate(lin, [x.reshape(-1, 3)])
+  assert float(m.cell.ii.input_quant.scale[...]) == float(lin.input_quant.scale[...])
+  y = m(x)
+  assert float(jnp.max(jnp.abs(y - yf))) > 1e-4  # quantized
+  np.testing.assert_array_equal(np.asarray(qnnx.convert(m, integer=False)(x)), np.asarray(y))
