@@ -213,9 +213,12 @@ def _served_leaves(tree, prefix=()):
     yield "/".join(prefix), tree
 
 
+_BOXES = {c.__name__: c for c in (nn.Partitioned, nn.LogicallyPartitioned)}  # names only
+
+
 def _box_meta(key: str, box) -> dict:
   """The JSON record of a Flax partitioning box around a served float parameter."""
-  if type(box) not in (nn.Partitioned, nn.LogicallyPartitioned) or box.mesh is not None or (
+  if _BOXES.get(type(box).__name__) is not type(box) or box.mesh is not None or (
       getattr(box, "rules", None) is not None):
     raise TypeError(f"served_variables: '{key}' is boxed in {type(box).__name__} with a mesh or "
                     "rules; save_served keeps nn.Partitioned / nn.LogicallyPartitioned names only "
@@ -224,8 +227,7 @@ def _box_meta(key: str, box) -> dict:
 
 
 def _box_from_meta(info: dict, value):
-  cls = {"Partitioned": nn.Partitioned, "LogicallyPartitioned": nn.LogicallyPartitioned}
-  return cls[info["box"]](value, tuple(info["names"]))
+  return _BOXES[info["box"]](value, tuple(info["names"]))
 
 
 def save_served(path, served_module, served_variables: Mapping[str, Any]) -> None:
