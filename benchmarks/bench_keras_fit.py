@@ -56,6 +56,15 @@ def cnn(bn: bool):
   return keras.Model(inp, keras.layers.Dense(10, name="head")(x))
 
 
+def rnn():
+  """A recurrent classifier: LSTM(128) then GRU(128) over 40 steps of 32 features."""
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((40, 32))
+  x = keras.layers.LSTM(128, return_sequences=True, name="lstm")(inp)
+  x = keras.layers.GRU(128, name="gru")(x)
+  return keras.Model(inp, keras.layers.Dense(10, name="head")(x))
+
+
 def compile_model(m, jit_compile):
   m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -96,6 +105,9 @@ def main():
                  help="torch: compile the step with torch.compile (JAX always jit-compiles)")
   p.add_argument("--threads", type=int, default=0,
                  help="torch: intra-op threads (torch.set_num_threads; 0: torch's default)")
+  p.add_argument("--models", default="cnn",
+                 help="comma-separated: cnn (5-conv CNN, with and without BatchNorm), rnn "
+                      "(LSTM + GRU over 40 steps)")
   args = p.parse_args()
   backend = keras.backend.backend()
   if backend == "torch" and args.threads:
@@ -110,7 +122,8 @@ def main():
     torch._dynamo.config.recompile_limit = 64  # pylint: disable=protected-access
   jit = backend == "jax" or args.jit_compile
   rng = np.random.RandomState(0)
-  x = rng.rand(args.batch, 32, 32, 3).astype(np.float32)
+  inputs = {"cnn": rng.rand(args.batch, 32, 32, 3).astype(np.float32),
+            "rnn": rng.normal(size=(args.batch, 40, 32)).astype(np.float32)}
   y = rng.randint(0, 10, args.batch)
   w8 = [Rule(pattern=".*", weight=QuantSpec(granularity=PerChannel(-1)), act=QuantSpec())]
   w4 = [Rule(pattern=".*", weight=QuantSpec(format="int4", granularity=PerChannel(-1),
@@ -118,29 +131,32 @@ def main():
              act=QuantSpec(format="int4", learning="lsq"))]
   rows = []
   load = os.getloadavg()[0]
-  for bn in (False, True):
-    models = [compile_model(cnn(bn), jit)]
+  cases = [("cnn", bn) for bn in (False, True)] + [("rnn", False)]
+  for kind, bn in [c for c in cases if c[0] in args.models.split(",")]:
+    make = (lambda bn=bn: cnn(bn)) if kind == "cnn" else rnn
+    x = inputs[kind]
+    models = [compile_model(make(), jit)]
     labels = ["float"]
     variants = [("W8A8 QAT (absmax observers)", w8), ("W4A4 LSQ QAT", w4)]
-    if backend == "jax" and not bn:  # the integer forward (a folded Conv+BN has none)
+    if backend == "jax" and kind == "cnn" and not bn:  # the integer forward (not folded Conv+BN)
       variants.append(("W8A8 QAT, compute='integer'", [Rule(
           pattern=".*", weight=QuantSpec(granularity=PerChannel(-1)), act=QuantSpec(),
           compute="integer")]))
     for name, rules in variants:
-      q = jqk.quantize(cnn(bn), rules)
+      q = jqk.quantize(make(), rules)
       jqk.calibrate(q, x[:32], verbose=0)
       models.append(compile_model(q, jit))
       labels.append(name + (" (BN folded)" if bn else ""))
     times, cpu, faults, paired = time_interleaved(models, x, y, args.steps)
     for label, t, c, f, pr in zip(labels, times, cpu, faults, paired):
-      rows.append((f"5-conv CNN{' + BN' if bn else ''}", label, t, t / times[0], pr, c,
-                   c / cpu[0], f))
+      name = f"5-conv CNN{' + BN' if bn else ''}" if kind == "cnn" else "LSTM + GRU, 40 steps"
+      rows.append((name, label, t, t / times[0], pr, c, c / cpu[0], f))
   threads = ""
   if backend == "torch":
     import torch  # pylint: disable=import-outside-toplevel
     threads = f", {torch.get_num_threads()} torch threads"
   print(f"Keras {keras.__version__}, backend {backend} ({'compiled' if jit else 'eager'}), "
-        f"{platform.processor() or platform.machine()}{threads}, batch {args.batch} x 32x32x3, "
+        f"{platform.processor() or platform.machine()}{threads}, batch {args.batch}, "
         f"median of {args.steps} interleaved steps, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
   print("(paired: the median [quartiles] of the per-round ratios to the float step)")
   print("| model | variant | step (ms) | vs float | paired | CPU (ms) | CPU vs float "

@@ -39,9 +39,12 @@ from jaxqat.keras._layers import QuantDepthwiseConv1D as QuantDepthwiseConv1D
 from jaxqat.keras._layers import QuantDepthwiseConv2D as QuantDepthwiseConv2D
 from jaxqat.keras._layers import QuantEinsumDense as QuantEinsumDense
 from jaxqat.keras._layers import QuantEmbedding as QuantEmbedding
+from jaxqat.keras._layers import QuantGRUCell as QuantGRUCell
 from jaxqat.keras._layers import QuantLayer as QuantLayer
+from jaxqat.keras._layers import QuantLSTMCell as QuantLSTMCell
 from jaxqat.keras._layers import QuantSeparableConv1D as QuantSeparableConv1D
 from jaxqat.keras._layers import QuantSeparableConv2D as QuantSeparableConv2D
+from jaxqat.keras._layers import QuantSimpleRNNCell as QuantSimpleRNNCell
 from jaxqat.keras._layers import quantized_class as quantized_class
 from jaxqat.keras._ops import quant_dequant as quant_dequant
 from jaxqat.keras._optimizer import QATOptimizer as QATOptimizer
@@ -87,9 +90,12 @@ __all__ = [
     "QuantDepthwiseConv2D",
     "QuantEinsumDense",
     "QuantEmbedding",
+    "QuantGRUCell",
+    "QuantLSTMCell",
     "QuantLayer",
     "QuantSeparableConv1D",
     "QuantSeparableConv2D",
+    "QuantSimpleRNNCell",
     "Quantizer",
     "ServedConv",
     "ServedDense",

@@ -10,6 +10,7 @@ compiled train/test/predict functions; the next ``fit``/``predict`` retraces.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from jaxqat.keras import _convert
 from jaxqat.keras import _fold
+from jaxqat.keras import _layers
 from jaxqat.keras._backend import keras
 from jaxqat.keras._backend import to_numpy
 from jaxqat.keras._quantizer import MODES
@@ -33,6 +35,28 @@ def _weight_pairs(layer):
     return
   for attr, q in getattr(layer, "weight_quantizers", {}).items():
     yield q, (lambda layer=layer, attr=attr: getattr(layer, attr))
+
+
+def _act_quantizers(layers) -> list:
+  """The activation quantizers of quantized layers (inputs; a recurrent cell's state too)."""
+  out = []
+  for layer in layers:
+    out.extend(q for _, q in layer.act_quantizers() if q is not None)
+  return out
+
+
+@contextlib.contextmanager
+def _unrolled(model):
+  """Unrolls the RNN layers that run quantized cells (calibration observes eagerly)."""
+  loops = _layers.quantized_loops(model)
+  saved = [l.unroll for l in loops]
+  try:
+    for l in loops:
+      l.unroll = True
+    yield
+  finally:
+    for l, u in zip(loops, saved):
+      l.unroll = u
 
 
 def quantizers(model) -> list:
@@ -52,7 +76,7 @@ def quantizers(model) -> list:
     ['act', 'weight']
   """
   layers = _convert.quant_layers(model)
-  out = [l.input_quantizer for l in layers if l.input_quantizer is not None]
+  out = _act_quantizers(layers)
   for layer in layers:
     out.extend(q for q, _ in _weight_pairs(layer))
   return out
@@ -153,7 +177,7 @@ def calibrate(model, data, *, steps: Optional[int] = None, batch_size: int = 32,
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
       raise ValueError(f"{name}: must be a positive int{' or None' if name == 'steps' else ''}, "
                        f"got {value!r}")
-  acts = [l.input_quantizer for l in layers if l.input_quantizer is not None]
+  acts = _act_quantizers(layers)
   weights = [q for l in layers for q, _ in _weight_pairs(l)]
   modes = {id(q): q.mode for q in acts + weights}
   for q in acts:
@@ -163,11 +187,12 @@ def calibrate(model, data, *, steps: Optional[int] = None, batch_size: int = 32,
   bar = keras.utils.Progbar(steps, unit_name="batch") if verbose else None
   seen = 0
   try:
-    for x in _batches(data, batch_size, steps):
-      model(x, training=False)
-      seen += 1
-      if bar is not None:
-        bar.update(seen)
+    with _unrolled(model):
+      for x in _batches(data, batch_size, steps):
+        model(x, training=False)
+        seen += 1
+        if bar is not None:
+          bar.update(seen)
   finally:
     for q in acts:
       q.calibrating = False
@@ -214,9 +239,10 @@ def freeze(model):
     >>> q.frozen, bool(np.allclose(q.scale.numpy() * 127, amax))
     (True, True)
   """
-  for layer in _quant_layers(model, "freeze"):
-    if layer.input_quantizer is not None:
-      layer.input_quantizer.freeze()
+  layers = _quant_layers(model, "freeze")
+  for q in _act_quantizers(layers):
+    q.freeze()
+  for layer in layers:
     for q, weight in _weight_pairs(layer):
       q.freeze(weight())
   _reset_compiled(model)

@@ -320,6 +320,10 @@ class QuantConvBatchNorm(keras.layers.Layer):
   def compute_output_shape(self, input_shape):
     return self.conv.compute_output_shape(input_shape)
 
+  def act_quantizers(self) -> list:
+    """``[("input", input_quantizer)]`` (as :meth:`jaxqat.keras.QuantLayer.act_quantizers`)."""
+    return [("input", self.input_quantizer)]
+
   def freeze_quantizers(self):
     """Stops range observation in the quantizers (the folded kernel's range is kept)."""
     self.observe = False

@@ -63,6 +63,9 @@ __all__ = [
     "QuantSeparableConv1D",
     "QuantSeparableConv2D",
     "QuantEmbedding",
+    "QuantSimpleRNNCell",
+    "QuantLSTMCell",
+    "QuantGRUCell",
     "quantized_class",
     "gathered_class",
     "gathered_weights",
@@ -289,6 +292,14 @@ class QuantLayer:
     check_compute(type(self), self, weight_spec=self.weight_spec, act_spec=self.act_spec,
                   compute=self.compute, where=f"{type(self).__name__} {self.name!r}")
 
+  def act_quantizers(self) -> list:
+    """``(name, quantizer)`` of each quantized activation: ``("input", input_quantizer)``.
+
+    A recurrent cell adds ``("state", state_quantizer)``. Quantizers are
+    ``None`` where the activation stays float.
+    """
+    return [("input", self.input_quantizer)]
+
   def float_weight(self, attr: str):
     """The float variable held in ``attr``."""
     return getattr(self, attr)
@@ -338,8 +349,9 @@ class QuantLayer:
   def freeze_quantizers(self):
     """Stops range observation in every quantizer of this layer (saved in the config)."""
     self.observe = False
-    if self.input_quantizer is not None:
-      self.input_quantizer.freeze()
+    for _, q in self.act_quantizers():
+      if q is not None:
+        q.freeze()
     for attr, q in getattr(self, "weight_quantizers", {}).items():
       q.freeze(getattr(self, attr))
 
@@ -585,6 +597,211 @@ class QuantEmbedding(_EmbeddingAxes, QuantLayer, keras.layers.Embedding):
   quant_weights = (("_embeddings", "embeddings_quantizer"),)
 
 
+class _RNNCell:
+  """What a quantized recurrent cell (SimpleRNNCell, LSTMCell, GRUCell) quantizes.
+
+  A cell runs two matmuls per step: ``x_t @ kernel`` and ``h_{t-1} @
+  recurrent_kernel`` (each holding every gate's columns). Both kernels are
+  quantized (``PerOutputChannel()``: one scale per column, i.e. per gate and
+  unit, as a Flax cell's per-gate Dense layers get), and both matmul inputs:
+  ``x_t`` by ``input_quantizer`` and the recurrent state ``h_{t-1}`` by
+  ``state_quantizer`` (the same activation spec; an LSTM's carry ``c``
+  feeds no matmul and stays float). The cell's own ``call`` runs on these
+  operands, so its gates, activations, dropout and ``implementation`` are
+  Keras's. (A GRU with ``reset_after=False`` multiplies the quantized state
+  by its reset gate before the candidate's matmul; that product is not on
+  the grid.)
+
+  The RNN layer that runs a quantized cell is kept off cuDNN (its
+  ``use_cudnn`` is set to False: the cuDNN kernel reads the float weights
+  and never calls the cell), and :func:`jaxqat.keras.calibrate` unrolls it
+  while observing, so that every step's input and state are seen. Running
+  statistics in training (``observe=True``) cannot be updated from inside the
+  RNN's loop; such cells get ``observe=False`` with a warning, and their
+  ranges come from ``calibrate``.
+  """
+
+  def _init_quant(self, weight_spec, act_spec, observe, compute="fake"):
+    if observe:
+      import warnings  # pylint: disable=import-outside-toplevel
+      from jaxqat.core._report import QuantizationWarning  # pylint: disable=import-outside-toplevel
+      warnings.warn(f"{type(self).__name__} {self.name!r}: observe=True cannot update running "
+                    "range statistics inside the RNN's loop; its input and state ranges come "
+                    "from jaxqat.keras.calibrate", QuantizationWarning, stacklevel=3)
+      observe = False
+    super()._init_quant(weight_spec, act_spec, observe, compute)
+    self.state_quantizer = None
+
+  def _build_quantizers(self, input_shape):
+    super()._build_quantizers(input_shape)
+    if self.act_spec is not None:
+      batch = None if input_shape is None else tuple(input_shape)[0]
+      self.state_quantizer = Quantizer(self.act_spec, role="act", observe=self.observe,
+                                       name="state_quantizer", dtype=self.dtype_policy)
+      self.state_quantizer.build((batch, self.units))
+
+  def act_quantizers(self) -> list:
+    return super().act_quantizers() + [("state", self.state_quantizer)]
+
+  def call(self, inputs, states, training=None, **kwargs):
+    sq = self.state_quantizer
+    fn = None if sq is None else (lambda h: run_quantizer(sq, h, training=training))
+    if isinstance(self, GRUStateOperand):  # h_{t-1} also mixes the new state: keep it float
+      self.state_operand = fn
+      try:
+        return super().call(inputs, states, training=training, **kwargs)
+      finally:
+        self.state_operand = None
+    states = quantize_state(states, fn, fn is not None)
+    return super().call(inputs, states, training=training, **kwargs)
+
+
+class GRUStateOperand:
+  """GRUCell's step with its recurrent matmuls reading ``state_operand(h_{t-1})``.
+
+  A GRU's previous state is both a matmul operand and a term of the new
+  state (``h = z * h_{t-1} + (1 - z) * hh``): only the operand is quantized,
+  so the cell cannot simply be handed a quantized state as an LSTM can. This
+  is Keras's ``GRUCell`` step (``implementation=2``: one matmul per operand;
+  ``reset_after=False`` multiplies the reset gate into the state before the
+  candidate's matmul, whose operand is then ``state_operand(r * h)``), with
+  the operand hook; with no hook (``state_operand`` None) it is Keras's.
+  """
+
+  state_operand = None
+
+  def call(self, inputs, states, training=False):
+    nested = isinstance(states, (list, tuple))
+    h_tm1 = states[0] if nested else states
+    op = self.state_operand or (lambda h: h)
+    if training and 0.0 < self.dropout < 1.0:
+      inputs = inputs * self.get_dropout_mask(inputs)
+    h_in = h_tm1
+    if training and 0.0 < self.recurrent_dropout < 1.0:
+      h_in = h_tm1 * self.get_recurrent_dropout_mask(h_tm1)
+    u = self.units
+    matrix_x = ops.matmul(inputs, self.kernel)
+    input_bias = recurrent_bias = None
+    if self.use_bias:
+      if self.reset_after:
+        input_bias, recurrent_bias = (ops.squeeze(b, axis=0) for b in ops.split(self.bias, 2))
+      else:
+        input_bias = self.bias
+      matrix_x = ops.add(matrix_x, input_bias)
+    x_z, x_r, x_h = ops.split(matrix_x, 3, axis=-1)
+    if self.reset_after:
+      inner = ops.matmul(op(h_in), self.recurrent_kernel)
+      if recurrent_bias is not None:
+        inner += recurrent_bias
+    else:
+      inner = ops.matmul(op(h_in), self.recurrent_kernel[:, :2 * u])
+    z = self.recurrent_activation(x_z + inner[:, :u])
+    r = self.recurrent_activation(x_r + inner[:, u:2 * u])
+    if self.reset_after:
+      recurrent_h = r * inner[:, 2 * u:]
+    else:
+      recurrent_h = ops.matmul(op(r * h_in), self.recurrent_kernel[:, 2 * u:])
+    hh = self.activation(x_h + recurrent_h)
+    h = z * h_tm1 + (1 - z) * hh
+    return h, ([h] if nested else h)
+
+
+def quantize_state(states, fn, active: bool = True):
+  """A recurrent cell's ``states`` with the first one (``h_{t-1}``) replaced by ``fn(h)``.
+
+  ``states`` is a list/tuple (its first entry the state the recurrent
+  matmul reads) or a single tensor, and is returned in the same form.
+  """
+  if not active:
+    return states
+  if isinstance(states, (list, tuple)):
+    return type(states)([fn(states[0]), *states[1:]]) if isinstance(states, tuple) else [
+        fn(states[0]), *states[1:]]
+  return fn(states)
+
+
+_CELL_WEIGHTS = (("kernel", "kernel_quantizer"), ("recurrent_kernel", "recurrent_kernel_quantizer"))
+
+
+_CELL_DOC = """Quantized :class:`keras.layers.{base}`: both kernels, the step input and the state.
+
+  Takes the float cell's arguments plus ``weight_spec``, ``act_spec`` and
+  ``observe`` (see :class:`QuantLayer` and ``_RNNCell``); run it inside a
+  ``keras.layers.RNN`` (or let :func:`jaxqat.keras.quantize` convert the
+  cell of a ``{layer}`` layer).
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxqat.core import PerOutputChannel, QuantSpec
+    >>> cell = {name}(3, weight_spec=QuantSpec(format="int4", granularity=PerOutputChannel()))
+    >>> y = keras.layers.RNN(cell)(np.ones((2, 5, 4), "float32"))
+    >>> cell.kernel_quantizer.scale.shape, cell.recurrent_kernel_quantizer.scale.shape
+    ((1, {cols}), (1, {cols}))
+"""
+
+
+@_register
+class QuantSimpleRNNCell(_RNNCell, QuantLayer, keras.layers.SimpleRNNCell):
+  __doc__ = _CELL_DOC.format(base="SimpleRNNCell", layer="SimpleRNN", name="QuantSimpleRNNCell",
+                             cols=3)
+  quant_weights = _CELL_WEIGHTS
+
+
+@_register
+class QuantLSTMCell(_RNNCell, QuantLayer, keras.layers.LSTMCell):
+  __doc__ = _CELL_DOC.format(base="LSTMCell", layer="LSTM", name="QuantLSTMCell", cols=12)
+  quant_weights = _CELL_WEIGHTS
+
+
+@_register
+class QuantGRUCell(_RNNCell, QuantLayer, GRUStateOperand, keras.layers.GRUCell):
+  __doc__ = _CELL_DOC.format(base="GRUCell", layer="GRU", name="QuantGRUCell", cols=9)
+  quant_weights = _CELL_WEIGHTS
+
+
+def rnn_cells(layer) -> list:
+  """The cells an RNN layer runs (a StackedRNNCells' cells flattened); ``[]`` for other layers."""
+  if not isinstance(layer, keras.layers.RNN):
+    return []
+  todo, out = [layer.cell], []
+  while todo:
+    cell = todo.pop(0)
+    if isinstance(cell, keras.layers.StackedRNNCells):
+      todo = list(cell.cells) + todo
+    else:
+      out.append(cell)
+  return out
+
+
+def quantized_loops(model, quantized=None) -> list:
+  """The RNN layers of ``model`` that run a quantized (or served) cell.
+
+  Args:
+    model: a Keras model or layer.
+    quantized: the predicate of a quantized cell (default: a :class:`QuantLayer`
+      or a layer served in place).
+
+  Returns:
+    The RNN layers (Bidirectional's forward and backward layers included).
+  """
+  from jaxqat.keras import _graph  # pylint: disable=import-outside-toplevel
+  quantized = quantized or (lambda c: isinstance(c, QuantLayer) or "_jaxqat_served" in vars(c))
+  layers = [model] + [l for _, _, l in _graph.walk(model)]
+  return [l for l in layers if any(quantized(c) for c in rnn_cells(l))]
+
+
+def pin_quantized_loops(model) -> None:
+  """Keeps every RNN layer of ``model`` that runs a quantized cell off cuDNN.
+
+  LSTM and GRU layers (``use_cudnn="auto"``) hand their float weights to a
+  fused cuDNN kernel on GPU when they can, which never calls the cell:
+  their quantization would silently not run.
+  """
+  for layer in quantized_loops(model):
+    if getattr(layer, "use_cudnn", False) is not False:
+      layer.use_cudnn = False
+
+
 _EXAMPLES = {
     QuantDense: ("Dense", "a weight (kernel) and input quantized dense layer", "3", "(2, 4)", "kernel"),
     QuantEinsumDense: ("EinsumDense", "quantized einsum projection", '"ab,bc->ac", output_shape=3',
@@ -638,6 +855,9 @@ FLOAT_TO_QUANT = {
     keras.layers.SeparableConv1D: QuantSeparableConv1D,
     keras.layers.SeparableConv2D: QuantSeparableConv2D,
     keras.layers.Embedding: QuantEmbedding,
+    keras.layers.SimpleRNNCell: QuantSimpleRNNCell,
+    keras.layers.LSTMCell: QuantLSTMCell,
+    keras.layers.GRUCell: QuantGRUCell,
 }
 
 _DYNAMIC: dict = {}
@@ -684,7 +904,8 @@ def quantized_class(cls: type) -> Optional[type]:
     return _DYNAMIC[cls]
   for base, qcls in FLOAT_TO_QUANT.items():
     if issubclass(cls, base):
-      mixins = tuple(m for m in qcls.__mro__[1:] if m in (_DepthwiseAxes, _EmbeddingAxes))
+      mixins = tuple(m for m in qcls.__mro__[1:] if m in (_DepthwiseAxes, _EmbeddingAxes, _RNNCell))
+      after = (GRUStateOperand,) if base is keras.layers.GRUCell else ()
       attrs = {"quant_weights": qcls.quant_weights, "__module__": cls.__module__,
                "__doc__": f"Quantized {cls.__name__} (generated by jaxqat.keras.quantized_class)."}
       if base is keras.layers.EinsumDense:
@@ -692,7 +913,7 @@ def quantized_class(cls: type) -> Optional[type]:
       if base is keras.layers.Embedding:  # its other tables too (an untied output projection)
         attrs.update(quant_weights=_EmbeddingSubclass.quant_weights,
                      channel_axes=_EmbeddingSubclass.channel_axes)
-      new = type(f"Quant{cls.__name__}", mixins + (QuantLayer, cls), attrs)
+      new = type(f"Quant{cls.__name__}", mixins + (QuantLayer,) + after + (cls,), attrs)
       registered = keras.saving.get_registered_name(cls)
       new = keras.saving.register_keras_serializable(
           package="jaxqat", name=f"Quant<{registered}>")(new)

@@ -91,15 +91,15 @@ def report(model) -> QuantizationReport:
     >>> import jaxqat.keras as jqk
     >>> inp = keras.Input((4, 3))
     >>> h = keras.layers.LSTM(2, name="lstm")(inp)
+    >>> h = keras.layers.LayerNormalization(name="norm")(h)
     >>> m = keras.Model(inp, keras.layers.Dense(2, name="head")(h))
-    >>> import warnings
-    >>> with warnings.catch_warnings():
-    ...   warnings.simplefilter("ignore")  # the QuantizationWarning naming the LSTM cell
-    ...   r = jqk.report(jqk.quantize(m))
+    >>> r = jqk.report(jqk.quantize(m))
     >>> r["head"].status, [w.name for w in r["head"].weights if w.quantized]
     ('quantized', ['kernel'])
-    >>> r["lstm/lstm_cell"].status, r["lstm/lstm_cell"].reason
-    ('unsupported', 'LSTMCell has no quantized version')
+    >>> [w.name for w in r["lstm/lstm_cell"].weights if w.quantized]  # the cell, in place
+    ['kernel', 'recurrent_kernel']
+    >>> r["norm"].status, r["norm"].reason
+    ('unsupported', 'normalization (no matmul): kept float')
   """
   if not isinstance(model, keras.Model):
     raise TypeError(f"model: expected a keras.Model, got {type(model).__name__}")

@@ -116,6 +116,7 @@ def mark(model, record, in_place_layers) -> None:
   object.__setattr__(model, "_jaxqat_record", record)
   object.__setattr__(model, "_jaxqat_inplace", list(in_place_layers))
   model.__class__ = recording_class(base, _get_config, _REGISTERED, _CLASSES)
+  _layers.pin_quantized_loops(model)
 
 
 def reapply(model, record):
@@ -296,7 +297,8 @@ def export_encodings(model) -> dict:
 
   Names: ``"<layer path>/<weight name>"`` for weights (``"dense/kernel"``;
   a folded Conv+BatchNorm's entry is its folded kernel) and
-  ``"<layer path>/input"`` for input quantizers; the layer path is the rule
+  ``"<layer path>/input"`` for input quantizers (and ``"<cell path>/state"``
+  for a recurrent cell's state quantizer); the layer path is the rule
   path (layer names from the root, joined by ``/``). A fixed-range weight
   quantizer that is not frozen gives the range of its current weight (what
   the model computes now); an input quantizer left float (it saw no finite
@@ -324,9 +326,10 @@ def export_encodings(model) -> dict:
   from jaxqat.core import encodings_to_dict
   params, acts = {}, {}
   for path, layer in _check_model(model, "export_encodings"):
-    iq = layer.input_quantizer
-    if iq is not None and iq.float_reason is None:
-      acts[f"{path}/input"] = quantizer_encoding(iq, None, f"layer {path!r} input quantizer")
+    for role, iq in layer.act_quantizers():
+      if iq is not None and iq.float_reason is None:
+        acts[f"{path}/{role}"] = quantizer_encoding(iq, None,
+                                                    f"layer {path!r} {role} quantizer")
     for name, q, get in weight_quantizers(layer):
       params[f"{path}/{name}"] = quantizer_encoding(q, get(), f"layer {path!r} {name} quantizer")
   return encodings_to_dict(params, acts)
@@ -426,10 +429,10 @@ def load_encodings(model, path_or_dict, *, names=None):
                     f"{type(names).__name__}")
   expected, targets = {}, {}
   for path, layer in entries:
-    iq = layer.input_quantizer
-    if iq is not None and iq.has_scale:
-      expected[f"{path}/input"] = ("activation", iq.spec, tuple(iq.scale_shape))
-      targets[f"{path}/input"] = iq
+    for role, iq in layer.act_quantizers():
+      if iq is not None and iq.has_scale:
+        expected[f"{path}/{role}"] = ("activation", iq.spec, tuple(iq.scale_shape))
+        targets[f"{path}/{role}"] = iq
     for name, q, _ in weight_quantizers(layer):
       if q.has_scale:
         expected[f"{path}/{name}"] = ("param", q.spec, tuple(q.scale_shape))

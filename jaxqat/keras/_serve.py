@@ -198,12 +198,20 @@ class StoredWeights:
                   False)
       if w.get("tensor_scale"):
         self._add(p + "tensor_scale", f"{name}_tensor_scale", (), "float32", "ones", False)
-    a = self.act_info
-    if a is not None and a.get("scale_shape") is not None:
-      self._add("input_scale", "input_scale", a["scale_shape"], "float32", "ones", False)
-      if a["zero_point"]:
-        self._add("input_zero_point", "input_zero_point", a["scale_shape"], "int32", "zeros",
-                  False)
+    for role, a, _ in self._act_slots():
+      if a is not None and a.get("scale_shape") is not None:
+        self._add(f"{role}_scale", f"{role}_scale", a["scale_shape"], "float32", "ones", False)
+        if a["zero_point"]:
+          self._add(f"{role}_zero_point", f"{role}_zero_point", a["scale_shape"], "int32",
+                    "zeros", False)
+
+  def _act_slots(self) -> list:
+    """``(role, info, spec)`` of each quantized activation: the input (a recurrent cell's
+    state too); its range variables are ``<role>_scale`` and ``<role>_zero_point``."""
+    return [("input", self.act_info, self.aspec)]
+
+  def _act_slot(self, role: str):
+    return {r: (a, spec) for r, a, spec in self._act_slots()}[role]
 
   def _add(self, attr, name, shape, dtype, default, autocast=True):
     """Creates ``self.<attr>``, initialised from convert's values when it gave them."""
@@ -271,25 +279,31 @@ class StoredWeights:
     arrays = self._stored_arrays(prefix, lambda v: np.asarray(to_numpy(v)))
     return int(sum(a.nbytes for a in arrays.values() if a is not None))
 
-  def encoding(self):
-    """The input's :class:`jaxqat.core.Encoding` (JAX arrays), or ``None`` (float input)."""
-    if self.aspec is None:
+  def encoding(self, role: str = "input"):
+    """The :class:`jaxqat.core.Encoding` (JAX arrays) of the input (or of ``role``), or ``None``.
+
+    ``None`` when that activation is float. ``role`` is ``"input"``, or
+    ``"state"`` for a recurrent cell served in place.
+    """
+    info, spec = self._act_slot(role)
+    if spec is None:
       return None
     from jaxqat.core import Encoding
-    if not hasattr(self, "input_scale"):
-      return Encoding(None, None, self.aspec)
-    zp = self.input_zero_point.value if self.act_info["zero_point"] else None
-    return Encoding(self.input_scale.value, zp, self.aspec)
+    if not hasattr(self, f"{role}_scale"):
+      return Encoding(None, None, spec)
+    zp = getattr(self, f"{role}_zero_point").value if info["zero_point"] else None
+    return Encoding(getattr(self, f"{role}_scale").value, zp, spec)
 
-  def _ops_input(self, x):
-    """The fake-quantized input in keras.ops (non-JAX backends)."""
-    if self.aspec is None:
+  def _ops_input(self, x, role: str = "input"):
+    """The fake-quantized input (or ``role`` activation) in keras.ops (non-JAX backends)."""
+    info, spec = self._act_slot(role)
+    if spec is None:
       return x
     zp = None
-    if self.act_info["zero_point"]:
-      zp = ops.cast(ops.convert_to_tensor(self.input_zero_point), "float32")
-    return _ops.quant_dequant(x, self.aspec, ops.convert_to_tensor(self.input_scale), zp,
-                              where=f"served layer {self.name!r} input")
+    if info["zero_point"]:
+      zp = ops.cast(ops.convert_to_tensor(getattr(self, f"{role}_zero_point")), "float32")
+    return _ops.quant_dequant(x, spec, ops.convert_to_tensor(getattr(self, f"{role}_scale")), zp,
+                              where=f"served layer {self.name!r} {role}")
 
   def _ops_weight(self, prefix: str = ""):
     """A dequantized weight in keras.ops: ``(q - z) * s`` as :func:`jaxqat.core.dequantize`.
@@ -626,21 +640,21 @@ _KINDS = (  # exact QAT class -> (float class, served class); most specific firs
 _QUANT_KEYS = ("weight_spec", "act_spec", "observe", "compute")  # QuantLayer arguments
 
 
-def _act_plan(layer, path):
-  """(act info, values) of a layer's input range, or (None, {})."""
-  iq = layer.input_quantizer
+def _act_plan(layer, path, role: str = "input"):
+  """(act info, values) of a layer's input range (or its ``role`` activation's), or (None, {})."""
+  iq = dict(layer.act_quantizers()).get(role)
   if iq is None or iq.float_reason is not None:
     return None, {}
-  where = f"layer {path!r} input quantizer"
+  where = f"layer {path!r} {role} quantizer"
   if iq.spec.is_block:
     _saving.quantizer_state(iq, None, where)  # refuses 'float' mode
     return {"spec": spec_to_dict(iq.spec.replace(learning="fixed")), "scale_shape": None,
             "zero_point": False}, {}
   enc = _saving.quantizer_encoding(iq, None, where)
-  values = {"input_scale": np.asarray(enc.scale, np.float32)}
+  values = {f"{role}_scale": np.asarray(enc.scale, np.float32)}
   if enc.zero_point is not None:
-    values["input_zero_point"] = np.asarray(enc.zero_point, np.int32)
-  info = {"spec": spec_to_dict(enc.spec), "scale_shape": list(np.shape(values["input_scale"])),
+    values[f"{role}_zero_point"] = np.asarray(enc.zero_point, np.int32)
+  info = {"spec": spec_to_dict(enc.spec), "scale_shape": list(np.shape(values[f"{role}_scale"])),
           "zero_point": enc.zero_point is not None}
   return info, values
 
@@ -920,8 +934,8 @@ def size_report(served):
         row = size_row(f"{path}/{w['name']}", layer.qtensor_numpy(prefix), w["dtype"])
         rows.append(dataclasses.replace(row, quant_bytes=layer.stored_bytes(prefix)))
         stored |= {id(getattr(layer, prefix + r)) for r in _ROLES if hasattr(layer, prefix + r)}
-      stored |= {id(getattr(layer, a)) for a in ("input_scale", "input_zero_point")
-                 if hasattr(layer, a)}
+      stored |= {id(getattr(layer, f"{role}_{a}")) for role, _, _ in layer._act_slots()
+                 for a in ("scale", "zero_point") if hasattr(layer, f"{role}_{a}")}
       for v in _graph.own_weights(layer):
         if id(v) not in stored:
           a = to_numpy(v)

@@ -65,17 +65,29 @@ class InPlaceServed(_serve.StoredWeights):
     return [(e["prefix"], e["info"], spec_from_dict(e["info"]["spec"]))
             for e in self._jaxqat_served["weights"]]
 
-  def _served_input(self, x):
-    if self.aspec is None:
+  def _act_slots(self) -> list:
+    return super()._act_slots() + [("state", self._jaxqat_served.get("state"),
+                                    vars(self).get("state_spec"))]
+
+  def _served_input(self, x, role: str = "input"):
+    if self._act_slot(role)[1] is None:
       return x
     if is_jax():
       from jaxqat.core import fake_quantize_input
-      return fake_quantize_input(x, self.encoding())
-    return self._ops_input(x)
+      return fake_quantize_input(x, self.encoding(role))
+    return self._ops_input(x, role)
 
   def call(self, *args, **kwargs):
     if args:
       args = (self._served_input(args[0]),) + args[1:]
+    state = lambda h: self._served_input(h, "state")  # pylint: disable=unnecessary-lambda-assignment
+    if vars(self).get("state_spec") is not None and isinstance(self, _layers.GRUStateOperand):
+      self.state_operand = state  # read by the step's recurrent matmuls only
+    elif vars(self).get("state_spec") is not None:  # a recurrent cell: (inputs, states, ...)
+      if len(args) > 1:
+        args = (args[0], _layers.quantize_state(args[1], state)) + args[2:]
+      elif "states" in kwargs:
+        kwargs["states"] = _layers.quantize_state(kwargs["states"], state)
     saved = {}
     try:
       for e in self._jaxqat_served["weights"]:
@@ -88,6 +100,8 @@ class InPlaceServed(_serve.StoredWeights):
     finally:
       for attr, value in saved.items():
         object.__setattr__(self, attr, value)
+      if isinstance(self, _layers.GRUStateOperand):
+        self.state_operand = None
 
   # The float class may save its weights by attribute (Keras's Dense, EinsumDense and
   # Embedding do, for their own quantization): these layers hold other variables.
@@ -102,7 +116,8 @@ def served_class(float_cls: type) -> type:
   """The in-place served class of a float layer class (generated once per class)."""
   if float_cls not in _CLASSES:
     name = f"InPlaceServed{float_cls.__name__}"
-    _CLASSES[float_cls] = type(name, (InPlaceServed, float_cls), {
+    step = (_layers.GRUStateOperand,) if issubclass(float_cls, keras.layers.GRUCell) else ()
+    _CLASSES[float_cls] = type(name, (InPlaceServed,) + step + (float_cls,), {
         "__module__": float_cls.__module__,
         "__doc__": f"{float_cls.__name__} served in place (see jaxqat.keras.convert)."})
   return _CLASSES[float_cls]
@@ -131,7 +146,11 @@ def plan(layer, path: str, pack: bool):
     values.update(vals)
   act, act_values = _serve._act_plan(layer, path)
   values.update(act_values)
-  return {"weights": weights, "act": act}, values
+  entry = {"weights": weights, "act": act}
+  if any(role == "state" for role, _ in layer.act_quantizers()):  # a recurrent cell
+    entry["state"], state_values = _serve._act_plan(layer, path, "state")
+    values.update(state_values)
+  return entry, values
 
 
 def apply(layer, entry: dict, values=None) -> None:
@@ -148,15 +167,17 @@ def apply(layer, entry: dict, values=None) -> None:
   locked = tracker.locked
   tracker.unlock()
   try:
-    quantizers = [getattr(layer, "input_quantizer", None)]
+    quantizers = [q for _, q in layer.act_quantizers()] if hasattr(
+        layer, "act_quantizers") else []
     quantizers += list(getattr(layer, "weight_quantizers", {}).values())
     for q in quantizers:
       if q is not None:
         tracker.untrack(q)
-    for attr in ["input_quantizer", "weight_quantizers"] + [
+    for attr in ["input_quantizer", "state_quantizer", "weight_quantizers"] + [
         qname for _, qname in (getattr(layer, "quant_weights", None) or ())]:
       if attr in vars(layer):
         object.__delattr__(layer, attr)
+      (vars(layer).get("_modules") or {}).pop(attr, None)  # torch: sublayers live in _modules
     for e in entry["weights"]:
       var = getattr(layer, e["attr"])
       layer._untrack_variable(var)
@@ -167,6 +188,8 @@ def apply(layer, entry: dict, values=None) -> None:
     object.__setattr__(layer, "act_info", entry["act"])
     object.__setattr__(layer, "aspec", None if entry["act"] is None else spec_from_dict(
         entry["act"]["spec"], where=f"{layer.name} act"))
+    object.__setattr__(layer, "state_spec", None if entry.get("state") is None else
+                       spec_from_dict(entry["state"]["spec"], where=f"{layer.name} state"))
     object.__setattr__(layer, "_init_values", values)
     layer._add_stored()
     object.__setattr__(layer, "_init_values", None)
@@ -290,6 +313,7 @@ def mark(model) -> None:
   object.__setattr__(model, "_jaxqat_served_base", type(model))
   object.__setattr__(model, "_jaxqat_serving", record)
   model.__class__ = _saving.recording_class(type(model), _get_config, _REGISTERED, _MODELS)
+  _layers.pin_quantized_loops(model)
 
 
 def _reapply(model, record):
@@ -303,7 +327,7 @@ def _reapply(model, record):
     except ValueError as e:
       raise ValueError(f"jaxqat>ServedModel, layer {entry.get('path')!r}: the loaded model "
                        f"has {e}") from e
-    apply(layer, {"weights": entry["weights"], "act": entry["act"]})
+    apply(layer, {k: entry[k] for k in ("weights", "act", "state") if k in entry})
   mark(model)
   return model
 

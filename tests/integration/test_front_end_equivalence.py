@@ -234,3 +234,75 @@ def test_nnx_linen_keras_agree(name):
   # Training changed something: the comparison is not between untouched models.
   w0 = w["hidden"][0]
   assert np.abs(ref_trained["hidden/kernel"] - w0).max() > 1e-4
+
+
+# ---------------------------------------------------------------- recurrent cells
+
+# Keras's fused kernels by gate (columns) against Flax's per-gate Dense layers:
+# (Keras gate, Flax input Dense, Flax hidden Dense).
+_GATES = {"lstm": [("i", "ii", "hi"), ("f", "if", "hf"), ("c", "ig", "hg"), ("o", "io", "ho")],
+          "gru": [("z", "iz", "hz"), ("r", "ir", "hr"), ("h", "in", "hn")]}
+
+
+@pytest.mark.parametrize("kind", sorted(_GATES))
+def test_keras_recurrent_cells_equal_linen_rnn_cells(kind):
+  """A Keras LSTM/GRU and Flax's nn.RNN of the same cell, quantized with the default W8A8 rules
+  and calibrated on the same sequences: the same input and state ranges, outputs and kernel
+  gradients (Flax's per-gate Dense layers each calibrate on the same x_t or h_{t-1})."""
+  t, f, u = 6, 5, 8
+  n = len(_GATES[kind])
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(16, t, f)).astype("float32")
+  kern = rng.normal(size=(f, n * u)).astype("float32") * 0.4
+  rec = rng.normal(size=(u, n * u)).astype("float32") * 0.4
+  bias = rng.normal(size=(n * u,)).astype("float32") * 0.1
+  inp = keras.Input((t, f))
+  if kind == "lstm":
+    layer = keras.layers.LSTM(u, return_sequences=True, name="rnn")
+    weights = [kern, rec, bias]
+  else:  # reset_after: input biases, recurrent biases zero (Flax's hn bias is zero below)
+    layer = keras.layers.GRU(u, return_sequences=True, name="rnn")
+    weights = [kern, rec, np.stack([bias, np.zeros_like(bias)])]
+  model = keras.Model(inp, layer(inp))
+  model.get_layer("rnn").set_weights(weights)
+  q = jqk.calibrate(jqk.quantize(model), x, batch_size=len(x))
+  cell = q.get_layer("rnn").cell
+
+  flax_cell = {"lstm": lambda: nn.LSTMCell(u), "gru": lambda: nn.GRUCell(u)}[kind]
+  lin = ql.quantize(nn.RNN(flax_cell()))
+  params = {}
+  for g, (_, i_name, h_name) in enumerate(_GATES[kind]):
+    cols = slice(g * u, (g + 1) * u)
+    params[i_name] = {"kernel": jnp.asarray(kern[:, cols])}
+    params[h_name] = {"kernel": jnp.asarray(rec[:, cols])}
+    if kind == "lstm":
+      params[h_name]["bias"] = jnp.asarray(bias[cols])
+    else:
+      params[i_name]["bias"] = jnp.asarray(bias[cols])
+      if h_name == "hn":
+        params[h_name]["bias"] = jnp.zeros(u)
+  v = lin.init(jax.random.key(0), x)
+  v = ql.calibrate(lin, {**v, "params": {"cell": params}}, [x])
+  stats = v["quant_stats"]["cell"]
+  for role, name in (("input", 1), ("state", 2)):
+    q_k = cell.input_quantizer if role == "input" else cell.state_quantizer
+    for _, *names in _GATES[kind]:
+      np.testing.assert_allclose(float(stats[names[name - 1]]["input"]["scale"]),
+                                 float(q_k.scale.numpy()), rtol=1e-6, err_msg=role)
+
+  y_keras = np.asarray(q(x))
+  y_linen = np.asarray(lin.apply(v, x))
+  np.testing.assert_allclose(y_keras, y_linen, rtol=0, atol=2e-6)
+  assert np.abs(y_keras - np.asarray(model(x))).max() > 1e-3  # quantized
+
+  # Kernel gradients of the same loss.
+  tv = [t_.value for t_ in q.trainable_variables]
+  ntv = [t_.value for t_ in q.non_trainable_variables]
+  gk = jax.grad(lambda tv: (q.stateless_call(tv, ntv, x, training=True)[0] ** 2).sum())(tv)
+  by_path = {t_.path: g for t_, g in zip(q.trainable_variables, gk)}
+  gl = jax.grad(lambda p: (lin.apply({**v, "params": p}, x) ** 2).sum())(v["params"])["cell"]
+  for attr, side in (("kernel", 1), ("recurrent_kernel", 2)):
+    flat = np.concatenate([np.asarray(gl[names[side - 1]]["kernel"])
+                           for _, *names in _GATES[kind]], axis=1)
+    np.testing.assert_allclose(np.asarray(by_path[getattr(cell, attr).path]), flat,
+                               rtol=1e-4, atol=1e-5, err_msg=attr)

@@ -24,7 +24,8 @@ skip_inner = pytest.mark.skipif(INNER, reason="already inside a per-backend run"
 # (test_keras_convert.py, test_real_models.py, test_output_channel.py) run the same Python
 # on every backend and are checked on JAX only, to keep the suite's time down.
 _BACKEND_FILES = ("test_keras_ops.py", "test_keras_layers.py", "test_keras_training.py",
-                  "test_keras_calibrate.py", "test_keras_deep.py", "test_keras_serve.py")
+                  "test_keras_calibrate.py", "test_keras_deep.py", "test_keras_serve.py",
+                  "test_keras_rnn.py")
 # Checked on JAX only: the issue-9 run of 200 eager fit steps (on the other backends the
 # positivity of learned step sizes is checked by test_keras_deep.py's LSQ run) and the
 # percentile observer's weight-range tracking (the same keras.ops reductions as absmax and
