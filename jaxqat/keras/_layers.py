@@ -66,6 +66,7 @@ __all__ = [
     "QuantSimpleRNNCell",
     "QuantLSTMCell",
     "QuantGRUCell",
+    "QuantConvLSTMCell",
     "quantized_class",
     "gathered_class",
     "gathered_weights",
@@ -635,10 +636,19 @@ class _RNNCell:
   def _build_quantizers(self, input_shape):
     super()._build_quantizers(input_shape)
     if self.act_spec is not None:
-      batch = None if input_shape is None else tuple(input_shape)[0]
       self.state_quantizer = Quantizer(self.act_spec, role="act", observe=self.observe,
                                        name="state_quantizer", dtype=self.dtype_policy)
-      self.state_quantizer.build((batch, self.units))
+      self.state_quantizer.build(self._state_shape(input_shape))
+
+  def _state_shape(self, input_shape):
+    """The shape of ``h_{t-1}`` (a step input's, with the cell's units as its channels)."""
+    shape = (None,) if input_shape is None else tuple(input_shape)
+    units = getattr(self, "units", None) or self.filters  # ConvLSTM cells have filters
+    if len(shape) <= 2:
+      return (shape[0], units)
+    if getattr(self, "data_format", "channels_last") == "channels_first":
+      return (shape[0], units) + shape[2:]
+    return shape[:-1] + (units,)
 
   def act_quantizers(self) -> list:
     return super().act_quantizers() + [("state", self.state_quantizer)]
@@ -759,6 +769,29 @@ class QuantGRUCell(_RNNCell, QuantLayer, GRUStateOperand, keras.layers.GRUCell):
   quant_weights = _CELL_WEIGHTS
 
 
+from keras.src.layers.rnn.conv_lstm import ConvLSTMCell as _ConvLSTMCell  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@_register
+class QuantConvLSTMCell(_RNNCell, QuantLayer, _ConvLSTMCell):
+  """Quantized cell of ``keras.layers.ConvLSTM1D/2D/3D``: both kernels, the step input and ``h``.
+
+  As the other recurrent cells (``_RNNCell``): the input and recurrent
+  convolutions' kernels get one scale per output channel (per gate and
+  filter), ``x_t`` and ``h_{t-1}`` are quantized, the carry stays float.
+
+  Examples:
+    >>> import numpy as np
+    >>> import jaxqat.keras as jqk
+    >>> q = jqk.quantize(keras.Sequential([keras.Input((4, 6, 2)),
+    ...                                    keras.layers.ConvLSTM1D(3, 3, name="c")]))
+    >>> cell = q.get_layer("c").cell
+    >>> type(cell).__name__, cell.recurrent_kernel_quantizer.scale.shape
+    ('QuantConvLSTMCell', (1, 1, 12))
+  """
+  quant_weights = _CELL_WEIGHTS
+
+
 def rnn_cells(layer) -> list:
   """The cells an RNN layer runs (a StackedRNNCells' cells flattened); ``[]`` for other layers."""
   if not isinstance(layer, keras.layers.RNN):
@@ -858,6 +891,7 @@ FLOAT_TO_QUANT = {
     keras.layers.SimpleRNNCell: QuantSimpleRNNCell,
     keras.layers.LSTMCell: QuantLSTMCell,
     keras.layers.GRUCell: QuantGRUCell,
+    _ConvLSTMCell: QuantConvLSTMCell,
 }
 
 _DYNAMIC: dict = {}

@@ -306,3 +306,33 @@ def test_keras_recurrent_cells_equal_linen_rnn_cells(kind):
                            for _, *names in _GATES[kind]], axis=1)
     np.testing.assert_allclose(np.asarray(by_path[getattr(cell, attr).path]), flat,
                                rtol=1e-4, atol=1e-5, err_msg=attr)
+
+
+def test_keras_conv_lstm_equals_linen_conv_lstm_cell():
+  """ConvLSTM1D against Flax's nn.RNN(nn.ConvLSTMCell): Flax orders the gates i, g, f, o and
+  adds 1 to the forget gate; with the weights mapped, the quantized models agree."""
+  t, w, c, fi = 5, 7, 3, 4
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(8, t, w, c)).astype("float32")
+  kern = rng.normal(size=(3, c, 4 * fi)).astype("float32") * 0.4
+  rec = rng.normal(size=(3, fi, 4 * fi)).astype("float32") * 0.4
+  bias = rng.normal(size=(4 * fi,)).astype("float32") * 0.1
+  inp = keras.Input((t, w, c))
+  model = keras.Model(inp, keras.layers.ConvLSTM1D(fi, 3, padding="same", return_sequences=True,
+                                                   name="c")(inp))
+  model.get_layer("c").set_weights([kern, rec, bias])
+  q = jqk.calibrate(jqk.quantize(model), x, batch_size=len(x))
+  assert type(q.get_layer("c").cell).__name__ == "QuantConvLSTMCell"
+  perm = np.concatenate([np.arange(0, fi), np.arange(2 * fi, 3 * fi), np.arange(fi, 2 * fi),
+                         np.arange(3 * fi, 4 * fi)])  # Keras i, f, c, o -> Flax i, g, f, o
+  flax_bias = bias[perm].copy()
+  flax_bias[2 * fi:3 * fi] -= 1.0
+  lin = ql.quantize(nn.RNN(nn.ConvLSTMCell(fi, kernel_size=(3,))))
+  v = lin.init(jax.random.key(0), x)
+  params = {"ih": {"kernel": jnp.asarray(kern[..., perm]), "bias": jnp.asarray(flax_bias)},
+            "hh": {"kernel": jnp.asarray(rec[..., perm]), "bias": jnp.zeros(4 * fi)}}
+  v = ql.calibrate(lin, {**v, "params": {"cell": params}}, [x])
+  y_keras = np.asarray(q(x))
+  np.testing.assert_allclose(y_keras, np.asarray(lin.apply(v, x)), rtol=0, atol=2e-6)
+  assert np.abs(y_keras - np.asarray(model(x))).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(jqk.convert(q)(x)), y_keras)

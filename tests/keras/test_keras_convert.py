@@ -50,19 +50,19 @@ def test_rule_that_matches_nothing_warns():
 
 def test_unsupported_layer_is_left_float_and_named():
   keras.utils.set_random_seed(0)
-  inp = keras.Input((5, 6, 4))
-  x = keras.layers.ConvLSTM1D(3, 3, name="my_clstm")(inp)
+  inp = keras.Input((5, 4))
+  x = keras.layers.Conv1DTranspose(3, 3, name="my_up")(inp)
   x = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x))
   model = keras.Model(inp, x)
-  with pytest.warns(QuantizationWarning, match=r"my_clstm/conv_lstm_cell \(ConvLSTMCell: "
-                                          r"ConvLSTMCell has no quantized version\)"):
+  with pytest.warns(QuantizationWarning, match=r"my_up \(Conv1DTranspose: Conv1DTranspose has "
+                                          r"no quantized version\)"):
     q = jqk.quantize(model)
-  assert type(q.get_layer("my_clstm")) is keras.layers.ConvLSTM1D
+  assert type(q.get_layer("my_up")) is keras.layers.Conv1DTranspose
   assert type(q.get_layer("head")) is jqk.QuantDense
   rep = jqk.report(q)
-  assert rep["my_clstm/conv_lstm_cell"].status == "unsupported"  # the cell holds the weights
-  assert {w.name for w in rep["my_clstm/conv_lstm_cell"].weights} == {
-      v.name for v in model.get_layer("my_clstm").weights}
+  assert rep["my_up"].status == "unsupported"
+  assert {w.name for w in rep["my_up"].weights} == {
+      v.name for v in model.get_layer("my_up").weights}
 
 
 def test_bad_inputs_are_clear_errors():

@@ -180,3 +180,19 @@ def test_gru_cell_in_float_mode_is_keras_gru(reset_after):
   np.testing.assert_allclose(to_np(q(X)), to_np(model(X)), rtol=0,
                              atol=0 if BACKEND == "torch" else 1e-6)
   assert np.abs(quantized - to_np(model(X))).max() > 1e-3
+
+
+def test_conv_lstm_cell_quantizes_serves_and_reloads():
+  x = RNG.normal(size=(4, 3, 6, 2)).astype("float32")
+  inp = keras.Input((3, 6, 2))
+  model = keras.Model(inp, keras.layers.ConvLSTM1D(3, 3, name="c")(inp))
+  q = jqk.calibrate(jqk.quantize(model), x, batch_size=4)
+  cell = q.get_layer("c").cell
+  assert cell.state_quantizer.calibrated and cell.recurrent_kernel_quantizer.scale.shape == (1, 1, 12)
+  y = to_np(q(x))
+  assert np.abs(y - to_np(model(x))).max() > 1e-4
+  served = jqk.convert(q)
+  np.testing.assert_array_equal(to_np(served(x)), y)
+  with tempfile.TemporaryDirectory() as d:
+    served.save(os.path.join(d, "s.keras"))
+    np.testing.assert_array_equal(to_np(keras.saving.load_model(os.path.join(d, "s.keras"))(x)), y)
