@@ -32,13 +32,17 @@ from jaxqat.keras._convert import quant_layers as quant_layers
 from jaxqat.keras._convert import quantize as quantize
 from jaxqat.keras._fold import QuantConvBatchNorm as QuantConvBatchNorm
 from jaxqat.keras._layers import QuantConv1D as QuantConv1D
+from jaxqat.keras._layers import QuantConv1DTranspose as QuantConv1DTranspose
 from jaxqat.keras._layers import QuantConv2D as QuantConv2D
+from jaxqat.keras._layers import QuantConv2DTranspose as QuantConv2DTranspose
 from jaxqat.keras._layers import QuantConv3D as QuantConv3D
+from jaxqat.keras._layers import QuantConv3DTranspose as QuantConv3DTranspose
 from jaxqat.keras._layers import QuantDense as QuantDense
 from jaxqat.keras._layers import QuantDepthwiseConv1D as QuantDepthwiseConv1D
 from jaxqat.keras._layers import QuantDepthwiseConv2D as QuantDepthwiseConv2D
 from jaxqat.keras._layers import QuantEinsumDense as QuantEinsumDense
 from jaxqat.keras._layers import QuantEmbedding as QuantEmbedding
+from jaxqat.keras._layers import QuantConvLSTMCell as QuantConvLSTMCell
 from jaxqat.keras._layers import QuantGRUCell as QuantGRUCell
 from jaxqat.keras._layers import QuantLayer as QuantLayer
 from jaxqat.keras._layers import QuantLSTMCell as QuantLSTMCell
@@ -82,14 +86,18 @@ __all__ = [
     "QADModel",
     "QATOptimizer",
     "QuantConv1D",
+    "QuantConv1DTranspose",
     "QuantConv2D",
+    "QuantConv2DTranspose",
     "QuantConv3D",
+    "QuantConv3DTranspose",
     "QuantConvBatchNorm",
     "QuantDense",
     "QuantDepthwiseConv1D",
     "QuantDepthwiseConv2D",
     "QuantEinsumDense",
     "QuantEmbedding",
+    "QuantConvLSTMCell",
     "QuantGRUCell",
     "QuantLSTMCell",
     "QuantLayer",

@@ -168,3 +168,32 @@ def test_keras_ops_weight_range_equals_core_with_non_finite_entries():
       np.testing.assert_allclose(to_np(s), np.asarray(s_core), rtol=rtol, err_msg=str(spec))
       if not spec.symmetric:
         np.testing.assert_array_equal(to_np(z), np.asarray(z_core), err_msg=str(spec))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_transposed_convolutions_quantize_per_filter_and_serve(rank):
+  """Conv{1,2,3}DTranspose kernels are (k..., filters, in): one scale per filter (axis -2).
+  Reference: the float layer run on a NumPy fake-quantized kernel and input."""
+  rng = np.random.default_rng(rank)
+  shape = (4,) + (5,) * rank + (3,)
+  x = rng.normal(size=shape).astype("float32")
+  cls = getattr(keras.layers, f"Conv{rank}DTranspose")
+  inp = keras.Input(shape[1:])
+  model = keras.Model(inp, cls(6, 3, strides=2, padding="same", name="up")(inp))
+  q = jqk.calibrate(jqk.quantize(model), x, batch_size=4)
+  up = q.get_layer("up")
+  assert type(up).__name__ == f"QuantConv{rank}DTranspose"
+  kernel, bias = (to_np(w) for w in model.get_layer("up").get_weights())
+  axes = tuple(i for i in range(rank + 2) if i != rank)
+  s = np.abs(kernel).max(axis=axes, keepdims=True) / np.float32(127)
+  assert to_np(up.kernel_quantizer.scale).shape == s.shape == (1,) * rank + (6, 1)
+  kq = (np.clip(np.round(kernel * (np.float32(1) / s)), -127, 127) * s).astype("float32")
+  sx, zx = float(to_np(up.input_quantizer.scale)), float(to_np(up.input_quantizer.zero_point))
+  xq = ((np.clip(np.round(x * np.float32(1 / np.float32(sx))) + zx, -128, 127) - zx)
+        * np.float32(sx)).astype("float32")
+  ref = cls(6, 3, strides=2, padding="same")
+  ref.build(shape)
+  ref.set_weights([kq, bias])
+  y = to_np(q(x))
+  np.testing.assert_allclose(y, to_np(ref(xq)), rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(to_np(jqk.convert(q)(x)), y)
