@@ -48,16 +48,26 @@ def test_rule_that_matches_nothing_warns():
                                 Rule(pattern=".*", weight=QuantSpec())])
 
 
+class _OwnMatmul(keras.layers.Layer):
+  """A user's layer with its own kernel and call: jaxqat has no quantized version of it."""
+
+  def build(self, input_shape):
+    self.kernel = self.add_weight(shape=(input_shape[-1], 3), name="kernel")
+
+  def call(self, x):
+    return keras.ops.matmul(x, self.kernel)
+
+
 def test_unsupported_layer_is_left_float_and_named():
   keras.utils.set_random_seed(0)
-  inp = keras.Input((5, 4))
-  x = keras.layers.Conv1DTranspose(3, 3, name="my_up")(inp)
-  x = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x))
+  inp = keras.Input((4,))
+  x = _OwnMatmul(name="my_up")(inp)
+  x = keras.layers.Dense(2, name="head")(x)
   model = keras.Model(inp, x)
-  with pytest.warns(QuantizationWarning, match=r"my_up \(Conv1DTranspose: Conv1DTranspose has "
+  with pytest.warns(QuantizationWarning, match=r"my_up \(_OwnMatmul: _OwnMatmul has "
                                           r"no quantized version\)"):
     q = jqk.quantize(model)
-  assert type(q.get_layer("my_up")) is keras.layers.Conv1DTranspose
+  assert type(q.get_layer("my_up")) is _OwnMatmul
   assert type(q.get_layer("head")) is jqk.QuantDense
   rep = jqk.report(q)
   assert rep["my_up"].status == "unsupported"
