@@ -777,6 +777,71 @@ def test_flax_rnn_cells_calibrate_over_every_step_and_match_the_unrolled_cell(ce
   assert len(ql.report(q, v).quantized_paths()) == (8 if cell == "lstm" else 6)
 
 
+class _DecoratedScanLSTM(nn.Module):
+  """The pre-nn.RNN recurrent pattern (flax examples sst2): a method scanned over time with
+  its params broadcast."""
+  cell: type = nn.LSTMCell
+
+  @functools.partial(nn.scan, variable_broadcast="params", in_axes=1, out_axes=1,
+                     split_rngs={"params": False})
+  @nn.compact
+  def __call__(self, carry, x):
+    return self.cell(8, name="cell")(carry, x)
+
+
+class _ScanModels(nn.Module):
+  """Both forms of a user's nn.scan with broadcast params: the decorated method and a cell
+  class given to nn.scan."""
+
+  @nn.compact
+  def __call__(self, x):
+    carry = nn.LSTMCell(8, parent=None).initialize_carry(jax.random.key(0), x[:, 0].shape)
+    y1 = _DecoratedScanLSTM(name="decorated")(carry, x)[1]
+    scan = nn.scan(nn.LSTMCell, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=1, out_axes=1)
+    return y1 + scan(8, name="cls")(carry, x)[1]
+
+
+def test_user_scans_with_broadcast_params_quantize_as_nn_rnn_does():
+  """flax.core.lift.scan is called with the scan's collections: jaxqat's are broadcast with
+  the params (calibration carries quant_stats through the steps), so the cells quantize,
+  calibrate on every step and serve what was trained."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  q = ql.quantize(_ScanModels())
+  v = ql.calibrate(q, q.init(jax.random.key(0), x), [x])
+  paths = ql.report(q, v).quantized_paths()
+  assert {f"{p}/{d}" for p in ("decorated/cell", "cls") for d in ("ii", "hi")} <= set(paths)
+  dense = ql.quantize(nn.Dense(8))
+  flat = x.reshape(-1, 3)
+  ref = ql.calibrate(dense, dense.init(jax.random.key(0), flat), [flat])
+  for cell in (v["quant_stats"]["decorated"]["cell"], v["quant_stats"]["cls"]):
+    assert float(cell["ii"]["input"]["scale"]) == float(ref["quant_stats"]["input"]["scale"])
+  y = q.apply(v, x)
+  assert float(jnp.max(jnp.abs(y - _ScanModels().apply({"params": v["params"]}, x)))) > 1e-4
+  served, sv = ql.convert(q, v, integer=False)
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
+
+
+def test_optimized_lstm_cell_quantizes_as_lstm_cell():
+  """nn.OptimizedLSTMCell concatenates its gate kernels before the matmul; jaxqat runs its step
+  as nn.LSTMCell's (same children and parameters), so it quantizes, and equals the quantized
+  LSTMCell with the same variables."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  carry = nn.LSTMCell(8, parent=None).initialize_carry(jax.random.key(0), x[:, 0].shape)
+  qo = ql.quantize(_DecoratedScanLSTM(nn.OptimizedLSTMCell))
+  ql_ = ql.quantize(_DecoratedScanLSTM(nn.LSTMCell))
+  v = ql.calibrate(qo, qo.init(jax.random.key(0), carry, x), [(carry, x)])
+  assert len(ql.report(qo, v).quantized_paths()) == 8
+  vl = {**ql_.init(jax.random.key(0), carry, x), "params": v["params"]}
+  vl = ql.calibrate(ql_, vl, [(carry, x)])
+  for a, b in zip(jax.tree.leaves(v["quant_stats"]), jax.tree.leaves(vl["quant_stats"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  y = qo.apply(v, carry, x)[1]
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ql_.apply(vl, carry, x)[1]))
+  flt = _DecoratedScanLSTM(nn.OptimizedLSTMCell).apply({"params": v["params"]}, carry, x)[1]
+  assert float(jnp.max(jnp.abs(y - flt))) > 1e-4
+
+
 class _Sampler(nn.Module):
   """Draws from its own RNG stream on every call (flax examples seq2seq's decoder)."""
 

@@ -66,6 +66,7 @@ import threading
 import warnings
 from typing import Any, Callable, Optional
 
+from flax.core import lift as flax_lift
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -218,13 +219,13 @@ class Context:
     frame = Frame(module, path, rule if active else None, self, store, key)
     self.order.setdefault(path, len(self.order))
     _STATE.frames.append(frame)
-    lifted = _lift_jaxqat_collections(module, context.method_name, self.mode)
     try:
-      out = next_fun(*args, **kwargs)
+      if isinstance(module, nn.OptimizedLSTMCell) and context.method_name == "__call__":
+        out = _lstm_cell_step(module, *args, **kwargs)
+      else:
+        out = next_fun(*args, **kwargs)
     finally:
       _STATE.frames.pop()
-      for name, value in lifted.items():
-        object.__setattr__(module, name, value)
     if context.method_name != "setup":
       with _guard():
         own = frame.own_params()
@@ -261,6 +262,22 @@ class Context:
                     core.QuantizationWarning, stacklevel=4)
 
 
+def _lstm_cell_step(module, *args, **kwargs):
+  """``nn.OptimizedLSTMCell``'s step as ``nn.LSTMCell`` computes it, in the cell's own scope.
+
+  The optimized cell concatenates its gates' kernels (``DenseParams``
+  children ``ii``...``ho``) before one matmul per operand, so no kernel
+  reaches an intercepted op as a parameter. ``nn.LSTMCell`` has the same
+  fields, children and parameters (names, shapes, initializers) and the
+  same gates, one ``Dense`` per gate and operand: run in the optimized
+  cell's scope, its children quantize as any ``Dense`` (one scale per gate
+  and unit, the step input and the state quantized), in QAT, calibration
+  and serving alike. Float values agree with the optimized cell's up to the
+  summation order of the split matmuls.
+  """
+  return inspect.unwrap(nn.LSTMCell.__call__)(module, *args, **kwargs)
+
+
 def _filter_names(f):
   """The collection names of a Flax collection filter made of names (else None)."""
   if f is False or f is None:
@@ -272,33 +289,47 @@ def _filter_names(f):
   return None
 
 
-def _lift_jaxqat_collections(module, method: str, mode: str) -> dict:
-  """Lets ``flax.linen.RNN``'s scan see jaxqat's collections; returns the fields to restore.
+def _scan_filters(filters: tuple, mode: str) -> tuple:
+  """The collection filters of a ``flax.core.lift.scan`` with jaxqat's collections lifted.
 
-  ``nn.RNN`` scans its cell over time with the parameters broadcast (one
-  cell for every step) and no other collection visible, so its cell's
+  ``filters`` is what ``lift.scan`` hands ``pack``: ``(variable_broadcast,
+  variable_carry, *variable_axes groups)``. A scan that broadcasts its params
+  over time steps -- ``nn.RNN``, or a user's ``nn.scan(cell,
+  variable_broadcast="params", ...)`` in class or method form -- scans one
+  cell for every step with no other collection visible, so the cell's
   quantizers could neither be created nor read. They are shared by the steps
   as the parameters are: broadcast with them, except that calibration
   carries ``quant_stats`` through the steps (each step's input updates the
-  observers). Left alone where the RNN already names a jaxqat collection or
-  uses filters other than names.
+  observers). Returned unchanged where the scan does not broadcast
+  ``params``, already names a jaxqat collection, or uses filters other than
+  names.
   """
-  if not isinstance(module, nn.RNN) or method != "__call__":
-    return {}
-  broadcast, carry = _filter_names(module.variable_broadcast), _filter_names(module.variable_carry)
-  axes = tuple(module.variable_axes)
+  if len(filters) < 2:
+    return filters
+  broadcast, carry = _filter_names(filters[0]), _filter_names(filters[1])
+  groups = [_filter_names(f) for f in filters[2:]]
   ours = (_quantizer.STATS, _quantizer.PARAMS, SERVED, ENCODINGS)
-  if broadcast is None or carry is None or "params" not in broadcast or any(
-      c in broadcast + carry + axes for c in ours):
-    return {}
+  if broadcast is None or carry is None or any(g is None for g in groups) or (
+      "params" not in broadcast) or any(c in broadcast + carry + sum(groups, ()) for c in ours):
+    return filters
   if mode == "calibrate":
-    new = {"variable_broadcast": broadcast + ours[1:], "variable_carry": carry + ours[:1]}
-  else:
-    new = {"variable_broadcast": broadcast + ours}
-  old = {k: getattr(module, k) for k in new}
-  for k, v in new.items():
-    object.__setattr__(module, k, v)
-  return old
+    return (broadcast + ours[1:], carry + ours[:1]) + tuple(filters[2:])
+  return (broadcast + ours, filters[1]) + tuple(filters[2:])
+
+
+def _wrap_pack(orig: Callable) -> Callable:
+  """``flax.core.lift.pack``, which every lifted transform calls: scans get :func:`_scan_filters`."""
+
+  @functools.wraps(orig)
+  def pack(fn, in_filters, out_filters, *args, **kwargs):
+    name = kwargs.get("name", args[1] if len(args) > 1 else None)
+    context = _STATE.contexts[-1] if _STATE.contexts else None
+    if name == "scan" and context is not None:
+      in_filters = _scan_filters(tuple(in_filters), context.mode)
+      out_filters = _scan_filters(tuple(out_filters), context.mode)
+    return orig(fn, in_filters, out_filters, *args, **kwargs)
+
+  return pack
 
 
 @contextlib.contextmanager
@@ -1113,7 +1144,8 @@ def _wrap_apply(orig: Callable) -> Callable:
 def _targets() -> list:
   out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
          (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
-         (nn.Module, "apply"), (nn.Module, "param"), (nn.Module, "variables")]
+         (nn.Module, "apply"), (nn.Module, "param"), (nn.Module, "variables"),
+         (flax_lift, "pack")]
   try:  # Array.T and Array.transpose() call this module's transpose
     from jax._src.numpy import lax_numpy  # pylint: disable=g-import-not-at-top
     if callable(getattr(lax_numpy, "transpose", None)):
@@ -1134,6 +1166,8 @@ def _wrapped(mod, name: str, orig: Callable) -> Callable:
     return _wrap_param(orig)
   if name == "variables":
     return _wrap_variables(orig)
+  if name == "pack":
+    return _wrap_pack(orig)
   return _wrap_op(name, orig)
 
 

@@ -117,9 +117,9 @@ class Store:
             f"jaxqat: cannot create '{col}/{name}' for {where}: the collection is not mutable "
             f"here. Inside a lifted transform (nn.scan, nn.vmap, nn.remat...) list "
             f"'{_STATS_AND_PARAMS}' with the params, e.g. variable_axes={{True: 0}} or "
-            f"variable_axes={{'params': 0, 'quant_params': 0, 'quant_stats': 0}}; a scan "
-            f"that broadcasts its params over time steps (a recurrent cell) runs quantized "
-            f"as flax.linen.RNN(cell)")
+            f"variable_axes={{'params': 0, 'quant_params': 0, 'quant_stats': 0}} (a scan "
+            f"that broadcasts 'params' over time steps, as nn.RNN does, shares them "
+            f"with the params by itself when its variable filters are collection names)")
       raise ValueError(f"jaxqat: {why} updates '{col}' ({where}); call apply(..., "
                        f"mutable=['quant_stats', 'quant_params'])")
     top, rest = self._top(col, name)
