@@ -842,6 +842,34 @@ def test_optimized_lstm_cell_quantizes_as_lstm_cell():
   assert float(jnp.max(jnp.abs(y - flt))) > 1e-4
 
 
+class _IndexedTable(nn.Module):
+  """A table read by indexing, as the flax sst2 example's Embedder does (``embedding[ids]``)."""
+
+  @nn.compact
+  def __call__(self, ids):
+    table = self.param("embedding", nn.initializers.normal(1.0), (11, 6))
+    return table[ids]
+
+
+def test_indexed_table_reads_quantized_rows_as_nn_embed():
+  """``table[ids]`` of a parameter is a row lookup: quantized per row, bit-equal to nn.Embed's
+  quantized lookup of the same table, in QAT and served (integer=False and True)."""
+  ids = jnp.asarray([[1, 4, 10], [0, 4, 7]])
+  q = ql.quantize(_IndexedTable())
+  v = ql.calibrate(q, q.init(jax.random.key(0), ids), [ids])
+  emb = ql.quantize(nn.Embed(11, 6))
+  ve = ql.calibrate(emb, {**emb.init(jax.random.key(0), ids), "params": v["params"]}, [ids])
+  y = q.apply(v, ids)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(emb.apply(ve, ids)))
+  assert float(jnp.max(jnp.abs(y - v["params"]["embedding"][ids]))) > 1e-4
+  assert ql.report(q, v).quantized_paths() == [""]  # the root module's table
+  for integer in (False, True):
+    served, sv = ql.convert(q, v, integer=integer)
+    np.testing.assert_array_equal(np.asarray(served.apply(sv, ids)), np.asarray(y))
+    assert "embedding" not in sv["params"]  # codes only
+    assert sv["served"]["embedding"].scale.shape == (11, 1)  # one scale per row
+
+
 class _Sampler(nn.Module):
   """Draws from its own RNG stream on every call (flax examples seq2seq's decoder)."""
 

@@ -70,6 +70,8 @@ from flax.core import lift as flax_lift
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src.numpy import indexing as jnp_indexing  # Array.__getitem__ calls its rewriting_take
+import numpy as np
 import opt_einsum
 
 from jaxqat import core
@@ -610,6 +612,37 @@ def _take(frame, orig, bound):
   return bound
 
 
+def _row_ids(idx):
+  """The integer index array of ``table[ids]`` (or ``table[ids, ...]``/``table[ids, :]``), or None."""
+  if isinstance(idx, tuple):
+    if not idx or any(not (i is Ellipsis or (isinstance(i, slice) and i == slice(None)))
+                      for i in idx[1:]):
+      return None
+    idx = idx[0]
+  if isinstance(idx, (jax.Array, np.ndarray)) and jnp.issubdtype(idx.dtype, jnp.integer):
+    return idx
+  return None
+
+
+def _getitem(frame, orig, bound):
+  """``table[ids]`` of a weight: a row lookup, quantized per row as ``jnp.take`` is."""
+  a = bound.arguments["arr"]
+  ids = _row_ids(bound.arguments["idx"])
+  if ids is None or jnp.ndim(a) < 2:
+    return None
+  w = _weight(frame, a, (0,))
+  if w is None:
+    return None
+  if frame.context.mode == SERVED:
+    kw = {k: v for k, v in bound.arguments.items() if k not in ("arr", "idx")}
+    idx = bound.arguments["idx"]
+    call = lambda ops: orig(ops[0], idx, **kw)  # noqa: E731
+    return _Done(_served(frame, [a, ids], {0: w}, None, call, lambda *_: None))
+  (a, _) = _quantize_operands(frame, [a, ids], {0: w}, None)
+  bound.arguments["arr"] = a
+  return bound
+
+
 def _einsum(frame, orig, args, kwargs):
   if len(args) != 3 or not isinstance(args[0], str):
     return None
@@ -1020,7 +1053,7 @@ def _wrap_variables(orig: property) -> property:
 # --------------------------------------------------------------------------
 
 OPS = ("jax.lax.dot_general", "jax.lax.conv_general_dilated", "jax.numpy.einsum",
-       "jax.numpy.dot", "jax.numpy.matmul", "jax.numpy.take")
+       "jax.numpy.dot", "jax.numpy.matmul", "jax.numpy.take", "table[ids]")
 
 _HANDLERS = {
     "dot_general": _dot_general,
@@ -1028,6 +1061,7 @@ _HANDLERS = {
     "dot": _dot,
     "matmul": _dot,
     "take": _take,
+    "rewriting_take": _getitem,
 }
 
 
@@ -1145,7 +1179,7 @@ def _targets() -> list:
   out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
          (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
          (nn.Module, "apply"), (nn.Module, "param"), (nn.Module, "variables"),
-         (flax_lift, "pack")]
+         (flax_lift, "pack"), (jnp_indexing, "rewriting_take")]
   try:  # Array.T and Array.transpose() call this module's transpose
     from jax._src.numpy import lax_numpy  # pylint: disable=g-import-not-at-top
     if callable(getattr(lax_numpy, "transpose", None)):
