@@ -870,6 +870,32 @@ def test_indexed_table_reads_quantized_rows_as_nn_embed():
     assert sv["served"]["embedding"].scale.shape == (11, 1)  # one scale per row
 
 
+def test_conv_local_quantizes_each_location_and_feature():
+  """nn.ConvLocal (lax.conv_general_dilated_local): the unshared kernel gets one scale per
+  location and feature (every axis but the contracted one), the input one per tensor.
+  Reference: the float layer on a NumPy fake-quantized kernel and input."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+  q = ql.quantize(nn.ConvLocal(4, (3, 3)))
+  v = ql.calibrate(q, q.init(jax.random.key(0), x), [x])
+  kernel = np.asarray(v["params"]["kernel"])
+  assert kernel.shape == (6, 6, 27, 4)
+  s = np.abs(kernel).max(axis=2, keepdims=True) / np.float32(127)
+  kq = np.clip(np.round(kernel * (np.float32(1) / s)), -127, 127) * s
+  st = v["quant_stats"]["input"]
+  sx, zx = float(st["scale"]), float(st["zero_point"])
+  xq = (np.clip(np.round(np.asarray(x) * np.float32(1 / np.float32(sx))) + zx, -128, 127)
+        - zx) * np.float32(sx)
+  ref = nn.ConvLocal(4, (3, 3)).apply({"params": {"kernel": jnp.asarray(kq, jnp.float32),
+                                                  "bias": v["params"]["bias"]}},
+                                      jnp.asarray(xq, jnp.float32))
+  y = q.apply(v, x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5)
+  assert ql.report(q, v).quantized_paths() == [""]
+  served, sv = ql.convert(q, v)
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
+  assert sv["served"]["kernel"].scale.shape == (6, 6, 1, 4)
+
+
 class _Sampler(nn.Module):
   """Draws from its own RNG stream on every call (flax examples seq2seq's decoder)."""
 

@@ -163,3 +163,35 @@ def test_nnx_rnn_cell_calibrates_over_every_step_as_linen_does():
   y = m(x)
   assert float(jnp.max(jnp.abs(y - yf))) > 1e-4  # quantized
   np.testing.assert_array_equal(np.asarray(qnnx.convert(m, integer=False)(x)), np.asarray(y))
+
+
+class _UserScanLSTM(nnx.Module):
+  """A user's own nnx.scan over time, the cell passed as carried state (as nnx.RNN does)."""
+
+  def __init__(self, cell_cls):
+    self.cell = cell_cls(3, 8, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    carry = self.cell.initialize_carry(x[:, 0].shape, rngs=nnx.Rngs(1))
+
+    @nnx.scan(in_axes=(nnx.Carry, nnx.StateAxes({...: nnx.Carry}), 1), out_axes=(nnx.Carry, 1))
+    def step(carry, cell, xt):
+      return cell(carry, xt)
+
+    return step(carry, self.cell, x)[1]
+
+
+@pytest.mark.parametrize("cell_cls", [nnx.LSTMCell, nnx.OptimizedLSTMCell])
+def test_user_nnx_scan_over_a_carried_cell_calibrates_every_step(cell_cls):
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  m = _UserScanLSTM(cell_cls)
+  yf = m(x)
+  qnnx.quantize(m)
+  qnnx.calibrate(m, [x])
+  lin = qnnx.quantize(nnx.Linear(3, 8, rngs=nnx.Rngs(0)))
+  qnnx.calibrate(lin, [x.reshape(-1, 3)])
+  first = m.cell.ii if cell_cls is nnx.LSTMCell else m.cell.dense_i  # the step input's layer
+  assert float(first.input_quant.scale[...]) == float(lin.input_quant.scale[...])
+  y = m(x)
+  assert float(jnp.max(jnp.abs(y - yf))) > 1e-4
+  np.testing.assert_array_equal(np.asarray(qnnx.convert(m, integer=False)(x)), np.asarray(y))

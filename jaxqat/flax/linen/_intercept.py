@@ -564,6 +564,38 @@ def _conv(frame, orig, bound):
   return _qat_bound(frame, "conv_general_dilated", bound, weights, act_index)
 
 
+def _conv_local(frame, orig, bound):
+  """``lax.conv_general_dilated_local`` (``nn.ConvLocal``): an unshared kernel per location.
+
+  The kernel ``(*out spatial, in * prod(filter), features)`` contracts one
+  axis; every other axis (each location's and feature's column) gets its
+  own scale under ``PerOutputChannel()``, as a Dense column does. The input
+  is quantized per tensor; the op runs on the fake-quantized operands (there
+  is no integer kernel; served: the dequantize path).
+  """
+  lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
+  dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
+                                      bound.arguments.get("dimension_numbers"))
+  w = _weight(frame, rhs, _others(jnp.ndim(rhs), (dn.rhs_spec[1],)))
+  if w is None:
+    return None
+  weights = {1: w}
+  act_index = _act_index(weights, [lhs, rhs])
+  if frame.context.mode == SERVED:
+    bound.apply_defaults()
+    kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
+    call = lambda ops: orig(*ops, **kw)  # noqa: E731
+    return _Done(_served(frame, [lhs, rhs], weights, act_index, call, None))
+  if frame.rule.compute == "integer" and frame.context.mode == "quant":
+    raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
+                     f"cannot run this layer in integer arithmetic: it computes with "
+                     f"lax.conv_general_dilated_local (nn.ConvLocal), which has no integer "
+                     f"kernel; use compute='fake'")
+  lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, act_index)
+  bound.arguments["lhs"], bound.arguments["rhs"] = lhs, rhs
+  return bound
+
+
 def _dot(frame, orig, bound):
   names = list(bound.arguments)
   a, b = bound.arguments[names[0]], bound.arguments[names[1]]
@@ -1052,7 +1084,8 @@ def _wrap_variables(orig: property) -> property:
 # Installing the wrappers.
 # --------------------------------------------------------------------------
 
-OPS = ("jax.lax.dot_general", "jax.lax.conv_general_dilated", "jax.numpy.einsum",
+OPS = ("jax.lax.dot_general", "jax.lax.conv_general_dilated",
+       "jax.lax.conv_general_dilated_local", "jax.numpy.einsum",
        "jax.numpy.dot", "jax.numpy.matmul", "jax.numpy.take", "table[ids]")
 
 _HANDLERS = {
@@ -1062,6 +1095,7 @@ _HANDLERS = {
     "matmul": _dot,
     "take": _take,
     "rewriting_take": _getitem,
+    "conv_general_dilated_local": _conv_local,
 }
 
 
@@ -1176,7 +1210,8 @@ def _wrap_apply(orig: Callable) -> Callable:
 
 
 def _targets() -> list:
-  out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"), (jnp, "einsum"),
+  out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"),
+         (jax.lax, "conv_general_dilated_local"), (jnp, "einsum"),
          (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
          (nn.Module, "apply"), (nn.Module, "param"), (nn.Module, "variables"),
          (flax_lift, "pack"), (jnp_indexing, "rewriting_take")]
