@@ -894,6 +894,11 @@ def test_conv_local_quantizes_each_location_and_feature():
   served, sv = ql.convert(q, v)
   np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
   assert sv["served"]["kernel"].scale.shape == (6, 6, 1, 4)
+  rule = core.Rule(pattern=".*", weight=core.default_weight_spec(),
+                   act=core.default_act_spec(), compute="integer")
+  qi = ql.quantize(nn.ConvLocal(4, (3, 3)), [rule])
+  with pytest.raises(ValueError, match="conv_general_dilated_local.*has no integer kernel"):
+    qi.init(jax.random.key(0), x)
 
 
 class _Sampler(nn.Module):

@@ -545,38 +545,25 @@ def _dot_general(frame, orig, bound):
   return _qat_bound(frame, "dot_general", bound, weights, act_index)
 
 
-def _conv(frame, orig, bound):
-  lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
-  dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
-                                      bound.arguments.get("dimension_numbers"))
-  w = _weight(frame, rhs, (dn.rhs_spec[0],))
-  if w is None and _kernel_by_position(frame, rhs):
-    w = ("kernel", (dn.rhs_spec[0],), None)
-  if w is None:
-    return None
-  weights = {1: w}
-  act_index = _act_index(weights, [lhs, rhs])
-  if frame.context.mode == SERVED:
-    bound.apply_defaults()
-    kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
-    call = lambda ops: orig(*ops, **kw)  # noqa: E731
-    return _Done(_served(frame, [lhs, rhs], weights, act_index, call, _int_conv(kw)))
-  return _qat_bound(frame, "conv_general_dilated", bound, weights, act_index)
+def _conv(frame, orig, bound, local: bool = False):
+  """``lax.conv_general_dilated``, or with ``local`` its unshared-kernel form.
 
-
-def _conv_local(frame, orig, bound):
-  """``lax.conv_general_dilated_local`` (``nn.ConvLocal``): an unshared kernel per location.
-
-  The kernel ``(*out spatial, in * prod(filter), features)`` contracts one
-  axis; every other axis (each location's and feature's column) gets its
-  own scale under ``PerOutputChannel()``, as a Dense column does. The input
-  is quantized per tensor; the op runs on the fake-quantized operands (there
-  is no integer kernel; served: the dequantize path).
+  ``lax.conv_general_dilated_local`` (``nn.ConvLocal``) has a kernel
+  ``(*out spatial, in * prod(filter), features)`` that contracts one axis;
+  every other axis (each location's and feature's column) gets its own scale
+  under ``PerOutputChannel()``, as a Dense column does. It has no integer
+  kernel: it runs on the fake-quantized operands (served: the dequantize
+  path).
   """
   lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
   dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
                                       bound.arguments.get("dimension_numbers"))
-  w = _weight(frame, rhs, _others(jnp.ndim(rhs), (dn.rhs_spec[1],)))
+  if local:
+    w = _weight(frame, rhs, _others(jnp.ndim(rhs), (dn.rhs_spec[1],)))
+  else:
+    w = _weight(frame, rhs, (dn.rhs_spec[0],))
+    if w is None and _kernel_by_position(frame, rhs):
+      w = ("kernel", (dn.rhs_spec[0],), None)
   if w is None:
     return None
   weights = {1: w}
@@ -585,7 +572,10 @@ def _conv_local(frame, orig, bound):
     bound.apply_defaults()
     kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
     call = lambda ops: orig(*ops, **kw)  # noqa: E731
-    return _Done(_served(frame, [lhs, rhs], weights, act_index, call, None))
+    return _Done(_served(frame, [lhs, rhs], weights, act_index, call,
+                         None if local else _int_conv(kw)))
+  if not local:
+    return _qat_bound(frame, "conv_general_dilated", bound, weights, act_index)
   if frame.rule.compute == "integer" and frame.context.mode == "quant":
     raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
                      f"cannot run this layer in integer arithmetic: it computes with "
@@ -1095,7 +1085,7 @@ _HANDLERS = {
     "matmul": _dot,
     "take": _take,
     "rewriting_take": _getitem,
-    "conv_general_dilated_local": _conv_local,
+    "conv_general_dilated_local": functools.partial(_conv, local=True),
 }
 
 
