@@ -168,13 +168,14 @@ def test_nnx_rnn_cell_calibrates_over_every_step_as_linen_does():
 class _UserScanLSTM(nnx.Module):
   """A user's own nnx.scan over time, the cell passed as carried state (as nnx.RNN does)."""
 
-  def __init__(self, cell_cls):
+  def __init__(self, cell_cls, cell_axes=None):
     self.cell = cell_cls(3, 8, rngs=nnx.Rngs(0))
+    self.cell_axes = nnx.StateAxes({...: nnx.Carry}) if cell_axes is None else cell_axes
 
   def __call__(self, x):
     carry = self.cell.initialize_carry(x[:, 0].shape, rngs=nnx.Rngs(1))
 
-    @nnx.scan(in_axes=(nnx.Carry, nnx.StateAxes({...: nnx.Carry}), 1), out_axes=(nnx.Carry, 1))
+    @nnx.scan(in_axes=(nnx.Carry, self.cell_axes, 1), out_axes=(nnx.Carry, 1))
     def step(carry, cell, xt):
       return cell(carry, xt)
 
@@ -195,3 +196,15 @@ def test_user_nnx_scan_over_a_carried_cell_calibrates_every_step(cell_cls):
   y = m(x)
   assert float(jnp.max(jnp.abs(y - yf))) > 1e-4
   np.testing.assert_array_equal(np.asarray(qnnx.convert(m, integer=False)(x)), np.asarray(y))
+
+
+def test_a_broadcast_cell_in_a_user_scan_says_how_to_pass_it():
+  """NNX drops updates to state a scan takes as broadcast (in_axes=None): the calibration
+  warning names the cause and the fix."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  m = _UserScanLSTM(nnx.LSTMCell, cell_axes=None)
+  m.cell_axes = None  # broadcast
+  qnnx.quantize(m)
+  with pytest.warns(core.QuantizationWarning, match=r"nnx.StateAxes\(\{\.\.\.: nnx.Carry\}\)"):
+    qnnx.calibrate(m, [x])
+  assert m.cell.ii.input_quant.disabled

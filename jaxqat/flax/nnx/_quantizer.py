@@ -339,8 +339,11 @@ class Quantizer(nnx.Module):
         self.disabled = ("attend() was not called during calibration (lookup only); the query "
                          "of attend stays float")
       else:
-        self.disabled = ("saw no finite input during calibration (no batch reached it, or "
-                         "every value was NaN/inf); its input stays float")
+        self.disabled = ("saw no finite input during calibration (no batch reached it, "
+                         "every value was NaN/inf, or it ran inside an nnx.scan/nnx.vmap that "
+                         "took it as broadcast state, in_axes=None, whose updates NNX drops: "
+                         "pass it as nnx.StateAxes({...: nnx.Carry}), as nnx.RNN does); its "
+                         "input stays float")
         warnings.warn(f"jaxqat: {self._where()}: the input quantizer {self.disabled}",
                       core.QuantizationWarning, stacklevel=3)
       self.calibrated = False
