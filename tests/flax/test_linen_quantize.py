@@ -544,10 +544,17 @@ def test_no_warning_for_norm_layers():
   assert ql.layer_paths(v) == ["layers_0/input", "layers_0/kernel"]
 
 
+class _Tensordot(nn.Module):
+  """A weight used through an op jaxqat does not intercept (jnp.tensordot)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tensordot(x, self.param("kernel", nn.initializers.lecun_normal(), (2, 2)), 1)
+
+
 def test_unsupported_flax_layer_warns():
-  with pytest.warns(core.QuantizationWarning, match=r"'layers_1' \(ConvTranspose\)"):
-    ql.quantize(nn.Sequential([nn.Conv(2, (3,)), nn.ConvTranspose(2, (3,))])).init(
-        KEY, _x((1, 5, 2)))
+  with pytest.warns(core.QuantizationWarning, match=r"'layers_1' \(_Tensordot\)"):
+    ql.quantize(nn.Sequential([nn.Conv(2, (3,)), _Tensordot()])).init(KEY, _x((1, 5, 2)))
 
 
 @pytest.mark.parametrize("spec, msg", [
@@ -899,6 +906,38 @@ def test_conv_local_quantizes_each_location_and_feature():
   qi = ql.quantize(nn.ConvLocal(4, (3, 3)), [rule])
   with pytest.raises(ValueError, match="conv_general_dilated_local.*has no integer kernel"):
     qi.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_conv_transpose_quantizes_per_output_channel(transpose_kernel):
+  """nn.ConvTranspose (lax.conv_transpose, whose convolution runs inside JAX): one scale per
+  output channel, whichever kernel axis holds it. Reference: the float layer on a NumPy
+  fake-quantized kernel and input."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+  make = lambda: nn.ConvTranspose(4, (3, 3), strides=(2, 2), transpose_kernel=transpose_kernel)
+  q = ql.quantize(make())
+  v = ql.calibrate(q, q.init(jax.random.key(0), x), [x])
+  kernel = np.asarray(v["params"]["kernel"])
+  out_axis = 2 if transpose_kernel else 3
+  assert kernel.shape[out_axis] == 4
+  axes = tuple(a for a in range(4) if a != out_axis)
+  s = np.abs(kernel).max(axis=axes, keepdims=True) / np.float32(127)
+  kq = np.clip(np.round(kernel * (np.float32(1) / s)), -127, 127) * s
+  st = v["quant_stats"]["input"]
+  sx, zx = float(st["scale"]), float(st["zero_point"])
+  xq = (np.clip(np.round(np.asarray(x) * np.float32(1 / np.float32(sx))) + zx, -128, 127)
+        - zx) * np.float32(sx)
+  ref = make().apply({"params": {"kernel": jnp.asarray(kq, jnp.float32),
+                                 "bias": v["params"]["bias"]}}, jnp.asarray(xq, jnp.float32))
+  y = q.apply(v, x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5)
+  assert ql.report(q, v).quantized_paths() == [""]
+  served, sv = ql.convert(q, v)
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
+  rule = core.Rule(pattern=".*", weight=core.default_weight_spec(),
+                   act=core.default_act_spec(), compute="integer")
+  with pytest.raises(ValueError, match="lax.conv_transpose, which has no integer kernel"):
+    ql.quantize(make(), [rule]).init(jax.random.key(0), x)
 
 
 class _Sampler(nn.Module):

@@ -545,21 +545,32 @@ def _dot_general(frame, orig, bound):
   return _qat_bound(frame, "dot_general", bound, weights, act_index)
 
 
-def _conv(frame, orig, bound, local: bool = False):
-  """``lax.conv_general_dilated``, or with ``local`` its unshared-kernel form.
+_TRANSPOSE_LAYOUTS = {2: ("NC", "IO", "NC"), 3: ("NHC", "HIO", "NHC"),
+                      4: ("NHWC", "HWIO", "NHWC"), 5: ("NHWDC", "HWDIO", "NHWDC")}
+
+
+def _conv(frame, orig, bound, kind: str = "conv"):
+  """``lax.conv_general_dilated``; ``kind`` ``"local"`` or ``"transpose"``: its other forms.
 
   ``lax.conv_general_dilated_local`` (``nn.ConvLocal``) has a kernel
   ``(*out spatial, in * prod(filter), features)`` that contracts one axis;
   every other axis (each location's and feature's column) gets its own scale
-  under ``PerOutputChannel()``, as a Dense column does. It has no integer
-  kernel: it runs on the fake-quantized operands (served: the dequantize
-  path).
+  under ``PerOutputChannel()``, as a Dense column does.
+  ``lax.conv_transpose`` (``nn.ConvTranspose``) calls the convolution inside
+  JAX, out of jaxqat's reach: it is quantized here, one scale per output
+  channel (the kernel's ``I`` axis when ``transpose_kernel`` swaps them).
+  Neither has an integer kernel: they run on the fake-quantized operands
+  (served: the dequantize path).
   """
   lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
-  dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
-                                      bound.arguments.get("dimension_numbers"))
-  if local:
+  layout = bound.arguments.get("dimension_numbers")
+  if kind == "transpose" and layout is None:
+    layout = _TRANSPOSE_LAYOUTS.get(jnp.ndim(lhs))
+  dn = jax.lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), layout)
+  if kind == "local":
     w = _weight(frame, rhs, _others(jnp.ndim(rhs), (dn.rhs_spec[1],)))
+  elif kind == "transpose":
+    w = _weight(frame, rhs, (dn.rhs_spec[1 if bound.arguments.get("transpose_kernel") else 0],))
   else:
     w = _weight(frame, rhs, (dn.rhs_spec[0],))
     if w is None and _kernel_by_position(frame, rhs):
@@ -573,14 +584,13 @@ def _conv(frame, orig, bound, local: bool = False):
     kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
     call = lambda ops: orig(*ops, **kw)  # noqa: E731
     return _Done(_served(frame, [lhs, rhs], weights, act_index, call,
-                         None if local else _int_conv(kw)))
-  if not local:
+                         _int_conv(kw) if kind == "conv" else None))
+  if kind == "conv":
     return _qat_bound(frame, "conv_general_dilated", bound, weights, act_index)
   if frame.rule.compute == "integer" and frame.context.mode == "quant":
     raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
                      f"cannot run this layer in integer arithmetic: it computes with "
-                     f"lax.conv_general_dilated_local (nn.ConvLocal), which has no integer "
-                     f"kernel; use compute='fake'")
+                     f"lax.{orig.__name__}, which has no integer kernel; use compute='fake'")
   lhs, rhs = _quantize_operands(frame, [lhs, rhs], weights, act_index)
   bound.arguments["lhs"], bound.arguments["rhs"] = lhs, rhs
   return bound
@@ -1075,7 +1085,7 @@ def _wrap_variables(orig: property) -> property:
 # --------------------------------------------------------------------------
 
 OPS = ("jax.lax.dot_general", "jax.lax.conv_general_dilated",
-       "jax.lax.conv_general_dilated_local", "jax.numpy.einsum",
+       "jax.lax.conv_general_dilated_local", "jax.lax.conv_transpose", "jax.numpy.einsum",
        "jax.numpy.dot", "jax.numpy.matmul", "jax.numpy.take", "table[ids]")
 
 _HANDLERS = {
@@ -1085,7 +1095,8 @@ _HANDLERS = {
     "matmul": _dot,
     "take": _take,
     "rewriting_take": _getitem,
-    "conv_general_dilated_local": functools.partial(_conv, local=True),
+    "conv_general_dilated_local": functools.partial(_conv, kind="local"),
+    "conv_transpose": functools.partial(_conv, kind="transpose"),
 }
 
 
@@ -1201,7 +1212,7 @@ def _wrap_apply(orig: Callable) -> Callable:
 
 def _targets() -> list:
   out = [(jax.lax, "dot_general"), (jax.lax, "conv_general_dilated"),
-         (jax.lax, "conv_general_dilated_local"), (jnp, "einsum"),
+         (jax.lax, "conv_general_dilated_local"), (jax.lax, "conv_transpose"), (jnp, "einsum"),
          (jnp, "dot"), (jnp, "matmul"), (jnp, "take"), (jnp, "asarray"), (jnp, "transpose"),
          (nn.Module, "apply"), (nn.Module, "param"), (nn.Module, "variables"),
          (flax_lift, "pack"), (jnp_indexing, "rewriting_take")]
