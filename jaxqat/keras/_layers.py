@@ -682,14 +682,39 @@ class _RNNCell:
   def call(self, inputs, states, training=None, **kwargs):
     sq = self.state_quantizer
     fn = None if sq is None else (lambda h: run_quantizer(sq, h, training=training))
-    if isinstance(self, GRUStateOperand):  # h_{t-1} also mixes the new state: keep it float
-      self.state_operand = fn
-      try:
-        return super().call(inputs, states, training=training, **kwargs)
-      finally:
-        self.state_operand = None
-    states = quantize_state(states, fn, fn is not None)
-    return super().call(inputs, states, training=training, **kwargs)
+    return run_with_state_operand(self, fn, super().call, (inputs, states),
+                                  dict(kwargs, training=training))
+
+
+def run_with_state_operand(cell, fn, call, args, kwargs):
+  """Runs a recurrent cell's step ``call(inputs, states, ...)`` with ``h_{t-1}`` read as ``fn(h)``.
+
+  ``fn`` None runs the step as given. A :class:`GRUStateOperand` cell reads
+  ``fn`` through its step's hook, at its recurrent matmuls only (its
+  ``h_{t-1}`` also mixes into the new state); other cells get ``states``
+  (positional or keyword) with the first entry replaced, in the same form (a
+  list/tuple or a single tensor).
+  """
+  if fn is None:
+    return call(*args, **kwargs)
+  if isinstance(cell, GRUStateOperand):
+    cell.state_operand = fn
+    try:
+      return call(*args, **kwargs)
+    finally:
+      cell.state_operand = None
+
+  def first(states):
+    if not isinstance(states, (list, tuple)):
+      return fn(states)
+    new = [fn(states[0]), *states[1:]]
+    return tuple(new) if isinstance(states, tuple) else new
+
+  if len(args) > 1:
+    args = (args[0], first(args[1])) + tuple(args[2:])
+  elif "states" in kwargs:
+    kwargs = dict(kwargs, states=first(kwargs["states"]))
+  return call(*args, **kwargs)
 
 
 class GRUStateOperand:
@@ -740,20 +765,6 @@ class GRUStateOperand:
     hh = self.activation(x_h + recurrent_h)
     h = z * h_tm1 + (1 - z) * hh
     return h, ([h] if nested else h)
-
-
-def quantize_state(states, fn, active: bool = True):
-  """A recurrent cell's ``states`` with the first one (``h_{t-1}``) replaced by ``fn(h)``.
-
-  ``states`` is a list/tuple (its first entry the state the recurrent
-  matmul reads) or a single tensor, and is returned in the same form.
-  """
-  if not active:
-    return states
-  if isinstance(states, (list, tuple)):
-    return type(states)([fn(states[0]), *states[1:]]) if isinstance(states, tuple) else [
-        fn(states[0]), *states[1:]]
-  return fn(states)
 
 
 _CELL_WEIGHTS = (("kernel", "kernel_quantizer"), ("recurrent_kernel", "recurrent_kernel_quantizer"))

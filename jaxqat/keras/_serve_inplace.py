@@ -80,14 +80,9 @@ class InPlaceServed(_serve.StoredWeights):
   def call(self, *args, **kwargs):
     if args:
       args = (self._served_input(args[0]),) + args[1:]
-    state = lambda h: self._served_input(h, "state")  # pylint: disable=unnecessary-lambda-assignment
-    if vars(self).get("state_spec") is not None and isinstance(self, _layers.GRUStateOperand):
-      self.state_operand = state  # read by the step's recurrent matmuls only
-    elif vars(self).get("state_spec") is not None:  # a recurrent cell: (inputs, states, ...)
-      if len(args) > 1:
-        args = (args[0], _layers.quantize_state(args[1], state)) + args[2:]
-      elif "states" in kwargs:
-        kwargs["states"] = _layers.quantize_state(kwargs["states"], state)
+    state = None  # a recurrent cell's h_{t-1}, at its recurrent matmuls
+    if vars(self).get("state_spec") is not None:
+      state = lambda h: self._served_input(h, "state")  # noqa: E731
     saved = {}
     try:
       for e in self._jaxqat_served["weights"]:
@@ -96,12 +91,10 @@ class InPlaceServed(_serve.StoredWeights):
         if getattr(self, "autocast", True) and self.compute_dtype != e["info"]["dtype"]:
           w = ops.cast(w, self.compute_dtype)  # as Keras autocasts a float variable it reads
         object.__setattr__(self, e["attr"], w)
-      return super().call(*args, **kwargs)
+      return _layers.run_with_state_operand(self, state, super().call, args, kwargs)
     finally:
       for attr, value in saved.items():
         object.__setattr__(self, attr, value)
-      if isinstance(self, _layers.GRUStateOperand):
-        self.state_operand = None
 
   # The float class may save its weights by attribute (Keras's Dense, EinsumDense and
   # Embedding do, for their own quantization): these layers hold other variables.
