@@ -37,6 +37,7 @@ from jaxqat.core._integer import unclipped_weight as unclipped_weight
 from jaxqat.core._integer import integer_reason as integer_reason
 from jaxqat.core._integer import quantize_weight as quantize_weight
 from jaxqat.core._integer import quantized_conv_general_dilated as quantized_conv_general_dilated
+from jaxqat.core._integer import quantized_conv_transpose as quantized_conv_transpose
 from jaxqat.core._integer import quantized_dot_general as quantized_dot_general
 from jaxqat.core._integer import quantized_einsum as quantized_einsum
 from jaxqat.core._integer import quantized_take as quantized_take
@@ -147,6 +148,7 @@ __all__ = [
     "quantize",
     "quantize_weight",
     "quantized_conv_general_dilated",
+    "quantized_conv_transpose",
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_take",

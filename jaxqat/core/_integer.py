@@ -77,6 +77,7 @@ __all__ = [
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_conv_general_dilated",
+    "quantized_conv_transpose",
     "quantized_take",
     "integer_error_bound",
     "integer_forward",
@@ -647,6 +648,161 @@ def quantized_conv_general_dilated(
   return (acc.astype(jnp.float32) * (sx * sw)).astype(out_dtype)
 
 
+_TRANSPOSE_LAYOUTS = {2: ("NC", "IO", "NC"), 3: ("NHC", "HIO", "NHC"),
+                      4: ("NHWC", "HWIO", "NHWC"), 5: ("NHWDC", "HWDIO", "NHWDC")}
+
+
+def _transpose_dn(x_shape, w_shape, dimension_numbers):
+  layout = dimension_numbers
+  if layout is None:
+    layout = _TRANSPOSE_LAYOUTS.get(len(x_shape))
+  return lax.conv_dimension_numbers(tuple(x_shape), tuple(w_shape), layout)
+
+
+def transpose_contracting_axes(x_shape, w_shape, op_kwargs: dict) -> tuple[int, ...]:
+  """The kernel axes that ``lax.conv_transpose(x, w, **op_kwargs)`` contracts.
+
+  The input-feature and spatial axes of the kernel's layout; with
+  ``transpose_kernel=True`` the kernel's ``O`` and ``I`` axes swap roles, so
+  its ``O`` axis is contracted and its ``I`` axis holds the output channels.
+
+  Args:
+    x_shape: the input's shape.
+    w_shape: the kernel's shape.
+    op_kwargs: ``lax.conv_transpose``'s keyword arguments
+      (``dimension_numbers``, ``transpose_kernel``).
+
+  Returns:
+    The contracted axes, in the kernel's own layout.
+
+  Examples:
+    >>> transpose_contracting_axes((1, 8, 4), (3, 4, 6), {})
+    (1, 0)
+    >>> transpose_contracting_axes((1, 8, 4), (3, 6, 4), {"transpose_kernel": True})
+    (2, 0)
+  """
+  dn = _transpose_dn(x_shape, w_shape, op_kwargs.get("dimension_numbers"))
+  first = dn.rhs_spec[0] if op_kwargs.get("transpose_kernel") else dn.rhs_spec[1]
+  return (first,) + tuple(dn.rhs_spec[2:])
+
+
+@functools.lru_cache(maxsize=512)
+def _transpose_plan(x_shape, w_shape, frozen_kw: tuple):
+  """``(conv kwargs, flipped axes, swapped axes or None)``: ``lax.conv_transpose`` as a convolution.
+
+  The convolution's arguments (padding, input dilation) are read off the
+  jaxpr of ``lax.conv_transpose`` itself, so they follow JAX's own rules for
+  ``"SAME"``/``"VALID"``/explicit padding; ``transpose_kernel`` flips the
+  kernel's spatial axes and swaps its ``O`` and ``I`` axes, as documented.
+  """
+  kw = {k: v for k, v in frozen_kw if k not in ("precision", "preferred_element_type")}
+  closed = jax.make_jaxpr(lambda a, b: lax.conv_transpose(a, b, **kw))(
+      jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(w_shape, jnp.float32))
+  (eqn,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  p = eqn.params
+  conv = dict(window_strides=tuple(p["window_strides"]), padding=tuple(p["padding"]),
+              lhs_dilation=tuple(p["lhs_dilation"]), rhs_dilation=tuple(p["rhs_dilation"]),
+              dimension_numbers=p["dimension_numbers"],
+              feature_group_count=p["feature_group_count"],
+              batch_group_count=p["batch_group_count"])
+  dn = p["dimension_numbers"]
+  if kw.get("transpose_kernel"):
+    return conv, tuple(dn.rhs_spec[2:]), (dn.rhs_spec[0], dn.rhs_spec[1])
+  return conv, (), None
+
+
+def _transposed_kernel(t, flip, swap):
+  """``t`` (a kernel, or ranges in its broadcast layout) as the convolution reads it."""
+  if t is None or not jnp.ndim(t):
+    return t
+  if flip:
+    t = jnp.flip(t, flip)
+  return t if swap is None else jnp.swapaxes(t, *swap)
+
+
+def quantized_conv_transpose(
+    x: ArrayLike,
+    w: _quantize.QTensor,
+    strides: Sequence[int],
+    padding,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers=None,
+    transpose_kernel: bool = False,
+    *,
+    act: Optional[Encoding] = None,
+    precision=None,
+    preferred_element_type=None,
+    integer: bool = True,
+    **transpose_kwargs,
+) -> Array:
+  """``lax.conv_transpose(x, w, ...)`` of a float input and a quantized kernel.
+
+  A transposed convolution is a convolution of the input dilated by the
+  strides (``lax.conv_transpose`` runs it as one); on the integer path its
+  kernel codes, scales and zero points are laid out as that convolution
+  reads them (flipped and with ``O``/``I`` swapped under
+  ``transpose_kernel``), and :func:`quantized_conv_general_dilated` runs
+  it. Otherwise the kernel is dequantized and ``lax.conv_transpose`` runs on
+  the fake-quantized input (the fake-quant model's values bit for bit).
+
+  Args:
+    x: the float input.
+    w: the kernel's QTensor.
+    strides, padding, rhs_dilation, dimension_numbers, transpose_kernel: as
+      :func:`jax.lax.conv_transpose`.
+    act: the input's Encoding or None.
+    precision: passed to the float op.
+    preferred_element_type: the output dtype.
+    integer: allow the integer path.
+    **transpose_kwargs: other keyword arguments of ``lax.conv_transpose``
+      (``use_consistent_padding``).
+
+  Returns:
+    The float output of the transposed convolution.
+
+  Raises:
+    TypeError: ``w`` is not a QTensor.
+    ValueError: the int32 sums could overflow (too many contracted terms).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, Encoding, quantize_weight
+    >>> w = quantize_weight(jnp.ones((2, 1, 1)), Encoding(jnp.float32(1.0), None, QuantSpec()))
+    >>> act = Encoding(jnp.float32(1.0), None, QuantSpec())
+    >>> quantized_conv_transpose(jnp.ones((1, 2, 1)), w, (2,), "VALID", act=act)[0, :, 0]
+    Array([1., 1., 1., 1.], dtype=float32)
+  """
+  _check_w(w)
+  x = jnp.asarray(x)
+  kw = dict(strides=tuple(strides), padding=padding, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, transpose_kernel=bool(transpose_kernel),
+            **transpose_kwargs)
+  contracting = transpose_contracting_axes(x.shape, w.shape, kw)
+  reason = integer_reason(w, act, contracting) if integer else "integer=False"
+  if reason is None and w.zero_point is not None:
+    reason = "the kernel is affine (has a zero point)"
+  if reason is None:
+    reason = _conv_backend_reason()
+  if reason is not None:
+    return lax.conv_transpose(fake_quantize_input(x, act), _weight_float(w, w.dtype),
+                              precision=precision,
+                              preferred_element_type=preferred_element_type, **kw)
+  conv, flip, swap = _transpose_plan(tuple(x.shape), tuple(w.shape), _freeze_kw(kw))
+  codes = w.values
+  if w.packed:
+    codes = _quantize.unpack(codes, w.packed, signed=w.spec.format.signed)
+  spec = w.spec
+  if swap is not None and isinstance(spec.granularity, spec_lib.PerChannel):
+    swapped = {swap[0]: swap[1], swap[1]: swap[0]}
+    axes = spec_lib.normalize_axes(spec.granularity.axes, len(w.shape), "granularity.axis")
+    spec = spec.replace(granularity=spec_lib.PerChannel(
+        tuple(sorted(swapped.get(a, a) for a in axes))))
+  laid = _quantize.QTensor(_transposed_kernel(codes, flip, swap),
+                           _transposed_kernel(w.scale, flip, swap), None, None, spec, w.dtype)
+  return quantized_conv_general_dilated(x, laid, act=act, precision=precision,
+                                        preferred_element_type=preferred_element_type, **conv)
+
+
 def quantized_take(w: _quantize.QTensor, indices: ArrayLike, axis: int = 0) -> Array:
   """Rows of a quantized table (an embedding lookup), dequantized.
 
@@ -751,6 +907,7 @@ _OPS = {
     "einsum": lambda x, w, kw: jnp.einsum(kw["subscripts"], x, w, **{
         k: v for k, v in kw.items() if k != "subscripts"}),
     "conv_general_dilated": lambda x, w, kw: lax.conv_general_dilated(x, w, **kw),
+    "conv_transpose": lambda x, w, kw: lax.conv_transpose(x, w, **kw),
 }
 
 
@@ -905,6 +1062,8 @@ def _int_op_traced(cfg, x, w, a, wq):
     return quantized_dot_general(x, qt, kw.pop("dimension_numbers"), act=aenc, **kw)
   if op == "einsum":
     return quantized_einsum(kw.pop("subscripts"), x, qt, act=aenc, **kw)
+  if op == "conv_transpose":
+    return quantized_conv_transpose(x, qt, act=aenc, **kw)
   return quantized_conv_general_dilated(x, qt, act=aenc, **kw)
 
 
@@ -957,7 +1116,8 @@ def integer_forward(
   step keeps ``x``, ``w`` and the ranges, not fake-quantized copies.
 
   Args:
-    op: ``"dot_general"``, ``"einsum"`` or ``"conv_general_dilated"``.
+    op: ``"dot_general"``, ``"einsum"``, ``"conv_general_dilated"`` or
+      ``"conv_transpose"``.
     x: the float input (left operand).
     w: the float weight (right operand).
     act: ``(spec, scale, zero_point, offset)`` of the input quantizer, as
@@ -1008,7 +1168,8 @@ def op_reason(op: str, x_shape, w_shape, aspec, wspec, op_kwargs: dict) -> Optio
   """Why ``op`` with these operand specs cannot run in integer arithmetic (None if it can).
 
   Args:
-    op: ``"dot_general"``, ``"einsum"`` or ``"conv_general_dilated"``.
+    op: ``"dot_general"``, ``"einsum"``, ``"conv_general_dilated"`` or
+      ``"conv_transpose"``.
     x_shape: the input's shape.
     w_shape: the weight's shape.
     aspec: the input's QuantSpec, or None (not quantized).
@@ -1034,13 +1195,15 @@ def op_reason(op: str, x_shape, w_shape, aspec, wspec, op_kwargs: dict) -> Optio
     contracting = plan[0][0][1]
   elif op == "dot_general":
     contracting = op_kwargs["dimension_numbers"][0][1]
+  elif op == "conv_transpose":
+    contracting = transpose_contracting_axes(x_shape, w_shape, op_kwargs)
   else:
     dn = lax.conv_dimension_numbers(tuple(x_shape), tuple(w_shape),
                                     op_kwargs.get("dimension_numbers"))
     contracting = tuple(dn.rhs_spec[1:])
     if op_kwargs.get("batch_group_count", 1) != 1:
       return "batch_group_count != 1"
-  return spec_reason(aspec, wspec, len(w_shape), contracting, conv=op == "conv_general_dilated")
+  return spec_reason(aspec, wspec, len(w_shape), contracting, conv=op.startswith("conv"))
 
 
 def spec_reason(aspec, wspec, w_ndim: int, contracting: Sequence[int] = (), *,

@@ -97,7 +97,10 @@ def qat_op(
   """``op(fq(x), fq(w))``, the op of a quantized layer in training (see the module docstring).
 
   Args:
-    op: ``"dot_general"``, ``"einsum"`` or ``"conv_general_dilated"``.
+    op: ``"dot_general"``, ``"einsum"``, ``"conv_general_dilated"`` or
+      ``"conv_transpose"`` (its integer forward is the convolution
+      ``lax.conv_transpose`` runs, on the kernel codes laid out as it reads
+      them).
     x: the float input (the left operand).
     w: the float weight (the right operand).
     act: None (the input is not quantized) or ``(spec, scale, zero_point,
@@ -115,8 +118,9 @@ def qat_op(
       backward leaves out the clip mask: the same gradient for every
       finite weight, one pass less over the kernel. Ignored otherwise.
     **op_kwargs: the keyword arguments of ``jax.lax.dot_general`` /
-      ``jax.lax.conv_general_dilated`` (``dimension_numbers``,
-      ``window_strides``...), or ``subscripts`` and the keyword arguments
+      ``jax.lax.conv_general_dilated`` / ``jax.lax.conv_transpose``
+      (``dimension_numbers``, ``window_strides``, ``strides``,
+      ``transpose_kernel``...), or ``subscripts`` and the keyword arguments
       of ``jnp.einsum``.
 
   Returns:

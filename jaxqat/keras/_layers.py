@@ -125,15 +125,15 @@ def check_compute(qcls, layer, *, weight_spec, act_spec, compute: str, where: st
     ...               act_spec=None, compute="integer", where="layer 'emb'")
     Traceback (most recent call last):
     ...
-    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D and DepthwiseConv1D/2D layers)
+    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D, Conv1D/2D/3DTranspose and DepthwiseConv1D/2D layers)
   """
   if compute == "fake":
     return
   reason = None
   if qcls is None or qcls.integer_op is None or qcls.call is not QuantLayer.call:
     name = type(layer).__name__ if qcls is None else qcls.__name__
-    reason = (f"{name} has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D and "
-              "DepthwiseConv1D/2D layers)")
+    reason = (f"{name} has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D, "
+              "Conv1D/2D/3DTranspose and DepthwiseConv1D/2D layers)")
   elif getattr(layer, "lora_enabled", False):
     reason = "LoRA is enabled (the integer forward has no LoRA term)"
   else:
@@ -146,7 +146,7 @@ def check_compute(qcls, layer, *, weight_spec, act_spec, compute: str, where: st
     wspec = None if weight_spec is None else weight_spec.resolve_output_channel(channel)
     reason = _integer.spec_reason(act_spec, wspec, len(shape),
                                   tuple(i for i in range(len(shape)) if i not in channel),
-                                  conv=qcls.integer_op == "conv_general_dilated")
+                                  conv=qcls.integer_op.startswith("conv"))
   if reason is not None:
     raise ComputeModeError(f"{where}: compute='integer' cannot run this layer in integer "
                            f"arithmetic: {reason}")
@@ -160,7 +160,8 @@ class QuantLayer:
 
   **Compute modes** (:attr:`jaxqat.core.Rule.compute`). ``"fake"`` runs the
   float layer's ``call`` on fake-quantized operands. ``"integer"`` (Dense,
-  EinsumDense, Conv1D/2D/3D and DepthwiseConv1D/2D, JAX backend) runs the layer's matmul,
+  EinsumDense, Conv1D/2D/3D, Conv1D/2D/3DTranspose and DepthwiseConv1D/2D, JAX
+  backend) runs the layer's matmul,
   einsum or convolution through :func:`jaxqat.core.qat_op`: int8 x int8 ->
   int32 with one rescale in the forward, the same straight-through backward
   as ``"fake"``. It needs integer specs of <= 8 bits for the input (per
@@ -492,8 +493,11 @@ class _CoreConv:
   integer_op = "conv_general_dilated"
   depthwise = False
 
+  def _conv(self, x, w, act, weight):
+    return conv_core_op(self.compute, self, x, w, act, weight, depthwise=self.depthwise)
+
   def _core_op(self, x, w, act, weight):
-    y = conv_core_op(self.compute, self, x, w, act, weight, depthwise=self.depthwise)
+    y = self._conv(x, w, act, weight)
     if self.use_bias:
       out = int(y.shape[-1] if self.data_format == "channels_last" else y.shape[1])
       shape = ((1,) * (self.rank + 1) + (out,) if self.data_format == "channels_last"
@@ -589,6 +593,27 @@ class QuantSeparableConv2D(_DepthwiseAxes, QuantLayer, keras.layers.SeparableCon
                    ("pointwise_kernel", "pointwise_kernel_quantizer"))
 
 
+def transpose_core_op(compute, conv, x, w, act, weight):
+  """The transposed convolution of the Keras layer ``conv`` (no bias) through :func:`core_op`.
+
+  As Keras's JAX backend runs it: ``lax.conv_transpose`` with
+  ``transpose_kernel=True`` and Keras's padding (``output_padding``
+  included), computed by the same helper Keras uses.
+  """
+  # pylint: disable=import-outside-toplevel
+  from keras.src.backend.common.backend_utils import compute_conv_transpose_padding_args_for_jax
+  from keras.src.backend.jax import nn as jax_nn  # the same private helpers Keras uses
+  pads = compute_conv_transpose_padding_args_for_jax(
+      input_shape=tuple(x.shape), kernel_shape=tuple(w.shape), strides=conv.strides,
+      padding=conv.padding, output_padding=conv.output_padding,
+      dilation_rate=conv.dilation_rate)
+  dn = jax_nn._convert_to_lax_conv_dimension_numbers(  # pylint: disable=protected-access
+      conv.rank, conv.data_format, transpose=False)
+  return core_op(compute, "conv_transpose", x, w, act, weight, strides=tuple(conv.strides),
+                 padding=tuple(tuple(p) for p in pads), rhs_dilation=tuple(conv.dilation_rate),
+                 dimension_numbers=dn, transpose_kernel=True)
+
+
 class _TransposeAxes:
   """A transposed convolution's kernel is ``(k..., filters, in_channels)``: the filters (the
   output channels) are axis -2."""
@@ -597,18 +622,30 @@ class _TransposeAxes:
     return (len(shape) - 2,)
 
 
+class _CoreConvTranspose(_CoreConv):
+  """The core op of Conv1D/2D/3DTranspose: ``core.qat_op("conv_transpose")``."""
+
+  integer_op = "conv_transpose"
+
+  def _conv(self, x, w, act, weight):
+    return transpose_core_op(self.compute, self, x, w, act, weight)
+
+
 @_register
-class QuantConv1DTranspose(_TransposeAxes, QuantLayer, keras.layers.Conv1DTranspose):
+class QuantConv1DTranspose(_CoreConvTranspose, _TransposeAxes, QuantLayer,
+                           keras.layers.Conv1DTranspose):
   quant_weights = (("kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantConv2DTranspose(_TransposeAxes, QuantLayer, keras.layers.Conv2DTranspose):
+class QuantConv2DTranspose(_CoreConvTranspose, _TransposeAxes, QuantLayer,
+                           keras.layers.Conv2DTranspose):
   quant_weights = (("kernel", "kernel_quantizer"),)
 
 
 @_register
-class QuantConv3DTranspose(_TransposeAxes, QuantLayer, keras.layers.Conv3DTranspose):
+class QuantConv3DTranspose(_CoreConvTranspose, _TransposeAxes, QuantLayer,
+                           keras.layers.Conv3DTranspose):
   quant_weights = (("kernel", "kernel_quantizer"),)
 
 

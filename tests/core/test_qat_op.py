@@ -235,3 +235,70 @@ def test_compiled_step_does_not_keep_fake_quantized_operands():
   base = memory("float")
   assert memory("fake") - base <= 0.5 * (memory("plain") - base)
 
+
+
+# (input shape, kernel shape, strides, padding, dimension_numbers, transpose_kernel, rhs_dilation)
+_TRANSPOSE_CASES = [
+    ((2, 6, 3), (3, 3, 4), (2,), "SAME", None, False, None),
+    ((2, 5, 6, 3), (3, 2, 4, 3), (2, 3), "VALID", None, True, (1, 2)),  # Keras's layout
+    ((2, 3, 5, 4), (4, 3, 3, 3), (1, 2), ((1, 2), (0, 1)), ("NCHW", "OIHW", "NCHW"), False, None),
+]
+
+
+@pytest.mark.parametrize("case", _TRANSPOSE_CASES, ids=["1d-same", "2d-transpose-kernel", "nchw"])
+def test_conv_transpose_fake_bit_identical_and_integer_exact_codes(case):
+  xs, ws, strides, padding, dn, tk, dil = case
+  kx, kw_ = jax.random.split(jax.random.key(6))
+  x = jax.nn.relu(jax.random.normal(kx, xs)) + 0.05
+  w = jax.random.normal(kw_, ws) * 0.3
+  kw = dict(strides=strides, padding=padding, dimension_numbers=dn, transpose_kernel=tk,
+            rhs_dilation=dil)
+  out_axis = core._integer.transpose_contracting_axes(xs, ws, kw)  # pylint: disable=protected-access
+  (ch,) = set(range(len(ws))) - set(out_axis)
+  wspec = QuantSpec(format="int4", granularity=PerChannel(ch), learning="lsq")
+  red = tuple(a for a in range(len(ws)) if a != ch)
+  p = dict(sa=jnp.float32(0.02), za=jnp.float32(-3.0),
+           sw=jnp.max(jnp.abs(w), axis=red, keepdims=True) / 7)
+  ranges = lambda p: ((A8, p["sa"], p["za"], None), (wspec, p["sw"], None, None))  # noqa: E731
+
+  def plain(x, w, p):
+    a, wq = ranges(p)
+    return lax.conv_transpose(core.quant_dequant(x, *a[:3]), core.quant_dequant(w, *wq[:3]),
+                              **kw)
+
+  def lean(compute):
+    return lambda x, w, p: qat_op("conv_transpose", x, w, act=ranges(p)[0], weight=ranges(p)[1],
+                                  compute=compute, **kw)
+
+  # "fake": bit-identical to fake-quantizing, then lax.conv_transpose (values and gradients)
+  y_ref = plain(x, w, p)
+  np.testing.assert_array_equal(np.asarray(lean("fake")(x, w, p)), np.asarray(y_ref))
+  grad = lambda f: jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(x, w, p)  # noqa: E731
+  g_ref = grad(plain)
+  for compute in ("fake", "integer"):
+    for u, v in zip(jax.tree_util.tree_leaves(grad(lean(compute))),
+                    jax.tree_util.tree_leaves(g_ref)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  # "integer": int8 codes, int32 sums; equal to the exact integer transposed convolution of
+  # the codes (float32 sums of small integers are exact) times s_x * s_w, up to 3 roundings
+  y_int = jax.jit(lean("integer"))(x, w, p)
+  qx = jnp.clip(jnp.round(x / p["sa"]) + p["za"], -128, 127) - p["za"]
+  qw = jnp.clip(jnp.round(w / p["sw"]), -8, 7)
+  exact = lax.conv_transpose(qx, qw, **kw, precision=lax.Precision.HIGHEST)
+  cw = [1] * len(xs)
+  dn_ = lax.conv_dimension_numbers(xs, ws, dn or core._integer._TRANSPOSE_LAYOUTS[len(xs)])  # pylint: disable=protected-access
+  cw[dn_.out_spec[1]] = -1
+  y_exact = exact * (p["sa"] * p["sw"].reshape(cw))
+  np.testing.assert_allclose(np.asarray(y_int), np.asarray(y_exact), rtol=4e-7, atol=1e-9)
+  assert float(jnp.max(jnp.abs(y_int - y_ref))) > 0  # not the fake path
+  jaxpr = str(jax.make_jaxpr(lean("integer"))(x, w, p))
+  assert "preferred_element_type=int32" in jaxpr
+  # served: a packed int4 QTensor of the same codes gives the same values; integer=False
+  # gives the fake-quant values bit for bit
+  aenc = core._integer._train_encoding(*ranges(p)[0])  # pylint: disable=protected-access
+  qt = core.pack_qtensor(core.quantize(w, p["sw"], spec=wspec.replace(learning="fixed")))
+  np.testing.assert_array_equal(np.asarray(core.quantized_conv_transpose(x, qt, act=aenc, **kw)),
+                                np.asarray(y_int))
+  np.testing.assert_array_equal(
+      np.asarray(core.quantized_conv_transpose(x, qt, act=aenc, integer=False, **kw)),
+      np.asarray(y_ref))

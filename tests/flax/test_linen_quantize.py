@@ -932,12 +932,23 @@ def test_conv_transpose_quantizes_per_output_channel(transpose_kernel):
   y = q.apply(v, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-5)
   assert ql.report(q, v).quantized_paths() == [""]
-  served, sv = ql.convert(q, v)
+  served, sv = ql.convert(q, v, integer=False)
   np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y))
+  # The integer forward (QAT) and the served integer kernel: int8 x int8 -> int32, the same
+  # codes, so the same values; the fake-quant values up to float summation order.
   rule = core.Rule(pattern=".*", weight=core.default_weight_spec(),
                    act=core.default_act_spec(), compute="integer")
-  with pytest.raises(ValueError, match="lax.conv_transpose, which has no integer kernel"):
-    ql.quantize(make(), [rule]).init(jax.random.key(0), x)
+  qi = ql.quantize(make(), [rule])
+  qi.init(jax.random.key(0), x)
+  y_int = qi.apply(v, x)
+  assert "preferred_element_type=int32" in str(jax.make_jaxpr(lambda x: qi.apply(v, x))(x))
+  np.testing.assert_allclose(np.asarray(y_int), np.asarray(y), rtol=0, atol=1e-5)
+  served, sv = ql.convert(qi, v)
+  np.testing.assert_array_equal(np.asarray(served.apply(sv, x)), np.asarray(y_int))
+  g = jax.grad(lambda p, c: c.apply({**v, "params": p}, x).sum(), allow_int=True)
+  for a, b in zip(jax.tree_util.tree_leaves(g(v["params"], qi)),
+                  jax.tree_util.tree_leaves(g(v["params"], q))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class _Sampler(nn.Module):

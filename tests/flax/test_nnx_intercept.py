@@ -40,6 +40,8 @@ class Ops(nnx.Module):
       y = jnp.dot(x, w)
     elif self.how == "dot_general":
       y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())))
+    elif self.how == "lhs":  # the weight as the left operand: (o, b), transposed back
+      y = jax.lax.dot_general(w, x, (((0,), (1,)), ((), ()))).T
     else:  # conv, NWC
       return jax.lax.conv_general_dilated(x, w, (1,), "SAME",
                                           dimension_numbers=("NWC", "WIO", "NWC"))
@@ -65,6 +67,52 @@ def test_intercepted_op_equals_core_by_hand(how):
   np.testing.assert_allclose(q(x), ref(xq), rtol=0, atol=1e-5)
   np.testing.assert_allclose(q(x, flag=False), ref(xq, flag=False), rtol=0, atol=1e-5)
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(q, x), ref(xq), rtol=0, atol=1e-5)
+
+
+class _Up(nnx.Module):
+  """nnx.ConvTranspose (lax.conv_transpose: the kernel reaches its convolution through rev and
+  transpose when transpose_kernel) and a head read transposed."""
+
+  def __init__(self, transpose_kernel):
+    self.up = nnx.ConvTranspose(3, 6, (3, 3), strides=(2, 2), transpose_kernel=transpose_kernel,
+                                rngs=nnx.Rngs(0))
+    self.head = nnx.Param(jax.random.normal(jax.random.key(2), (5, 6)) * 0.3)
+
+  def __call__(self, x):
+    return jnp.einsum("bhwc,dc->bhwd", self.up(x), self.head[...])
+
+
+@pytest.mark.parametrize("how", ["einsum_t", "lhs", "conv", "up", "up_transpose_kernel"])
+def test_intercepted_integer_forward_matches_fake_same_gradients(how):
+  """compute="integer" on intercepted modules: core.qat_op's int8 x int8 -> int32 forward on
+  the op the jaxpr holds, the weight's per-channel scales carried through its layout ops."""
+  rules = lambda c: [Rule(pattern=".*", weight=core.default_weight_spec(),  # noqa: E731
+                          act=QuantSpec(format="int8", learning="lsq"), compute=c)]
+  if how.startswith("up"):
+    make, shape = (lambda: _Up(how == "up_transpose_kernel")), (2, 5, 5, 3)
+  else:
+    make, shape = (lambda: Ops(how)), ((2, 6, 3) if how == "conv" else (6, 4))
+  x = jax.random.normal(jax.random.key(1), shape)
+  res = {}
+  for compute in ("fake", "integer"):
+    q = qnnx.quantize(make(), rules(compute))
+    qnnx.calibrate(q, [x])
+    r = jax.random.normal(jax.random.key(3), q(x).shape)
+    y, g = nnx.value_and_grad(lambda q: jnp.sum(q(x) * r))(q)
+    res[compute] = (q(x), jax.tree_util.tree_leaves(g), str(jax.make_jaxpr(lambda x: q(x))(x)))
+  (yf, gf, jf), (yi, gi, ji) = res["fake"], res["integer"]
+  n_ops = 2 if how.startswith("up") else 1
+  assert ji.count("preferred_element_type=int32") >= n_ops
+  assert "preferred_element_type=int32" not in jf
+  scale = float(jnp.max(jnp.abs(yf)))
+  np.testing.assert_allclose(np.asarray(yi), np.asarray(yf), rtol=0, atol=2e-6 * scale)
+  assert len(gi) == len(gf)
+  for a, b in zip(gi, gf):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  # A weight-only rule cannot run in integer arithmetic: refused when quantizing.
+  with pytest.raises(ValueError, match="compute='integer' cannot run this layer.*weight-only"):
+    qnnx.quantize(Ops("einsum"), [Rule(pattern=".*", weight=W, compute="integer")])
 
 
 def test_weight_not_reaching_a_matmul_is_reported():

@@ -87,7 +87,7 @@ def test_integer_dense_within_the_core_bound_same_gradients_int8_dot():
 
 
 @pytest.mark.parametrize("name", ["einsum", "conv2d", "conv1d_causal", "depthwise2d",
-                                  "depthwise1d"])
+                                  "depthwise1d", "conv2d_transpose", "conv1d_transpose"])
 def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
   make, shape, act = {
       "einsum": (lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 4),
@@ -103,6 +103,12 @@ def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
                       (2, 7, 7, 3), A8),
       "depthwise1d": (lambda: keras.layers.DepthwiseConv1D(3, dilation_rate=2, name="l"),
                       (2, 9, 4), A8_LSQ),
+      # lax.conv_transpose's convolution (input dilated by the strides), Keras's padding
+      "conv2d_transpose": (lambda: keras.layers.Conv2DTranspose(
+          4, 3, strides=2, padding="same", output_padding=1, name="l"), (2, 5, 5, 3), A8),
+      "conv1d_transpose": (lambda: keras.layers.Conv1DTranspose(
+          4, 3, padding="valid", dilation_rate=2, data_format="channels_first", name="l"),
+          (2, 3, 6), A8_LSQ),
   }[name]
   q, x, r = _layer(make, shape, act)
   (yi, gxi, gvi), (yf, gxf, gvf) = _both(q, x, r)

@@ -429,7 +429,7 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
     (_, out_axes, _), = weights.values()
     reason = core._integer.spec_reason(  # pylint: disable=protected-access
         rule.act, rule.weight.resolve_output_channel(out_axes), jnp.ndim(ops[1]),
-        conv=op == "conv_general_dilated")
+        conv=op.startswith("conv"))
     if reason is not None:  # what the specs alone rule out: at init already
       raise ValueError(f"jaxqat: {where}: compute='integer' cannot run this layer in integer "
                        f"arithmetic: {reason}")
@@ -545,8 +545,7 @@ def _dot_general(frame, orig, bound):
   return _qat_bound(frame, "dot_general", bound, weights, act_index)
 
 
-_TRANSPOSE_LAYOUTS = {2: ("NC", "IO", "NC"), 3: ("NHC", "HIO", "NHC"),
-                      4: ("NHWC", "HWIO", "NHWC"), 5: ("NHWDC", "HWDIO", "NHWDC")}
+_TRANSPOSE_LAYOUTS = core._integer._TRANSPOSE_LAYOUTS  # pylint: disable=protected-access
 
 
 def _conv(frame, orig, bound, kind: str = "conv"):
@@ -558,9 +557,10 @@ def _conv(frame, orig, bound, kind: str = "conv"):
   under ``PerOutputChannel()``, as a Dense column does.
   ``lax.conv_transpose`` (``nn.ConvTranspose``) calls the convolution inside
   JAX, out of jaxqat's reach: it is quantized here, one scale per output
-  channel (the kernel's ``I`` axis when ``transpose_kernel`` swaps them).
-  Neither has an integer kernel: they run on the fake-quantized operands
-  (served: the dequantize path).
+  channel (the kernel's ``I`` axis when ``transpose_kernel`` swaps them),
+  through ``core.qat_op("conv_transpose")`` in both compute modes (served:
+  ``core.quantized_conv_transpose``). ``ConvLocal`` has no integer kernel:
+  it runs on the fake-quantized operands (served: the dequantize path).
   """
   lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
   layout = bound.arguments.get("dimension_numbers")
@@ -583,10 +583,12 @@ def _conv(frame, orig, bound, kind: str = "conv"):
     bound.apply_defaults()
     kw = {k: v for k, v in bound.arguments.items() if k not in ("lhs", "rhs")}
     call = lambda ops: orig(*ops, **kw)  # noqa: E731
+    kernel = {"conv": _int_conv, "transpose": _int_conv_transpose}.get(kind)
     return _Done(_served(frame, [lhs, rhs], weights, act_index, call,
-                         _int_conv(kw) if kind == "conv" else None))
-  if kind == "conv":
-    return _qat_bound(frame, "conv_general_dilated", bound, weights, act_index)
+                         None if kernel is None else kernel(kw)))
+  if kind != "local":
+    return _qat_bound(frame, "conv_general_dilated" if kind == "conv" else "conv_transpose",
+                      bound, weights, act_index)
   if frame.rule.compute == "integer" and frame.context.mode == "quant":
     raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
                      f"cannot run this layer in integer arithmetic: it computes with "
@@ -983,6 +985,17 @@ def _int_conv(kw: dict) -> Callable:
         kw.get("rhs_dilation"), kw.get("dimension_numbers"), kw.get("feature_group_count", 1), 1,
         act=enc, precision=kw.get("precision"),
         preferred_element_type=kw.get("preferred_element_type"))
+
+  return kernel
+
+
+def _int_conv_transpose(kw: dict) -> Callable:
+  """The core kernel for ``conv_transpose(x, kernel, **kw)`` (integer where it can be)."""
+
+  def kernel(x, qt, enc, i, perm):
+    if enc is None or i != 1 or perm is not None:
+      return None
+    return core.quantized_conv_transpose(x, qt, act=enc, **kw)
 
   return kernel
 

@@ -291,10 +291,6 @@ def quantize(
                                                   stack_ndim=k, compute=rule.compute)
       entry(p, node, "quantized", rule)
       continue
-    if rule.compute == "integer":
-      warnings.warn(f"jaxqat: layer '{shown}': compute='integer' is for Flax's Linear, "
-                    "LinearGeneral, Einsum and Conv; this intercepted module computes with "
-                    "fake quantization (compute='fake')", core.QuantizationWarning, stacklevel=2)
     float_w = [(n, v) for n, v in weights if jnp.issubdtype(v.dtype, jnp.floating)]
     if len(float_w) < len(weights):
       bad = [path_str(n) for n, v in weights if not jnp.issubdtype(v.dtype, jnp.floating)]
@@ -313,7 +309,7 @@ def quantize(
       continue
     also = _intercept.secondary_methods(type(node)) if names is None else ()
     _intercept.intercept(node, float_w, rule.weight, rule.act, path=shown, stack_ndim=k,
-                         methods=methods_here, also=also)
+                         methods=methods_here, also=also, compute=rule.compute)
     how = "intercepted " + ", ".join(methods_here) + ("; also " + ", ".join(also) if also else "")
     entry(p, node, "quantized", rule, how)
   unused = ruleset.warn_unused("NNX model")

@@ -85,6 +85,19 @@ fake-quantized by its other uses too (an add), since the served model holds
 its codes only. A weight that feeds neither (a position table added to the
 activations, a class token) stays float, in the fake-quant and the served
 model alike.
+
+**Compute modes.** With ``Rule(compute="integer")`` a ``dot_general`` or
+convolution on a weight runs :func:`jaxqat.core.qat_op`'s integer forward
+(int8 x int8 -> int32, one rescale; the fake path's straight-through
+backward), as Flax's own layers do. The weight's range is computed in its own
+layout and carried through the layout ops between it and the op (a
+transpose, a reshape, the ``rev`` of ``nnx.ConvTranspose``), so that its
+scales sit on the operand's axes; a weight used as the left operand of a
+``dot_general`` is swapped to the right and the result transposed back. An
+op that cannot take the integer path (a weight-only rule, per-block or
+float formats, scales along a contracted axis, a weight as a convolution's
+input, two weights in one matmul) raises a ``ValueError`` naming the layer,
+the weight and the reason.
 """
 
 from __future__ import annotations
@@ -95,12 +108,14 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.extend import core as jex_core
 
 from jaxqat import core
 from jaxqat.core._report import is_broadcast_table
+from jaxqat.core._rules import COMPUTE_MODES
 from jaxqat.flax.nnx import _layers
 from jaxqat.flax.nnx._quantizer import ACT
 from jaxqat.flax.nnx._quantizer import Quantizer
@@ -251,7 +266,8 @@ _get_param = _layers.get_path
 
 def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
               act_spec: Optional[core.QuantSpec], *, path: str = "", stack_ndim: int = 0,
-              methods: Optional[Sequence[str]] = None, also: Optional[Sequence[str]] = None):
+              methods: Optional[Sequence[str]] = None, also: Optional[Sequence[str]] = None,
+              compute: str = "fake"):
   """Makes ``module`` quantize the matmuls/convolutions on its weights.
 
   Converts in place (see the module docstring): the class becomes a
@@ -270,14 +286,20 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
     path: the module path (for messages).
     stack_ndim: leading stacked axes of the parameters.
     methods: the method names to intercept; default :func:`default_methods`.
+    also: secondary methods (default :func:`secondary_methods` when
+      ``methods`` is None).
+    compute: ``"fake"`` or ``"integer"`` (:attr:`jaxqat.core.Rule.compute`):
+      with ``"integer"`` each ``dot_general``/convolution on a weight runs
+      :func:`jaxqat.core.qat_op`'s integer forward (see the module docstring).
 
   Returns:
     ``module``.
 
   Raises:
     ValueError: if a spec does not fit a parameter, ``act_spec`` is per
-      channel or ``PerOutputChannel()``, or a method does not exist, naming
-      the layer and parameter.
+      channel or ``PerOutputChannel()``, a method does not exist, or
+      ``compute="integer"`` with specs that rule it out, naming the layer and
+      parameter.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -312,6 +334,16 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   if act_spec is not None and isinstance(act_spec.granularity, core.PerChannel):
     raise ValueError(f"layer '{path}': intercepted modules quantize matmul inputs per tensor; "
                      f"got an activation spec with {act_spec.granularity}")
+  if compute not in COMPUTE_MODES:
+    raise ValueError(f"layer '{path}': compute must be one of {COMPUTE_MODES}, got "
+                     f"{compute!r}")
+  if compute == "integer" and params:
+    reason = core._integer.spec_reason(  # pylint: disable=protected-access
+        act_spec, weight_spec if weight_spec is None or not weight_spec.is_output_channel
+        else weight_spec.resolve_output_channel((-1,)), 2)
+    if reason is not None:
+      raise ValueError(f"layer '{path}': compute='integer' cannot run this layer in integer "
+                       f"arithmetic: {reason}")
   wqs, aqs, names = {}, {}, []
   for parts, var in params:
     name = _key(parts)
@@ -339,6 +371,7 @@ def intercept(module: nnx.Module, params, weight_spec: Optional[core.QuantSpec],
   module.jaxqat_path = path
   module.jaxqat_matmul_weights = None  # names seen feeding a matmul (None: never called)
   module.jaxqat_stack_ndim = stack_ndim
+  module.jaxqat_compute = compute
   module.jaxqat_weight_quant = nnx.Dict(wqs) if wqs else nnx.data(None)
   module.jaxqat_input_quant = nnx.Dict(aqs) if aqs else nnx.data(None)
   return module
@@ -379,10 +412,11 @@ def _is_array(x) -> bool:
 
 
 class _Weight:
-  """A weight seen by an intercepted call: its quantizers and rank."""
+  """A weight seen by an intercepted call: its quantizers, rank and compute mode."""
 
-  def __init__(self, name, wq, aq, own, rank):
+  def __init__(self, name, wq, aq, own, rank, compute="fake"):
     self.name, self.wq, self.aq, self.own, self.rank = name, wq, aq, own, rank
+    self.compute = compute
 
 
 def _weights_of(self) -> dict:
@@ -392,7 +426,7 @@ def _weights_of(self) -> dict:
     wq = self.jaxqat_weight_quant.get(name) if self.jaxqat_weight_quant is not None else None
     aq = self.jaxqat_input_quant.get(name) if self.jaxqat_input_quant is not None else None
     rank = _get_param(self, parts).ndim - self.jaxqat_stack_ndim
-    out[tuple(parts)] = _Weight(name, wq, aq, True, rank)
+    out[tuple(parts)] = _Weight(name, wq, aq, True, rank, getattr(self, "jaxqat_compute", "fake"))
   for path, node in nnx.iter_graph(self):
     path = tuple(path)
     if path and path[0] in (_W, _A):
@@ -403,7 +437,8 @@ def _weights_of(self) -> dict:
       if wq is None or wq.stack_shape:  # stacked layers are read inside their scan
         continue
       out.setdefault(path + tuple(parts),
-                     _Weight(_key(path + tuple(parts)), wq, aq, False, len(wq.shape)))
+                     _Weight(_key(path + tuple(parts)), wq, aq, False, len(wq.shape),
+                             getattr(node, "jaxqat_compute", "fake")))
   return out
 
 
@@ -583,8 +618,8 @@ class _Interpreter:
     outs, _ = self.eval(jaxpr, consts, args, labeled)
     return outs
 
-  def _quantized(self, lv: _Labeled, out_axes):
-    """The quantized weight for an op with ``out_axes``, through ``lv``'s layout ops."""
+  def _resolved_spec(self, lv: _Labeled, out_axes):
+    """The weight spec for an op with ``out_axes`` (None: the quantizer's own)."""
     w = lv.weight
     spec = None
     oc = getattr(w.wq, "output_channel_spec", None)
@@ -602,6 +637,12 @@ class _Interpreter:
               f"its axes {axes}, not the last axis assumed when it was quantized; run "
               "jaxqat.flax.nnx.calibrate(model, data), which resolves PerOutputChannel() per "
               "op, before using it with a learned or frozen range")
+    return spec
+
+  def _quantized(self, lv: _Labeled, out_axes):
+    """The quantized weight for an op with ``out_axes``, through ``lv``'s layout ops."""
+    w = lv.weight
+    spec = self._resolved_spec(lv, out_axes)
     key = (id(lv.root), spec)
     if key not in self._cache:
       self._cache[key] = w.wq(lv.root, spec=spec)
@@ -621,6 +662,73 @@ class _Interpreter:
       return None
     rhs_spec = eqn.params["dimension_numbers"].rhs_spec
     return lv.axes[rhs_spec[0]]
+
+  def _no_integer(self, lv: _Labeled, reason: str):
+    return ValueError(f"jaxqat: {self.where}: compute='integer' cannot run weight "
+                      f"'{lv.weight.name}' in integer arithmetic: {reason}")
+
+  def _integer(self, eqn, invals, inlabs):
+    """``[output]`` of a matmul on a weight through ``core.qat_op``'s integer forward, or None.
+
+    None (the fake-quant operands) while a quantizer calibrates or passes its
+    input through. The weight's ranges are computed in its own layout and
+    carried through the layout ops that led from it to the op (a transpose,
+    a reshape, ``rev`` of a transposed convolution), so that its scales sit on
+    the operand's axes.
+    """
+    name = eqn.primitive.name
+    idx = [i for i in (0, 1) if inlabs[i] is not None]
+    lv = inlabs[idx[0]]
+    w = lv.weight
+    if (not isinstance(w.wq, Quantizer) or w.wq.mode != "quant"
+        or not isinstance(w.aq, (Quantizer, type(None)))):  # served models: their own kernels
+      return None
+    if len(idx) != 1:
+      raise self._no_integer(lv, f"both operands of its {name} are weights")
+    i = idx[0]
+    if name != "dot_general" and i != 1:
+      raise self._no_integer(lv, "it is the input operand of its convolution, not the kernel")
+    if w.aq is None:
+      raise self._no_integer(lv, "the input is not quantized (weight-only)")
+    x = invals[1 - i]
+    act = w.aq.ranges(x)
+    if act is None:
+      return None
+    spec = self._resolved_spec(lv, self._out_axes(eqn, i, lv)) or w.wq.spec
+    if spec.is_block:
+      raise self._no_integer(lv, "the weight is quantized per block")
+    wspec, scale, zp, offset = w.wq.ranges(lv.root, spec=spec)
+    if lv.ops:
+      chan = frozenset() if isinstance(wspec.granularity, core.PerTensor) else frozenset(
+          core.normalize_axes(wspec.granularity.axes, w.rank, "granularity.axis"))
+      keep = [j for j, axes in enumerate(lv.axes) if axes & chan]
+      scale, zp, offset = (_along_operand(lv, t, keep) for t in (scale, zp, offset))
+      wspec = wspec.replace(granularity=core.PerChannel(tuple(keep)) if keep
+                            else core.PerTensor())
+    tracked = wspec.learning == "fixed" and not w.wq.frozen
+    p = dict(eqn.params)
+    out_sharding = p.pop("out_sharding", None)
+    wop = invals[i]
+    try:
+      if name == "dot_general":
+        (lc, rc), (lb, rb) = p.pop("dimension_numbers")
+        dn = ((lc, rc), (lb, rb)) if i == 1 else ((rc, lc), (rb, lb))
+        y = core.qat_op(name, x, wop, act=act, weight=(wspec, scale, zp, offset),
+                        compute="integer", weight_tracked=tracked, dimension_numbers=dn, **p)
+        if i == 0:  # y holds (batch, x free, w free): the op's order is (batch, w free, x free)
+          nb = len(lb)
+          nx = jnp.ndim(x) - nb - len(rc)
+          nw = jnp.ndim(wop) - nb - len(lc)
+          y = jnp.transpose(y, tuple(range(nb)) + tuple(range(nb + nx, nb + nx + nw))
+                            + tuple(range(nb, nb + nx)))
+      else:
+        y = core.qat_op(name, x, wop, act=act, weight=(wspec, scale, zp, offset),
+                        compute="integer", weight_tracked=tracked, **p)
+    except ValueError as e:
+      raise self._no_integer(lv, str(e).split("arithmetic: ", 1)[-1]) from None
+    if out_sharding is not None:
+      y = jax.sharding.reshard(y, out_sharding)
+    return [y]
 
   def eval(self, jaxpr, consts, args, labeled):
     env: dict[Any, Any] = {}
@@ -649,6 +757,13 @@ class _Interpreter:
       elif name in _MATMUL and any(l is not None for l in inlabs[:2]):
         ops = list(invals)
         ws = [l for l in inlabs[:2] if l is not None]
+        outs = self._integer(eqn, invals, inlabs) if any(
+            l.weight.compute == "integer" for l in ws) else None
+        if outs is not None:
+          self.used.update(l.weight.name for l in ws)
+          for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+          continue
         for i in (0, 1):
           l = inlabs[i]
           if l is not None:
@@ -693,6 +808,22 @@ class _Interpreter:
 
 _LOOKUP = ("the table was only looked up during calibration (no matmul read it): there is no "
            "input to quantize")
+
+
+def _along_operand(lv: _Labeled, t, keep):
+  """A range ``t`` (broadcast against the weight) laid out as the op's operand ``lv``.
+
+  The range is broadcast to the weight's shape and taken through the same
+  layout ops (dtype conversions left out: a range stays float32), then cut
+  to one entry along every operand axis that holds no channel axis.
+  """
+  if t is None or not jnp.ndim(t):
+    return t
+  full = jnp.broadcast_to(t, jnp.shape(lv.root))
+  for eqn, rest in lv.ops:
+    if eqn.primitive.name not in ("convert_element_type", "reduce_precision"):
+      full = _bind(eqn, [full] + rest)[0]
+  return full[tuple(slice(None) if j in keep else slice(0, 1) for j in range(full.ndim))]
 
 
 def _is_lookup(name: str, labels) -> bool:
