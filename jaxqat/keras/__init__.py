@@ -68,6 +68,7 @@ from jaxqat.keras._serve import ServedLayer as ServedLayer
 from jaxqat.keras._serve import ServedDense as ServedDense
 from jaxqat.keras._serve import ServedEinsumDense as ServedEinsumDense
 from jaxqat.keras._serve import ServedConv as ServedConv
+from jaxqat.keras._serve import ServedConvTranspose as ServedConvTranspose
 from jaxqat.keras._serve import ServedDepthwiseConv as ServedDepthwiseConv
 from jaxqat.keras._serve import ServedEmbedding as ServedEmbedding
 from jaxqat.keras._serve import ServedSeparableConv as ServedSeparableConv
@@ -106,6 +107,7 @@ __all__ = [
     "QuantSimpleRNNCell",
     "Quantizer",
     "ServedConv",
+    "ServedConvTranspose",
     "ServedDense",
     "ServedDepthwiseConv",
     "ServedEinsumDense",

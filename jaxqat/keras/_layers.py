@@ -593,25 +593,31 @@ class QuantSeparableConv2D(_DepthwiseAxes, QuantLayer, keras.layers.SeparableCon
                    ("pointwise_kernel", "pointwise_kernel_quantizer"))
 
 
-def transpose_core_op(compute, conv, x, w, act, weight):
-  """The transposed convolution of the Keras layer ``conv`` (no bias) through :func:`core_op`.
+def transpose_args(conv, x_shape, w_shape) -> dict:
+  """The ``lax.conv_transpose`` arguments of the Keras layer ``conv`` (a ConvNDTranspose).
 
-  As Keras's JAX backend runs it: ``lax.conv_transpose`` with
-  ``transpose_kernel=True`` and Keras's padding (``output_padding``
-  included), computed by the same helper Keras uses.
+  As Keras's JAX backend runs it: ``transpose_kernel=True`` and Keras's
+  padding (``output_padding`` included), computed by the same helper Keras
+  uses.
   """
   # pylint: disable=import-outside-toplevel
   from keras.src.backend.common.backend_utils import compute_conv_transpose_padding_args_for_jax
   from keras.src.backend.jax import nn as jax_nn  # the same private helpers Keras uses
   pads = compute_conv_transpose_padding_args_for_jax(
-      input_shape=tuple(x.shape), kernel_shape=tuple(w.shape), strides=conv.strides,
+      input_shape=tuple(x_shape), kernel_shape=tuple(w_shape), strides=conv.strides,
       padding=conv.padding, output_padding=conv.output_padding,
       dilation_rate=conv.dilation_rate)
   dn = jax_nn._convert_to_lax_conv_dimension_numbers(  # pylint: disable=protected-access
       conv.rank, conv.data_format, transpose=False)
-  return core_op(compute, "conv_transpose", x, w, act, weight, strides=tuple(conv.strides),
-                 padding=tuple(tuple(p) for p in pads), rhs_dilation=tuple(conv.dilation_rate),
-                 dimension_numbers=dn, transpose_kernel=True)
+  return dict(strides=tuple(conv.strides), padding=tuple(tuple(p) for p in pads),
+              rhs_dilation=tuple(conv.dilation_rate), dimension_numbers=dn,
+              transpose_kernel=True)
+
+
+def transpose_core_op(compute, conv, x, w, act, weight):
+  """The transposed convolution of the Keras layer ``conv`` (no bias) through :func:`core_op`."""
+  return core_op(compute, "conv_transpose", x, w, act, weight,
+                 **transpose_args(conv, x.shape, w.shape))
 
 
 class _TransposeAxes:

@@ -23,7 +23,8 @@ QAT model's values in inference, computed in float).
 
 Served layers: :class:`ServedDense` (Dense), :class:`ServedEinsumDense`,
 :class:`ServedConv` (Conv1D/2D/3D, and a folded Conv+BatchNorm:
-the folded kernel's codes and the folded bias), :class:`ServedDepthwiseConv`
+the folded kernel's codes and the folded bias), :class:`ServedConvTranspose`
+(Conv1D/2D/3DTranspose), :class:`ServedDepthwiseConv`
 (DepthwiseConv1D/2D, folded or not), :class:`ServedSeparableConv`
 (SeparableConv1D/2D: a served depthwise and a served pointwise kernel) and
 :class:`ServedEmbedding`.
@@ -33,6 +34,7 @@ What a served layer computes, per backend:
 * **JAX**: the core kernels (:func:`jaxqat.core.quantized_dot_general`,
   :func:`~jaxqat.core.quantized_einsum`,
   :func:`~jaxqat.core.quantized_conv_general_dilated`,
+  :func:`~jaxqat.core.quantized_conv_transpose`,
   :func:`~jaxqat.core.quantized_take`), the input as the left operand. With a
   statically quantized integer input (the default W8A8) and ``integer=True``
   this is an int8 x int8 ``dot_general``/convolution with int32
@@ -540,6 +542,23 @@ class ServedConv(_ConvBias, ServedLayer):
 
 
 @_register
+class ServedConvTranspose(_ConvBias, ServedLayer):
+  """A served :class:`keras.layers.Conv1DTranspose`/``2D``/``3D`` (see :class:`ServedLayer`)."""
+
+  def _jax_op(self, x, w, act):
+    from jaxqat.core import quantized_conv_transpose
+    x = ops.convert_to_tensor(x)
+    return quantized_conv_transpose(x, w, act=act, integer=self.integer,
+                                    **_layers.transpose_args(self._float, x.shape, w.shape))
+
+  def _ops_op(self, x):
+    fl = self._float
+    return ops.conv_transpose(x, self._ops_weight(), strides=fl.strides, padding=fl.padding,
+                              output_padding=fl.output_padding, dilation_rate=fl.dilation_rate,
+                              data_format=fl.data_format)
+
+
+@_register
 class ServedDepthwiseConv(_ConvBias, ServedLayer):
   """A served :class:`keras.layers.DepthwiseConv1D`/``2D`` (see :class:`ServedLayer`)."""
 
@@ -634,6 +653,9 @@ _KINDS = (  # exact QAT class -> (float class, served class); most specific firs
     (_layers.QuantConv1D, keras.layers.Conv1D, ServedConv),
     (_layers.QuantConv2D, keras.layers.Conv2D, ServedConv),
     (_layers.QuantConv3D, keras.layers.Conv3D, ServedConv),
+    (_layers.QuantConv1DTranspose, keras.layers.Conv1DTranspose, ServedConvTranspose),
+    (_layers.QuantConv2DTranspose, keras.layers.Conv2DTranspose, ServedConvTranspose),
+    (_layers.QuantConv3DTranspose, keras.layers.Conv3DTranspose, ServedConvTranspose),
     (_layers.QuantSeparableConv1D, keras.layers.SeparableConv1D, ServedSeparableConv),
     (_layers.QuantSeparableConv2D, keras.layers.SeparableConv2D, ServedSeparableConv),
 )
@@ -717,8 +739,8 @@ def _plan(layer, path, integer, pack):
     if not kinds:
       raise NotImplementedError(f"layer {path!r}: {type(layer).__name__} has no served version "
                                 "(jaxqat.keras.convert serves Dense, EinsumDense, Conv1D/2D/3D, "
-                                "DepthwiseConv1D/2D, SeparableConv1D/2D, Embedding and folded "
-                                "Conv+BatchNorm)")
+                                "Conv1D/2D/3DTranspose, DepthwiseConv1D/2D, SeparableConv1D/2D, "
+                                "Embedding and folded Conv+BatchNorm)")
     _, fcls, cls = kinds[0]
     if getattr(layer, "lora_enabled", False):
       raise NotImplementedError(f"layer {path!r}: LoRA is enabled; merge it into the kernel "

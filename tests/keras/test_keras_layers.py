@@ -196,4 +196,16 @@ def test_transposed_convolutions_quantize_per_filter_and_serve(rank):
   ref.set_weights([kq, bias])
   y = to_np(q(x))
   np.testing.assert_allclose(y, to_np(ref(xq)), rtol=0, atol=1e-6)
-  np.testing.assert_array_equal(to_np(jqk.convert(q)(x)), y)
+  # Served as ServedConvTranspose: the fake-quant values bit for bit on the dequantize path
+  # (integer=False, and keras.ops off JAX); on JAX the integer path (int8 codes, int32 sums)
+  # up to float summation order.
+  served = jqk.convert(q, integer=False)
+  assert type(served.get_layer("up")).__name__ == "ServedConvTranspose"
+  np.testing.assert_array_equal(to_np(served(x)), y)
+  served = jqk.convert(q)
+  np.testing.assert_allclose(to_np(served(x)), y, rtol=0, atol=1e-5 * np.abs(y).max())
+  if BACKEND == "jax":
+    jaxpr = str(jax.make_jaxpr(lambda x: served(x))(x))
+    assert "preferred_element_type=int32" in jaxpr
+  else:
+    np.testing.assert_array_equal(to_np(served(x)), y)
