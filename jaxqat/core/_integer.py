@@ -911,6 +911,63 @@ _OPS = {
 }
 
 
+def weight_on_right(dimension_numbers, w_index: int, x_ndim: int, w_ndim: int):
+  """A ``dot_general`` with its weight moved to the right operand, as ``qat_op`` takes it.
+
+  Args:
+    dimension_numbers: the op's ``((lc, rc), (lb, rb))``.
+    w_index: the weight's operand (0: left, 1: right).
+    x_ndim: the other operand's rank.
+    w_ndim: the weight's rank.
+
+  Returns:
+    ``(dimension numbers of dot_general(x, w), perm)``: ``perm`` takes that
+    op's output (batch, x's free axes, w's free axes) to the original op's
+    order, or is None when the weight was on the right already.
+
+  Examples:
+    >>> weight_on_right((((0,), (1,)), ((), ())), 0, 2, 2)
+    ((((1,), (0,)), ((), ())), (1, 0))
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  if w_index == 1:
+    return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))), None
+  nb = len(lb)
+  nx = x_ndim - nb - len(rc)
+  nw = w_ndim - nb - len(lc)
+  perm = tuple(range(nb)) + tuple(range(nb + nx, nb + nx + nw)) + tuple(range(nb, nb + nx))
+  return ((tuple(rc), tuple(lc)), (tuple(rb), tuple(lb))), perm
+
+
+def ranges_in_layout(spec, ranges, perm, w_ndim: int):
+  """A weight's ``(scale, zero_point, offset)`` and spec for ``transpose(w, perm)``.
+
+  Args:
+    spec: the weight's QuantSpec (its channel axes in the weight's layout).
+    ranges: the ranges in the weight's broadcast layout (None or scalars
+      are kept).
+    perm: the permutation (operand axis ``j`` is weight axis ``perm[j]``).
+    w_ndim: the weight's rank.
+
+  Returns:
+    ``(spec, ranges)`` in the operand's layout.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxqat.core import QuantSpec, PerChannel
+    >>> spec, (s,) = ranges_in_layout(QuantSpec(granularity=PerChannel(0)),
+    ...                               [jnp.ones((5, 1))], (1, 0), 2)
+    >>> spec.granularity, s.shape
+    (PerChannel(axis=1), (1, 5))
+  """
+  out = [t if t is None or not jnp.ndim(t) else jnp.transpose(t, perm) for t in ranges]
+  if isinstance(spec.granularity, spec_lib.PerChannel):
+    axes = spec_lib.normalize_axes(spec.granularity.axes, w_ndim, "granularity.axis")
+    spec = spec.replace(granularity=spec_lib.PerChannel(
+        tuple(sorted(list(perm).index(a) for a in axes))))
+  return spec, out
+
+
 def _train_encoding(spec, scale, zero_point, offset) -> Encoding:
   fixed = spec.replace(learning="fixed")
   s = jnp.maximum(jnp.asarray(scale, jnp.float32), _grid.SCALE_EPS)

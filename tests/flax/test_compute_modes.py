@@ -92,7 +92,8 @@ def test_nnx_integer_refused_with_the_layer_and_reason():
                                    compute="integer")
   assert type(lin) is nnx.Linear  # untouched
   with pytest.raises(ValueError, match="'emb': compute='integer' cannot run this layer in integer "
-                     "arithmetic: it computes with its own op"):
+                     "arithmetic: the weight's scales vary along a contracted axis"):
+    # attend contracts the features: one scale per feature cannot take the integer path
     _layers.QuantEmbed.from_float(nnx.Embed(5, 4, rngs=nnx.Rngs(0)), W, A, path="emb",
                                   compute="integer")
   with pytest.raises(ValueError, match="the input is quantized per channel"):
@@ -143,3 +144,64 @@ def test_linen_integer_refused_with_the_layer_and_reason():
   qm = ql.quantize(_LNet(), [Rule(pattern=".*", weight=W, act=None, compute="integer")])
   with pytest.raises(ValueError, match="the input is not quantized"):
     qm.init(jax.random.key(0), x)
+
+
+class _TiedN(nnx.Module):
+  def __init__(self):
+    self.emb = nnx.Embed(11, 8, rngs=nnx.Rngs(0))
+    self.fc = nnx.Linear(8, 8, rngs=nnx.Rngs(1))
+
+  def __call__(self, ids):
+    return self.emb.attend(jax.nn.relu(self.fc(self.emb(ids))))
+
+
+class _TiedL(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    emb = nn.Embed(11, 8, name="emb")
+    return emb.attend(jax.nn.relu(nn.Dense(8, name="fc")(emb(ids))))
+
+
+@pytest.mark.parametrize("front", ["nnx", "linen"])
+def test_tied_head_attend_runs_the_core_op_in_both_modes(front):
+  """Embed.attend (a tied LM head, query @ embedding.T) runs core.qat_op: "fake" gives the
+  values of the fake-quantized operands, "integer" an int8 x int8 -> int32 dot with one scale
+  per row (per logit) and the same gradients; the served model's integer head gives the
+  integer QAT values."""
+  ids = jnp.array([[1, 2, 3, 9], [4, 0, 7, 7]])
+  wspec = QuantSpec(format="int8", granularity=core.PerOutputChannel())
+  aspec = QuantSpec(format="int8", learning="lsq")
+  r = jax.random.normal(jax.random.key(3), (2, 4, 11))
+  out = {}
+  for compute in ("fake", "integer"):
+    rules = [Rule(pattern=".*", weight=wspec, act=aspec, compute=compute)]
+    if front == "nnx":
+      q = qnnx.calibrate(qnnx.quantize(_TiedN(), rules), [ids])
+      fwd = q
+      y, g = nnx.value_and_grad(lambda m: jnp.sum(m(ids) * r))(q)
+      g = g["emb"]
+      served = qnnx.convert(q)(ids)
+      if compute == "fake":  # the float head on the fake-quantized operands, bit for bit
+        query = jax.nn.relu(q.fc(q.emb(ids)))
+        table = q.emb.embedding[...]
+        tq = core.quant_dequant(table, wspec.resolve_output_channel((0,)),
+                                jnp.max(jnp.abs(table), axis=1, keepdims=True) / 127)
+        spec_x, s_x, _, _ = q.emb.input_quant.ranges(query)
+        np.testing.assert_array_equal(
+            np.asarray(y), np.asarray(jnp.sum(jnp.dot(core.quant_dequant(query, spec_x, s_x),
+                                                      tq.T) * r)))
+    else:
+      q = ql.quantize(_TiedL(), rules)
+      v = ql.calibrate(q, q.init(jax.random.key(0), ids), [ids])
+      fwd = lambda ids, q=q, v=v: q.apply(v, ids)  # noqa: E731
+      y, g = jax.value_and_grad(lambda p: jnp.sum(q.apply({**v, "params": p}, ids) * r))(
+          v["params"])
+      g = g["emb"]
+      served_m, sv = ql.convert(q, v)
+      served = served_m.apply(sv, ids)
+    out[compute] = (fwd(ids), g, str(jax.make_jaxpr(fwd)(ids)), served)
+  (yf, gf, jf, _), (yi, gi, ji, served_i) = out["fake"], out["integer"]
+  assert ji.count("preferred_element_type=int32") == 2 and not _int_dots(jf)  # fc and the head
+  _close(yi, yf, rtol=1e-5)
+  _close(gi, gf, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(served_i), np.asarray(yi))

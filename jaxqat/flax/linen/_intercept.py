@@ -410,10 +410,14 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
 
   The quantizers hand over their ranges instead of fake-quantizing
   (:func:`_quantizer.ranges`) and ``qat_op`` runs the rule's compute mode:
-  the fake-quant values with a lean backward, or the integer forward. Only
-  the common layout is routed (the weight is the right operand, untransposed,
-  the input the left one); other layouts, and stochastic rounding, keep the
-  fake-quantized operands (``"fake"`` only).
+  the fake-quant values with a lean backward, or the integer forward. One
+  weight per op is routed: the right operand of a convolution, either
+  operand of a ``dot_general`` (a left one moves to the right and the result
+  is transposed back), untransposed or a transpose of the parameter (a tied
+  head's ``x @ embedding.T``: the ranges, computed in the parameter's layout,
+  are transposed with it). Two weights in one op, a block format through a
+  transpose and stochastic rounding keep the fake-quantized operands
+  (``"fake"`` only).
 
   Returns:
     ``_Done(result)``, or None to fall back to :func:`_quantize_operands`.
@@ -426,29 +430,32 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
   kind = type(frame.module).__name__
   where = f"layer {_quantizer.describe(frame.path)} ({kind})"
   if rule.compute == "integer" and len(weights) == 1 and rule.weight is not None:
-    (_, out_axes, _), = weights.values()
+    (i, (_, out_axes, _)), = weights.items()
     reason = core._integer.spec_reason(  # pylint: disable=protected-access
-        rule.act, rule.weight.resolve_output_channel(out_axes), jnp.ndim(ops[1]),
+        rule.act, rule.weight.resolve_output_channel(out_axes), jnp.ndim(ops[i]),
         conv=op.startswith("conv"))
     if reason is not None:  # what the specs alone rule out: at init already
       raise ValueError(f"jaxqat: {where}: compute='integer' cannot run this layer in integer "
                        f"arithmetic: {reason}")
   if ctx.mode != "quant" or frame.store.initializing:
     return None
-  routed = (list(weights) == [1] and weights[1][2] is None and act_index in (0, None)
-            and rule.weight is not None)
+  routed = len(weights) == 1 and rule.weight is not None
+  if routed:
+    (i, (wname, out_axes, perm)), = weights.items()
+    routed = (op == "dot_general" or i == 1) and act_index in (1 - i, None)
   act = weight = None
   tracked = False
   if routed:
-    (wname, out_axes, _), = weights.values()
     if act_index is not None and rule.act is not None:
       act = _quantizer.ranges(_quantizer.quantize_activation, frame.store, _act_name(wname),
-                              ops[0], rule.act, ctx.mode, f"{where} input activation "
+                              ops[act_index], rule.act, ctx.mode, f"{where} input activation "
                               f"'{_act_name(wname)}'")
     spec = rule.weight.resolve_output_channel(out_axes)
-    weight = _quantizer.ranges(_quantizer.quantize_weight, frame.store, wname, ops[1], spec,
+    param = ops[i] if perm is None else jnp.transpose(ops[i], _inverse(perm))
+    weight = _quantizer.ranges(_quantizer.quantize_weight, frame.store, wname, param, spec,
                                ctx.mode, f"{where} weight '{wname}'")
-    routed = "stochastic" not in (act, weight)
+    routed = ("stochastic" not in (act, weight)
+              and (perm is None or weight is None or not weight[0].is_block))
     # A fixed-range weight that is not frozen: its range is this kernel's (core.weight_range).
     stats = frame.store.get(_quantizer.STATS, wname)
     tracked = (weight is not None and spec.learning == "fixed" and not spec.is_block
@@ -456,18 +463,28 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
   if not routed:
     if rule.compute == "integer":
       raise ValueError(f"jaxqat: {where}: compute='integer' cannot run this layer in integer "
-                       "arithmetic: its weight is not the untransposed right operand of its op, "
-                       "or it rounds stochastically")
+                       "arithmetic: it is not one weight operand of a dot_general (or the "
+                       "kernel of a convolution), or it rounds stochastically")
     return None
   ctx.record(frame, wname, spec, rule.act if act_index is not None else None)
   compute = rule.compute
   if act is None and rule.act is not None and act_index is not None:
     compute = "fake"  # the input stays float (calibration saw no finite value)
+  if perm is not None and weight is not None:
+    wspec, rest = core._integer.ranges_in_layout(  # pylint: disable=protected-access
+        weight[0], weight[1:], perm, jnp.ndim(param))
+    weight = (wspec, *rest)
+  x, w = ops[1 - i], ops[i]
+  kw, out_perm = dict(kw), None
+  if op == "dot_general":
+    kw["dimension_numbers"], out_perm = core._integer.weight_on_right(  # pylint: disable=protected-access
+        kw["dimension_numbers"], i, jnp.ndim(x), jnp.ndim(w))
   try:
-    return _Done(core.qat_op(op, ops[0], ops[1], act=act, weight=weight, compute=compute,
-                             weight_tracked=tracked, **kw))
+    y = core.qat_op(op, x, w, act=act, weight=weight, compute=compute, weight_tracked=tracked,
+                    **kw)
   except ValueError as e:
     raise ValueError(f"jaxqat: {where}: {e}") from None
+  return _Done(y if out_perm is None else jnp.transpose(y, out_perm))
 
 
 def _qat_bound(frame: Frame, op: str, bound, weights: dict, act_index: Optional[int]):
@@ -613,19 +630,37 @@ def _dot(frame, orig, bound):
   if frame.context.mode == SERVED:
     kw = {k: v for k, v in bound.arguments.items() if k not in names[:2]}
     call = lambda ops: orig(*ops, **kw)  # noqa: E731
-    dn = None
-    if jnp.ndim(a) >= 1 and nb >= 1 and (orig.__name__ == "dot" or nb <= 2 or jnp.ndim(a) == 1):
-      dn = (((jnp.ndim(a) - 1,), (nb - 2 if nb >= 2 else 0,)), ((), ()))
+    dn = _dot_dims(orig, a, b)
     fn = None if dn is None else _int_dot_general(dn, kw.get("precision"),
                                                   kw.get("preferred_element_type"))
     return _Done(_served(frame, [a, b], weights, act_index, call, fn))
-  if frame.rule.compute == "integer" and frame.context.mode == "quant":
+  dn = _dot_dims(orig, a, b)
+  kw = {k: v for k, v in bound.arguments.items() if k not in names[:2] and v is not None}
+  if (dn is not None and set(kw) <= {"precision", "preferred_element_type"}
+      and jnp.result_type(a) == jnp.result_type(b)):
+    done = _qat(frame, "dot_general", [a, b], weights, act_index, dict(kw, dimension_numbers=dn))
+    if done is not None:
+      return done
+  elif frame.rule.compute == "integer" and frame.context.mode == "quant":
     raise ValueError(f"jaxqat: layer {_quantizer.describe(frame.path)}: compute='integer' "
-                     f"cannot run this layer in integer arithmetic: it computes with "
-                     f"jnp.{orig.__name__} (Embed.attend...), not dot_general/einsum/conv")
+                     f"cannot run this layer in integer arithmetic: this jnp.{orig.__name__} "
+                     "is not a dot_general of one weight (a batched matmul, mixed dtypes or an "
+                     "output sharding)")
   a, b = _quantize_operands(frame, [a, b], weights, act_index)
   bound.arguments[names[0]], bound.arguments[names[1]] = a, b
   return bound
+
+
+def _dot_dims(orig, a, b) -> Optional[tuple]:
+  """The ``dot_general`` dimension numbers of ``jnp.dot``/``jnp.matmul(a, b)``, or None.
+
+  None for a scalar operand and for ``matmul``'s broadcast batch of two
+  operands of rank > 2.
+  """
+  na, nb = jnp.ndim(a), jnp.ndim(b)
+  if na >= 1 and nb >= 1 and (orig.__name__ == "dot" or nb <= 2 or na == 1):
+    return (((na - 1,), (nb - 2 if nb >= 2 else 0,)), ((), ()))
+  return None
 
 
 def _take(frame, orig, bound):

@@ -747,15 +747,10 @@ class _Interpreter:
               weight_tracked=tracked)
     try:
       if name == "dot_general":
-        (lc, rc), (lb, rb) = p.pop("dimension_numbers")
-        dn = ((lc, rc), (lb, rb)) if i == 1 else ((rc, lc), (rb, lb))
+        dn, perm = core._integer.weight_on_right(  # pylint: disable=protected-access
+            p.pop("dimension_numbers"), i, jnp.ndim(x), jnp.ndim(wop))
         y = core.qat_op(name, x, wop, dimension_numbers=dn, **kw, **p)
-        if i == 0:  # y holds (batch, x free, w free): the op's order is (batch, w free, x free)
-          nb = len(lb)
-          nx = jnp.ndim(x) - nb - len(rc)
-          nw = jnp.ndim(wop) - nb - len(lc)
-          y = jnp.transpose(y, tuple(range(nb)) + tuple(range(nb + nx, nb + nx + nw))
-                            + tuple(range(nb, nb + nx)))
+        y = y if perm is None else jnp.transpose(y, perm)
       else:
         y = core.qat_op(name, x, wop, **kw, **p)
     except ValueError as e:

@@ -217,6 +217,7 @@ class _QuantMixin(nnx.Module):
   weight_attr = "kernel"  # the parameter that is the weight
   quant_attr = "kernel_quant"  # the attribute holding the weight quantizer
   act_optional = False  # whether the input quantizer may see no data (Embed: attend only)
+  attends = False  # Embed: its matmul is attend's, run by the layer itself through core.qat_op
 
   # -- construction --------------------------------------------------------
 
@@ -300,9 +301,11 @@ class _QuantMixin(nnx.Module):
       return
     where = f"layer '{path}'" if path else cls.__name__
     wq, aq, stack = quants
-    if not cls._routed(layer):
-      reason = ("it computes with its own op (an Embed, or a custom dot_general, "
-                "dot_general_cls, einsum_op or conv_general_dilated)")
+    if cls.attends and stack:
+      reason = "its table is stacked (nnx.vmap): attend runs on the fake-quantized table"
+    elif not cls._routed(layer) and not cls.attends:
+      reason = ("it computes with its own op (a custom dot_general, dot_general_cls, "
+                "einsum_op or conv_general_dilated)")
     else:
       w_ndim = getattr(layer, cls.weight_attr)[...].ndim - len(stack)
       reason = integer_lib.spec_reason(
@@ -609,16 +612,45 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
   def _in_channels(cls, layer, path):
     return layer.features
 
+  attends = True
+
+  @classmethod
+  def _contracted_axes(cls, layer):
+    return (1,)  # attend: query @ embedding.T contracts the features
+
   def jaxqat_quantize_operands(self, args):
     if len(args) == 1:  # __call__: (embedding,)
       wq = self.embedding_quant
       return (wq(args[0]) if wq is not None else args[0],)
     return super().jaxqat_quantize_operands(args)  # attend: (query, embedding)
 
-  def attend(self, *args, **kwargs):
+  def attend(self, query, *args, **kwargs):
+    """``query @ embedding.T`` through :func:`jaxqat.core.qat_op` (both compute modes).
+
+    In ``"quant"`` mode the tied head's matmul runs as the other quantized
+    layers' ops do: the lean fake-quant backward, or the integer forward with
+    ``compute="integer"`` (one scale per row of the table: per output
+    logit). Otherwise (calibration, float, a stacked table, an output
+    sharding) Flax's ``attend`` runs on fake-quantized operands.
+    """
     mark_ran(self)
+    wq, aq = self.embedding_quant, self.input_quant
+    out_sharding = kwargs.get("out_sharding", args[0] if args else None)
+    if (wq is not None and wq.mode == "quant" and not self.jaxqat_stack and out_sharding is None
+        and (aq is None or aq.mode == "quant") and jnp.ndim(query) >= 1):
+      query, table = self.jaxqat_float_promote((query, self.embedding[...]), dtype=self.dtype)
+      act = None if aq is None else aq.ranges(query)
+      weight = wq.ranges(table)
+      compute = self.jaxqat_compute if act is not None else "fake"
+      tracked = wq.spec.learning == "fixed" and not wq.frozen and not wq.spec.is_block
+      dims = (((jnp.ndim(query) - 1,), (1,)), ((), ()))
+      try:
+        return core.qat_op("dot_general", query, table, act=act, weight=weight, compute=compute,
+                           weight_tracked=tracked, dimension_numbers=dims)
+      except ValueError as e:
+        raise ValueError(f"layer '{self.jaxqat_path}': {e}") from None
     with _active(self):
-      return super().attend(*args, **kwargs)
+      return super().attend(query, *args, **kwargs)
 
 
 QUANT_LAYERS: dict[type, type] = {
