@@ -163,9 +163,9 @@ class _TiedL(nn.Module):
 
 
 @pytest.mark.parametrize("front", ["nnx", "linen"])
-def test_tied_head_attend_runs_the_core_op_in_both_modes(front):
-  """Embed.attend (a tied LM head, query @ embedding.T) runs core.qat_op: "fake" gives the
-  values of the fake-quantized operands, "integer" an int8 x int8 -> int32 dot with one scale
+def test_tied_head_attend_integer_forward(front):
+  """Embed.attend (a tied LM head, query @ embedding.T): "fake" runs on the fake-quantized
+  operands (bit for bit), "integer" runs core.qat_op, an int8 x int8 -> int32 dot with one scale
   per row (per logit) and the same gradients; the served model's integer head gives the
   integer QAT values."""
   ids = jnp.array([[1, 2, 3, 9], [4, 0, 7, 7]])

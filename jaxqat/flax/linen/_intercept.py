@@ -636,7 +636,11 @@ def _dot(frame, orig, bound):
     return _Done(_served(frame, [a, b], weights, act_index, call, fn))
   dn = _dot_dims(orig, a, b)
   kw = {k: v for k, v in bound.arguments.items() if k not in names[:2] and v is not None}
-  if (dn is not None and set(kw) <= {"precision", "preferred_element_type"}
+  # A table that the layer also looks up (Embed.attend) takes the core op for the integer
+  # forward only: in "fake" the lookup and the head share one fake-quantized table, which
+  # costs less memory than the lean op's recomputation (see QuantEmbed.attend in NNX).
+  table = isinstance(frame.module, nn.Embed) and frame.rule.compute != "integer"
+  if (dn is not None and not table and set(kw) <= {"precision", "preferred_element_type"}
       and jnp.result_type(a) == jnp.result_type(b)):
     done = _qat(frame, "dot_general", [a, b], weights, act_index, dict(kw, dimension_numbers=dn))
     if done is not None:
