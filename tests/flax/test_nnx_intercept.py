@@ -144,6 +144,41 @@ def test_intercepted_fake_ops_run_the_lean_core_op_same_values_and_gradients(how
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+class _Embedder(nnx.Module):
+  """A third-party tied embedder: encode looks rows up, decode multiplies by the table."""
+
+  def __init__(self):
+    self.table = nnx.Param(jax.random.normal(jax.random.key(0), (12, 6)))
+
+  def encode(self, ids):
+    return self.table[...][ids]
+
+  def decode(self, h):
+    return h @ self.table[...].T
+
+
+def test_a_looked_up_table_runs_the_lean_op_only_for_the_integer_forward(monkeypatch):
+  """A table that is also looked up keeps its fake-quantized copy in "fake" (the lookup needs
+  it anyway: the lean op's recomputation only adds memory); "integer" runs the core op."""
+  ids = jnp.array([[1, 5, 11], [0, 2, 2]])
+  calls = []
+  orig = core.qat_op
+  monkeypatch.setattr(core, "qat_op", lambda op, *a, **kw: calls.append(kw["compute"]) or orig(
+      op, *a, **kw))
+  out = {}
+  for compute in ("fake", "integer"):
+    m = qnnx.quantize(_Embedder(), [Rule(pattern=".*", weight=core.default_weight_spec(),
+                                         act=core.default_act_spec(), compute=compute)],
+                      methods={"": ("encode", "decode")})
+    qnnx.calibrate(m, [ids], forward=lambda m, ids: m.decode(m.encode(ids)))
+    assert m.jaxqat_lookup_weights == ("table",)
+    calls.clear()
+    out[compute] = m.decode(m.encode(ids))
+    assert calls == ([] if compute == "fake" else ["integer"])
+  np.testing.assert_allclose(np.asarray(out["integer"]), np.asarray(out["fake"]), rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(out["fake"]))))
+
+
 class _ConvStack(nnx.Module):
   """A third-party 1-D CNN: its own kernels, lax.conv_general_dilated."""
 

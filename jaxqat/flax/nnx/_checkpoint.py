@@ -69,7 +69,7 @@ def _quant_meta(model) -> dict:
   return out
 
 
-_SEEN_ATTRS = ("jaxqat_ran", "jaxqat_matmul_weights")
+_SEEN_ATTRS = ("jaxqat_ran", "jaxqat_matmul_weights", "jaxqat_lookup_weights")
 
 
 def _seen_meta(model) -> dict:
