@@ -102,7 +102,9 @@ and the result transposed back. ``"fake"`` keeps the fake-quantized operands
 of step 2 where the lean op would change the values (a weight cast before
 the op, a block format through layout ops) or cannot take the op (two
 weights in one matmul, a kernel on a convolution's input side, an explicit
-output sharding). ``"integer"`` refuses those (and a weight-only rule,
+output sharding), and for a table that is also looked up (a tied embedder:
+the lookup keeps its fake-quantized table anyway, and the recomputation only
+adds memory). ``"integer"`` refuses the first ones (and a weight-only rule,
 per-block or float formats, scales along a contracted axis) with a
 ``ValueError`` naming the layer, the weight and the reason.
 """
