@@ -205,3 +205,53 @@ def test_tied_head_attend_integer_forward(front):
   _close(yi, yf, rtol=1e-5)
   _close(gi, gf, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(served_i), np.asarray(yi))
+
+
+class _CustomTied(nn.Module):
+  """A tied embedder written by hand: one parameter, looked up, then read transposed."""
+
+  @nn.compact
+  def __call__(self, ids):
+    table = self.param("table", nn.initializers.normal(1.0), (12, 6))
+    return jax.nn.relu(table[ids]) @ table.T
+
+
+def test_linen_looked_up_table_takes_the_core_op_for_the_integer_forward_only(qat_op_calls):
+  """As in NNX: a table the run also looked up keeps its fake-quantized copy in "fake"; a
+  weight read transposed otherwise (and in "integer") runs core.qat_op."""
+  ids = jnp.array([[1, 5, 11], [0, 2, 2]])
+  calls = qat_op_calls
+  out = {}
+  for compute in ("fake", "integer"):
+    q = ql.quantize(_CustomTied(), [Rule(pattern=".*", weight=core.default_weight_spec(),
+                                          act=core.default_act_spec(), compute=compute)])
+    v = ql.calibrate(q, q.init(jax.random.key(0), ids), [ids])
+    calls.clear()
+    out[compute] = q.apply(v, ids)
+    assert calls == ([] if compute == "fake" else ["integer"])
+  _close(out["integer"], out["fake"], rtol=1e-5)
+
+
+class _AtOp(nn.Module):
+  """A third-party layer written with the ``@`` operator (or jnp.matmul) on its own weight."""
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(1.0), (6, 4))
+    return x @ w if self.how == "at" else jnp.matmul(x, w)
+
+
+def test_linen_matmul_operator_is_quantized_as_jnp_matmul():
+  """``x @ w`` reaches jnp's matmul through Array.__matmul__, not the public jnp.matmul: it is
+  intercepted too (before, such a weight silently stayed float in the matmul)."""
+  x = jax.random.normal(jax.random.key(1), (5, 6))
+  out = {}
+  for how in ("at", "matmul"):
+    q = ql.quantize(_AtOp(how), [Rule(pattern=".*", weight=W, act=A)])
+    v = ql.calibrate(q, q.init(jax.random.key(0), x), [x])
+    assert ql.report(q, v).quantized_paths() == [""]
+    out[how] = q.apply(v, x)
+  np.testing.assert_array_equal(np.asarray(out["at"]), np.asarray(out["matmul"]))
+  float_y = _AtOp("at").apply({"params": v["params"]}, x)
+  assert float(jnp.max(jnp.abs(out["at"] - float_y))) > 1e-4  # quantized, not the float matmul

@@ -255,15 +255,21 @@ def test_foreign_conv_module():
   assert vd["quant_stats"]["filt"]["scale"].shape == (4, 1, 1, 1)
 
 
-def test_matmul_operator_is_not_intercepted_and_warns():
-  class AtOp(nn.Module):
+def test_function_imported_by_name_is_not_intercepted_and_warns():
+  """A function bound before the model runs is out of reach (the ``@`` operator is reached:
+  tests/flax/test_compute_modes.py)."""
+  from jax.lax import dot_general  # pylint: disable=import-outside-toplevel
+  lax_dot_general = dot_general
+
+  class Bound(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-      return x @ self.param("w", nn.initializers.normal(), (8, 2))
+      w = self.param("w", nn.initializers.normal(), (8, 2))
+      return lax_dot_general(x, w, (((1,), (0,)), ((), ())))
 
-  with pytest.warns(core.QuantizationWarning, match=r"'<root>' \(AtOp\).*stays float"):
-    v = ql.quantize(AtOp(), RULES).init(KEY, _x((1, 8)))
+  with pytest.warns(core.QuantizationWarning, match=r"'<root>' \(Bound\).*stays float"):
+    v = ql.quantize(Bound(), RULES).init(KEY, _x((1, 8)))
   assert "quant_stats" not in v
 
 

@@ -157,14 +157,11 @@ class _Embedder(nnx.Module):
     return h @ self.table[...].T
 
 
-def test_a_looked_up_table_runs_the_lean_op_only_for_the_integer_forward(monkeypatch):
+def test_a_looked_up_table_runs_the_lean_op_only_for_the_integer_forward(qat_op_calls):
   """A table that is also looked up keeps its fake-quantized copy in "fake" (the lookup needs
   it anyway: the lean op's recomputation only adds memory); "integer" runs the core op."""
   ids = jnp.array([[1, 5, 11], [0, 2, 2]])
-  calls = []
-  orig = core.qat_op
-  monkeypatch.setattr(core, "qat_op", lambda op, *a, **kw: calls.append(kw["compute"]) or orig(
-      op, *a, **kw))
+  calls = qat_op_calls
   out = {}
   for compute in ("fake", "integer"):
     m = qnnx.quantize(_Embedder(), [Rule(pattern=".*", weight=core.default_weight_spec(),

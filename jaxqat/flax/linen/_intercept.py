@@ -9,8 +9,10 @@ How an unmodified Linen model gets quantized:
 2. While a quantized model runs, a few public JAX functions are replaced by
    wrappers (:data:`OPS`): ``jax.lax.dot_general``,
    ``jax.lax.conv_general_dilated``, ``jax.numpy.einsum``, ``jax.numpy.dot``,
-   ``jax.numpy.matmul`` and ``jax.numpy.take``. The wrappers do nothing
-   unless the current thread is inside a module matched by a rule.
+   ``jax.numpy.matmul`` (also where the ``@`` operator reaches it, JAX's
+   internal ``tensor_contractions.matmul``) and ``jax.numpy.take``. The
+   wrappers do nothing unless the current thread is inside a module matched
+   by a rule.
 3. Inside a matched module, an operand of one of those ops that *is* one of
    the module's own parameters (identity check against the leaves of
    ``module.variables["params"]``), or an array derived from one by
@@ -50,9 +52,10 @@ How an unmodified Linen model gets quantized:
    fake-quant model.
 
 Functions imported by name before the model runs
-(``from jax.lax import dot_general``) and the ``@`` operator are not
-intercepted: such a module gets a :class:`~jaxqat.core.QuantizationWarning`
-at ``init`` naming it, and stays float (and ``report`` says why).
+(``from jax.lax import dot_general``) are not intercepted: such a module
+gets a :class:`~jaxqat.core.QuantizationWarning` at ``init`` naming it, and
+stays float (and ``report`` says why). The ``@`` operator is: it calls JAX's
+internal ``matmul``, which is wrapped as ``jax.numpy.matmul`` is.
 """
 
 from __future__ import annotations
@@ -191,6 +194,7 @@ class Context:
     self.placeholders: dict[str, dict] = {}  # served mode: path -> {param name: stand-in}
     self.layers: dict[str, LayerRecord] = {}
     self.order: dict[str, int] = {}  # path -> order of first call (model order)
+    self.looked_up: set[tuple[str, str]] = set()  # (layer path, param) read by a row lookup
     self._rules: dict[str, Optional[core.Rule]] = {}
 
   def path_of(self, module: nn.Module) -> str:
@@ -429,6 +433,12 @@ def _qat(frame: Frame, op: str, ops: list, weights: dict, act_index: Optional[in
   rule, ctx = frame.rule, frame.context
   kind = type(frame.module).__name__
   where = f"layer {_quantizer.describe(frame.path)} ({kind})"
+  if rule.compute != "integer" and any((frame.path, w[0]) in ctx.looked_up
+                                       for w in weights.values()):
+    # A table this run also looked up (a tied embedding): the lookup keeps its fake-quantized
+    # table anyway, and the lean op's recomputation would only add memory (see QuantEmbed.attend
+    # in NNX).
+    return None
   if rule.compute == "integer" and len(weights) == 1 and rule.weight is not None:
     (i, (_, out_axes, _)), = weights.items()
     reason = core._integer.spec_reason(  # pylint: disable=protected-access
@@ -680,6 +690,7 @@ def _take(frame, orig, bound):
     indices = bound.arguments["indices"]
     call = lambda ops: orig(ops[0], ops[1], **kw)  # noqa: E731
     return _Done(_served(frame, [a, indices], {0: w}, None, call, _direct_take(indices, kw)))
+  frame.context.looked_up.add((frame.path, w[0]))
   (a, _) = _quantize_operands(frame, [a, bound.arguments["indices"]], {0: w}, None)
   bound.arguments["a"] = a
   return bound
@@ -711,6 +722,7 @@ def _getitem(frame, orig, bound):
     idx = bound.arguments["idx"]
     call = lambda ops: orig(ops[0], idx, **kw)  # noqa: E731
     return _Done(_served(frame, [a, ids], {0: w}, None, call, lambda *_: None))
+  frame.context.looked_up.add((frame.path, w[0]))
   (a, _) = _quantize_operands(frame, [a, ids], {0: w}, None)
   bound.arguments["arr"] = a
   return bound
@@ -1138,7 +1150,7 @@ def _wrap_variables(orig: property) -> property:
 
 OPS = ("jax.lax.dot_general", "jax.lax.conv_general_dilated",
        "jax.lax.conv_general_dilated_local", "jax.lax.conv_transpose", "jax.numpy.einsum",
-       "jax.numpy.dot", "jax.numpy.matmul", "jax.numpy.take", "table[ids]")
+       "jax.numpy.dot", "jax.numpy.matmul", "x @ w", "jax.numpy.take", "table[ids]")
 
 _HANDLERS = {
     "dot_general": _dot_general,
@@ -1272,6 +1284,12 @@ def _targets() -> list:
     from jax._src.numpy import lax_numpy  # pylint: disable=g-import-not-at-top
     if callable(getattr(lax_numpy, "transpose", None)):
       out.append((lax_numpy, "transpose"))
+  except ImportError:  # pragma: no cover
+    pass
+  try:  # the ``@`` operator (Array.__matmul__/__rmatmul__) calls this module's matmul
+    from jax._src.numpy import tensor_contractions  # pylint: disable=g-import-not-at-top
+    if callable(getattr(tensor_contractions, "matmul", None)):
+      out.append((tensor_contractions, "matmul"))
   except ImportError:  # pragma: no cover
     pass
   return out
