@@ -758,7 +758,7 @@ class _Interpreter:
       scale, zp, offset = (_along_operand(lv, t, keep) for t in (scale, zp, offset))
       wspec = wspec.replace(granularity=core.PerChannel(tuple(keep)) if keep
                             else core.PerTensor())
-    tracked = wspec.learning == "fixed" and not w.wq.frozen and not wspec.is_block
+    tracked = w.wq.tracks(wspec)
     wop = invals[i]
     kw = dict(act=act, weight=(wspec, scale, zp, offset), compute=compute,
               weight_tracked=tracked)

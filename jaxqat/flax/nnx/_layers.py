@@ -371,8 +371,7 @@ class _QuantMixin(nnx.Module):
       act = None if self.input_quant is None else self.input_quant.ranges(inputs)
       weight = None if wq is None else wq.ranges(kernel)
       # A fixed-range weight that is not frozen: its range is this kernel's (core.weight_range).
-      tracked = (weight is not None and wq.spec.learning == "fixed" and not wq.frozen
-                 and not wq.spec.is_block)
+      tracked = weight is not None and wq.tracks()
       _STATE.pending = (self, act, weight, tracked)
       return tuple(args)
     if self.input_quant is not None:
@@ -646,7 +645,7 @@ class QuantEmbed(_QuantMixin, nnx.Embed):
       act = None if aq is None else aq.ranges(query)
       weight = wq.ranges(table)
       compute = self.jaxqat_compute if act is not None else "fake"
-      tracked = wq.spec.learning == "fixed" and not wq.frozen and not wq.spec.is_block
+      tracked = wq.tracks()
       dims = (((jnp.ndim(query) - 1,), (1,)), ((), ()))
       try:
         return core.qat_op("dot_general", query, table, act=act, weight=weight, compute=compute,

@@ -387,6 +387,21 @@ class Quantizer(nnx.Module):
       return x
     return core.quant_dequant(x, r[0], r[1], r[2], offset=r[3])
 
+  def tracks(self, spec: Optional[core.QuantSpec] = None) -> bool:
+    """Whether this weight quantizer's range is the weight's own, recomputed each step.
+
+    A fixed-range spec (``spec``, default ``self.spec``) that is not frozen
+    and not a block format (:func:`jaxqat.core.weight_range`): what
+    :func:`jaxqat.core.qat_op` takes as ``weight_tracked``.
+
+    Examples:
+      >>> from jaxqat.core import QuantSpec
+      >>> Quantizer(QuantSpec(), role="weight", shape=(2,)).tracks()
+      True
+    """
+    spec = self.spec if spec is None else spec
+    return spec.learning == "fixed" and not self.frozen and not spec.is_block
+
   def ranges(self, x: jax.Array, *, spec: Optional[core.QuantSpec] = None) -> Optional[tuple]:
     """The current range for ``x``, ``(spec, scale, zero_point, offset)``, without applying it.
 
