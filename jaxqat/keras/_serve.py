@@ -16,10 +16,12 @@ Quantized layers that a rebuilt graph cannot hold -- those inside custom
 transformer block, and quantized subclasses of supported layers or
 embedding-like layers -- are **served in place** on a copy of the model
 instead (:mod:`jaxqat.keras._serve_inplace`): the copy keeps its own class and
-every layer object; each quantized layer keeps its own ``call`` but holds
-codes and scales in place of its float weights, dequantized when it runs,
-with its input fake-quantized by its fixed range (the dequantize path: the
-QAT model's values in inference, computed in float).
+every layer object; each quantized layer holds codes and scales in place of
+its float weights. Dense, EinsumDense and convolution layers run the kernels
+of their served classes (below); other layers keep their own ``call``, with the
+weights dequantized when it runs and the input fake-quantized by its fixed
+range (the dequantize path: the QAT model's values in inference, computed in
+float).
 
 Served layers: :class:`ServedDense` (Dense), :class:`ServedEinsumDense`,
 :class:`ServedConv` (Conv1D/2D/3D, and a folded Conv+BatchNorm:
@@ -864,8 +866,9 @@ def convert(model, *, integer: bool = True, pack: bool = True):
     class without a served class (a subclass of a supported layer, an
     embedding-like layer), every quantized layer is served in place on a
     copy of ``model`` instead (see the module doc), which keeps the model's
-    class and saves and loads as ``.keras`` (``integer`` has no effect
-    there: the copy's layers dequantize their weights).
+    class and saves and loads as ``.keras``; there, Dense, EinsumDense and
+    convolution layers (the exact Keras classes) take the integer path as
+    their graph-served layers do, and the others dequantize their weights.
 
   Raises:
     TypeError: if ``model`` is not a Keras model, is subclassed, or
@@ -898,7 +901,7 @@ def convert(model, *, integer: bool = True, pack: bool = True):
                      "jaxqat.keras.quantize (and calibrate) before convert")
   from jaxqat.keras import _serve_inplace  # it builds on this module
   if _serve_inplace.needs_in_place(model):
-    return _serve_inplace.serve_copy(model, pack)
+    return _serve_inplace.serve_copy(model, pack, integer)
   cloner = _Cloner(integer, pack)
   cloner.check(model)
   served = cloner.graph(model)

@@ -12,14 +12,26 @@ that way, and are *served in place* instead, on a private copy of the model
   embedding-like layers (a position embedding), whose own ``call`` jaxqat
   does not know.
 
-A layer served in place keeps its object and its own ``call``. Its quantized
-float weights are dropped and replaced by their codes and scales (stored as
-in a :class:`~jaxqat.keras.ServedLayer`: 2- and 4-bit codes packed, float
-codes as bit patterns), its quantizer sublayers by the fixed range of its
-input. Each call dequantizes the weights (``(q - z) * s``, the fake-quant
-arithmetic), fake-quantizes the input with its fixed range and runs the
-layer's float ``call``: the values of the QAT model in inference, computed
-in float (no integer matmul on this path).
+A layer served in place keeps its object. Its quantized float weights are
+dropped and replaced by their codes and scales (stored as in a
+:class:`~jaxqat.keras.ServedLayer`: 2- and 4-bit codes packed, float codes as
+bit patterns), its quantizer sublayers by the fixed range of its input. How
+it computes:
+
+* a ``Dense``, ``EinsumDense``, ``Conv1D/2D/3D``, ``DepthwiseConv1D/2D`` or
+  ``Conv1D/2D/3DTranspose`` (the exact Keras class: the projections of a
+  ``keras_hub`` transformer block, a subclassed model's own layers), on the
+  JAX backend with ``convert(..., integer=True)``, runs the kernel its
+  graph-served layer runs (:class:`~jaxqat.keras.ServedDense`...): with a
+  statically quantized integer input, an int8 x int8 -> int32 op with one
+  rescale, then the layer's bias and activation -- the served graph model's
+  values;
+* every other layer (subclasses of supported layers, embedding-like layers,
+  recurrent cells, separable convolutions), other backends and
+  ``integer=False`` dequantize the weights (``(q - z) * s``, the fake-quant
+  arithmetic), fake-quantize the input with its fixed range and run the
+  layer's own float ``call``: the values of the QAT model in inference, bit
+  for bit, computed in float.
 
 The served model records these layers (their locators and storage) in its
 ``.keras`` config, as :func:`jaxqat.keras.quantize` records its in-place
@@ -34,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import os
 import tempfile
 
@@ -77,7 +90,44 @@ class InPlaceServed(_serve.StoredWeights):
       return fake_quantize_input(x, self.encoding(role))
     return self._ops_input(x, role)
 
+  def _integer_op(self):
+    """The served class whose JAX op this layer runs (see the module doc), or ``None``."""
+    served = _integer_classes().get(vars(self).get("_jaxqat_float_class"))
+    entry = self._jaxqat_served
+    if (served is None or not entry.get("integer") or not is_jax()
+        or len(entry["weights"]) != 1 or self.aspec is None):
+      return None
+    return served if self._slots()[0][2] is not None else None
+
+  def _integer_call(self, served, x):
+    """The layer's forward through ``served``'s JAX op, then its float bias and activation."""
+    prefix = self._jaxqat_served["weights"][0]["prefix"]
+    arrays = self._stored_arrays(prefix)
+    op = _Op(served, self)
+    fn = lambda x, arrays, act: op(x, self._decode(arrays, prefix), act)  # noqa: E731
+    if not _serve._traced(x):  # eager: one compiled program per layer configuration
+      import jax  # pylint: disable=import-outside-toplevel
+      key = json.dumps(["in place", served.__name__, self.get_config(),
+                        self._jaxqat_served["weights"]], sort_keys=True, default=str)
+      if key not in _serve._JITTED:
+        _serve._JITTED[key] = jax.jit(fn)
+      fn = _serve._JITTED[key]
+    y = fn(ops.convert_to_tensor(x), arrays, self.encoding())
+    bias = getattr(self, "bias", None)
+    if bias is not None:
+      bias = ops.convert_to_tensor(bias)
+      if hasattr(self, "rank") and hasattr(self, "data_format"):  # a convolution's channels
+        bias = ops.reshape(bias, ((1,) * (self.rank + 1) + (-1,) if
+                                  self.data_format == "channels_last" else
+                                  (1, -1) + (1,) * self.rank))
+      y = ops.add(y, bias)
+    activation = getattr(self, "activation", None)
+    return y if activation is None else activation(y)
+
   def call(self, *args, **kwargs):
+    served = self._integer_op() if args else None
+    if served is not None:
+      return self._integer_call(served, args[0])
     if args:
       args = (self._served_input(args[0]),) + args[1:]
     state = None  # a recurrent cell's h_{t-1}, at its recurrent matmuls
@@ -105,6 +155,26 @@ class InPlaceServed(_serve.StoredWeights):
     keras.layers.Layer.load_own_variables(self, store)
 
 
+class _Op(_serve._ConvBias):  # pylint: disable=too-few-public-methods
+  """A served class's JAX op (its ``_jax_op``) on the arguments of a layer served in place.
+
+  The served classes read their float layer's arguments (strides, padding,
+  equation...) from ``_float``: here the layer itself.
+  """
+
+  def __init__(self, served, layer):
+    self._fn, self._float, self.integer = served._jax_op, layer, True
+
+  def __call__(self, x, w, act):
+    return self._fn(self, x, w, act)
+
+
+def _integer_classes() -> dict:
+  """Float class -> the served class whose JAX op its layers served in place run."""
+  return {fcls: served for _, fcls, served in _serve._KINDS
+          if served not in (_serve.ServedEmbedding, _serve.ServedSeparableConv)}
+
+
 def served_class(float_cls: type) -> type:
   """The in-place served class of a float layer class (generated once per class)."""
   if float_cls not in _CLASSES:
@@ -116,8 +186,11 @@ def served_class(float_cls: type) -> type:
   return _CLASSES[float_cls]
 
 
-def plan(layer, path: str, pack: bool):
+def plan(layer, path: str, pack: bool, integer: bool = False):
   """``(entry, values)``: how ``layer`` (a QuantLayer) is stored when served in place.
+
+  ``integer`` (convert's) is recorded in the entry: whether the layer may run
+  its served class's integer op (see the module doc).
 
   Raises:
     NotImplementedError: for LoRA.
@@ -139,7 +212,7 @@ def plan(layer, path: str, pack: bool):
     values.update(vals)
   act, act_values = _serve._act_plan(layer, path)
   values.update(act_values)
-  entry = {"weights": weights, "act": act}
+  entry = {"weights": weights, "act": act, "integer": bool(integer)}
   if any(role == "state" for role, _ in layer.act_quantizers()):  # a recurrent cell
     entry["state"], state_values = _serve._act_plan(layer, path, "state")
     values.update(state_values)
@@ -238,7 +311,7 @@ def private_copy(model):
                     f"({type(e).__name__}: {e})") from e
 
 
-def serve_copy(model, pack: bool):
+def serve_copy(model, pack: bool, integer: bool = False):
   """convert's route for a model with layers to serve in place: every quantized layer of a copy.
 
   Raises:
@@ -254,7 +327,7 @@ def serve_copy(model, pack: bool):
           "quantized layers are served in place (inside custom layers, or of classes without "
           "a served class); quantize it with fold_batchnorm=False")
   served = private_copy(model)
-  todo = [(layer, *plan(layer, path, pack)) for _, path, layer in _graph.walk(
+  todo = [(layer, *plan(layer, path, pack, integer)) for _, path, layer in _graph.walk(
       served, stop=_fold.quant_leaf) if isinstance(layer, _layers.QuantLayer)]
   for layer, entry, values in todo:
     apply(layer, entry, values)
@@ -320,7 +393,7 @@ def _reapply(model, record):
     except ValueError as e:
       raise ValueError(f"jaxqat>ServedModel, layer {entry.get('path')!r}: the loaded model "
                        f"has {e}") from e
-    apply(layer, {k: entry[k] for k in ("weights", "act", "state") if k in entry})
+    apply(layer, {k: entry[k] for k in ("weights", "act", "state", "integer") if k in entry})
   mark(model)
   return model
 

@@ -565,6 +565,83 @@ def test_mixed_bfloat16_serves_the_weights_qat_computed_with(monkeypatch):
 
 
 @keras.saving.register_keras_serializable(package="jaxqat_tests")
+class _ConvStack(keras.layers.Layer):
+  """A custom layer holding one layer of each class with an integer forward (served in place)."""
+
+  def __init__(self, data_format="channels_last", **kwargs):
+    super().__init__(**kwargs)
+    self.data_format = data_format
+    f = {"data_format": data_format}
+    self.conv = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv", **f)
+    self.dw = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw", **f)
+    self.up = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up", **f)
+    self.causal = keras.layers.Conv1D(5, 3, padding="causal", name="causal")
+    self.mix = keras.layers.EinsumDense("abc,cd->abd", (None, 6), bias_axes="d", name="mix")
+    self.head = keras.layers.Dense(3, activation="tanh", name="head")
+
+  def call(self, x):
+    y = self.up(self.dw(self.conv(x)))
+    if self.data_format == "channels_first":
+      y = keras.ops.transpose(y, (0, 2, 3, 1))
+    y = keras.ops.reshape(y, (-1, y.shape[1] * y.shape[2], y.shape[3]))
+    return self.head(self.mix(self.causal(y)))
+
+  def get_config(self):
+    return {**super().get_config(), "data_format": self.data_format}
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the integer path exists on the JAX backend")
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_layers_served_in_place_run_the_integer_kernels(tmp_path, data_format, monkeypatch):
+  """Dense, EinsumDense and convolutions served in place (inside a custom layer) run the integer
+  ops of their graph-served classes: served equals the integer-forward QAT model bit for bit, and
+  integer=False the fake-quant one; the jaxpr holds the int8 x int8 -> int32 ops."""
+  import jax
+  from jaxqat.core import _integer, default_rules
+  monkeypatch.setattr(_integer, "_SUM_MAX_GROUP", 0)  # the depthwise conv as an int8 dot too
+  keras.utils.set_random_seed(0)
+  shape = (4, 6, 6) if data_format == "channels_first" else (6, 6, 4)
+  inp = keras.Input(shape)
+  model = keras.Model(inp, _ConvStack(data_format, name="stack")(inp))
+  x = RNG.normal(size=(3, *shape)).astype("float32")
+  outs = {}
+  for compute in ("fake", "integer"):
+    q = jqk.quantize(model, default_rules(compute=compute))
+    jqk.calibrate(q, x)
+    ref = to_np(q(x))
+    for integer in (True, False):
+      served = convert(q, integer=integer)
+      assert type(served.get_layer("stack").up).__name__ == "InPlaceServedConv2DTranspose"
+      outs[compute, integer] = out = to_np(served(x))
+      tv = [v.value for v in served.trainable_variables]
+      ntv = [v.value for v in served.non_trainable_variables]
+      jitted = jax.jit(lambda x, s=served, tv=tv, ntv=ntv: s.stateless_call(
+          tv, ntv, x, training=False)[0])
+      np.testing.assert_array_equal(np.asarray(jitted(x)), out)  # eager = compiled
+      ints = [e for e in _eqns(jax.make_jaxpr(jitted)(x).jaxpr)
+              if e.primitive.name in ("dot_general", "conv_general_dilated")
+              and [str(v.aval.dtype) for v in e.invars] == ["int8", "int8"]]
+      # One int8 op over the batch per layer (the windows of a convolution on CPU: each conv
+      # also has the zero-point correction of its affine input, a dot over one window of ones).
+      kernels = sorted(tuple(e.invars[1].aval.shape) for e in ints
+                       if e.invars[0].aval.shape[0] == len(x))
+      if jax.default_backend() == "cpu":
+        assert kernels == (sorted([(9, 4, 1, 6), (9, 1, 6, 2), (9, 12, 1, 4), (3, 4, 1, 5), (5, 6),
+                                   (6, 3)]) if integer else []), kernels
+      if integer == (compute == "integer"):
+        np.testing.assert_array_equal(out, ref)
+  assert np.any(outs["fake", True] != outs["fake", False])  # the two paths differ
+  np.testing.assert_allclose(outs["fake", True], outs["fake", False], rtol=1e-5, atol=1e-5)
+  # The .keras file keeps the integer path.
+  path = str(tmp_path / "served.keras")
+  served = convert(q)
+  served.save(path)
+  back = keras.saving.load_model(path)
+  np.testing.assert_array_equal(to_np(back(x)), outs["integer", True])
+  assert vars(back.get_layer("stack").head)["_jaxqat_served"]["integer"] is True
+
+
+@keras.saving.register_keras_serializable(package="jaxqat_tests")
 class _Gated(keras.Model):
   """A subclassed model whose call takes a keyword array and a Python flag."""
 
@@ -590,8 +667,11 @@ def test_subclassed_model_converts_and_exports_with_keyword_inputs():
   q = jqk.calibrate(jqk.quantize(model), x)
   served = convert(q)  # a subclassed model: served in place on a copy (it was refused)
   assert type(served).__name__ == "_Gated" and served is not q
-  np.testing.assert_array_equal(to_np(served(x, gate=gate)["logits"]),
-                                to_np(q(x, gate=gate)["logits"]))
+  ref = to_np(q(x, gate=gate)["logits"])
+  # The Dense layers served in place take the integer path (JAX): within float rounding; with
+  # integer=False the fake-quant values, bit for bit.
+  np.testing.assert_allclose(to_np(served(x, gate=gate)["logits"]), ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(to_np(convert(q, integer=False)(x, gate=gate)["logits"]), ref)
   formats = {r.layer: r.format for r in size_report(served).rows}
   assert formats["hidden/kernel"] == formats["head/kernel"] == "int8_narrow"
   if BACKEND != "jax":  # jax.export runs on the JAX backend
