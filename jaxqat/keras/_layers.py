@@ -125,7 +125,7 @@ def check_compute(qcls, layer, *, weight_spec, act_spec, compute: str, where: st
     ...               act_spec=None, compute="integer", where="layer 'emb'")
     Traceback (most recent call last):
     ...
-    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D, Conv1D/2D/3DTranspose and DepthwiseConv1D/2D layers)
+    jaxqat.keras._layers.ComputeModeError: layer 'emb': compute='integer' cannot run this layer in integer arithmetic: QuantEmbedding has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D and SeparableConv1D/2D layers)
   """
   if compute == "fake":
     return
@@ -133,7 +133,7 @@ def check_compute(qcls, layer, *, weight_spec, act_spec, compute: str, where: st
   if qcls is None or qcls.integer_op is None or qcls.call is not QuantLayer.call:
     name = type(layer).__name__ if qcls is None else qcls.__name__
     reason = (f"{name} has no integer forward (it runs Dense, EinsumDense, Conv1D/2D/3D, "
-              "Conv1D/2D/3DTranspose and DepthwiseConv1D/2D layers)")
+              "Conv1D/2D/3DTranspose, DepthwiseConv1D/2D and SeparableConv1D/2D layers)")
   elif getattr(layer, "lora_enabled", False):
     reason = "LoRA is enabled (the integer forward has no LoRA term)"
   else:
@@ -160,8 +160,9 @@ class QuantLayer:
 
   **Compute modes** (:attr:`jaxqat.core.Rule.compute`). ``"fake"`` runs the
   float layer's ``call`` on fake-quantized operands. ``"integer"`` (Dense,
-  EinsumDense, Conv1D/2D/3D, Conv1D/2D/3DTranspose and DepthwiseConv1D/2D, JAX
-  backend) runs the layer's matmul,
+  EinsumDense, Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D and
+  the depthwise convolution of SeparableConv1D/2D, whose pointwise one is
+  weight-only; JAX backend) runs the layer's matmul,
   einsum or convolution through :func:`jaxqat.core.qat_op`: int8 x int8 ->
   int32 with one rescale in the forward, the same straight-through backward
   as ``"fake"``. It needs integer specs of <= 8 bits for the input (per
@@ -218,7 +219,8 @@ class QuantLayer:
     """``(act, weight, x, w)`` for :func:`jaxqat.core.qat_op`, or None to run the float ``call``.
 
     On the JAX backend a layer with a core op (Dense, EinsumDense, Conv,
-    DepthwiseConv) runs it through ``qat_op`` in both compute modes, as the
+    DepthwiseConv, SeparableConv, ConvTranspose) runs it through ``qat_op`` in
+    both compute modes, as the
     NNX and Linen layers do: with ``compute="fake"`` its lean backward keeps
     ``x``, ``w`` and the ranges and recomputes the fake quantization, instead
     of keeping the fake-quantized operands and clip masks of the plain
@@ -581,14 +583,52 @@ class QuantDepthwiseConv2D(_CoreConv, _DepthwiseAxes, QuantLayer,
   depthwise = True
 
 
+class _CoreSeparable(_CoreConv):
+  """The core op of SeparableConv1D/2D: Keras's ``separable_conv`` as two core convolutions.
+
+  The depthwise convolution of the quantized input runs ``qat_op`` in the
+  layer's compute mode; the 1x1 convolution of its output with the pointwise
+  kernel is weight-only (the layer quantizes no activation in between), so it
+  runs ``"fake"`` in both modes, as the served layer
+  (:class:`~jaxqat.keras.ServedSeparableConv`) dequantizes it.
+  """
+
+  depthwise = True
+
+  def _core_ranges(self, inputs, training):
+    if getattr(self, "lora_enabled", False) or not hasattr(self, "weight_quantizers"):
+      return None
+    iq = self.input_quantizer
+    wqs = [self.weight_quantizers.get(attr) for attr, _ in self.quant_weights]
+    if not takes_core_op(iq, *wqs):
+      return None
+    x = quantizer_operand(iq, ops.convert_to_tensor(inputs))
+    ws = [quantizer_operand(q, _unwrap(getattr(self, attr)))
+          for q, (attr, _) in zip(wqs, self.quant_weights)]
+    return (quantizer_ranges(iq, x, training),
+            [quantizer_ranges(q, w, training, tracked=True) for q, w in zip(wqs, ws)], x, ws)
+
+  def _conv(self, x, w, act, weight):
+    (dw, pw), (dw_range, pw_range) = w, weight
+    d = conv_core_op(self.compute, self, x, dw, act, dw_range, depthwise=True)
+    spatial = "DHW"[3 - self.rank:]
+    lhs = "N" + spatial + "C" if self.data_format == "channels_last" else "NC" + spatial
+    return core_op("fake", "conv_general_dilated", d, pw, None, pw_range,
+                   window_strides=(1,) * self.rank, padding="VALID",
+                   rhs_dilation=tuple(self.dilation_rate),
+                   dimension_numbers=(lhs, spatial + "IO", lhs))
+
+
 @_register
-class QuantSeparableConv1D(_DepthwiseAxes, QuantLayer, keras.layers.SeparableConv1D):
+class QuantSeparableConv1D(_CoreSeparable, _DepthwiseAxes, QuantLayer,
+                           keras.layers.SeparableConv1D):
   quant_weights = (("depthwise_kernel", "depthwise_kernel_quantizer"),
                    ("pointwise_kernel", "pointwise_kernel_quantizer"))
 
 
 @_register
-class QuantSeparableConv2D(_DepthwiseAxes, QuantLayer, keras.layers.SeparableConv2D):
+class QuantSeparableConv2D(_CoreSeparable, _DepthwiseAxes, QuantLayer,
+                           keras.layers.SeparableConv2D):
   quant_weights = (("depthwise_kernel", "depthwise_kernel_quantizer"),
                    ("pointwise_kernel", "pointwise_kernel_quantizer"))
 

@@ -87,7 +87,8 @@ def test_integer_dense_within_the_core_bound_same_gradients_int8_dot():
 
 
 @pytest.mark.parametrize("name", ["einsum", "conv2d", "conv1d_causal", "depthwise2d",
-                                  "depthwise1d", "conv2d_transpose", "conv1d_transpose"])
+                                  "depthwise1d", "conv2d_transpose", "conv1d_transpose",
+                                  "separable2d", "separable1d"])
 def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
   make, shape, act = {
       "einsum": (lambda: keras.layers.EinsumDense("abc,cde->abde", output_shape=(3, 2, 4),
@@ -109,6 +110,11 @@ def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
       "conv1d_transpose": (lambda: keras.layers.Conv1DTranspose(
           4, 3, padding="valid", dilation_rate=2, data_format="channels_first", name="l"),
           (2, 3, 6), A8_LSQ),
+      # the depthwise convolution integer, the (weight-only) pointwise one fake
+      "separable2d": (lambda: keras.layers.SeparableConv2D(
+          5, 3, strides=2, padding="same", depth_multiplier=2, name="l"), (2, 7, 7, 3), A8),
+      "separable1d": (lambda: keras.layers.SeparableConv1D(
+          4, 3, dilation_rate=2, data_format="channels_first", name="l"), (2, 3, 9), A8_LSQ),
   }[name]
   q, x, r = _layer(make, shape, act)
   (yi, gxi, gvi), (yf, gxf, gvf) = _both(q, x, r)
@@ -121,7 +127,7 @@ def test_integer_einsum_and_conv_equal_fake_up_to_summation_order(name):
   jaxpr = str(jax.make_jaxpr(lambda x: q.stateless_call(tv, ntv, x)[0])(x)).replace(" ", "")
   # int8 codes, summed in int32: by an int8 dot, or (depthwise, on CPU) by int32 products
   assert ":i8[" in jaxpr
-  if name.startswith("depthwise") and jax.default_backend() == "cpu":
+  if name.startswith(("depthwise", "separable")) and jax.default_backend() == "cpu":
     assert len(re.findall(r":i32\[[\d,]*\]=mul", jaxpr)) >= 3  # one per kernel offset
   else:
     assert "preferred_element_type=int32" in jaxpr

@@ -40,6 +40,12 @@ LAYERS = {
     "conv3d": (lambda: keras.layers.Conv3D(2, 2, name="l"), (1, 4, 4, 4, 2)),
     "depthwise2d": (lambda: keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2,
                                                          name="l"), (2, 6, 6, 3)),
+    "separable2d": (lambda: keras.layers.SeparableConv2D(5, 3, padding="same", depth_multiplier=2,
+                                                         activation="relu", name="l"), (2, 6, 6, 3)),
+    "separable1d_channels_first": (lambda: keras.layers.SeparableConv1D(
+        4, 3, strides=2, dilation_rate=1, data_format="channels_first", name="l"), (2, 3, 9)),
+    "separable1d_dilated": (lambda: keras.layers.SeparableConv1D(4, 3, dilation_rate=2, name="l"),
+                            (2, 11, 3)),
 }
 SCHEMES = {
     "w8a8": (W8, A8),
@@ -99,8 +105,9 @@ def test_core_op_equals_the_float_call_on_fake_quantized_operands(name, scheme, 
   real = _layers.core_op
   monkeypatch.setattr(_layers, "core_op", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
   _grads(q, x, r)
-  assert calls == [q.integer_op]  # the JAX path goes through jaxqat.core.qat_op
-  monkeypatch.setattr(_layers.QuantLayer, "_core_ranges", lambda self, *a: None)
+  # The JAX path goes through jaxqat.core.qat_op (a separable conv: depthwise, then pointwise).
+  assert calls == [q.integer_op] * (2 if name.startswith("separable") else 1)
+  monkeypatch.setattr(type(q), "_core_ranges", lambda self, *a: None)
   _compare(core, _grads(q, x, r))
 
 

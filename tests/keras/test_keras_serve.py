@@ -683,3 +683,30 @@ def test_subclassed_model_converts_and_exports_with_keyword_inputs():
                              atol=1e-6)
   np.testing.assert_allclose(np.asarray(out["hidden"]), to_np(want["hidden"]), rtol=1e-6,
                              atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the integer forward runs on the JAX backend")
+def test_separable_convs_serve_what_the_integer_forward_trained():
+  """SeparableConv with compute="integer": the depthwise conv integer, the pointwise weight-only
+  conv fake; the graph-served layer computes the same ops (bit for bit), integer=False the fake
+  model's values."""
+  from jaxqat.core import default_rules
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((10, 10, 3))
+  h = keras.layers.SeparableConv2D(6, 3, padding="same", activation="relu", depth_multiplier=2)(inp)
+  h = keras.layers.SeparableConv2D(4, 3, strides=2)(h)
+  model = keras.Model(inp, keras.layers.SeparableConv1D(3, 3, dilation_rate=2)(
+      keras.layers.Reshape((16, 4))(h)))
+  x = RNG.normal(size=(3, 10, 10, 3)).astype("float32")
+  outs = {}
+  for compute in ("fake", "integer"):
+    q = jqk.quantize(model, default_rules(compute=compute))
+    jqk.calibrate(q, x)
+    outs[compute] = to_np(q(x))
+    served = convert(q)
+    assert isinstance(served.layers[1], jqk.ServedSeparableConv)
+    if compute == "integer":
+      np.testing.assert_array_equal(to_np(served(x)), outs[compute])
+    np.testing.assert_array_equal(to_np(convert(q, integer=False)(x)), outs["fake"])
+  assert np.any(outs["integer"] != outs["fake"])
+  np.testing.assert_allclose(outs["integer"], outs["fake"], rtol=1e-5, atol=1e-5)
