@@ -115,6 +115,36 @@ def test_intercepted_integer_forward_matches_fake_same_gradients(how):
     qnnx.quantize(Ops("einsum"), [Rule(pattern=".*", weight=W, compute="integer")])
 
 
+@pytest.mark.parametrize("how", ["matmul", "einsum_t", "lhs", "conv", "up",
+                                 "up_transpose_kernel"])
+def test_served_intercepted_modules_run_the_integer_forward(how):
+  """convert(integer=True) serves an intercepted module's ops on the weight's codes through the
+  integer forward: bit for bit the QAT model trained with compute="integer" (same ranges);
+  integer=False keeps the dequantize path, bit for bit the fake-quant model."""
+  rules = lambda c: [Rule(pattern=".*", weight=core.default_weight_spec(), act=A,  # noqa: E731
+                          compute=c)]
+  if how.startswith("up"):
+    make, shape = (lambda: _Up(how == "up_transpose_kernel")), (2, 5, 5, 3)
+  else:
+    make, shape = (lambda: Ops(how)), ((2, 6, 3) if how == "conv" else (6, 4))
+  x = jax.random.normal(jax.random.key(1), shape)
+  q = {}
+  for compute in ("fake", "integer"):
+    q[compute] = qnnx.quantize(make(), rules(compute))
+    qnnx.calibrate(q[compute], [x])
+  run = nnx.jit(lambda m, x: m(x))
+  y_fake, y_int = np.asarray(q["fake"](x)), np.asarray(q["integer"](x))
+  assert np.any(y_fake != y_int)  # the two forwards differ (summation order)
+  for compute in ("fake", "integer"):
+    served = qnnx.convert(q[compute])
+    np.testing.assert_array_equal(np.asarray(served(x)), y_int)
+    np.testing.assert_array_equal(np.asarray(run(served, x)), np.asarray(run(q["integer"], x)))
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(lambda x: served(x))(x))
+    plain = qnnx.convert(q[compute], integer=False)
+    np.testing.assert_array_equal(np.asarray(plain(x)), y_fake)
+    assert "preferred_element_type=int32" not in str(jax.make_jaxpr(lambda x: plain(x))(x))
+
+
 @pytest.mark.parametrize("how", ["einsum", "einsum_t", "lhs", "conv"])
 def test_intercepted_fake_ops_run_the_lean_core_op_same_values_and_gradients(how, monkeypatch):
   """In "fake" mode an intercepted op runs core.qat_op (its lean backward): the values and

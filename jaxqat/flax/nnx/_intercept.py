@@ -718,19 +718,26 @@ class _Interpreter:
     idx = [i for i in (0, 1) if inlabs[i] is not None]
     lv = inlabs[idx[0]]
     w = lv.weight
-    integer = compute == "integer"
-    if (not isinstance(w.wq, Quantizer) or w.wq.mode != "quant"
-        or not isinstance(w.aq, (Quantizer, type(None)))):  # served models: their own kernels
+    # A served weight (convert's codes, dequantized in the call's copy) takes the integer op
+    # where convert(..., integer=True) allows it and the op can, else the dequantize path.
+    serving = getattr(w.wq, "serves_integer", None)
+    if serving is not None:
+      if not serving or w.aq is None or w.wq.stack_shape:
+        return None
+      compute = "integer"
+    elif (not isinstance(w.wq, Quantizer) or w.wq.mode != "quant"
+          or not isinstance(w.aq, (Quantizer, type(None)))):
       return None
+    integer = compute == "integer"
     if w.aq is not None and w.aq.mode != "quant":
       return None
     if len(idx) != 1:
-      if integer:
+      if integer and not serving:
         raise self._no_integer(lv, f"both operands of its {name} are weights")
       return None
     i = idx[0]
     if name != "dot_general" and i != 1:
-      if integer:
+      if integer and not serving:
         raise self._no_integer(lv, "it is the input operand of its convolution, not the kernel")
       return None
     if w.aq is None and integer:
@@ -743,6 +750,8 @@ class _Interpreter:
       return None
     spec = self._resolved_spec(lv, self._out_axes(eqn, i, lv)) or w.wq.spec
     if spec.is_block and integer:
+      if serving:
+        return None
       raise self._no_integer(lv, "the weight is quantized per block")
     p = dict(eqn.params)
     out_sharding = p.pop("out_sharding", None)
@@ -771,6 +780,8 @@ class _Interpreter:
       else:
         y = core.qat_op(name, x, wop, **kw, **p)
     except ValueError as e:
+      if serving:
+        return None
       if not integer:
         raise
       raise self._no_integer(lv, str(e).split("arithmetic: ", 1)[-1]) from None

@@ -39,14 +39,17 @@ accumulation; the difference to the fake-quant model is bounded by
 (:func:`jaxqat.flax.nnx.export_encodings`): see
 :mod:`jaxqat.flax.nnx._encodings`.
 
-**Intercepted modules** (:func:`jaxqat.flax.nnx.intercept`) are converted on
-the dequantize path: each weight variable keeps its path and holds the
-unpacked codes (a :class:`ServedArray`), its scales live in
-``jaxqat_served_weights``, its input ranges in ``jaxqat_served_inputs``;
-the call dequantizes the codes in a copy of the module and replays the
-interception with the served input encodings, so it computes what the
-fake-quant module computes, bit for bit (a float copy of the weight exists
-only inside the call). Run :func:`~jaxqat.flax.nnx.calibrate` before
+**Intercepted modules** (:func:`jaxqat.flax.nnx.intercept`): each weight
+variable keeps its path and holds the unpacked codes (a :class:`ServedArray`),
+its scales live in ``jaxqat_served_weights``, its input ranges in
+``jaxqat_served_inputs``; the call dequantizes the codes in a copy of the
+module and replays the interception with the served input encodings (a
+float copy of the weight exists only inside the call). With ``integer=True``
+a matmul or convolution of such a weight and a statically quantized integer
+input runs :func:`jaxqat.core.qat_op`'s integer forward (int8 x int8 ->
+int32, one rescale): the op a QAT model trained with ``compute="integer"``
+runs, bit for bit. Other ops, and ``integer=False``, compute what the
+fake-quant module computes, bit for bit. Run :func:`~jaxqat.flax.nnx.calibrate` before
 converting a module whose ``PerOutputChannel()`` weights are resolved per
 op. A module intercepted only to read the weights of its quantized layers
 (``quantize(..., methods=...)`` without weights of its own, e.g. a tied
@@ -394,9 +397,15 @@ class _ServedWeightQuant(nnx.Module):
   The served module's weight variable holds the (unpacked) codes; the call
   dequantizes them and runs the interception of :mod:`._intercept` with this
   object in place of the weight quantizer (the weight is quantized already).
+  With ``serves_integer`` (``convert(..., integer=True)``) a matmul or
+  convolution of the weight and a statically quantized input runs
+  :func:`jaxqat.core.qat_op`'s integer forward with these scales (:meth:`ranges`):
+  the codes of the dequantized weight are its codes, so this is the op of a
+  QAT model trained with ``compute="integer"``, bit for bit.
   """
 
-  def __init__(self, qt: core.QTensor, stack_shape):
+  def __init__(self, qt: core.QTensor, stack_shape, serves_integer: bool = False):
+    self.serves_integer = bool(serves_integer)
     self.scale = _var(qt.scale)
     self.zero_point = _var(qt.zero_point)
     self.tensor_scale = _var(qt.tensor_scale)
@@ -414,6 +423,15 @@ class _ServedWeightQuant(nnx.Module):
   def __call__(self, x, *, spec=None):
     return x
 
+  def ranges(self, x, *, spec=None):
+    """``(spec, scale, zero_point, None)``: the served range, as ``core.qat_op`` takes it."""
+    del x, spec
+    return (self.spec, _get(self.scale), _get(self.zero_point), None)
+
+  def tracks(self, spec=None) -> bool:
+    del spec
+    return False
+
 
 class _ServedInputQuant(nnx.Module):
   """A served intercepted weight's input range (fake-quantizes the other matmul operand)."""
@@ -424,6 +442,12 @@ class _ServedInputQuant(nnx.Module):
 
   def __call__(self, x):
     return core.fake_quantize_input(x, self.input_encoding.encoding())
+
+  def ranges(self, x):
+    """``(spec, scale, zero_point, None)``: the served input range, as ``core.qat_op`` takes it."""
+    del x
+    enc = self.input_encoding.encoding()
+    return (enc.spec, enc.scale, enc.zero_point, None)
 
 
 class ServedInterceptMixin(nnx.Module):
@@ -519,7 +543,7 @@ def _intercept_plan(node, where: str) -> dict:
   return plan
 
 
-def _serve_intercepted(node, plan: dict) -> None:
+def _serve_intercepted(node, plan: dict, integer: bool) -> None:
   """Turns a (cloned) intercepted module into its served form, in place."""
   cls = type(node)
   ws, ins = {}, {}
@@ -527,7 +551,7 @@ def _serve_intercepted(node, plan: dict) -> None:
     qt, wq, act = plan[name]
     if qt is not None:
       _layers.set_path(node, tuple(parts), ServedArray(qt.values))
-      ws[name] = _ServedWeightQuant(qt, wq.stack_shape)
+      ws[name] = _ServedWeightQuant(qt, wq.stack_shape, integer)
     if act is not None:
       ins[name] = _ServedInputQuant(act)
   del node.jaxqat_weight_quant, node.jaxqat_input_quant
@@ -543,8 +567,8 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
   Every quantized Flax layer becomes its served class (``ServedLinear`` ...):
   its weight is replaced by integer codes and scales (:class:`ServedWeight`;
   no float copy of the weight remains), its input quantizer by a fixed
-  :class:`ServedEncoding`; intercepted modules hold codes too and run on the
-  dequantize path; an :class:`~jaxqat.flax.nnx.ActQuant` becomes a
+  :class:`ServedEncoding`; intercepted modules hold codes too (their ops on
+  a statically quantized input run the integer forward when ``integer``); an :class:`~jaxqat.flax.nnx.ActQuant` becomes a
   :class:`ServedActQuant`. Skipped layers stay float. The weight's range is
   the one the fake-quant model uses now: stored (frozen fixed range, LSQ
   step size) or, for a fixed-range weight quantizer that is not frozen,
@@ -623,7 +647,7 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
   for path, node in list(_owners(served)):
     plan = plans[path]
     if plan[0] == "intercept":
-      _serve_intercepted(node, plan[1])
+      _serve_intercepted(node, plan[1], integer)
       continue
     if plan[0] == "act":
       del node.quantizer
