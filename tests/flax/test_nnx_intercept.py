@@ -82,17 +82,22 @@ class _Up(nnx.Module):
     return jnp.einsum("bhwc,dc->bhwd", self.up(x), self.head[...])
 
 
+def _case(how):
+  """(model factory, input) of an Ops or _Up case."""
+  if how.startswith("up"):
+    make, shape = (lambda: _Up(how == "up_transpose_kernel")), (2, 5, 5, 3)
+  else:
+    make, shape = (lambda: Ops(how)), ((2, 6, 3) if how == "conv" else (6, 4))
+  return make, jax.random.normal(jax.random.key(1), shape)
+
+
 @pytest.mark.parametrize("how", ["einsum_t", "lhs", "conv", "up", "up_transpose_kernel"])
 def test_intercepted_integer_forward_matches_fake_same_gradients(how):
   """compute="integer" on intercepted modules: core.qat_op's int8 x int8 -> int32 forward on
   the op the jaxpr holds, the weight's per-channel scales carried through its layout ops."""
   rules = lambda c: [Rule(pattern=".*", weight=core.default_weight_spec(),  # noqa: E731
                           act=QuantSpec(format="int8", learning="lsq"), compute=c)]
-  if how.startswith("up"):
-    make, shape = (lambda: _Up(how == "up_transpose_kernel")), (2, 5, 5, 3)
-  else:
-    make, shape = (lambda: Ops(how)), ((2, 6, 3) if how == "conv" else (6, 4))
-  x = jax.random.normal(jax.random.key(1), shape)
+  make, x = _case(how)
   res = {}
   for compute in ("fake", "integer"):
     q = qnnx.quantize(make(), rules(compute))
@@ -123,11 +128,7 @@ def test_served_intercepted_modules_run_the_integer_forward(how):
   integer=False keeps the dequantize path, bit for bit the fake-quant model."""
   rules = lambda c: [Rule(pattern=".*", weight=core.default_weight_spec(), act=A,  # noqa: E731
                           compute=c)]
-  if how.startswith("up"):
-    make, shape = (lambda: _Up(how == "up_transpose_kernel")), (2, 5, 5, 3)
-  else:
-    make, shape = (lambda: Ops(how)), ((2, 6, 3) if how == "conv" else (6, 4))
-  x = jax.random.normal(jax.random.key(1), shape)
+  make, x = _case(how)
   q = {}
   for compute in ("fake", "integer"):
     q[compute] = qnnx.quantize(make(), rules(compute))
