@@ -573,6 +573,21 @@ class ServedDepthwiseConv(_ConvBias, ServedLayer):
                               dilation_rate=fl.dilation_rate, data_format=fl.data_format)
 
 
+def separable(fl, x, depthwise, pointwise, act, integer):
+  """Keras' JAX ``separable_conv`` of layer ``fl`` with quantized kernels (the core kernels).
+
+  The depthwise convolution of the input (:func:`_depthwise`: integer with a
+  statically quantized input and ``integer``), then the 1x1 convolution of its
+  float output with the pointwise kernel (weight-only: dequantized).
+  """
+  from jaxqat.core import quantized_conv_general_dilated
+  d = _depthwise(fl, x, depthwise, act, integer)
+  dn, _, dilation = _conv_args(fl, d)
+  return quantized_conv_general_dilated(d, pointwise, (1,) * (d.ndim - 2), "valid",
+                                        rhs_dilation=dilation, dimension_numbers=dn,
+                                        integer=integer)
+
+
 @_register
 class ServedSeparableConv(_ConvBias, ServedLayer):
   """A served :class:`keras.layers.SeparableConv1D`/``2D``: two served kernels, a float bias.
@@ -601,13 +616,8 @@ class ServedSeparableConv(_ConvBias, ServedLayer):
     return super()._slots() + [("pointwise_", self.pointwise_info, self.pspec)]
 
   def _serve_jax(self, x, arrays, act):
-    from jaxqat.core import quantized_conv_general_dilated
-    fl = self._float
-    d = _depthwise(fl, x, self._decode(arrays[""]), act, self.integer)
-    dn, _, dilation = _conv_args(fl, d)
-    return quantized_conv_general_dilated(
-        d, self._decode(arrays["pointwise_"], "pointwise_"), (1,) * (d.ndim - 2), "valid",
-        rhs_dilation=dilation, dimension_numbers=dn, integer=self.integer)
+    return separable(self._float, x, self._decode(arrays[""]),
+                     self._decode(arrays["pointwise_"], "pointwise_"), act, self.integer)
 
   def _ops_op(self, x):
     fl = self._float

@@ -18,16 +18,17 @@ dropped and replaced by their codes and scales (stored as in a
 bit patterns), its quantizer sublayers by the fixed range of its input. How
 it computes:
 
-* a ``Dense``, ``EinsumDense``, ``Conv1D/2D/3D``, ``DepthwiseConv1D/2D`` or
-  ``Conv1D/2D/3DTranspose`` (the exact Keras class: the projections of a
-  ``keras_hub`` transformer block, a subclassed model's own layers), on the
+* a ``Dense``, ``EinsumDense``, ``Conv1D/2D/3D``, ``DepthwiseConv1D/2D``,
+  ``SeparableConv1D/2D`` or ``Conv1D/2D/3DTranspose`` (the exact Keras
+  class: the projections of a ``keras_hub`` transformer block, a subclassed
+  model's own layers), on the
   JAX backend with ``convert(..., integer=True)``, runs the kernel its
   graph-served layer runs (:class:`~jaxqat.keras.ServedDense`...): with a
   statically quantized integer input, an int8 x int8 -> int32 op with one
   rescale, then the layer's bias and activation -- the served graph model's
   values;
 * every other layer (subclasses of supported layers, embedding-like layers,
-  recurrent cells, separable convolutions), other backends and
+  recurrent cells), other backends and
   ``integer=False`` dequantize the weights (``(q - z) * s``, the fake-quant
   arithmetic), fake-quantize the input with its fixed range and run the
   layer's own float ``call``: the values of the QAT model in inference, bit
@@ -94,17 +95,21 @@ class InPlaceServed(_serve.StoredWeights):
     """The served class whose JAX op this layer runs (see the module doc), or ``None``."""
     served = _integer_classes().get(vars(self).get("_jaxqat_float_class"))
     entry = self._jaxqat_served
-    if (served is None or not entry.get("integer") or not is_jax()
-        or len(entry["weights"]) != 1 or self.aspec is None):
+    if served is None or not entry.get("integer") or not is_jax() or self.aspec is None:
       return None
-    return served if self._slots()[0][2] is not None else None
+    return served if all(spec is not None for _, _, spec in self._slots()) else None
 
   def _integer_call(self, served, x):
     """The layer's forward through ``served``'s JAX op, then its float bias and activation."""
-    prefix = self._jaxqat_served["weights"][0]["prefix"]
-    arrays = self._stored_arrays(prefix)
-    op = _Op(served, self)
-    fn = lambda x, arrays, act: op(x, self._decode(arrays, prefix), act)  # noqa: E731
+    prefixes = [e["prefix"] for e in self._jaxqat_served["weights"]]
+    arrays = {p: self._stored_arrays(p) for p in prefixes}
+    if served is _serve.ServedSeparableConv:  # two kernels: depthwise, pointwise
+      def fn(x, arrays, act):
+        dw, pw = (self._decode(arrays[p], p) for p in prefixes)
+        return _serve.separable(self, x, dw, pw, act, True)
+    else:
+      op, (prefix,) = _Op(served, self), prefixes
+      fn = lambda x, arrays, act: op(x, self._decode(arrays[prefix], prefix), act)  # noqa: E731
     if not _serve._traced(x):  # eager: one compiled program per layer configuration
       import jax  # pylint: disable=import-outside-toplevel
       key = json.dumps(["in place", served.__name__, self.get_config(),
@@ -171,8 +176,7 @@ class _Op(_serve._ConvBias):  # pylint: disable=too-few-public-methods
 
 def _integer_classes() -> dict:
   """Float class -> the served class whose JAX op its layers served in place run."""
-  return {fcls: served for _, fcls, served in _serve._KINDS
-          if served not in (_serve.ServedEmbedding, _serve.ServedSeparableConv)}
+  return {fcls: served for _, fcls, served in _serve._KINDS if served is not _serve.ServedEmbedding}
 
 
 def served_class(float_cls: type) -> type:

@@ -575,12 +575,14 @@ class _ConvStack(keras.layers.Layer):
     self.conv = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv", **f)
     self.dw = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw", **f)
     self.up = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up", **f)
+    self.sep = keras.layers.SeparableConv2D(4, 3, padding="same", activation="relu", name="sep",
+                                            **f)
     self.causal = keras.layers.Conv1D(5, 3, padding="causal", name="causal")
     self.mix = keras.layers.EinsumDense("abc,cd->abd", (None, 6), bias_axes="d", name="mix")
     self.head = keras.layers.Dense(3, activation="tanh", name="head")
 
   def call(self, x):
-    y = self.up(self.dw(self.conv(x)))
+    y = self.sep(self.up(self.dw(self.conv(x))))
     if self.data_format == "channels_first":
       y = keras.ops.transpose(y, (0, 2, 3, 1))
     y = keras.ops.reshape(y, (-1, y.shape[1] * y.shape[2], y.shape[3]))
@@ -593,8 +595,8 @@ class _ConvStack(keras.layers.Layer):
 @pytest.mark.skipif(BACKEND != "jax", reason="the integer path exists on the JAX backend")
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_layers_served_in_place_run_the_integer_kernels(tmp_path, data_format, monkeypatch):
-  """Dense, EinsumDense and convolutions served in place (inside a custom layer) run the integer
-  ops of their graph-served classes: served equals the integer-forward QAT model bit for bit, and
+  """Dense, EinsumDense and convolutions (a separable one: its depthwise conv) served in place
+  (inside a custom layer) run the integer ops of their graph-served classes: served equals the integer-forward QAT model bit for bit, and
   integer=False the fake-quant one; the jaxpr holds the int8 x int8 -> int32 ops."""
   import jax
   from jaxqat.core import _integer, default_rules
@@ -626,8 +628,8 @@ def test_layers_served_in_place_run_the_integer_kernels(tmp_path, data_format, m
       kernels = sorted(tuple(e.invars[1].aval.shape) for e in ints
                        if e.invars[0].aval.shape[0] == len(x))
       if jax.default_backend() == "cpu":
-        assert kernels == (sorted([(9, 4, 1, 6), (9, 1, 6, 2), (9, 12, 1, 4), (3, 4, 1, 5), (5, 6),
-                                   (6, 3)]) if integer else []), kernels
+        assert kernels == (sorted([(9, 4, 1, 6), (9, 1, 6, 2), (9, 12, 1, 4), (9, 1, 4, 1),
+                                   (3, 4, 1, 5), (5, 6), (6, 3)]) if integer else []), kernels
       if integer == (compute == "integer"):
         np.testing.assert_array_equal(out, ref)
   assert np.any(outs["fake", True] != outs["fake", False])  # the two paths differ
