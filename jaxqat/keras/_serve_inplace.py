@@ -49,6 +49,7 @@ import copy
 import inspect
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -311,8 +312,23 @@ def private_copy(model):
   except Exception as e:  # pylint: disable=broad-except
     raise TypeError(f"model: convert serves {model.name!r} on a copy (some of its quantized "
                     "layers are served in place), but the model can be neither deep-copied "
-                    f"({type(first).__name__}: {first}) nor saved and loaded "
-                    f"({type(e).__name__}: {e})") from e
+                    f"({_brief(first)}) nor saved and loaded ({_brief(e)}); a model of custom "
+                    "classes saves and loads when they are registered "
+                    "(@keras.saving.register_keras_serializable())") from e
+
+
+def _brief(e: Exception, limit: int = 400) -> str:
+  """``Type: message`` of ``e`` without the configs Keras's loading errors print in full."""
+  text = str(e)
+  for marker in ("\n\nconfig=", "Full object config:", "\nconfig="):
+    text = text.split(marker, 1)[0]
+  text = " ".join(text.split())
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  missing = sorted(set(re.findall(r"Could not locate class '([^']+)'", str(e))))
+  if missing:  # the root cause, printed by Keras after the configs
+    text += f" (Keras could not locate class {', '.join(repr(m) for m in missing)})"
+  return f"{type(e).__name__}: {text}"
 
 
 def serve_copy(model, pack: bool, integer: bool = False):

@@ -712,3 +712,27 @@ def test_separable_convs_serve_what_the_integer_forward_trained():
     np.testing.assert_array_equal(to_np(convert(q, integer=False)(x)), outs["fake"])
   assert np.any(outs["integer"] != outs["fake"])
   np.testing.assert_allclose(outs["integer"], outs["fake"], rtol=1e-5, atol=1e-5)
+
+
+class _Unregistered(keras.layers.Layer):
+  """A custom layer holding a Dense, not registered for saving."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.d = keras.layers.Dense(3, name="d")
+
+  def call(self, x):
+    return self.d(x)
+
+
+def test_convert_names_the_unregistered_class_briefly():
+  """A model whose quantized layers are served in place but that can be neither copied nor
+  saved: the error names the class Keras could not locate, without Keras's full configs."""
+  inp = keras.Input((4,))
+  q = jqk.quantize(keras.Model(inp, _Unregistered(name="blk")(inp)))
+  jqk.calibrate(q, np.ones((2, 4), "float32"))
+  with pytest.raises(TypeError) as info:
+    convert(q)
+  msg = str(info.value)
+  assert "Keras could not locate class '_Unregistered'" in msg
+  assert "register_keras_serializable" in msg and len(msg) < 2000, len(msg)
