@@ -218,6 +218,9 @@ class QuantLayer:
   def _core_ranges(self, inputs, training):
     """``(act, weight, x, w)`` for :func:`jaxqat.core.qat_op`, or None to run the float ``call``.
 
+    ``weight`` and ``w`` are lists, one entry per quantized weight, for a
+    layer of several (SeparableConv: depthwise, pointwise).
+
     On the JAX backend a layer with a core op (Dense, EinsumDense, Conv,
     DepthwiseConv, SeparableConv, ConvTranspose) runs it through ``qat_op`` in
     both compute modes, as the
@@ -231,14 +234,17 @@ class QuantLayer:
     if (self.integer_op is None or getattr(self, "lora_enabled", False)
         or not hasattr(self, "weight_quantizers")):
       return None
-    (attr, _), = self.quant_weights
-    wq, iq = self.weight_quantizers.get(attr), self.input_quantizer
-    if not takes_core_op(iq, wq):
+    iq = self.input_quantizer
+    wqs = [self.weight_quantizers.get(attr) for attr, _ in self.quant_weights]
+    if not takes_core_op(iq, *wqs):
       return None
     x = quantizer_operand(iq, ops.convert_to_tensor(inputs))
-    w = quantizer_operand(wq, _unwrap(getattr(self, attr)))
-    return (quantizer_ranges(iq, x, training),
-            quantizer_ranges(wq, w, training, tracked=True), x, w)
+    ws = [quantizer_operand(q, _unwrap(getattr(self, attr)))
+          for q, (attr, _) in zip(wqs, self.quant_weights)]
+    ranges = [quantizer_ranges(q, w, training, tracked=True) for q, w in zip(wqs, ws)]
+    if len(ws) == 1:  # one weight (all but SeparableConv): the weight and its ranges themselves
+      (ws,), (ranges,) = ws, ranges
+    return quantizer_ranges(iq, x, training), ranges, x, ws
 
   def _core_op(self, x, w, act, weight):
     """The layer's op through :func:`jaxqat.core.qat_op` (operands from ``_core_ranges``)."""
@@ -455,14 +461,18 @@ def conv_core_op(compute, conv, x, w, act, weight, depthwise: bool = False):
   padding = conv.padding.upper()
   if padding == "CAUSAL":  # Conv1D: the past padded by the convolution (x is quantized unpadded)
     padding = ((conv.dilation_rate[0] * (conv.kernel_size[0] - 1), 0),)
-  spatial = "DHW"[3 - conv.rank:]
-  lhs = "N" + spatial + "C" if conv.data_format == "channels_last" else "NC" + spatial
   channels = x.shape[-1] if conv.data_format == "channels_last" else x.shape[1]
   return core_op(compute, "conv_general_dilated", x, w, act, weight,
                  window_strides=tuple(conv.strides), padding=padding,
-                 rhs_dilation=tuple(conv.dilation_rate),
-                 dimension_numbers=(lhs, spatial + "IO", lhs),
+                 rhs_dilation=tuple(conv.dilation_rate), dimension_numbers=_layout(conv),
                  feature_group_count=int(channels) // int(w.shape[-2]))
+
+
+def _layout(conv) -> tuple:
+  """The ``conv_general_dilated`` dimension numbers of a Keras convolution (``IO`` kernel)."""
+  spatial = "DHW"[3 - conv.rank:]
+  lhs = "N" + spatial + "C" if conv.data_format == "channels_last" else "NC" + spatial
+  return (lhs, spatial + "IO", lhs)
 
 
 @_register
@@ -595,28 +605,12 @@ class _CoreSeparable(_CoreConv):
 
   depthwise = True
 
-  def _core_ranges(self, inputs, training):
-    if getattr(self, "lora_enabled", False) or not hasattr(self, "weight_quantizers"):
-      return None
-    iq = self.input_quantizer
-    wqs = [self.weight_quantizers.get(attr) for attr, _ in self.quant_weights]
-    if not takes_core_op(iq, *wqs):
-      return None
-    x = quantizer_operand(iq, ops.convert_to_tensor(inputs))
-    ws = [quantizer_operand(q, _unwrap(getattr(self, attr)))
-          for q, (attr, _) in zip(wqs, self.quant_weights)]
-    return (quantizer_ranges(iq, x, training),
-            [quantizer_ranges(q, w, training, tracked=True) for q, w in zip(wqs, ws)], x, ws)
-
   def _conv(self, x, w, act, weight):
     (dw, pw), (dw_range, pw_range) = w, weight
     d = conv_core_op(self.compute, self, x, dw, act, dw_range, depthwise=True)
-    spatial = "DHW"[3 - self.rank:]
-    lhs = "N" + spatial + "C" if self.data_format == "channels_last" else "NC" + spatial
     return core_op("fake", "conv_general_dilated", d, pw, None, pw_range,
                    window_strides=(1,) * self.rank, padding="VALID",
-                   rhs_dilation=tuple(self.dilation_rate),
-                   dimension_numbers=(lhs, spatial + "IO", lhs))
+                   rhs_dilation=tuple(self.dilation_rate), dimension_numbers=_layout(self))
 
 
 @_register

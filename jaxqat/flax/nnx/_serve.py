@@ -49,8 +49,8 @@ a matmul or convolution of such a weight and a statically quantized integer
 input runs :func:`jaxqat.core.qat_op`'s integer forward (int8 x int8 ->
 int32, one rescale): the op a QAT model trained with ``compute="integer"``
 runs, bit for bit. Other ops, and ``integer=False``, compute what the
-fake-quant module computes, bit for bit. Run :func:`~jaxqat.flax.nnx.calibrate` before
-converting a module whose ``PerOutputChannel()`` weights are resolved per
+fake-quant module computes, bit for bit. Run
+:func:`~jaxqat.flax.nnx.calibrate` before converting a module whose ``PerOutputChannel()`` weights are resolved per
 op. A module intercepted only to read the weights of its quantized layers
 (``quantize(..., methods=...)`` without weights of its own, e.g. a tied
 head reading ``self.embed.embedding``) is refused, naming the layer: the
@@ -568,8 +568,8 @@ def convert(model: nnx.Module, *, integer: bool = True, pack: bool = True) -> nn
   its weight is replaced by integer codes and scales (:class:`ServedWeight`;
   no float copy of the weight remains), its input quantizer by a fixed
   :class:`ServedEncoding`; intercepted modules hold codes too (their ops on
-  a statically quantized input run the integer forward when ``integer``); an :class:`~jaxqat.flax.nnx.ActQuant` becomes a
-  :class:`ServedActQuant`. Skipped layers stay float. The weight's range is
+  a statically quantized input run the integer forward when ``integer``);
+  an :class:`~jaxqat.flax.nnx.ActQuant` becomes a :class:`ServedActQuant`. Skipped layers stay float. The weight's range is
   the one the fake-quant model uses now: stored (frozen fixed range, LSQ
   step size) or, for a fixed-range weight quantizer that is not frozen,
   the current weight's. An input quantizer that saw no data during
