@@ -511,11 +511,15 @@ class _CoreConv:
   def _core_op(self, x, w, act, weight):
     y = self._conv(x, w, act, weight)
     if self.use_bias:
-      out = int(y.shape[-1] if self.data_format == "channels_last" else y.shape[1])
-      shape = ((1,) * (self.rank + 1) + (out,) if self.data_format == "channels_last"
-               else (1, out) + (1,) * self.rank)
-      y = ops.add(y, ops.reshape(self.bias, shape))
+      y = ops.add(y, channel_bias(self, self.bias))
     return y if self.activation is None else self.activation(y)
+
+
+def channel_bias(conv, bias):
+  """A Keras convolution's bias ``(C,)`` laid out to add to its output (``conv.data_format``)."""
+  shape = ((1,) * (conv.rank + 1) + (-1,) if conv.data_format == "channels_last"
+           else (1, -1) + (1,) * conv.rank)
+  return ops.reshape(bias, shape)
 
 
 @_register

@@ -510,11 +510,7 @@ def _depthwise(fl, x, w, act, integer):
 
 class _ConvBias:
   def _bias_for(self, y):
-    fl = self._float
-    c = int(self.bias_shape[0])
-    shape = ((1,) * (fl.rank + 1) + (c,) if fl.data_format == "channels_last"
-             else (1, c) + (1,) * fl.rank)
-    return ops.reshape(ops.convert_to_tensor(self.bias), shape)
+    return _layers.channel_bias(self._float, ops.convert_to_tensor(self.bias))
 
   def _causal(self, x):
     fl = self._float

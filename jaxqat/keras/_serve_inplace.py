@@ -123,9 +123,7 @@ class InPlaceServed(_serve.StoredWeights):
     if bias is not None:
       bias = ops.convert_to_tensor(bias)
       if hasattr(self, "rank") and hasattr(self, "data_format"):  # a convolution's channels
-        bias = ops.reshape(bias, ((1,) * (self.rank + 1) + (-1,) if
-                                  self.data_format == "channels_last" else
-                                  (1, -1) + (1,) * self.rank))
+        bias = _layers.channel_bias(self, bias)
       y = ops.add(y, bias)
     activation = getattr(self, "activation", None)
     return y if activation is None else activation(y)
